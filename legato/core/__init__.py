@@ -1,0 +1,5 @@
+"""legato's framework-agnostic core: numpy and onnx only, never torch, tensorflow or mxnet."""
+
+from legato.core.errors import BackendUnavailable, ConfigError, LegatoError
+
+__all__ = ["BackendUnavailable", "ConfigError", "LegatoError"]

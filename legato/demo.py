@@ -1,0 +1,97 @@
+"""`legato demo`: a tour of what legato can do here, one section per capability.
+
+Sections register themselves in SECTIONS in the order they run; each takes an argparse
+namespace and returns True when it succeeded. Later capabilities add their own section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import Callable
+
+__all__ = ["SECTIONS", "run"]
+
+log = logging.getLogger(__name__)
+
+Section = Callable[[argparse.Namespace], bool]
+
+
+def _doctor(args: argparse.Namespace) -> bool:
+    from legato import doctor
+
+    report = doctor.collect()
+    print(doctor.format_table(report))
+    return doctor.core_usable(report)
+
+
+def _native_queue(args: argparse.Namespace) -> bool:
+    """Check the native queue against its contract, then time it against the Python queue."""
+    from legato.core.scheduler import NATIVE_AVAILABLE, make_queue
+
+    impls = ["native", "python"] if NATIVE_AVAILABLE else ["python"]
+    if not NATIVE_AVAILABLE:
+        print("legato._native is not built; checking the pure-Python queue only")
+    ok = True
+    for impl in impls:
+        # Priority order and the credit window: 3 tasks of 40 bytes under a 100-byte credit.
+        q = make_queue(100, "fit", impl=impl)
+        for task_id, prio in ((0, 3), (1, 1), (2, 2), (3, 1)):
+            q.post(task_id, prio, 40)
+        first = q.try_pop_many(10)
+        order = [t.id for t in first]
+        stats = q.stats()
+        for t in first:
+            q.complete(t.id)
+        rest = [t.id for t in q.try_pop_many(10)]
+        for task_id in rest:
+            q.complete(task_id)
+        q.shutdown()
+        good = order == [1, 3] and rest == [2, 0] and stats["bytes_in_flight"] == 80
+        ok &= good
+        print(f"{impl:>6} queue: fit mode, credit 100 B, four 40 B tasks -> first window "
+              f"{order}, then {rest}; {'ok' if good else 'WRONG'}")
+    for impl in impls:
+        n = 20000
+        q = make_queue(None, impl=impl)
+        q.start(lambda t, q=q: q.complete(t.id))
+        start = time.perf_counter()
+        for i in range(n):
+            q.post(i, i % 16, 1024)
+        q.shutdown(timeout_s=60)
+        per_task_us = (time.perf_counter() - start) / n * 1e6
+        print(f"{impl:>6} queue: {n} tasks post -> dispatch -> complete, "
+              f"{per_task_us:.2f} us per task")
+    return ok
+
+
+SECTIONS: dict[str, Section] = {
+    "doctor": _doctor,
+    "native-queue": _native_queue,
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen sections (all by default); exit status 1 if any failed."""
+    chosen = args.section or list(SECTIONS)
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        print(f"legato demo: unknown section(s) {', '.join(unknown)}; "
+              f"known: {', '.join(SECTIONS)}")
+        return 2
+    failed = []
+    for name in chosen:
+        print(f"\n=== {name} ===")
+        start = time.perf_counter()
+        try:
+            good = SECTIONS[name](args)
+        except Exception:  # noqa: BLE001 (one broken section must not hide the others)
+            log.exception("demo section %s failed", name)
+            good = False
+        print(f"--- {name}: {'ok' if good else 'FAILED'} ({time.perf_counter() - start:.1f} s)")
+        if not good:
+            failed.append(name)
+    print(f"\nlegato demo: {len(chosen) - len(failed)} of {len(chosen)} sections ok"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
