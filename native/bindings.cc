@@ -47,7 +47,8 @@ PyStructSequence_Field kTaskFields[] = {
     {"bytes", "size charged against the credit window"},
     {nullptr, nullptr}};
 PyStructSequence_Desc kTaskDesc = {
-    "Task", "A communication task: (id, priority, bytes), a tuple with named fields.",
+    "legato._native.Task",
+    "A communication task: (id, priority, bytes), a tuple with named fields.",
     kTaskFields, 3};
 PyTypeObject* g_task_type = nullptr;
 PyObject* g_queue_closed = nullptr;
@@ -246,6 +247,11 @@ class PyQueue {
   }
 
   void DispatchLoop() {
+    // [Note: one thread state] Without an outer acquire, every gil_scoped_acquire on this
+    // foreign thread would create and destroy a PyThreadState (several microseconds each). The
+    // outer pair creates it once and leaves the GIL released; the inner acquire reuses it.
+    py::gil_scoped_acquire thread_state;
+    py::gil_scoped_release unlocked;
     while (true) {
       std::vector<Task> batch = queue_.PopMany(batch_, -1.0);
       if (batch.empty()) break;  // interrupted, or closed with nothing left to dispatch
@@ -434,7 +440,6 @@ PYBIND11_MODULE(_native, m) {
   legato::g_task_type = PyStructSequence_NewType(&legato::kTaskDesc);
   if (legato::g_task_type == nullptr) throw py::error_already_set();
   py::handle task_type(reinterpret_cast<PyObject*>(legato::g_task_type));
-  task_type.attr("__module__") = "legato._native";
   m.attr("Task") = task_type;
 
   auto cls = py::class_<PyQueue>(m, "PriorityQueue")

@@ -40,11 +40,11 @@ void PriorityQueue::ValidateCreditLocked(int64_t credit_bytes) const {
                                 "credit limit");
   }
   if (mode_ == Admission::kFit) {
-    for (const auto& entry : queued_) {
-      if (entry.second.bytes > credit_bytes) {
+    for (const Entry& entry : heap_) {
+      if (entry.task.bytes > credit_bytes) {
         throw std::invalid_argument(
             "credit_bytes=" + std::to_string(credit_bytes) + " is smaller than queued task " +
-            std::to_string(entry.second.id) + " (" + std::to_string(entry.second.bytes) +
+            std::to_string(entry.task.id) + " (" + std::to_string(entry.task.bytes) +
             " bytes), which could then never start in fit mode; raise the credit or partition "
             "the task");
       }
@@ -73,34 +73,35 @@ void PriorityQueue::Post(int64_t id, int64_t priority, int64_t bytes) {
           " bytes, more than credit_bytes=" + CreditText(credit_bytes_) +
           ", so it could never start in fit mode; partition it or raise the credit");
     }
-    if (queued_ids_.count(id) != 0 || in_flight_.count(id) != 0) {
+    if (!slots_.emplace(id, Slot{false, bytes}).second) {
       throw std::invalid_argument("task id=" + std::to_string(id) +
                                   " is already queued or in flight; ids must be unique until "
                                   "the task is completed");
     }
-    const int64_t seq = next_seq_++;
-    queued_.emplace(Key(priority, seq), Task{id, priority, bytes});
-    queued_ids_.emplace(id, seq);
-    stats_.queued++;
+    PushLocked(Task{id, priority, bytes}, next_seq_++);
     stats_.posted++;
   }
   ready_cv_.notify_one();
 }
 
+void PriorityQueue::PushLocked(const Task& task, int64_t seq) {
+  heap_.push_back(Entry{task.priority, seq, task});
+  std::push_heap(heap_.begin(), heap_.end(), LessUrgent());
+  stats_.queued++;
+}
+
 bool PriorityQueue::AdmissibleLocked() const {
-  if (queued_.empty()) return false;
+  if (heap_.empty()) return false;
   if (stats_.in_flight == 0) return true;  // an idle link always takes the most urgent task
   if (mode_ == Admission::kOvershoot) return stats_.bytes_in_flight < credit_bytes_;
-  const int64_t bytes = queued_.begin()->second.bytes;
-  return bytes <= credit_bytes_ - stats_.bytes_in_flight;
+  return heap_.front().task.bytes <= credit_bytes_ - stats_.bytes_in_flight;
 }
 
 Task PriorityQueue::TakeHeadLocked() {
-  auto it = queued_.begin();
-  const Task task = it->second;
-  queued_.erase(it);
-  queued_ids_.erase(task.id);
-  in_flight_.emplace(task.id, task.bytes);
+  std::pop_heap(heap_.begin(), heap_.end(), LessUrgent());
+  const Task task = heap_.back().task;
+  heap_.pop_back();
+  slots_.find(task.id)->second.in_flight = true;
   stats_.queued--;
   stats_.in_flight++;
   stats_.dispatched++;
@@ -126,7 +127,7 @@ std::vector<Task> PriorityQueue::TryPopMany(size_t max_tasks) {
 
 bool PriorityQueue::WaitAdmissibleLocked(std::unique_lock<std::mutex>& lock, double timeout_s) {
   auto done = [this] {
-    return AdmissibleLocked() || interrupted_ || (closed_ && queued_.empty());
+    return AdmissibleLocked() || interrupted_ || (closed_ && heap_.empty());
   };
   if (timeout_s < 0) {
     ready_cv_.wait(lock, done);
@@ -156,18 +157,17 @@ std::vector<Task> PriorityQueue::PopMany(size_t max_tasks, double timeout_s) {
 void PriorityQueue::Complete(int64_t id) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = in_flight_.find(id);
-    if (it == in_flight_.end()) {
-      std::string state = queued_ids_.count(id) != 0
-                              ? "it is still queued (pop or dispatch it first)"
-                              : "it was never posted or was completed already";
+    auto it = slots_.find(id);
+    if (it == slots_.end() || !it->second.in_flight) {
+      std::string state = it != slots_.end() ? "it is still queued (pop or dispatch it first)"
+                                              : "it was never posted or was completed already";
       throw std::invalid_argument("complete(" + std::to_string(id) +
                                   "): task is not in flight; " + state);
     }
-    stats_.bytes_in_flight -= it->second;
+    stats_.bytes_in_flight -= it->second.bytes;
     stats_.in_flight--;
     stats_.completed++;
-    in_flight_.erase(it);
+    slots_.erase(it);
   }
   ready_cv_.notify_all();
   idle_cv_.notify_all();
@@ -177,20 +177,18 @@ void PriorityQueue::Return(const std::vector<Task>& tasks) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const Task& task : tasks) {
-      if (in_flight_.count(task.id) == 0) {
+      auto slot = slots_.find(task.id);
+      if (slot == slots_.end() || !slot->second.in_flight) {
         throw std::invalid_argument("return(" + std::to_string(task.id) +
                                     "): task is not in flight");
       }
     }
     for (auto it = tasks.rbegin(); it != tasks.rend(); ++it) {
-      in_flight_.erase(it->id);
+      slots_.find(it->id)->second.in_flight = false;
       stats_.in_flight--;
       stats_.bytes_in_flight -= it->bytes;
       stats_.dispatched--;
-      const int64_t seq = --returned_seq_;
-      queued_.emplace(Key(it->priority, seq), *it);
-      queued_ids_.emplace(it->id, seq);
-      stats_.queued++;
+      PushLocked(*it, --returned_seq_);
     }
   }
   ready_cv_.notify_all();
@@ -220,10 +218,13 @@ std::vector<Task> PriorityQueue::TakeQueued() {
   std::vector<Task> out;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    out.reserve(queued_.size());
-    for (const auto& entry : queued_) out.push_back(entry.second);
-    queued_.clear();
-    queued_ids_.clear();
+    std::sort_heap(heap_.begin(), heap_.end(), LessUrgent());  // least urgent first
+    out.reserve(heap_.size());
+    for (auto it = heap_.rbegin(); it != heap_.rend(); ++it) {
+      out.push_back(it->task);
+      slots_.erase(it->task.id);
+    }
+    heap_.clear();
     stats_.queued = 0;
   }
   idle_cv_.notify_all();
@@ -232,7 +233,7 @@ std::vector<Task> PriorityQueue::TakeQueued() {
 
 void PriorityQueue::WaitIdle(double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto idle = [this] { return queued_.empty() && stats_.in_flight == 0; };
+  auto idle = [this] { return heap_.empty() && stats_.in_flight == 0; };
   if (timeout_s < 0) {
     idle_cv_.wait(lock, idle);
     return;

@@ -7,7 +7,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <limits>
-#include <map>
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
@@ -118,10 +118,28 @@ class PriorityQueue {
   bool closed() const;
 
  private:
-  using Key = std::pair<int64_t, int64_t>;  // (priority, arrival sequence): FIFO among equals
+  // A queued task with its arrival sequence: FIFO among equal priorities.
+  struct Entry {
+    int64_t priority;
+    int64_t seq;
+    Task task;
+  };
+  // std::push_heap builds a max-heap; "a < b" here means b is more urgent than a.
+  struct LessUrgent {
+    bool operator()(const Entry& a, const Entry& b) const {
+      return a.priority != b.priority ? a.priority > b.priority : a.seq > b.seq;
+    }
+  };
+  // One slot per live task (queued or in flight), so that duplicate ids, unknown completions
+  // and their error messages cost one hash lookup.
+  struct Slot {
+    bool in_flight;
+    int64_t bytes;
+  };
 
   bool AdmissibleLocked() const;
   Task TakeHeadLocked();
+  void PushLocked(const Task& task, int64_t seq);
   bool WaitAdmissibleLocked(std::unique_lock<std::mutex>& lock, double timeout_s);
   void ValidateCreditLocked(int64_t credit_bytes) const;
 
@@ -130,9 +148,8 @@ class PriorityQueue {
   mutable std::mutex mu_;
   std::condition_variable ready_cv_;  // a task may have become admissible, or closed/interrupt
   std::condition_variable idle_cv_;   // queued + in flight may have dropped to zero
-  std::map<Key, Task> queued_;
-  std::unordered_map<int64_t, int64_t> queued_ids_;  // id -> arrival sequence
-  std::unordered_map<int64_t, int64_t> in_flight_;    // id -> bytes
+  std::vector<Entry> heap_;           // binary heap, most urgent at heap_.front()
+  std::unordered_map<int64_t, Slot> slots_;
   int64_t next_seq_ = 0;
   int64_t returned_seq_ = 0;  // returned tasks count down, ahead of every arrival
   bool closed_ = false;

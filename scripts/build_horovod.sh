@@ -51,7 +51,7 @@ if ! (cd "$tree" && \
     die "pip install of horovod==$HOROVOD_VERSION failed; full log in $log"
 fi
 
-(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$py" - <<'PY') || die "Horovod installed but does not work; see the messages above and $log"
+check=$(cd / && TF_CPP_MIN_LOG_LEVEL=3 "$py" - 2>&1 <<'PY'
 import horovod
 import horovod.torch as hvd_torch
 import horovod.tensorflow as hvd_tf
@@ -59,3 +59,5 @@ assert hvd_torch.gloo_built(), "horovod.torch was built without Gloo"
 assert hvd_tf.gloo_built(), "horovod.tensorflow was built without Gloo"
 print("build_horovod: horovod", horovod.__version__, "works with torch and tensorflow over gloo")
 PY
+) || { echo "$check" >&2; die "Horovod installed but does not work (see above; build log: $log)"; }
+echo "$check" | grep "^build_horovod:"
