@@ -104,12 +104,13 @@ class PyQueue {
   ~PyQueue() {
     StopThread();
     const Stats stats = queue_.GetStats();
-    if (stats.queued > 0 || stats.in_flight > 0) {
-      PyErr_WarnFormat(PyExc_ResourceWarning, 1,
-                       "legato PriorityQueue destroyed with %lld queued and %lld in-flight tasks;"
-                       " call shutdown() first",
-                       static_cast<long long>(stats.queued),
-                       static_cast<long long>(stats.in_flight));
+    if ((stats.queued > 0 || stats.in_flight > 0) &&
+        PyErr_WarnFormat(PyExc_ResourceWarning, 1,
+                         "legato PriorityQueue destroyed with %lld queued and %lld in-flight "
+                         "tasks; call shutdown() first",
+                         static_cast<long long>(stats.queued),
+                         static_cast<long long>(stats.in_flight)) < 0) {
+      PyErr_WriteUnraisable(nullptr);  // warnings turned into errors: a destructor cannot raise
     }
   }
 
@@ -166,39 +167,30 @@ class PyQueue {
   py::list Shutdown(bool drain, const py::object& timeout_s) {
     const double timeout = TimeoutFromPython(timeout_s);
     queue_.Close();
-    if (drain && !failures_.empty()) {
-      throw std::runtime_error(FailureText() +
-                               "; the dispatcher stopped and queued tasks are kept: call "
-                               "shutdown(drain=False) to take them back");
-    }
     if (!drain) {
       StopThread();
       return TaskList(queue_.TakeQueued());
     }
+    // Drain: wait until every task is dispatched and completed (the timeout covers both), or
+    // until the dispatcher stops on an executor error (it interrupts the queue).
+    ThrowIfFailed();
     {
       py::gil_scoped_release release;
-      if (thread_) {
-        // The thread exits once the queue is closed and empty; in-flight tasks may remain.
-        thread_->join();
-      }
+      queue_.WaitIdle(timeout);
+      if (thread_) thread_->join();  // closed and empty, or stopped: it exits at once
     }
     thread_.reset();
-    if (!failures_.empty()) {
-      throw std::runtime_error(FailureText() +
-                               "; the dispatcher stopped and queued tasks are kept: call "
-                               "shutdown(drain=False) to take them back");
-    }
-    {
-      py::gil_scoped_release release;
-      queue_.WaitIdle(timeout);  // pull mode: the caller must pop and complete the rest
-    }
+    ThrowIfFailed();
     return py::list();
   }
 
   void WaitIdle(const py::object& timeout_s) {
     const double timeout = TimeoutFromPython(timeout_s);
-    py::gil_scoped_release release;
-    queue_.WaitIdle(timeout);
+    {
+      py::gil_scoped_release release;
+      queue_.WaitIdle(timeout);
+    }
+    ThrowIfFailed();
   }
 
   py::dict StatsDict() const {
@@ -279,6 +271,7 @@ class PyQueue {
       if (!failures_.empty()) break;
     }
     done_.store(true);
+    if (!failures_.empty()) queue_.Interrupt();  // wake shutdown() and wait_idle()
   }
 
   void StopThread() {
@@ -289,6 +282,13 @@ class PyQueue {
       thread_->join();
     }
     thread_.reset();
+  }
+
+  void ThrowIfFailed() const {
+    if (failures_.empty()) return;
+    throw std::runtime_error(FailureText() +
+                             "; the dispatcher stopped and queued tasks are kept: call "
+                             "shutdown(drain=False) to take them back");
   }
 
   std::string FailureText() const {

@@ -231,12 +231,12 @@ std::vector<Task> PriorityQueue::TakeQueued() {
   return out;
 }
 
-void PriorityQueue::WaitIdle(double timeout_s) {
+bool PriorityQueue::WaitIdle(double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto idle = [this] { return heap_.empty() && stats_.in_flight == 0; };
+  auto idle = [this] { return (heap_.empty() && stats_.in_flight == 0) || interrupted_; };
   if (timeout_s < 0) {
     idle_cv_.wait(lock, idle);
-    return;
+    return heap_.empty() && stats_.in_flight == 0;
   }
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -248,6 +248,7 @@ void PriorityQueue::WaitIdle(double timeout_s) {
         << " bytes); were all dispatched tasks completed?";
     throw QueueTimeout(msg.str());
   }
+  return heap_.empty() && stats_.in_flight == 0;
 }
 
 void PriorityQueue::Interrupt() {
@@ -256,6 +257,7 @@ void PriorityQueue::Interrupt() {
     interrupted_ = true;
   }
   ready_cv_.notify_all();
+  idle_cv_.notify_all();
 }
 
 bool PriorityQueue::interrupted() const {

@@ -106,10 +106,11 @@ class PriorityQueue {
   // Remove and return every queued (not yet started) task, in dispatch order.
   std::vector<Task> TakeQueued();
 
-  // Wait until nothing is queued or in flight (negative timeout: forever). Throws QueueTimeout.
-  void WaitIdle(double timeout_s);
+  // Wait until nothing is queued or in flight (negative timeout: forever), or Interrupt().
+  // Returns true when idle, false when interrupted first; throws QueueTimeout.
+  bool WaitIdle(double timeout_s);
 
-  // Wake every waiter in Pop/PopMany so it returns (used to stop a dispatcher thread).
+  // Wake every waiter in Pop/PopMany/WaitIdle so it returns (a dispatcher thread stops).
   void Interrupt();
   bool interrupted() const;
 

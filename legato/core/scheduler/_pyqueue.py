@@ -236,6 +236,11 @@ class PythonPriorityQueue:
             if self._failures:
                 break
         self._done = True
+        if self._failures:  # wake shutdown() and wait_idle()
+            with self._cv:
+                self._interrupted = True
+                self._cv.notify_all()
+                self._idle.notify_all()
 
     def _require_pull(self, what: str) -> None:
         if self._thread is not None:
@@ -253,6 +258,7 @@ class PythonPriorityQueue:
         with self._cv:
             self._interrupted = True
             self._cv.notify_all()
+            self._idle.notify_all()
         self._thread.join()
         self._thread = None
 
@@ -261,8 +267,6 @@ class PythonPriorityQueue:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
-        if drain and self._failures:
-            raise RuntimeError(self._failure_text())
         if not drain:
             self._stop_thread()
             with self._cv:
@@ -272,23 +276,34 @@ class PythonPriorityQueue:
                 self._stats["queued"] = 0
                 self._idle.notify_all()
                 return out
+        # Drain: the timeout covers dispatch and completion; a failing executor wakes us.
+        self._raise_if_failed()
+        self._wait_idle(timeout_s)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._failures:
-            raise RuntimeError(self._failure_text())
-        self.wait_idle(timeout_s)
+        self._raise_if_failed()
         return []
 
     def wait_idle(self, timeout_s: float | None = None) -> None:
         _check_timeout(timeout_s)
+        self._wait_idle(timeout_s)
+        self._raise_if_failed()
+
+    def _wait_idle(self, timeout_s: float | None) -> None:
         with self._cv:
-            if not self._idle.wait_for(
-                    lambda: not self._heap and self._stats["in_flight"] == 0, timeout_s):
+            idle = self._idle.wait_for(
+                lambda: (not self._heap and self._stats["in_flight"] == 0) or self._interrupted,
+                timeout_s)
+            if not idle:
                 s = self._stats
                 raise TimeoutError(f"queue not idle after {timeout_s} s: {s['queued']} queued, "
                                    f"{s['in_flight']} in flight ({s['bytes_in_flight']} bytes); "
                                    "were all dispatched tasks completed?")
+
+    def _raise_if_failed(self) -> None:
+        if self._failures:
+            raise RuntimeError(self._failure_text())
 
     # -- introspection ---------------------------------------------------------------------------
     def stats(self) -> dict[str, int | None]:

@@ -286,6 +286,40 @@ def test_drain_times_out_when_a_task_is_never_completed(impl):
 
 
 @pytest.mark.timeout(60)
+def test_drain_timeout_covers_tasks_waiting_for_credit(impl):
+    q = make_queue(10, "fit", impl=impl)
+    q.start(lambda task: None)  # takes the whole credit and never gives it back
+    for i in range(3):
+        q.post(i, i, 10)
+    with pytest.raises(TimeoutError, match="2 queued, 1 in flight"):
+        q.shutdown(timeout_s=0.3)
+    assert [t.id for t in q.shutdown(drain=False)] == [1, 2]
+    q.complete(0)
+
+
+@pytest.mark.timeout(60)
+def test_executor_error_wakes_a_waiting_shutdown(impl):
+    q = make_queue(None, impl=impl)
+    gate = threading.Event()
+
+    def executor(task):
+        gate.wait(10)
+        raise OSError("link down")
+
+    q.start(executor)
+    for i in range(4):
+        q.post(i, i, 1)
+    threading.Timer(0.2, gate.set).start()
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="executor raised on task 0: OSError: link down"):
+        q.shutdown(timeout_s=30)
+    assert time.monotonic() - start < 10
+    with pytest.raises(RuntimeError, match="executor raised"):
+        q.wait_idle(timeout_s=1)
+    assert [t.id for t in q.shutdown(drain=False)] == [1, 2, 3]
+
+
+@pytest.mark.timeout(60)
 def test_executor_error_stops_dispatch_and_keeps_tasks(impl):
     q = make_queue(None, impl=impl)
     for i in range(6):
