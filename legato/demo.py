@@ -62,7 +62,8 @@ def _native_queue(args: argparse.Namespace) -> bool:
         q.shutdown(timeout_s=60)
         per_task_us = (time.perf_counter() - start) / n * 1e6
         print(f"{impl:>6} queue: {n} tasks post -> dispatch -> complete, "
-              f"{per_task_us:.2f} us per task")
+              f"{per_task_us:.2f} us per task (one run; `legato bench native-queue` measures "
+              "the ratio properly)")
     return ok
 
 

@@ -1,4 +1,4 @@
-"""legato.core never imports torch, tensorflow, mxnet or horovod, not even inside try."""
+"""legato.core (and the CLI layer) never import torch, tensorflow, mxnet or horovod."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class Block:
 sys.meta_path.insert(0, Block())
 import legato.core
 names = [m.name for m in pkgutil.walk_packages(legato.core.__path__, "legato.core.")]
+# the command-line layer and launchers are framework-free too: they probe in subprocesses
+names += ["legato", "legato.cli", "legato.launch", "legato.doctor", "legato.demo"]
 for name in names:
     importlib.import_module(name)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)

@@ -1,10 +1,7 @@
 """legato's tensorflow adapter."""
 
-try:
-    import tensorflow  # noqa: F401
-except ImportError as err:  # exercised where tensorflow is absent
-    raise ImportError(
-        "legato.adapters.tensorflow needs tensorflow, which is not importable here (" + str(err)
-        + "); install it with `pip install 'legato[tensorflow]'`") from err
+from legato.adapters._require import require_framework
+
+require_framework("tensorflow")
 
 __all__: list[str] = []
