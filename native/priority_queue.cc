@@ -155,6 +155,8 @@ std::vector<Task> PriorityQueue::PopMany(size_t max_tasks, double timeout_s) {
 }
 
 void PriorityQueue::Complete(int64_t id) {
+  bool wake_ready = false;
+  bool wake_idle = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = slots_.find(id);
@@ -168,9 +170,13 @@ void PriorityQueue::Complete(int64_t id) {
     stats_.in_flight--;
     stats_.completed++;
     slots_.erase(it);
+    // Wake only whom this can concern: a waiter for credit needs a queued task, a waiter for
+    // idleness an empty queue. Waking them on every completion costs a futex call per task.
+    wake_ready = !heap_.empty();
+    wake_idle = heap_.empty() && stats_.in_flight == 0;
   }
-  ready_cv_.notify_all();
-  idle_cv_.notify_all();
+  if (wake_ready) ready_cv_.notify_all();
+  if (wake_idle) idle_cv_.notify_all();
 }
 
 void PriorityQueue::Return(const std::vector<Task>& tasks) {

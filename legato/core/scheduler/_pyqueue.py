@@ -176,8 +176,10 @@ class PythonPriorityQueue:
             s["bytes_in_flight"] -= size
             s["in_flight"] -= 1
             s["completed"] += 1
-            self._cv.notify_all()
-            self._idle.notify_all()
+            if self._heap:
+                self._cv.notify_all()
+            elif not s["in_flight"]:
+                self._idle.notify_all()
 
     def _return(self, tasks: list[Task]) -> None:
         with self._cv:
