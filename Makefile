@@ -49,9 +49,9 @@ $(STAMPS)/horovod: $(STAMPS)/venv scripts/build_horovod.sh scripts/patch_horovod
 	touch $@
 
 # MXNet lives apart: it needs numpy < 1.24.
-$(STAMPS)/venv-mxnet: requirements/mxnet.txt | $(STAMPS)
+$(STAMPS)/venv-mxnet: requirements/mxnet.txt $(CONSTRAINTS) | $(STAMPS)
 	test -x $(VENV_MX)/bin/python || $(PYTHON) -m venv $(VENV_MX)
-	$(VENV_MX)/bin/pip install -q -r requirements/mxnet.txt $(PIP_QUIET)
+	$(VENV_MX)/bin/pip install -q -c $(CONSTRAINTS) -r requirements/mxnet.txt $(PIP_QUIET)
 	touch $@
 
 $(STAMPS)/legato-mxnet: $(STAMPS)/venv-mxnet $(STAMPS)/legato
