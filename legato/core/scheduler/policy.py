@@ -1,0 +1,85 @@
+"""Scheduling policies by name, and the settings they run with.
+
+| policy | order of messages | tensors | window |
+| --- | --- | --- | --- |
+| `fifo` | arrival (the order backward produces gradients): the baseline | whole | none: everything ready starts at once |
+| `priority` | layer order, front layers first | whole | one message in flight (`credit_bytes` widens it) |
+| `bytescheduler` | layer order | cut into `partition_bytes` pieces; small ones merged | `credit_bytes` in flight (overshoot admission) |
+
+With a window, a gradient that becomes ready while a less urgent message is in flight goes
+next; without one, every ready message is handed to the backend at once, which then decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from legato.core.errors import ConfigError
+
+__all__ = ["POLICIES", "SchedulerConfig", "resolve_config"]
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+# Defaults for bytescheduler, from ByteScheduler's own defaults scaled to CPU links: 1 MiB
+# partitions and a 4-partition window; tensors under 64 KiB are merged.
+DEFAULT_PARTITION_BYTES = 1 * MiB
+DEFAULT_CREDIT_PARTITIONS = 4
+DEFAULT_MERGE_BYTES = 64 * KiB
+
+POLICIES = ("fifo", "priority", "bytescheduler")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Resolved settings: what the scheduler actually runs with.
+
+    `credit_bytes` None means no window; `order` is "arrival" or "layer".
+    """
+
+    policy: str
+    partition_bytes: int | None
+    credit_bytes: int | None
+    merge_bytes: int
+    order: str
+
+    def describe(self) -> str:
+        def size(n: int | None) -> str:
+            return "none" if n is None else f"{n / MiB:g} MiB" if n >= MiB else f"{n} B"
+        return (f"policy={self.policy} order={self.order} partition={size(self.partition_bytes)}"
+                f" credit={size(self.credit_bytes)} merge={size(self.merge_bytes)}")
+
+
+def resolve_config(policy: str = "bytescheduler", *, partition_bytes: int | None = None,
+                   credit_bytes: int | None = None, merge_bytes: int | None = None,
+                   largest_tensor_bytes: int = 0) -> SchedulerConfig:
+    """Fill in a policy's defaults and check the combination; ConfigError names the fix."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy={policy!r} is unknown; known policies: {', '.join(POLICIES)}")
+    for name, value in (("partition_bytes", partition_bytes), ("credit_bytes", credit_bytes),
+                        ("merge_bytes", merge_bytes)):
+        if value is not None and (not isinstance(value, int) or value < 0 or
+                                  (value == 0 and name != "merge_bytes")):
+            raise ConfigError(f"{name}={value!r} is invalid; pass a positive number of bytes "
+                              "or None for the policy's default")
+    if policy == "fifo":
+        if partition_bytes is not None or credit_bytes is not None:
+            raise ConfigError("policy='fifo' sends whole tensors as they arrive, with no window;"
+                              " partition_bytes and credit_bytes apply to 'priority' and "
+                              "'bytescheduler'")
+        return SchedulerConfig("fifo", None, None, merge_bytes or 0, "arrival")
+    if policy == "priority":
+        if partition_bytes is not None:
+            raise ConfigError("policy='priority' sends whole tensors; use "
+                              "policy='bytescheduler' to partition them")
+        # One message in flight: admit only on an idle link (overshoot with 1 byte of credit).
+        return SchedulerConfig("priority", None, credit_bytes or 1, merge_bytes or 0, "layer")
+    partition = partition_bytes or DEFAULT_PARTITION_BYTES
+    credit = credit_bytes or DEFAULT_CREDIT_PARTITIONS * partition
+    if credit < partition:
+        raise ConfigError(f"credit_bytes={credit} is below partition_bytes={partition}: the "
+                          "window could not hold one partition; pass credit_bytes >= "
+                          f"partition_bytes ({partition})")
+    merge = DEFAULT_MERGE_BYTES if merge_bytes is None else merge_bytes
+    merge = min(merge, partition)
+    return SchedulerConfig("bytescheduler", partition, credit, merge, "layer")
