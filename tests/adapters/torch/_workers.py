@@ -1,0 +1,198 @@
+"""Ranks of the ScheduledOptimizer tests (run by legato.launch; no pytest here)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from legato.adapters.torch import ScheduledOptimizer
+from legato.core.errors import ConfigError, LegatoError
+
+
+class Net(nn.Module):
+    """Conv layers then a wide MLP: tensors from 40 B to 800 KiB, 12 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 8 * 8, 200)
+        self.fc2 = nn.Linear(200, 64)
+        self.fc3 = nn.Linear(64, 10)
+        self.head = nn.Linear(10, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.flatten(x, 1)
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.head(torch.relu(self.fc3(x)))
+
+
+def make_optimizer(name: str, params):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    raise ValueError(name)
+
+
+def batch(rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def compare_with_ddp(opt_name: str, policy: str, settings: dict, steps: int, exact: bool) -> None:
+    """Train a legato model and a DDP model side by side; their parameters must agree."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ours = Net()
+    ref = Net()
+    ref.load_state_dict(ours.state_dict())
+    initial = [p.detach().clone() for p in ours.parameters()]
+    ddp = nn.parallel.DistributedDataParallel(ref)
+    ref_opt = make_optimizer(opt_name, ddp.parameters())
+    inner = make_optimizer(opt_name, ours.parameters())
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    opt = ScheduledOptimizer(inner, ours, policy=policy, timeout_s=60, **settings)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        loss_fn(ddp(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+        loss_fn(ours(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    opt.synchronize()
+    worst = 0.0
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        diff = (p - q).abs().max().item()
+        worst = max(worst, diff / max(q.abs().max().item(), 1e-12))
+        if exact:
+            assert torch.equal(p, q), f"rank {rank}: {name} differs from DDP by {diff}"
+        else:
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), f"{name}: max diff {diff}"
+    moved = sum(not torch.equal(p, q) for p, q in zip(ours.parameters(), initial))
+    assert moved == len(initial), f"only {moved} of {len(initial)} parameters were trained"
+    assert inner.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+    state = opt.state_dict()  # synchronizes; state is the wrapped optimizer's
+    assert len(state["state"]) == len(list(ours.parameters()))
+    opt.close()
+    print(f"rank {rank}: {opt_name}/{policy} matches DDP after {steps} steps "
+          f"({'bit-exact' if exact else f'max relative diff {worst:.2e}'}); "
+          f"{len(opt.plan.chunks)} messages per step")
+    dist.destroy_process_group()
+
+
+def same_order_stress(runs: int, steps_per_run: int) -> None:
+    """Random per-layer delays in backward; every run must end with identical parameters."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Net()
+    opt = ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model,
+                             policy="bytescheduler", partition_bytes=64 * 1024,
+                             credit_bytes=128 * 1024, merge_bytes=4096, timeout_s=60)
+    rng = random.Random(rank)
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_full_backward_hook(
+                lambda m, gi, go: time.sleep(rng.uniform(0, 0.003)))
+    loss_fn = nn.CrossEntropyLoss()
+    for run in range(runs):
+        for step in range(steps_per_run):
+            x, y = batch(rank, run * steps_per_run + step)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        opt.synchronize()
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        for r, other in enumerate(gathered):
+            assert torch.equal(other, flat), f"run {run}: rank {r} differs from rank {rank}"
+    opt.close()
+    print(f"rank {rank}: {runs} runs with random delays, identical parameters every run")
+    dist.destroy_process_group()
+
+
+def dead_rank(victim: int) -> None:
+    """The victim dies after one step; the survivor must fail with a clear error, not hang."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Net()
+    opt = ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                             policy="priority", timeout_s=15)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = batch(rank, 0)
+    loss_fn(model(x), y).backward()
+    opt.step()
+    opt.synchronize()
+    if rank == victim:
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        for step in range(1, 5):
+            x, y = batch(rank, step)
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.synchronize()
+    except LegatoError as err:
+        print(f"rank {rank}: clear error after {time.monotonic() - start:.1f} s: "
+              f"{type(err).__name__}: {err}")
+        sys.stdout.flush()
+        os._exit(0)
+    print(f"rank {rank}: no error although rank {victim} died")
+    os._exit(1)
+
+
+def bad_arguments() -> None:
+    """Argument errors, in a one-rank job."""
+    dist.init_process_group("gloo")
+    model = Net()
+    checks = [
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    partition_bytes=1 << 20, credit_bytes=1 << 10),
+         "credit_bytes=1024 is below partition_bytes=1048576"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.fc1.parameters(), lr=0.1), model),
+         "does not hold 10 of the model's trainable parameters (conv1.weight"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(Net().parameters(), lr=0.1), model),
+         "does not hold 12 of the model's trainable parameters"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    policy="lifo"),
+         "policy='lifo' is unknown"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    backend="mpi"),
+         "backend='mpi' is unknown"),
+    ]
+    for make, expected in checks:
+        try:
+            make()
+        except ConfigError as err:
+            assert expected in str(err), f"expected {expected!r} in {err}"
+        else:
+            raise AssertionError(f"no error for {expected!r}")
+    # a parameter without a gradient is named at step()
+    opt = ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, timeout_s=20)
+    model.head(torch.randn(2, 10)).sum().backward()
+    try:
+        opt.step()
+    except LegatoError as err:
+        assert "got no gradient in this step (conv1.weight" in str(err), err
+    else:
+        raise AssertionError("step() without all gradients did not fail")
+    print("bad arguments: all rejected with clear errors")
