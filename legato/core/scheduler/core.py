@@ -98,6 +98,7 @@ class Scheduler:
                 self._ready_parts[chunk_id] += 1
                 complete = self._ready_parts[chunk_id] == self._needed[chunk_id]
                 if complete and not self._leader:
+                    self._event("ready", chunk_id)
                     self._ready.add(chunk_id)
                     self._lock.notify_all()
             if complete and self._leader:

@@ -196,3 +196,21 @@ def bad_arguments() -> None:
     else:
         raise AssertionError("step() without all gradients did not fail")
     print("bad arguments: all rejected with clear errors")
+
+
+def timeline(path: str) -> None:
+    """Two steps with a timeline; rank 0 writes one trace holding both ranks."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Net()
+    opt = ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
+                             policy="bytescheduler", partition_bytes=64 * 1024,
+                             credit_bytes=128 * 1024, timeline=path, timeout_s=60)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(2):
+        x, y = batch(rank, step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.close()
+    print(f"rank {rank}: closed")

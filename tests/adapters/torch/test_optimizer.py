@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,21 @@ def test_dead_rank_gives_a_clear_error_not_a_hang():
 def test_bad_arguments_are_clear_errors():
     result = run_torch_job(f"{WORKERS}:bad_arguments", 1, timeout_s=100)
     assert "all rejected with clear errors" in result.rank(0).stdout
+
+
+@pytest.mark.timeout(120)
+def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
+    trace_path = tmp_path / "trace.json"
+    run_torch_job(f"{WORKERS}:timeline", 2, args=[str(trace_path)], timeout_s=100)
+    trace = json.loads(trace_path.read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    for rank in (0, 1):
+        lanes = {e["cat"] for e in spans if e["pid"] == rank}
+        assert lanes == {"compute", "queue", "comm", "update"}, (rank, lanes)
+        comm = [e for e in spans if e["pid"] == rank and e["cat"] == "comm"]
+        assert len(comm) == 2 * len({e["name"] for e in comm})  # every message, both steps
+        names = {e["name"] for e in spans if e["pid"] == rank}
+        assert "forward fc1" in names and "backward conv1" in names and "update head" in names
+    assert all(e["dur"] >= 0 for e in spans)
+    assert not list(tmp_path.glob("trace.json.*")), "temporary file left behind"
