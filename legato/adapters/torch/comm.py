@@ -15,7 +15,8 @@ import torch.distributed as dist
 from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["TorchCommBackend", "TorchOrderChannel"]
+__all__ = ["HorovodCommBackend", "HorovodTransport", "TorchCommBackend", "TorchDistTransport",
+           "TorchOrderChannel"]
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,8 @@ class TorchCommBackend:
         self.world = dist.get_world_size(group)
         self._scale = 1.0 / self.world
 
-    def _views(self, chunk: Chunk) -> list[torch.Tensor]:
-        views = []
-        for part in chunk.parts:
-            grad = self._grads(part.key)
-            flat = grad.view(-1) if grad.is_contiguous() else grad.reshape(-1)
-            start = part.offset // grad.element_size()
-            views.append(flat.narrow(0, start, part.nbytes // grad.element_size()))
-        return views
-
     def start(self, chunk: Chunk, on_done: Done) -> None:
-        views = self._views(chunk)
-        direct = len(views) == 1 and self._grads(chunk.parts[0].key).is_contiguous()
-        if direct:
-            buffer = views[0]
-        else:
-            buffer = torch.cat([v.reshape(-1) for v in views])
+        buffer, direct = chunk_buffer(self._grads, chunk)
         buffer.mul_(self._scale)
         work = dist.all_reduce(buffer, group=self._group, async_op=True)
 
@@ -64,7 +51,7 @@ class TorchCommBackend:
             try:
                 fut.value()
                 if not direct:
-                    self._copy_back(chunk, buffer)
+                    copy_back(self._grads, chunk, buffer)
             except BaseException as err:  # noqa: BLE001 (reported to the scheduler)
                 on_done(err)
                 return
@@ -72,20 +59,40 @@ class TorchCommBackend:
 
         work.get_future().add_done_callback(finished)
 
-    def _copy_back(self, chunk: Chunk, buffer: torch.Tensor) -> None:
-        pos = 0
-        for part in chunk.parts:
-            grad = self._grads(part.key)
-            n = part.nbytes // grad.element_size()
-            start = part.offset // grad.element_size()
-            src = buffer.narrow(0, pos, n)
-            if grad.is_contiguous():
-                grad.view(-1).narrow(0, start, n).copy_(src)
-            else:  # write through the strided gradient: a flat copy, then back
-                flat = grad.reshape(-1).clone()
-                flat.narrow(0, start, n).copy_(src)
-                grad.copy_(flat.view_as(grad))
-            pos += n
+
+
+def chunk_buffer(grads: Callable[[int], torch.Tensor], chunk: Chunk) -> tuple[torch.Tensor, bool]:
+    """The tensor to reduce for `chunk`, and whether it is a view of the gradient itself.
+
+    A single part of a contiguous gradient is a view (no copy); a merged chunk or a part of a
+    non-contiguous gradient is a new flat buffer, to be copied back with `copy_back`.
+    """
+    views = []
+    for part in chunk.parts:
+        grad = grads(part.key)
+        flat = grad.view(-1) if grad.is_contiguous() else grad.reshape(-1)
+        views.append(flat.narrow(0, part.offset // grad.element_size(),
+                                 part.nbytes // grad.element_size()))
+    if len(views) == 1 and grads(chunk.parts[0].key).is_contiguous():
+        return views[0], True
+    return torch.cat([v.reshape(-1) for v in views]), False
+
+
+def copy_back(grads: Callable[[int], torch.Tensor], chunk: Chunk, buffer: torch.Tensor) -> None:
+    """Scatter a reduced flat buffer back into the gradients its chunk came from."""
+    pos = 0
+    for part in chunk.parts:
+        grad = grads(part.key)
+        n = part.nbytes // grad.element_size()
+        start = part.offset // grad.element_size()
+        src = buffer.narrow(0, pos, n)
+        if grad.is_contiguous():
+            grad.view(-1).narrow(0, start, n).copy_(src)
+        else:  # write through the strided gradient: a flat copy, then back
+            flat = grad.reshape(-1).clone()
+            flat.narrow(0, start, n).copy_(src)
+            grad.copy_(flat.view_as(grad))
+        pos += n
 
 
 class TorchOrderChannel:
@@ -110,3 +117,157 @@ class TorchOrderChannel:
         dist.broadcast(self._buf, src=self._src, group=self._group)
         n = int(self._buf[0])
         return self._buf[1:n + 1].tolist()
+
+
+class TorchDistTransport:
+    """legato's own groups over torch.distributed: one for gradients, one (gloo) for control."""
+
+    name = "torch"
+
+    def __init__(self, process_group, timeout_s: float) -> None:
+        import datetime
+
+        from legato.core.errors import BackendUnavailable
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise BackendUnavailable("torch.distributed is not initialized; call "
+                                     "torch.distributed.init_process_group(...) first (torchrun "
+                                     "sets the environment it needs)")
+        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.comm_group = dist.new_group(ranks=ranks, timeout=timeout,
+                                         backend=dist.get_backend(process_group))
+        self.ctrl_group = dist.new_group(ranks=ranks, timeout=timeout, backend="gloo")
+        self.rank = dist.get_rank()
+        self.group_rank = dist.get_rank(self.comm_group)
+        self.world = dist.get_world_size(self.comm_group)
+
+    def backend(self, grads: Callable[[int], torch.Tensor]) -> TorchCommBackend:
+        return TorchCommBackend(grads, self.comm_group)
+
+    def order_channel(self) -> TorchOrderChannel:
+        return TorchOrderChannel(self.ctrl_group)
+
+    def all_gather_object(self, obj) -> list:
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.ctrl_group)
+        return out
+
+    @torch.no_grad()
+    def broadcast_from_first(self, tensors) -> None:
+        src = dist.get_global_rank(self.comm_group, 0)
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src, group=self.comm_group)
+
+
+class HorovodCommBackend:
+    """All-reduces chunks with Horovod's asynchronous ops; a poller thread reports completion.
+
+    Horovod negotiates the order of collectives among ranks itself, so every rank runs its own
+    priority queue and no order channel is needed.
+    """
+
+    def __init__(self, hvd, grads: Callable[[int], torch.Tensor]) -> None:
+        import threading
+
+        self._hvd = hvd
+        self._grads = grads
+        self._scale = 1.0 / hvd.size()
+        self._pending: list = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._poll_loop, name="legato-hvd-poll",
+                                        daemon=True)
+        self._thread.start()
+
+    def start(self, chunk: Chunk, on_done: Done) -> None:
+        buffer, direct = chunk_buffer(self._grads, chunk)
+        handle = self._hvd.allreduce_async_(buffer, name=f"legato.chunk.{chunk.id}",
+                                            op=self._hvd.Sum, prescale_factor=self._scale)
+        with self._cv:
+            self._pending.append((handle, chunk, buffer, direct, on_done))
+            self._cv.notify()
+
+    def _poll_loop(self) -> None:
+        import time
+
+        while True:
+            with self._cv:
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                if self._stop and not self._pending:
+                    return
+                pending = list(self._pending)
+            finished = []
+            for entry in pending:
+                handle = entry[0]
+                try:
+                    done = self._hvd.poll(handle)
+                except BaseException as err:  # noqa: BLE001
+                    finished.append((entry, err))
+                    continue
+                if done:
+                    finished.append((entry, None))
+            if not finished:
+                time.sleep(0.0002)
+                continue
+            with self._cv:
+                for entry, _ in finished:
+                    self._pending.remove(entry)
+            for (handle, chunk, buffer, direct, on_done), err in finished:
+                if err is None:
+                    try:
+                        self._hvd.synchronize(handle)
+                        if not direct:
+                            copy_back(self._grads, chunk, buffer)
+                    except BaseException as sync_err:  # noqa: BLE001
+                        err = sync_err
+                on_done(err)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(10)
+
+
+class HorovodTransport:
+    """Horovod (horovod.torch) as legato's transport: hvd.init() must have been called."""
+
+    name = "horovod"
+
+    def __init__(self) -> None:
+        from legato.core.errors import BackendUnavailable
+
+        try:
+            import horovod.torch as hvd
+        except ImportError as err:
+            raise BackendUnavailable(f"backend='horovod' needs horovod.torch ({err}); build it "
+                                     "with `make setup` (scripts/build_horovod.sh)") from err
+        if not hvd.is_initialized():
+            raise BackendUnavailable("Horovod has not been initialized; call hvd.init() before "
+                                     "ScheduledOptimizer(..., backend='horovod')")
+        self._hvd = hvd
+        self.rank = hvd.rank()
+        self.group_rank = hvd.rank()
+        self.world = hvd.size()
+        self._backend: HorovodCommBackend | None = None
+
+    def backend(self, grads: Callable[[int], torch.Tensor]) -> HorovodCommBackend:
+        self._backend = HorovodCommBackend(self._hvd, grads)
+        return self._backend
+
+    def order_channel(self) -> None:
+        return None  # Horovod's coordinator orders collectives across ranks
+
+    def all_gather_object(self, obj) -> list:
+        return self._hvd.allgather_object(obj, name="legato.gather")
+
+    @torch.no_grad()
+    def broadcast_from_first(self, tensors) -> None:
+        for i, tensor in enumerate(tensors):
+            self._hvd.broadcast_(tensor.data, root_rank=0, name=f"legato.bcast.{i}")
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()

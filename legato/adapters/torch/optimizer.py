@@ -22,7 +22,6 @@ an update that needs all gradients at once (global-norm clipping) is asked for w
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 import os
 import queue
@@ -32,11 +31,10 @@ import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from legato.adapters.torch.comm import TorchCommBackend, TorchOrderChannel
+from legato.adapters.torch.comm import HorovodTransport, TorchDistTransport
 from legato.adapters.torch.proxy import LayerGates
-from legato.core.errors import BackendUnavailable, ConfigError, LegatoError
+from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask, make_plan
 from legato.core.scheduler.policy import resolve_config
@@ -80,7 +78,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         credit_bytes: bytes in flight (default 4 partitions; "priority": one message).
         merge_bytes: tensors smaller than this are merged into one message (bytescheduler
             default 64 KiB).
-        backend: "torch" (torch.distributed: gloo, or NCCL for CUDA tensors); None = "torch".
+        backend: "torch" (torch.distributed: gloo, or NCCL for CUDA tensors; the default) or
+            "horovod" (horovod.torch, inside a horovodrun job, after hvd.init()).
         process_group: ranks to reduce over (default: all). legato creates its own groups over
             the same ranks, so that the user's collectives never interleave with its own.
         clip_grad_norm: clip the global gradient norm to this value before updating (waits for
@@ -111,12 +110,12 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                               "gradients itself; pass the plain model (or use "
                               "legato's DDP communication hook instead)")
         backend = backend or "torch"
-        if backend != "torch":
-            raise ConfigError(f"backend={backend!r} is unknown; known: 'torch'")
-        if not dist.is_available() or not dist.is_initialized():
-            raise BackendUnavailable("torch.distributed is not initialized; call "
-                                     "torch.distributed.init_process_group(...) first (torchrun "
-                                     "sets the environment it needs)")
+        if backend not in ("torch", "horovod"):
+            raise ConfigError(f"backend={backend!r} is unknown; known: 'torch' "
+                              "(torch.distributed: gloo, NCCL) and 'horovod'")
+        if backend == "horovod" and process_group is not None:
+            raise ConfigError("process_group applies to backend='torch'; Horovod reduces over "
+                              "all its ranks")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ConfigError(f"clip_grad_norm={clip_grad_norm!r} is invalid; pass a positive "
                               "norm or None")
@@ -127,14 +126,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._clip = clip_grad_norm
         self._timeout_s = float(timeout_s)
         self._params = self._check_params(optimizer, model)
-        self._rank = dist.get_rank()
-
-        ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-        timeout = datetime.timedelta(seconds=self._timeout_s)
-        self._comm_group = dist.new_group(ranks=ranks, timeout=timeout,
-                                          backend=dist.get_backend(process_group))
-        self._ctrl_group = dist.new_group(ranks=ranks, timeout=timeout, backend="gloo")
-        self._group_rank = dist.get_rank(self._comm_group)
+        self._transport = (HorovodTransport() if backend == "horovod"
+                           else TorchDistTransport(process_group, self._timeout_s))
+        self._rank = self._transport.rank
 
         layer_of, modules, self._layer_names = _layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
@@ -170,11 +164,10 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._timeline_path = timeline
         self._timeline = Timeline(self._rank) if timeline is not None else None
         self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
-        leader = self._group_rank == 0
-        channel = TorchOrderChannel(self._ctrl_group)
         self._scheduler = Scheduler(
-            self.plan, self.config, TorchCommBackend(self._grad_of, self._comm_group),
-            order=channel, leader=leader, on_chunk_done=self._chunk_done,
+            self.plan, self.config, self._transport.backend(self._grad_of),
+            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
+            on_chunk_done=self._chunk_done,
             rank=self._rank, timeout_s=self._timeout_s,
             on_event=self._record if self._timeline is not None else None)
         self._gates = LayerGates(modules, len(self._layer_names), timeout_s=self._timeout_s,
@@ -221,19 +214,15 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return model_params
 
     def _check_same_plan(self) -> None:
-        digests: list[Any] = [None] * dist.get_world_size(self._ctrl_group)
-        dist.all_gather_object(digests, (self.plan.digest(), len(self._params)),
-                               group=self._ctrl_group)
+        digests = self._transport.all_gather_object((self.plan.digest(), len(self._params)))
         if any(d != digests[0] for d in digests):
             raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
                               f"({digests}); every rank must wrap the same model with the same "
                               "settings")
 
-    @torch.no_grad()
     def _broadcast_from_rank0(self) -> None:
-        src = dist.get_global_rank(self._comm_group, 0)
-        for tensor in [*self._model.parameters(), *self._model.buffers()]:
-            dist.broadcast(tensor.data, src=src, group=self._comm_group)
+        self._transport.broadcast_from_first([*self._model.parameters(),
+                                              *self._model.buffers()])
 
     def _make_views(self) -> list[tuple[torch.optim.Optimizer, list[tuple[int, dict]]]]:
         """One shallow view of the optimizer per layer (see [Note: per-layer views])."""
@@ -292,9 +281,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         if not self._closed:
             raise ConfigError("write_timeline() runs after close(), on every rank")
         target = path or self._timeline_path
-        gathered: list[Any] = [None] * dist.get_world_size(self._ctrl_group)
-        dist.all_gather_object(gathered, self._timeline.events(), group=self._ctrl_group)
-        if self._group_rank != 0:
+        gathered = self._transport.all_gather_object(self._timeline.events())
+        if self._transport.group_rank != 0:
             return None
         others = [ev for r, ev in enumerate(gathered) if r != 0]
         written = self._timeline.write(target, others)
@@ -492,6 +480,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 self._closed = True
                 self._cv.notify_all()
             self._scheduler.close(timeout_s=min(timeout, 60.0))
+            if hasattr(self._transport, "close"):
+                self._transport.close()
             self._updates.put(None)
             self._updater.join(min(timeout, 60.0))
             for h in self._hooks:

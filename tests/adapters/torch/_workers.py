@@ -186,6 +186,20 @@ def bad_arguments() -> None:
             assert expected in str(err), f"expected {expected!r} in {err}"
         else:
             raise AssertionError(f"no error for {expected!r}")
+    # Horovod must be initialized first (when it is installed at all)
+    try:
+        import horovod.torch  # noqa: F401
+        has_horovod = True
+    except ImportError:
+        has_horovod = False
+    from legato.core.errors import BackendUnavailable
+    try:
+        ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, backend="horovod")
+    except BackendUnavailable as err:
+        expected = "call hvd.init()" if has_horovod else "backend='horovod' needs horovod.torch"
+        assert expected in str(err), err
+    else:
+        raise AssertionError("backend='horovod' without hvd.init() did not fail")
     # a parameter without a gradient is named at step()
     opt = ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, timeout_s=20)
     model.head(torch.randn(2, 10)).sum().backward()
@@ -214,3 +228,34 @@ def timeline(path: str) -> None:
         opt.step()
     opt.close()
     print(f"rank {rank}: closed")
+
+
+def compare_with_horovod(opt_name: str, steps: int) -> None:
+    """ScheduledOptimizer(backend='horovod') against hvd.DistributedOptimizer, in horovodrun."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank = hvd.rank()
+    torch.manual_seed(0)
+    ours, ref = Net(), Net()
+    ref.load_state_dict(ours.state_dict())
+    ref_opt = hvd.DistributedOptimizer(make_optimizer(opt_name, ref.parameters()),
+                                       named_parameters=ref.named_parameters())
+    opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours,
+                             backend="horovod", policy="bytescheduler",
+                             partition_bytes=32 * 1024, credit_bytes=96 * 1024, timeout_s=60)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        ref_opt.zero_grad()
+        loss_fn(ref(x), y).backward()
+        ref_opt.step()
+        loss_fn(ours(x), y).backward()
+        opt.step()
+    opt.synchronize()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), f"rank {rank}: {name} differs by {(p - q).abs().max()}"
+    opt.close()
+    print(f"rank {rank}: horovod {opt_name} matches hvd.DistributedOptimizer after {steps} "
+          "steps (bit-exact)")
+    hvd.shutdown()

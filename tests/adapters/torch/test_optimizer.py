@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from legato.launch import run_torch_job
+from legato.launch import run_horovod_job, run_torch_job
 
 WORKERS = str(Path(__file__).parent / "_workers.py")
 BS = dict(partition_bytes=32 * 1024, credit_bytes=96 * 1024, merge_bytes=2048)
@@ -83,3 +83,16 @@ def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
         assert "forward fc1" in names and "backward conv1" in names and "update head" in names
     assert all(e["dur"] >= 0 for e in spans)
     assert not list(tmp_path.glob("trace.json.*")), "temporary file left behind"
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_horovod_backend_matches_distributed_optimizer(opt_name):
+    """Horovod averages as a sum times 1/2 on two ranks; legato pre-scales by 1/2 and sums:
+    both round the same exact value, so the parameters must be bit-identical."""
+    result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2, args=[opt_name, 5],
+                             timeout_s=240)
+    for r in range(2):
+        assert f"horovod {opt_name} matches hvd.DistributedOptimizer after 5 steps" in \
+            result.rank(r).stdout
