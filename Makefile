@@ -43,8 +43,14 @@ $(STAMPS)/legato: $(STAMPS)/venv $(NATIVE_SRC)
 	$(VENV)/bin/python -c "import legato._native"
 	touch $@
 
+# The torch and TensorFlow versions Horovod is built against; the file is rewritten only when
+# they change, so adding an unrelated package to .venv does not rebuild Horovod.
+$(STAMPS)/frameworks: $(STAMPS)/venv
+	$(VENV)/bin/python -c "import importlib.metadata as m; print('torch', m.version('torch')); print('tensorflow-cpu', m.version('tensorflow-cpu'))" > $@.new
+	if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
 # Horovod 0.28.1 from source, with torch and TensorFlow over Gloo (4 to 6 minutes).
-$(STAMPS)/horovod: $(STAMPS)/venv scripts/build_horovod.sh scripts/patch_horovod.py
+$(STAMPS)/horovod: $(STAMPS)/frameworks scripts/build_horovod.sh scripts/patch_horovod.py
 	bash scripts/build_horovod.sh $(VENV) $(CONSTRAINTS)
 	touch $@
 

@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 BENCHMARKS = {
     "native-queue": "native_queue.py",
+    "scheduler": "scheduler_step_time.py",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 
 __all__ = ["SECTIONS", "run"]
@@ -67,9 +68,42 @@ def _native_queue(args: argparse.Namespace) -> bool:
     return ok
 
 
+def _scheduler(args: argparse.Namespace) -> bool:
+    """2 workers on a 1000 Mbit/s loopback: DDP against legato, and a timeline."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from legato.doctor import repo_root
+
+    root = repo_root()
+    if root is None:
+        print("the scheduler demo runs from a source checkout (benchmarks/ is not installed)")
+        return False
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"):
+        print("skipped: shaping a private loopback needs root, unshare and tc; run "
+              "`legato bench scheduler` as root")
+        return True
+    trace = Path("legato-demo-timeline.json").resolve()
+    cmd = [sys.executable, str(root / "benchmarks" / "scheduler_step_time.py"), "--rates",
+           "1000", "--models", "vgg", "--methods", "ddp,bytescheduler", "--steps", "6",
+           "--warmup", "2", "--rounds", "1", "--timeline", str(trace), "--json",
+           str(Path(os.environ.get("TMPDIR", "/tmp")) / "legato-demo-scheduler.json")]
+    print("VGG-style CNN (7.3 MB of gradients), 2 gloo workers, loopback shaped to 1000 Mbit/s")
+    proc = subprocess.run(cmd, text=True, capture_output=True, timeout=900)
+    print(proc.stdout.strip())
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:])
+        return False
+    print(f"timeline of both ranks: {trace} (open it at https://ui.perfetto.dev)")
+    return trace.exists()
+
+
 SECTIONS: dict[str, Section] = {
     "doctor": _doctor,
     "native-queue": _native_queue,
+    "scheduler": _scheduler,
 }
 
 

@@ -313,8 +313,8 @@ def run_horovod_job(target: str, nprocs: int, *, args: Sequence[Any] = (),
     procs = [launcher]
     for rank in range(nprocs):
         folder = rank_dir / f"rank.{rank}"
-        out = (folder / "stdout").read_text(errors="replace") if folder.exists() else ""
-        err = (folder / "stderr").read_text(errors="replace") if folder.exists() else ""
+        out = _strip_rank_prefix(folder / "stdout", rank)
+        err = _strip_rank_prefix(folder / "stderr", rank)
         # horovodrun reports a failing rank through its own exit status; per-rank codes are not
         # recorded, so a rank counts as failed when the launcher failed and its stderr shows it.
         failed = (not launcher.ok) and ("Traceback" in err or "Error" in err)
@@ -328,6 +328,21 @@ def run_horovod_job(target: str, nprocs: int, *, args: Sequence[Any] = (),
     if own_dir and full.ok:
         shutil.rmtree(log_path, ignore_errors=True)
     return full
+
+
+def _strip_rank_prefix(path: Path, rank: int) -> str:
+    """horovodrun's per-rank files prefix each line with "[rank]<stdout>:"; drop it."""
+    if not path.exists():
+        return ""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines(keepends=True):
+        for stream in ("stdout", "stderr"):
+            prefix = f"[{rank}]<{stream}>:"
+            if line.startswith(prefix):
+                line = line[len(prefix):]
+                break
+        lines.append(line)
+    return "".join(lines)
 
 
 def run_mxnet_ps_job(target: str, num_workers: int, *, num_servers: int = 1,

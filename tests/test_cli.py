@@ -105,7 +105,7 @@ def test_doctor_table():
 
 def test_demo_lists_and_runs_sections():
     proc = run("demo", "--list")
-    assert proc.returncode == 0 and proc.stdout.split() == ["doctor", "native-queue"]
+    assert proc.returncode == 0 and proc.stdout.split() == ["doctor", "native-queue", "scheduler"]
     proc = run("demo", "--section", "native-queue")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "first window [1, 3], then [2, 0]; ok" in proc.stdout
@@ -114,7 +114,7 @@ def test_demo_lists_and_runs_sections():
 
 def test_demo_unknown_section():
     proc = run("demo", "--section", "nope")
-    assert proc.returncode == 2 and "known: doctor, native-queue" in proc.stdout
+    assert proc.returncode == 2 and "known: doctor, native-queue, scheduler" in proc.stdout
 
 
 def test_bench_runs_the_native_queue_benchmark(tmp_path):

@@ -27,7 +27,7 @@ from typing import Callable
 from legato.core.errors import LegatoError
 from legato.core.protocols import CommBackend, OrderChannel
 from legato.core.scheduler.plan import Chunk, ChunkPlan
-from legato.core.scheduler.policy import SchedulerConfig
+from legato.core.scheduler.policy import SchedulerConfig, priority_of
 from legato.core.scheduler.queue import make_queue
 
 __all__ = ["CommFailed", "Scheduler"]
@@ -103,8 +103,7 @@ class Scheduler:
                     self._lock.notify_all()
             if complete and self._leader:
                 chunk = self.plan.chunks[chunk_id]
-                priority = (next(self._arrival) if self.config.order == "arrival"
-                            else chunk.layer)
+                priority = priority_of(self.config, chunk, next(self._arrival))
                 self._event("ready", chunk_id)
                 self._queue.post(chunk_id, priority, chunk.nbytes)
 

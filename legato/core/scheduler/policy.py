@@ -16,7 +16,7 @@ import dataclasses
 
 from legato.core.errors import ConfigError
 
-__all__ = ["POLICIES", "SchedulerConfig", "resolve_config"]
+__all__ = ["POLICIES", "SchedulerConfig", "priority_of", "resolve_config"]
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -83,3 +83,8 @@ def resolve_config(policy: str = "bytescheduler", *, partition_bytes: int | None
     merge = DEFAULT_MERGE_BYTES if merge_bytes is None else merge_bytes
     merge = min(merge, partition)
     return SchedulerConfig("bytescheduler", partition, credit, merge, "layer")
+
+
+def priority_of(config: SchedulerConfig, chunk, arrival_index: int) -> int:
+    """A ready chunk's queue priority: its arrival index (fifo) or its layer (lower first)."""
+    return arrival_index if config.order == "arrival" else chunk.layer

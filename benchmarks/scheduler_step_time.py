@@ -1,0 +1,213 @@
+"""Training step time of 2 gloo workers over a shaped loopback link: DDP, plain all-reduce,
+Horovod, legato priority and legato bytescheduler, side by side in one run per rate.
+
+Each rate runs in a private network namespace (`unshare -n`, as root) whose loopback is shaped
+with `tc qdisc add dev lo root tbf rate R burst 256kb latency 100ms` (a burst below 64 KiB
+stalls connections); "unshaped" runs in a namespace with plain loopback. Shaping loopback
+limits the sum of both ranks' traffic. Per model and rate, every torch method runs in one job,
+in turn, `--rounds` times (so that drift on this noisy machine hits them all), and Horovod in a
+horovodrun job right after. The job also measures, on each rank, forward F and backward B with
+no communication and C, one all-reduce of all gradients, which give the bounds: DDP about
+F + max(B, C), all-reduce after backward about F + B + C, and no schedule beats max(F + B, C).
+
+Output: one table per model (median step ms, ratio against DDP, legato against the bound),
+JSON in benchmarks/results/scheduler_step_time.json and a plot of step time against bandwidth
+per method (--plot). Run: `legato bench scheduler` or `python benchmarks/scheduler_step_time.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+WORKERS = str(HERE / "_scheduler_workers.py")
+TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler")
+ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
+
+
+def parse_rate(text: str) -> int:
+    return 0 if text in ("0", "unshaped", "none") else int(text)
+
+
+def rate_label(rate: int) -> str:
+    return "unshaped" if rate == 0 else f"{rate} Mbit/s"
+
+
+def inner(args: argparse.Namespace) -> int:
+    """Inside the namespace: run every model's jobs, print one RATE_RESULT line."""
+    from legato.launch import run_horovod_job, run_torch_job
+
+    settings = {"bytescheduler": {k: v for k, v in (("partition_bytes", args.partition_bytes),
+                                                    ("credit_bytes", args.credit_bytes),
+                                                    ("timeline", args.timeline))
+                                  if v is not None}}
+    out = {"rate": args.inner_rate, "models": {}}
+    torch_methods = [m for m in args.methods if m in TORCH_METHODS]
+    for model in args.models:
+        entry: dict = {}
+        if torch_methods:
+            job = run_torch_job(f"{WORKERS}:run", 2, timeout_s=args.job_timeout,
+                                args=[model, torch_methods, args.steps, args.warmup, args.rounds,
+                                      settings])
+            results = [json.loads(line.split(" ", 1)[1]) for p in job.procs
+                       for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+            r0 = next(r for r in results if r["rank"] == 0)
+            entry.update({k: r0[k] for k in ("F", "B", "C", "grad_bytes")})
+            entry["times"] = {m: r0["times"][m] for m in torch_methods}
+        if "horovod" in args.methods:
+            job = run_horovod_job(f"{WORKERS}:run_horovod", 2, timeout_s=args.job_timeout,
+                                  args=[model, args.steps, args.warmup, args.rounds])
+            lines = [line for line in job.rank(0).stdout.splitlines()
+                     if line.startswith("RESULT ")]
+            entry.setdefault("times", {})["horovod"] = json.loads(
+                lines[0].split(" ", 1)[1])["times"]["horovod"]
+        out["models"][model] = entry
+        print(f"  {model} at {rate_label(args.inner_rate)} done", file=sys.stderr, flush=True)
+    print("RATE_RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def run_rate(rate: int, args: argparse.Namespace, passthrough: list[str]) -> dict:
+    shape = (f"tc qdisc add dev lo root tbf rate {rate}mbit burst 256kb latency 100ms && "
+             if rate else "")
+    inner_cmd = " ".join([sys.executable, str(Path(__file__).resolve()), "--inner-rate",
+                          str(rate), *passthrough])
+    cmd = ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && {shape}exec {inner_cmd}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.rate_timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RATE_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise SystemExit(f"rate {rate_label(rate)} failed (exit {proc.returncode}):\n"
+                     f"{proc.stderr[-4000:]}")
+
+
+def summarize(results: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    for res in results:
+        for model, entry in res["models"].items():
+            med = {m: statistics.median(t) * 1e3 for m, t in entry["times"].items()}
+            row = {"model": model, "rate": res["rate"], "median_ms": med}
+            if "F" in entry:
+                f, b, c = (entry[k] * 1e3 for k in ("F", "B", "C"))
+                row.update(F_ms=f, B_ms=b, C_ms=c, bound_ms=max(f + b, c),
+                           ddp_model_ms=f + max(b, c), allreduce_model_ms=f + b + c,
+                           grad_bytes=entry["grad_bytes"])
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], methods: list[str]) -> None:
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{model}: median step ms (ratio = DDP time / method time; >1 is faster)")
+        head = f"{'rate':>13} " + " ".join(f"{m:>16}" for m in methods)
+        print(head + f" {'F+B':>7} {'C':>7} {'bound':>7} {'legato/bound':>12}")
+        for r in (r for r in rows if r["model"] == model):
+            ddp = r["median_ms"].get("ddp")
+            cells = []
+            for m in methods:
+                t = r["median_ms"].get(m)
+                if t is None:
+                    cells.append(f"{'-':>16}")
+                else:
+                    ratio = f" ({ddp / t:.2f}x)" if ddp else ""
+                    cells.append(f"{t:>8.1f}{ratio:>8}")
+            extra = ""
+            if "bound_ms" in r:
+                best = min((r["median_ms"][m] for m in ("priority", "bytescheduler")
+                            if m in r["median_ms"]), default=float("nan"))
+                extra = (f" {r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f} "
+                         f"{r['bound_ms']:>7.1f} {best / r['bound_ms']:>12.2f}")
+            print(f"{rate_label(r['rate']):>13} " + " ".join(cells) + extra)
+
+
+def plot(rows: list[dict], methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = sorted((r for r in rows if r["model"] == model and r["rate"]),
+                     key=lambda r: r["rate"])
+        for m in methods:
+            pts = [(r["rate"], r["median_ms"][m]) for r in sub if m in r["median_ms"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("loopback rate (Mbit/s, both ranks together)")
+        ax.set_ylabel("median step time (ms)")
+        ax.set_title(model)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="50,200,1000,unshaped",
+                        help="comma-separated Mbit/s, 'unshaped' for plain loopback")
+    parser.add_argument("--models", default="vgg,resnet,transformer")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="times each method runs, in turn")
+    parser.add_argument("--partition-bytes", type=int, default=None)
+    parser.add_argument("--credit-bytes", type=int, default=None)
+    parser.add_argument("--job-timeout", type=float, default=1200)
+    parser.add_argument("--rate-timeout", type=float, default=3600)
+    parser.add_argument("--json", type=Path, default=RESULTS / "scheduler_step_time.json")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--timeline", default=None,
+                        help="write a Chrome trace of legato bytescheduler's last run here")
+    parser.add_argument("--inner-rate", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in ALL_METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {', '.join(ALL_METHODS)}")
+    if args.inner_rate is not None:
+        return inner(args)
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"):
+        print("scheduler benchmark: needs root, unshare and tc (iproute2) to shape a private "
+              "loopback; run as root on Linux", file=sys.stderr)
+        return 2
+    passthrough = ["--models", ",".join(args.models), "--methods", ",".join(args.methods),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds",
+                   str(args.rounds), "--job-timeout", str(args.job_timeout)]
+    if args.timeline:
+        args.timeline = str(Path(args.timeline).resolve())
+    for flag, value in (("--partition-bytes", args.partition_bytes),
+                        ("--credit-bytes", args.credit_bytes), ("--timeline", args.timeline)):
+        if value is not None:
+            passthrough += [flag, str(value)]
+    results = []
+    for rate in (parse_rate(r) for r in args.rates.split(",") if r):
+        print(f"rate {rate_label(rate)} ...", file=sys.stderr, flush=True)
+        results.append(run_rate(rate, args, passthrough))
+    rows = summarize(results, args.methods)
+    print_table(rows, args.methods)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "scheduler_step_time", "cores": os.cpu_count(),
+                                     "steps": args.steps, "rounds": args.rounds,
+                                     "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.methods, args.plot)
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

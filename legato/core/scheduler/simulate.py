@@ -1,0 +1,258 @@
+"""A discrete-event simulator of data-parallel steps under a scheduling policy.
+
+It runs the scheduler's own pieces, not a model of them: the `ChunkPlan` (partitions, merges),
+the policy's priorities (`priority_of`) and the priority queue with its credit window (the
+pure-Python queue, driven through its pull API in simulated time). Around them it models:
+
+- compute: per layer, forward and backward times; forward of layer i in step k+1 starts when
+  forward of layer i-1 is done and, with dependency proxies (`overlap=True`), when layer i's own
+  update of step k is done; without them (`overlap=False`, a global barrier as in DDP and
+  Horovod) when every update of step k is done;
+- the link: messages committed to the backend are sent one after another, each taking
+  `LinkModel.message_s(bytes)` (alpha + bytes / bandwidth, times the ring all-reduce factor
+  2 (n-1)/n, or push plus pull for a parameter server);
+- updates: a layer's update starts when all its chunks have arrived (and, without overlap,
+  after backward), and takes `update_s`; updates run one at a time.
+
+`simulate()` returns the steady-state step time and every span, which `SimResult.timeline()`
+turns into a Chrome trace like the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from typing import Sequence
+
+from legato.core.errors import ConfigError
+from legato.core.scheduler._pyqueue import PythonPriorityQueue
+from legato.core.scheduler.plan import ChunkPlan, CommTask
+from legato.core.scheduler.policy import SchedulerConfig, priority_of
+
+__all__ = ["LayerCost", "LinkModel", "SimResult", "simulate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """Compute time of one layer (seconds): forward, backward, and its optimizer update."""
+
+    name: str
+    forward_s: float
+    backward_s: float
+    update_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkModel:
+    """Time of one message: alpha + factor * bytes / bytes_per_s.
+
+    Args:
+        alpha_s: fixed cost per message (latency, framework overhead).
+        bytes_per_s: bandwidth available to one rank's collective.
+        world: number of ranks.
+        algorithm: "ring" (all-reduce: factor 2 (n-1)/n) or "ps" (push then pull: factor 2).
+    """
+
+    alpha_s: float
+    bytes_per_s: float
+    world: int = 2
+    algorithm: str = "ring"
+
+    def __post_init__(self) -> None:
+        if self.alpha_s < 0 or self.bytes_per_s <= 0 or self.world < 1:
+            raise ConfigError(f"invalid link model {self}: alpha_s >= 0, bytes_per_s > 0 and "
+                              "world >= 1 are required")
+        if self.algorithm not in ("ring", "ps"):
+            raise ConfigError(f"algorithm={self.algorithm!r} is unknown; known: ring, ps")
+
+    def message_s(self, nbytes: int) -> float:
+        if self.world == 1:
+            return 0.0
+        factor = 2 * (self.world - 1) / self.world if self.algorithm == "ring" else 2.0
+        return self.alpha_s + factor * nbytes / self.bytes_per_s
+
+
+@dataclasses.dataclass
+class SimResult:
+    """Step times and spans (lane, name, start_s, end_s) of a simulated run."""
+
+    step_s: float
+    step_times_s: list[float]
+    spans: list[tuple[str, str, float, float]]
+
+    def timeline(self, rank: int = 0) -> list[dict]:
+        """The spans as Chrome trace events (see legato.core.timeline)."""
+        from legato.core.timeline import LANES
+
+        return [{"name": name, "cat": lane, "ph": "X", "pid": rank,
+                 "tid": LANES.get(lane, len(LANES)), "ts": start * 1e6,
+                 "dur": (end - start) * 1e6} for lane, name, start, end in self.spans]
+
+
+def _check(plan: ChunkPlan, layers: Sequence[LayerCost], steps: int) -> None:
+    if steps < 2:
+        raise ConfigError(f"steps={steps} is too few; simulate at least 2 steps (the first has "
+                          "no previous updates to wait for)")
+    used = {t.layer for t in plan.tasks}
+    if used and max(used) >= len(layers):
+        raise ConfigError(f"the plan has tasks in layer {max(used)} but only {len(layers)} "
+                          "layer costs were given")
+    for layer in layers:
+        if min(layer.forward_s, layer.backward_s, layer.update_s) < 0:
+            raise ConfigError(f"layer {layer.name!r} has a negative time")
+
+
+def simulate(plan: ChunkPlan, layers: Sequence[LayerCost], config: SchedulerConfig,
+             link: LinkModel, *, steps: int = 6, overlap: bool = True) -> SimResult:
+    """Simulate `steps` training steps; the step time is the mean of the last half."""
+    _check(plan, layers, steps)
+    sim = _Sim(plan, layers, config, link, steps, overlap)
+    return sim.run()
+
+
+class _Sim:
+    """Event loop state; see the module docstring for the model."""
+
+    def __init__(self, plan: ChunkPlan, layers: Sequence[LayerCost], config: SchedulerConfig,
+                 link: LinkModel, steps: int, overlap: bool) -> None:
+        self.plan, self.layers, self.config, self.link = plan, list(layers), config, link
+        self.steps, self.overlap = steps, overlap
+        n = len(self.layers)
+        self.tasks_of_layer: list[list[CommTask]] = [[] for _ in range(n)]
+        for task in plan.tasks:
+            self.tasks_of_layer[task.layer].append(task)
+        self.events: list[tuple[float, int, str, int]] = []
+        self.seq = itertools.count()
+        self.spans: list[tuple[str, str, float, float]] = []
+        self.queue = PythonPriorityQueue(config.credit_bytes, "overshoot")
+        self.arrival = itertools.count()
+        self.ready_parts = [0] * len(plan.chunks)
+        self.chunks_left = {t.key: len(plan.chunks_of(t.key)) for t in plan.tasks}
+        self.tasks_left = [len(ts) for ts in self.tasks_of_layer]
+        self.chunks_left_in_step = len(plan.chunks)
+        self.link_free_at = 0.0
+        self.update_free_at = 0.0
+        self.updates_done = [0] * n
+        self.deferred: list[int] = []  # barrier mode: layers waiting for the whole step
+        self.step = 0
+        self.fwd_layer = 0
+        self.waiting = False  # compute idle, waiting for an update before a forward
+        self.backward_end = 0.0
+        self.step_starts: list[float] = []
+
+    def at(self, t: float, kind: str, payload: int = -1) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, payload))
+
+    def run(self) -> SimResult:
+        self.try_forward(0.0)
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, "on_" + kind)(now, payload)
+        self.queue.shutdown(drain=False)
+        if len(self.step_starts) < self.steps:
+            raise ConfigError(f"simulation stalled after {len(self.step_starts)} of "
+                              f"{self.steps} steps; is every layer's gradient in the plan?")
+        deltas = [b - a for a, b in zip(self.step_starts, self.step_starts[1:])]
+        tail = deltas[len(deltas) // 2:]
+        return SimResult(sum(tail) / len(tail), deltas, self.spans)
+
+    # -- compute ------------------------------------------------------------------------------
+    def try_forward(self, now: float) -> None:
+        i = self.fwd_layer
+        need = self.step  # updates of steps 0 .. step-1
+        done = self.updates_done[i] if self.overlap else min(self.updates_done)
+        if done < need:
+            self.waiting = True
+            return
+        self.waiting = False
+        if i == 0:
+            self.step_starts.append(now)
+        end = now + self.layers[i].forward_s
+        self.spans.append(("compute", f"forward {self.layers[i].name}", now, end))
+        self.at(end, "forward_done", i)
+
+    def on_forward_done(self, now: float, i: int) -> None:
+        if i + 1 < len(self.layers):
+            self.fwd_layer = i + 1
+            self.try_forward(now)
+            return
+        t = now
+        for j in reversed(range(len(self.layers))):
+            end = t + self.layers[j].backward_s
+            self.spans.append(("compute", f"backward {self.layers[j].name}", t, end))
+            self.at(end, "grads", j)
+            t = end
+        self.backward_end = t
+        self.at(t, "backward_done")
+
+    def on_backward_done(self, now: float, _: int) -> None:
+        self.step += 1
+        if self.step < self.steps:
+            self.fwd_layer = 0
+            self.try_forward(now)
+
+    # -- communication ------------------------------------------------------------------------
+    def on_grads(self, now: float, layer: int) -> None:
+        if not self.tasks_of_layer[layer]:
+            self.layer_reduced(now, layer)
+        for task in self.tasks_of_layer[layer]:
+            for cid in self.plan.chunks_of(task.key):
+                self.ready_parts[cid] += 1
+                if self.ready_parts[cid] == len(self.plan.chunks[cid].parts):
+                    self.ready_parts[cid] = 0
+                    chunk = self.plan.chunks[cid]
+                    self.queue.post(cid, priority_of(self.config, chunk, next(self.arrival)),
+                                    chunk.nbytes)
+        self.pump(now)
+
+    def pump(self, now: float) -> None:
+        """Commit admissible messages to the link, which sends them one after another."""
+        while (task := self.queue.try_pop()) is not None:
+            chunk = self.plan.chunks[task.id]
+            start = max(now, self.link_free_at)
+            end = start + self.link.message_s(chunk.nbytes)
+            self.link_free_at = end
+            self.spans.append(("comm", f"msg {chunk.id} ({chunk.nbytes} B)", start, end))
+            self.at(end, "sent", chunk.id)
+
+    def on_sent(self, now: float, cid: int) -> None:
+        self.queue.complete(cid)
+        for part in self.plan.chunks[cid].parts:
+            self.chunks_left[part.key] -= 1
+            if self.chunks_left[part.key] == 0:
+                self.chunks_left[part.key] = len(self.plan.chunks_of(part.key))
+                layer = self.plan.task(part.key).layer
+                self.tasks_left[layer] -= 1
+                if self.tasks_left[layer] == 0:
+                    self.tasks_left[layer] = len(self.tasks_of_layer[layer])
+                    self.layer_reduced(now, layer)
+        self.chunks_left_in_step -= 1
+        if self.chunks_left_in_step == 0:
+            self.chunks_left_in_step = len(self.plan.chunks)
+            if not self.overlap:  # barrier: the optimizer steps once everything is in
+                for layer in self.deferred:
+                    self.start_update(now, layer)
+                self.deferred.clear()
+        self.pump(now)
+
+    # -- updates ------------------------------------------------------------------------------
+    def layer_reduced(self, now: float, layer: int) -> None:
+        if self.overlap:
+            self.start_update(now, layer)
+        else:
+            self.deferred.append(layer)
+            if not self.plan.chunks:
+                self.start_update(now, self.deferred.pop())
+
+    def start_update(self, now: float, layer: int) -> None:
+        start = max(now, self.update_free_at, self.backward_end)
+        end = start + self.layers[layer].update_s
+        self.update_free_at = end
+        self.spans.append(("update", f"update {self.layers[layer].name}", start, end))
+        self.at(end, "updated", layer)
+
+    def on_updated(self, now: float, layer: int) -> None:
+        self.updates_done[layer] += 1
+        if self.waiting:
+            self.try_forward(now)
