@@ -16,6 +16,7 @@ Every launcher
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import importlib.util
 import json
 import os
@@ -398,6 +399,10 @@ def _child_main(argv: list[str]) -> int:
         return 2
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(Path(path).parent))
+    try:
+        faulthandler.enable()  # a rank that aborts or segfaults shows its Python stacks
+    except (ValueError, OSError):  # stderr without a file descriptor (captured in tests)
+        pass
     try:
         spec.loader.exec_module(module)
         func = getattr(module, func_name)

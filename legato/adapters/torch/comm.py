@@ -159,6 +159,23 @@ class TorchDistTransport:
         for tensor in tensors:
             dist.broadcast(tensor.data, src=src, group=self.comm_group)
 
+    def close(self) -> None:
+        """Destroy legato's own groups now, and drop every reference to them.
+
+        A gloo group that is still referenced at interpreter exit is destroyed by the final
+        garbage collection, where its worker threads can abort the process ("terminate called
+        without an active exception"); destroying it here, on the closing thread, cannot.
+        """
+        for group in (self.comm_group, self.ctrl_group):
+            if group is None:
+                continue
+            try:
+                if dist.is_initialized():
+                    dist.destroy_process_group(group)
+            except (RuntimeError, ValueError) as err:
+                log.debug("destroying legato's process group: %s", err)
+        self.comm_group = self.ctrl_group = None
+
 
 class HorovodCommBackend:
     """All-reduces chunks with Horovod's asynchronous ops; a poller thread reports completion.

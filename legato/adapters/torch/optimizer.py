@@ -61,8 +61,7 @@ def _layers_of(model: torch.nn.Module, params: list[torch.nn.Parameter]):
             layer_names.append(name or type(module).__name__)
             for p in new:
                 layer_of[id(p)] = index
-        modules.append((name or type(module).__name__, module,
-                        tuple(sorted({layer_of[id(p)] for p in own}))))
+        modules.append((name, module, tuple(sorted({layer_of[id(p)] for p in own}))))
     return layer_of, modules, layer_names
 
 
@@ -170,7 +169,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             on_chunk_done=self._chunk_done,
             rank=self._rank, timeout_s=self._timeout_s,
             on_event=self._record if self._timeline is not None else None)
-        self._gates = LayerGates(modules, len(self._layer_names), timeout_s=self._timeout_s,
+        self._gates = LayerGates(model, {name: layers for name, _, layers in modules},
+                                 len(self._layer_names), timeout_s=self._timeout_s,
                                  check_error=self._raise_if_failed, rank=self._rank)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(key))
                        for key, p in enumerate(self._params)]
@@ -260,6 +260,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         tl = self._timeline
         handles = []
         for name, module, _ in modules:
+            name = name or type(module).__name__
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, name=name: tl.begin("compute", ("f", name))))
             handles.append(module.register_forward_hook(
@@ -414,6 +415,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         if self._clip is not None:
             self._scheduler.wait_steps(self._steps_called + 1, self._timeout_s)
             torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+        self._gates.finish_observing()
         self._gates.hold_all(self._steps_called)
         with self._cv:
             self._steps_called += 1
@@ -480,8 +482,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 self._closed = True
                 self._cv.notify_all()
             self._scheduler.close(timeout_s=min(timeout, 60.0))
-            if hasattr(self._transport, "close"):
-                self._transport.close()
             self._updates.put(None)
             self._updater.join(min(timeout, 60.0))
             for h in self._hooks:
@@ -489,8 +489,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             self._gates.release_all()
             self._gates.remove()
             atexit.unregister(self._atexit)
-        if healthy and self._timeline is not None:
-            self.write_timeline()
+        try:
+            if healthy and self._timeline is not None:
+                self.write_timeline()
+        finally:
+            self._transport.close()
 
     def __enter__(self) -> "ScheduledOptimizer":
         return self

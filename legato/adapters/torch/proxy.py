@@ -1,10 +1,17 @@
 """Dependency proxies for torch: a module's next forward waits until its own update is done.
 
-Each module that holds parameters gets a forward pre-hook. `hold_all()` (at `opt.step()`)
-closes every gate; the updater opens a layer's gate once that layer's parameters are updated,
-and a module passes once all the layers whose parameters it uses are open. So step N+1's
-forward starts on the first layers while the last layers' gradients are still on the wire:
-ByteScheduler's "crossing the global barrier".
+`hold_all()` (at `opt.step()`) closes every layer's gate; the updater opens a layer's gate once
+that layer's parameters are updated, and a module's forward pre-hook lets it pass once the
+layers it depends on are open. So step N+1's forward starts on the first layers while the last
+layers' gradients are still on the wire: ByteScheduler's "crossing the global barrier".
+
+[Note: modules that never run] Some modules hold parameters that their parent uses directly:
+`nn.MultiheadAttention` reads `out_proj.weight` without calling `out_proj`, so a pre-hook on
+`out_proj` never fires, and the parameter could be updated in place while the next step still
+needs it for backward. So the first forward is observed: every module whose forward did not
+run hands its layers to the nearest ancestor whose forward did. Until that first step is
+taken, and for any forward in eval mode or without gradients (where fused paths may read any
+parameter), the whole model waits for every update.
 """
 
 from __future__ import annotations
@@ -24,39 +31,78 @@ log = logging.getLogger(__name__)
 
 
 class LayerGates:
-    """One gate per layer; forward pre-hooks wait on the gates of the layers a module uses.
+    """One gate per layer; modules wait on the gates of the layers whose parameters they use.
 
     Args:
-        modules: (module, layers it depends on) pairs.
+        model: the root module.
+        direct_layers: module name -> layers of the parameters it holds directly.
         num_layers: how many gates.
         timeout_s: how long a forward may wait before failing with a clear error.
         check_error: called while waiting; raises if communication has failed.
         rank: for messages.
     """
 
-    def __init__(self, modules: list[tuple[str, torch.nn.Module, tuple[int, ...]]],
+    def __init__(self, model: torch.nn.Module, direct_layers: dict[str, tuple[int, ...]],
                  num_layers: int, *, timeout_s: float, check_error: Callable[[], None],
                  rank: int) -> None:
         self._cv = threading.Condition()
         self._open = [True] * num_layers
+        self._all = tuple(range(num_layers))
         self._step = 0
         self._timeout_s = timeout_s
         self._check_error = check_error
         self._rank = rank
-        self._handles = [
-            module.register_forward_pre_hook(self._hook(name, layers))
-            for name, module, layers in modules
-        ]
+        self._model = model
+        self._modules = dict(model.named_modules())
+        self._direct = dict(direct_layers)
+        self._ran: set[str] = set()
+        self._observing = True
+        self._waits: dict[str, tuple[int, ...]] = {}
+        self._handles = [module.register_forward_pre_hook(self._hook(name))
+                         for name, module in self._modules.items()]
 
-    def _hook(self, name: str, layers: tuple[int, ...]):
-        def wait_for_update(module, args):
-            if all(self._open[i] for i in layers):  # fast path, no lock
+    def _hook(self, name: str):
+        root = name == ""
+
+        def gate(module, args):
+            if self._observing:
+                self._ran.add(name)
+                if root:
+                    self._wait_all_open(self._all, "the model")
                 return None
-            self.wait(layers, name)
+            if root and (not torch.is_grad_enabled() or not module.training):
+                self._wait_all_open(self._all, "the model (eval or no_grad forward)")
+                return None
+            layers = self._waits.get(name)
+            if layers:
+                self._wait_all_open(layers, name)
             return None
-        return wait_for_update
+        return gate
 
-    def wait(self, layers: tuple[int, ...], name: str) -> None:
+    def finish_observing(self) -> None:
+        """After the first forward: give each module that did not run to its nearest ancestor
+        that did (see [Note: modules that never run])."""
+        if not self._observing:
+            return
+        waits: dict[str, set[int]] = {}
+        for name, layers in self._direct.items():
+            owner = name
+            while owner not in self._ran and owner != "":
+                owner = owner.rpartition(".")[0]
+            if owner != name:
+                log.debug("[rank %d] %r never runs its forward; %r waits for its update",
+                          self._rank, name, owner or "the model")
+            waits.setdefault(owner, set()).update(layers)
+        if "" in waits and "" not in self._ran:
+            log.warning("[rank %d] the model's own forward was not called, so parameters used "
+                        "outside their modules' forwards cannot be gated; call model(...) or "
+                        "opt.synchronize() before each forward", self._rank)
+        self._waits = {name: tuple(sorted(ls)) for name, ls in waits.items()}
+        self._observing = False
+
+    def _wait_all_open(self, layers: tuple[int, ...], name: str) -> None:
+        if all(self._open[i] for i in layers):  # fast path, no lock
+            return
         deadline = time.monotonic() + self._timeout_s
         with self._cv:
             while not all(self._open[i] for i in layers):
@@ -90,8 +136,9 @@ class LayerGates:
         with self._cv:
             self._cv.notify_all()
 
-    def all_open(self) -> bool:
-        return all(self._open)
+    def waits(self) -> dict[str, tuple[int, ...]]:
+        """Module name -> layers its forward waits for (after the first step)."""
+        return dict(self._waits)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -236,3 +236,5 @@ class Scheduler:
             self._lock.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        # Drop the backend and channel (and the process groups they hold) now, not at exit.
+        self._backend = self._order = None  # type: ignore[assignment]

@@ -96,3 +96,10 @@ def test_horovod_backend_matches_distributed_optimizer(opt_name):
     for r in range(2):
         assert f"horovod {opt_name} matches hvd.DistributedOptimizer after 5 steps" in \
             result.rank(r).stdout
+
+
+@pytest.mark.timeout(180)
+def test_transformer_parameters_used_outside_their_module_are_gated():
+    result = run_torch_job(f"{WORKERS}:transformer_matches_ddp", 2, args=[6], timeout_s=150)
+    for r in range(2):
+        assert "transformer matches DDP after 6 steps (bit-exact)" in result.rank(r).stdout
