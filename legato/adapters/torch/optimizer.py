@@ -34,6 +34,7 @@ import torch
 
 from legato.adapters.torch.comm import HorovodTransport, TorchDistTransport
 from legato.adapters.torch.proxy import LayerGates
+from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask, make_plan
@@ -441,17 +442,12 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
         with self._cv:
-            while self._steps_updated < self._steps_called:
-                self._raise_if_failed()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LegatoError(
-                        f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
-                        f"after {timeout:g} s ({self._layers_updated_in_step} of "
-                        f"{len(self._layer_names)} layers updated); a peer may be dead")
-                self._cv.wait(min(left, 0.5))
+            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
+                     self._raise_if_failed, lambda: LegatoError(
+                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
+                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
+                         f"{len(self._layer_names)} layers updated); a peer may be dead"))
         self._raise_if_failed()
 
     def state_dict(self):  # type: ignore[override]

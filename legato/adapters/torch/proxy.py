@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Callable
 
 import torch
 
+from legato.core._wait import wait_for
 from legato.core.errors import LegatoError
 
 __all__ = ["LayerGates"]
@@ -103,17 +103,12 @@ class LayerGates:
     def _wait_all_open(self, layers: tuple[int, ...], name: str) -> None:
         if all(self._open[i] for i in layers):  # fast path, no lock
             return
-        deadline = time.monotonic() + self._timeout_s
         with self._cv:
-            while not all(self._open[i] for i in layers):
-                self._check_error()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise LegatoError(
-                        f"[rank {self._rank}] step {self._step}: the forward of {name!r} waited "
-                        f"{self._timeout_s:g} s for its parameters' update; a peer rank may be "
-                        "dead or stuck (see its log)")
-                self._cv.wait(min(left, 0.5))
+            wait_for(self._cv, lambda: all(self._open[i] for i in layers), self._timeout_s,
+                     self._check_error, lambda: LegatoError(
+                         f"[rank {self._rank}] step {self._step}: the forward of {name!r} "
+                         f"waited {self._timeout_s:g} s for its parameters' update; a peer "
+                         "rank may be dead or stuck (see its log)"))
         self._check_error()
 
     def hold_all(self, step: int) -> None:

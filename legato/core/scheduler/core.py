@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Callable
 
+from legato.core._wait import wait_for
 from legato.core.errors import LegatoError
 from legato.core.protocols import CommBackend, OrderChannel
 from legato.core.scheduler.plan import Chunk, ChunkPlan
@@ -136,21 +137,21 @@ class Scheduler:
                 f"{type(err).__name__}: {err}"))
 
     def _wait_ready(self, chunk_id: int) -> None:
-        deadline = time.monotonic() + self._timeout_s
+        def stopped() -> None:
+            if self._error is not None or self._closed:
+                raise CommFailed(f"[rank {self.rank}] stopped while waiting for chunk "
+                                 f"{chunk_id}")
+
+        def late() -> CommFailed:
+            names = ", ".join(self.plan.task(k).name for k in self.plan.chunks[chunk_id].keys)
+            return CommFailed(
+                f"[rank {self.rank}] the leader started chunk {chunk_id} ({names}) but its "
+                f"gradient was not ready here after {self._timeout_s:g} s; do all ranks run the"
+                " same model and call backward on every step?")
+
         with self._lock:
-            while chunk_id not in self._ready:
-                if self._error is not None or self._closed:
-                    raise CommFailed(f"[rank {self.rank}] stopped while waiting for chunk "
-                                     f"{chunk_id}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    chunk = self.plan.chunks[chunk_id]
-                    names = ", ".join(self.plan.task(k).name for k in chunk.keys)
-                    raise CommFailed(
-                        f"[rank {self.rank}] the leader started chunk {chunk_id} ({names}) but "
-                        f"its gradient was not ready here after {self._timeout_s:g} s; do all "
-                        "ranks run the same model and call backward on every step?")
-                self._lock.wait(min(left, 1.0))
+            wait_for(self._lock, lambda: chunk_id in self._ready, self._timeout_s, stopped, late,
+                     poll_s=1.0)
             self._ready.discard(chunk_id)
 
     # -- completion ----------------------------------------------------------------------------
@@ -200,18 +201,12 @@ class Scheduler:
     def wait_steps(self, steps: int, timeout_s: float | None = None) -> None:
         """Block until `steps` steps have completed all their chunks, or raise."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout
         with self._lock:
-            while self.steps_done < steps:
-                if self._error is not None:
-                    raise self._error
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise CommFailed(
-                        f"[rank {self.rank}] step {steps - 1} not finished after {timeout:g} s:"
-                        f" {self._done_in_step} of {len(self.plan.chunks)} messages done; is a "
-                        "peer rank dead or stuck?")
-                self._lock.wait(min(left, 1.0))
+            wait_for(self._lock, lambda: self.steps_done >= steps, timeout, self.raise_if_failed,
+                     lambda: CommFailed(
+                         f"[rank {self.rank}] step {steps - 1} not finished after {timeout:g} s:"
+                         f" {self._done_in_step} of {len(self.plan.chunks)} messages done; is a"
+                         " peer rank dead or stuck?"), poll_s=1.0)
         self.raise_if_failed()
 
     def set_credit(self, credit_bytes: int | None) -> None:
