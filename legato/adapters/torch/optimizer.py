@@ -107,8 +107,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ConfigError("model is wrapped in DistributedDataParallel, which all-reduces "
-                              "gradients itself; pass the plain model (or use "
-                              "legato's DDP communication hook instead)")
+                              "gradients itself; pass the plain model")
         backend = backend or "torch"
         if backend not in ("torch", "horovod"):
             raise ConfigError(f"backend={backend!r} is unknown; known: 'torch' "
@@ -126,9 +125,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._clip = clip_grad_norm
         self._timeout_s = float(timeout_s)
         self._params = self._check_params(optimizer, model)
-        self._transport = (HorovodTransport() if backend == "horovod"
-                           else TorchDistTransport(process_group, self._timeout_s))
-        self._rank = self._transport.rank
+        # Everything that can be checked locally is checked before any collective call.
+        self.config = resolve_config(policy, partition_bytes=partition_bytes,
+                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
 
         layer_of, modules, self._layer_names = _layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
@@ -140,10 +139,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
                           p.numel() * p.element_size(), p.element_size())
                  for key, p in enumerate(self._params)]
-        self.config = resolve_config(policy, partition_bytes=partition_bytes,
-                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
         self.plan = make_plan(tasks, partition_bytes=self.config.partition_bytes,
                               merge_bytes=self.config.merge_bytes)
+        self._transport = (HorovodTransport() if backend == "horovod"
+                           else TorchDistTransport(process_group, self._timeout_s))
+        self._rank = self._transport.rank
         self._check_same_plan()
         if broadcast_parameters:
             self._broadcast_from_rank0()
