@@ -506,5 +506,5 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return {"steps": self._steps_called, "steps_done": self._steps_updated,
                 "messages_per_step": len(self.plan.chunks), "bytes_per_step":
                 self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": len(self._scheduler.issued)}
+                "issued": self._scheduler.issued_total}
 

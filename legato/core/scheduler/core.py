@@ -18,6 +18,7 @@ proxies see to that), so announcements of consecutive steps never interleave.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -79,7 +80,11 @@ class Scheduler:
         self._error: BaseException | None = None
         self._arrival = itertools.count()
         self._closed = False
-        self.issued: list[int] = []  # chunk ids in the order this rank started them
+        # Chunk ids in the order this rank started them, for the last 64 steps (bounded: a
+        # long training run must not grow it), and how many were started in all.
+        self.issued: collections.deque[int] = collections.deque(
+            maxlen=64 * max(1, len(plan.chunks)))
+        self.issued_total = 0
         self._queue = None
         self._thread: threading.Thread | None = None
         if self._leader:
@@ -118,6 +123,7 @@ class Scheduler:
 
     def _start(self, chunk: Chunk) -> None:
         self.issued.append(chunk.id)
+        self.issued_total += 1
         self._event("start", chunk.id)
         self._backend.start(chunk, lambda err, chunk=chunk: self._finished(chunk, err))
 

@@ -78,7 +78,7 @@ def test_four_ranks_random_delays_fifty_runs_same_order(policy, settings):
         assert not collective.errors, f"run {run}: {collective.errors}"
         issued = [s.issued for s in ranks]
         assert all(seq == issued[0] for seq in issued), f"run {run}: orders differ"
-        assert len(issued[0]) == steps * len(plan.chunks)
+        assert len(issued[0]) == steps * len(plan.chunks) == ranks[0].issued_total
         for r in range(4):
             assert sorted(done[r]) == sorted(list(range(len(plan.chunks))) * steps)
 
@@ -168,3 +168,16 @@ def test_backend_failure_is_reported_with_the_tensor_names():
     with pytest.raises(CommFailed):
         s.tensor_ready(3)
     s.close(timeout_s=2)
+
+
+def test_issue_history_is_bounded():
+    plan = make_plan(make_tasks())
+    s = Scheduler(plan, resolve_config("fifo"), NullBackend(), order=None, leader=True,
+                  on_chunk_done=lambda c: None)
+    for step in range(70):
+        for key in range(len(SIZES)):
+            s.tensor_ready(key)
+        s.wait_steps(step + 1, timeout_s=10)
+    s.close()
+    assert s.issued_total == 70 * len(plan.chunks)
+    assert len(s.issued) == 64 * len(plan.chunks)
