@@ -52,14 +52,12 @@ class LayerGates:
         self._timeout_s = timeout_s
         self._check_error = check_error
         self._rank = rank
-        self._model = model
-        self._modules = dict(model.named_modules())
         self._direct = dict(direct_layers)
         self._ran: set[str] = set()
         self._observing = True
         self._waits: dict[str, tuple[int, ...]] = {}
-        self._handles = [module.register_forward_pre_hook(self._hook(name))
-                         for name, module in self._modules.items()]
+        self._handles = {name: module.register_forward_pre_hook(self._hook(name))
+                         for name, module in model.named_modules()}
 
     def _hook(self, name: str):
         root = name == ""
@@ -99,6 +97,10 @@ class LayerGates:
                         "opt.synchronize() before each forward", self._rank)
         self._waits = {name: tuple(sorted(ls)) for name, ls in waits.items()}
         self._observing = False
+        # Every forward runs these hooks: keep only those that gate something (and the root's,
+        # which gates eval and no_grad forwards).
+        for name in [n for n in self._handles if n and n not in self._waits]:
+            self._handles.pop(name).remove()
 
     def _wait_all_open(self, layers: tuple[int, ...], name: str) -> None:
         if all(self._open[i] for i in layers):  # fast path, no lock
@@ -136,6 +138,6 @@ class LayerGates:
         return dict(self._waits)
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
