@@ -153,6 +153,13 @@ class TorchDistTransport:
         dist.all_gather_object(out, obj, group=self.ctrl_group)
         return out
 
+    def broadcast_object(self, obj):
+        """Group rank 0's `obj`, on every rank (over the control group)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.ctrl_group, 0),
+                                   group=self.ctrl_group)
+        return box[0]
+
     @torch.no_grad()
     def broadcast_from_first(self, tensors) -> None:
         src = dist.get_global_rank(self.comm_group, 0)
@@ -184,10 +191,12 @@ class HorovodCommBackend:
     priority queue and no order channel is needed.
     """
 
-    def __init__(self, hvd, grads: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0) -> None:
         import threading
 
         self._hvd = hvd
+        # Horovod matches tensors across ranks by name; a new plan (tuning) gets new names.
+        self._prefix = f"legato.p{epoch}.chunk."
         self._grads = grads
         self._scale = 1.0 / hvd.size()
         self._pending: list = []
@@ -199,7 +208,7 @@ class HorovodCommBackend:
 
     def start(self, chunk: Chunk, on_done: Done) -> None:
         buffer, direct = chunk_buffer(self._grads, chunk)
-        handle = self._hvd.allreduce_async_(buffer, name=f"legato.chunk.{chunk.id}",
+        handle = self._hvd.allreduce_async_(buffer, name=f"{self._prefix}{chunk.id}",
                                             op=self._hvd.Sum, prescale_factor=self._scale)
         with self._cv:
             self._pending.append((handle, chunk, buffer, direct, on_done))
@@ -269,9 +278,13 @@ class HorovodTransport:
         self.group_rank = hvd.rank()
         self.world = hvd.size()
         self._backend: HorovodCommBackend | None = None
+        self._epoch = 0
 
     def backend(self, grads: Callable[[int], torch.Tensor]) -> HorovodCommBackend:
-        self._backend = HorovodCommBackend(self._hvd, grads)
+        if self._backend is not None:  # a new plan (tuning): stop the previous poller
+            self._backend.close()
+        self._epoch += 1
+        self._backend = HorovodCommBackend(self._hvd, grads, epoch=self._epoch)
         return self._backend
 
     def order_channel(self) -> None:
@@ -279,6 +292,9 @@ class HorovodTransport:
 
     def all_gather_object(self, obj) -> list:
         return self._hvd.allgather_object(obj, name="legato.gather")
+
+    def broadcast_object(self, obj):
+        return self._hvd.broadcast_object(obj, root_rank=0, name="legato.decision")
 
     @torch.no_grad()
     def broadcast_from_first(self, tensors) -> None:

@@ -37,8 +37,9 @@ from legato.adapters.torch.proxy import LayerGates
 from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
-from legato.core.scheduler.plan import CommTask, make_plan
-from legato.core.scheduler.policy import resolve_config
+from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.policy import SchedulerConfig, plan_for, resolve_config
+from legato.core.scheduler.tune import OnlineTuner, TuneSettings
 from legato.core.timeline import Timeline
 
 __all__ = ["ScheduledOptimizer"]
@@ -73,7 +74,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         optimizer: any torch.optim optimizer holding exactly `model`'s trainable parameters.
         model: the model (not wrapped in DDP).
         policy: "bytescheduler" (priority + partitions + credit window), "priority" (layer
-            order, whole tensors, one message in flight) or "fifo" (arrival order).
+            order, whole tensors, one message in flight), "fifo" (arrival order) or "plain"
+            (the pass-through: DDP's buckets in arrival order and one optimizer step after
+            all of them, no dependency proxies; what DDP does).
         partition_bytes: largest message for "bytescheduler" (default 1 MiB).
         credit_bytes: bytes in flight (default 4 partitions; "priority": one message).
         merge_bytes: tensors smaller than this are merged into one message (bytescheduler
@@ -82,6 +85,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             "horovod" (horovod.torch, inside a horovodrun job, after hvd.init()).
         process_group: ranks to reduce over (default: all). legato creates its own groups over
             the same ranks, so that the user's collectives never interleave with its own.
+        tune: tune partition_bytes and credit_bytes online (Bayesian optimization with
+            optuna, a few steps per trial, switched at step boundaries on all ranks), fall back
+            to "plain" when scheduling does not pay (the pass-through rule), and tune again
+            when the step time drifts. True, or a dict of `TuneSettings` fields (trials,
+            steps_per_trial, sampler, check_every, drift, ...); bytescheduler only.
         clip_grad_norm: clip the global gradient norm to this value before updating (waits for
             every gradient of the step before the first update).
         timeout_s: how long any wait may last before failing with an error naming the rank,
@@ -95,7 +103,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
                  policy: str = "bytescheduler", partition_bytes: int | None = None,
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
-                 backend: str | None = None, process_group=None,
+                 backend: str | None = None, process_group=None, tune=False,
                  clip_grad_norm: float | None = None, timeout_s: float = 300.0,
                  broadcast_parameters: bool = True,
                  timeline: str | os.PathLike | None = None) -> None:
@@ -128,6 +136,10 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         # Everything that can be checked locally is checked before any collective call.
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
+        self._tune = TuneSettings.from_arg(tune)
+        if self._tune is not None and self.config.policy != "bytescheduler":
+            raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
+                              f"policy={policy!r} has none: use policy='bytescheduler'")
 
         layer_of, modules, self._layer_names = _layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
@@ -136,11 +148,17 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             self._keys_of_layer[layer].append(key)
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self._params]
-        tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
-                          p.numel() * p.element_size(), p.element_size())
-                 for key, p in enumerate(self._params)]
-        self.plan = make_plan(tasks, partition_bytes=self.config.partition_bytes,
-                              merge_bytes=self.config.merge_bytes)
+        self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
+                                p.numel() * p.element_size(), p.element_size())
+                       for key, p in enumerate(self._params)]
+        self._tuner: OnlineTuner | None = None
+        self._next_boundary = -1
+        if self._tune is not None:  # checked locally before any collective call
+            self._tuner = OnlineTuner(self._tune, self.config,
+                                      max(t.nbytes for t in self._tasks))
+            self.config = self._tuner.first.config
+            self._next_boundary = self._tuner.first.next_boundary
+        self.plan = plan_for(self.config, self._tasks)
         self._transport = (HorovodTransport() if backend == "horovod"
                            else TorchDistTransport(process_group, self._timeout_s))
         self._rank = self._transport.rank
@@ -149,7 +167,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             self._broadcast_from_rank0()
 
         self._views = self._make_views()
-        self._chunks_left = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
         self._layer_left = [len(keys) for keys in self._keys_of_layer]
         self._grad_seen = [False] * len(self._params)
         self._cv = threading.Condition()
@@ -163,13 +180,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
         self._timeline_path = timeline
         self._timeline = Timeline(self._rank) if timeline is not None else None
-        self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
-        self._scheduler = Scheduler(
-            self.plan, self.config, self._transport.backend(self._grad_of),
-            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
-            on_chunk_done=self._chunk_done,
-            rank=self._rank, timeout_s=self._timeout_s,
-            on_event=self._record if self._timeline is not None else None)
+        self._step_times: list[float] = []
+        self._last_step_at: float | None = None
+        self._start_scheduler()
         self._gates = LayerGates(model, {name: layers for name, _, layers in modules},
                                  len(self._layer_names), timeout_s=self._timeout_s,
                                  check_error=self._raise_if_failed, rank=self._rank)
@@ -185,6 +198,43 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         atexit.register(self._atexit)
         log.info("[rank %d] legato: %s; %s", self._rank, self.config.describe(),
                  self.plan.describe())
+
+    # -- the scheduler and its settings --------------------------------------------------------
+    @property
+    def _passthrough(self) -> bool:
+        return self.config.policy == "plain"
+
+    def _start_scheduler(self) -> None:
+        """A scheduler for the current plan (at construction and after each tuning boundary)."""
+        self._chunks_left = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
+        self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        self._scheduler_step0 = self._steps_called
+        self._scheduler = Scheduler(
+            self.plan, self.config, self._transport.backend(self._grad_of),
+            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
+            on_chunk_done=self._chunk_done,
+            rank=self._rank, timeout_s=self._timeout_s,
+            on_event=self._record if self._timeline is not None else None)
+
+    def _boundary(self) -> None:
+        """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
+        next settings, switch (see legato.core.scheduler.tune)."""
+        self.synchronize()
+        # Closing the scheduler ends its use of the control group (the leader tells the
+        # followers to stop following), so the decision can travel on it.
+        self._scheduler.close(timeout_s=self._timeout_s)
+        decision = None
+        if self._tuner is not None and self._transport.group_rank == 0:
+            decision = self._tuner.boundary(self._steps_called, self._step_times)
+        decision = self._transport.broadcast_object(decision)
+        self._step_times = []
+        self._next_boundary = decision.next_boundary
+        if decision.config != self.config:
+            log.info("[rank %d] legato tuner (%s): %s", self._rank, decision.phase,
+                     decision.config.describe())
+            self.config = decision.config
+            self.plan = plan_for(self.config, self._tasks)
+        self._start_scheduler()
 
     # -- construction helpers ------------------------------------------------------------------
     @staticmethod
@@ -215,7 +265,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return model_params
 
     def _check_same_plan(self) -> None:
-        digests = self._transport.all_gather_object((self.plan.digest(), len(self._params)))
+        digests = self._transport.all_gather_object((self.plan.digest(), len(self._params),
+                                                      self._tune))
         if any(d != digests[0] for d in digests):
             raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
                               f"({digests}); every rank must wrap the same model with the same "
@@ -309,7 +360,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return grad_ready
 
     def _chunk_done(self, chunk) -> None:
-        """A chunk's collective finished (backend thread): queue layers whose gradients are in."""
+        """A chunk's collective finished (backend thread): queue layers whose gradients are in.
+
+        In pass-through (`plain`) the optimizer steps once, in `step()`, after every chunk."""
+        if self._passthrough:
+            return
         ready_layers = []
         with self._cv:
             for key in chunk.keys:
@@ -412,16 +467,52 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 f"{', ...' if len(missing) > 5 else ''}); every rank must all-reduce every "
                 "trainable parameter: call loss.backward() before opt.step(), and freeze "
                 "(requires_grad=False) parameters the loss does not use")
-        self._sync_views()
-        if self._clip is not None:
-            self._scheduler.wait_steps(self._steps_called + 1, self._timeout_s)
-            torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+        if self._passthrough:
+            self._step_plain()
+        else:
+            self._sync_views()
+            if self._clip is not None:
+                self._wait_this_step()
+                torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+            self._gates.finish_observing()
+            self._gates.hold_all(self._steps_called)
+            with self._cv:
+                self._steps_called += 1
+                self._cv.notify_all()
+        if self._tuner is not None:
+            now = time.perf_counter()
+            if self._last_step_at is not None:
+                self._step_times.append(now - self._last_step_at)
+            self._last_step_at = now
+            if self._steps_called == self._next_boundary:
+                self._boundary()
+                self._last_step_at = time.perf_counter()
+        return None
+
+    def _wait_this_step(self) -> None:
+        """Wait until this step's chunks are all reduced (the scheduler counts from its start)."""
+        self._scheduler.wait_steps(self._steps_called - self._scheduler_step0 + 1,
+                                   self._timeout_s)
+
+    def _step_plain(self) -> None:
+        """Pass-through: wait for every bucket, then one step of the wrapped optimizer."""
+        self._wait_this_step()
         self._gates.finish_observing()
-        self._gates.hold_all(self._steps_called)
+        started = time.perf_counter()
+        if self._clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+        self._opt.step()
+        for key, p in enumerate(self._params):
+            p.grad = None
+            self._grad_seen[key] = False
+        if self._timeline is not None:
+            self._timeline.span("update", "update (all layers)", started, time.perf_counter())
         with self._cv:
             self._steps_called += 1
+            self._steps_updated += 1
+            for layer in range(len(self._updates_done)):
+                self._updates_done[layer] += 1
             self._cv.notify_all()
-        return None
 
     def _sync_views(self) -> None:
         """Give every layer's view the hyperparameters and state of the wrapped optimizer now."""
@@ -506,5 +597,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return {"steps": self._steps_called, "steps_done": self._steps_updated,
                 "messages_per_step": len(self.plan.chunks), "bytes_per_step":
                 self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": self._scheduler.issued_total}
+                "issued": self._scheduler.issued_total, "config": self.config.describe(),
+                "tuner": None if self._tuner is None or self._transport.group_rank != 0
+                else self._tuner.summary()}
 

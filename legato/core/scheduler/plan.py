@@ -10,6 +10,9 @@ A `ChunkPlan` turns a step's tasks into the messages actually sent:
   `merge_bytes`, so that per-message latency is paid once; a merged chunk is ready when all its
   members are, and its priority is its most urgent member's.
 
+`bucket_plan` builds DDP's buckets instead (whole tensors in reverse parameter order, the first
+bucket small), which the `plain` policy sends in arrival order: legato's pass-through.
+
 The plan is a pure function of the tasks and the two sizes, so every rank computes the same
 one; `ChunkPlan.digest()` lets ranks check that they did.
 """
@@ -22,7 +25,7 @@ from typing import Iterable, Sequence
 
 from legato.core.errors import ConfigError
 
-__all__ = ["Chunk", "ChunkPlan", "CommTask", "Part", "make_plan"]
+__all__ = ["Chunk", "ChunkPlan", "CommTask", "Part", "bucket_plan", "make_plan"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,3 +180,47 @@ def make_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
             chunks.append(Chunk(len(chunks), task.layer, size, (Part(task.key, offset, size),)))
     flush()
     return ChunkPlan(tasks, tuple(chunks), partition_bytes, merge_bytes)
+
+
+# DDP's defaults (torch.nn.parallel.DistributedDataParallel: bucket_cap_mb=25, and a first
+# bucket of 1 MiB so that communication starts early in backward).
+DDP_BUCKET_BYTES = 25 * (1 << 20)
+DDP_FIRST_BUCKET_BYTES = 1 << 20
+
+
+def bucket_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
+                bucket_bytes: int = DDP_BUCKET_BYTES,
+                first_bucket_bytes: int = DDP_FIRST_BUCKET_BYTES) -> ChunkPlan:
+    """DDP's bucketing: whole tensors in reverse key order (the order backward usually produces
+    them), a bucket closing as soon as it holds `first_bucket_bytes` (the first bucket) or
+    `bucket_bytes` (the others), as DDP's `_compute_bucket_assignment_by_size` does. Nothing is
+    partitioned.
+    """
+    tasks = tuple(tasks)
+    if bucket_bytes <= 0 or first_bucket_bytes <= 0:
+        raise ConfigError(f"bucket sizes must be positive, got bucket_bytes={bucket_bytes}, "
+                          f"first_bucket_bytes={first_bucket_bytes}")
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("task keys must be unique; got duplicates in "
+                          f"{sorted(k for k in keys if keys.count(k) > 1)[:5]}")
+    chunks: list[Chunk] = []
+    pending: list[CommTask] = []
+    cap = first_bucket_bytes
+
+    def flush() -> None:
+        nonlocal cap
+        if not pending:
+            return
+        parts = tuple(Part(t.key, 0, t.nbytes) for t in pending)
+        chunks.append(Chunk(len(chunks), min(t.layer for t in pending),
+                            sum(t.nbytes for t in pending), parts))
+        pending.clear()
+        cap = bucket_bytes
+
+    for task in sorted(tasks, key=lambda t: t.key, reverse=True):
+        pending.append(task)
+        if sum(t.nbytes for t in pending) >= cap:
+            flush()
+    flush()
+    return ChunkPlan(tasks, tuple(chunks), None, bucket_bytes)

@@ -5,6 +5,10 @@
 | `fifo` | arrival (the order backward produces gradients): the baseline | whole | none: everything ready starts at once |
 | `priority` | layer order, front layers first | whole | one message in flight (`credit_bytes` widens it) |
 | `bytescheduler` | layer order | cut into `partition_bytes` pieces; small ones merged | `credit_bytes` in flight (overshoot admission) |
+| `plain` | arrival | DDP's buckets (1 MiB first, then 25 MiB) | none; and no dependency proxies: the optimizer steps once, after every bucket is in |
+
+`plain` is the pass-through: what DDP does, for jobs where communication is already hidden
+and scheduling cannot pay for itself (the tuner picks it when it measures that).
 
 With a window, a gradient that becomes ready while a less urgent message is in flight goes
 next; without one, every ready message is handed to the backend at once, which then decides.
@@ -15,8 +19,10 @@ from __future__ import annotations
 import dataclasses
 
 from legato.core.errors import ConfigError
+from legato.core.scheduler.plan import DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, bucket_plan, \
+    make_plan
 
-__all__ = ["POLICIES", "SchedulerConfig", "priority_of", "resolve_config"]
+__all__ = ["POLICIES", "SchedulerConfig", "plan_for", "priority_of", "resolve_config"]
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -27,14 +33,15 @@ DEFAULT_PARTITION_BYTES = 1 * MiB
 DEFAULT_CREDIT_PARTITIONS = 4
 DEFAULT_MERGE_BYTES = 64 * KiB
 
-POLICIES = ("fifo", "priority", "bytescheduler")
+POLICIES = ("fifo", "priority", "bytescheduler", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     """Resolved settings: what the scheduler actually runs with.
 
-    `credit_bytes` None means no window; `order` is "arrival" or "layer".
+    `credit_bytes` None means no window; `order` is "arrival" or "layer". For `plain`,
+    `merge_bytes` is the bucket size.
     """
 
     policy: str
@@ -68,6 +75,12 @@ def resolve_config(policy: str = "bytescheduler", *, partition_bytes: int | None
                               " partition_bytes and credit_bytes apply to 'priority' and "
                               "'bytescheduler'")
         return SchedulerConfig("fifo", None, None, merge_bytes or 0, "arrival")
+    if policy == "plain":
+        if partition_bytes is not None or credit_bytes is not None:
+            raise ConfigError("policy='plain' sends DDP's buckets as they fill, with no window;"
+                              " partition_bytes and credit_bytes apply to 'priority' and "
+                              "'bytescheduler'")
+        return SchedulerConfig("plain", None, None, merge_bytes or DDP_BUCKET_BYTES, "arrival")
     if policy == "priority":
         if partition_bytes is not None:
             raise ConfigError("policy='priority' sends whole tensors; use "
@@ -88,3 +101,12 @@ def resolve_config(policy: str = "bytescheduler", *, partition_bytes: int | None
 def priority_of(config: SchedulerConfig, chunk, arrival_index: int) -> int:
     """A ready chunk's queue priority: its arrival index (fifo) or its layer (lower first)."""
     return arrival_index if config.order == "arrival" else chunk.layer
+
+
+def plan_for(config: SchedulerConfig, tasks):
+    """The chunk plan `config` sends `tasks` with (every rank computes the same one)."""
+    if config.policy == "plain":
+        return bucket_plan(tasks, bucket_bytes=config.merge_bytes,
+                           first_bucket_bytes=min(DDP_FIRST_BUCKET_BYTES, config.merge_bytes))
+    return make_plan(tasks, partition_bytes=config.partition_bytes,
+                     merge_bytes=config.merge_bytes)

@@ -91,7 +91,12 @@ def compare_with_ddp(opt_name: str, policy: str, settings: dict, steps: int, exa
     assert inner.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
     state = opt.state_dict()  # synchronizes; state is the wrapped optimizer's
     assert len(state["state"]) == len(list(ours.parameters()))
+    stats = opt.stats
     opt.close()
+    if stats["tuner"] is not None:
+        import json
+
+        print("TUNER " + json.dumps(stats["tuner"]), flush=True)
     print(f"rank {rank}: {opt_name}/{policy} matches DDP after {steps} steps "
           f"({'bit-exact' if exact else f'max relative diff {worst:.2e}'}); "
           f"{len(opt.plan.chunks)} messages per step")
@@ -178,6 +183,15 @@ def bad_arguments() -> None:
         (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                     backend="mpi"),
          "backend='mpi' is unknown"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    policy="priority", tune=True),
+         "use policy='bytescheduler'"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    tune={"steps": 3}),
+         "tune={...} has unknown keys ['steps']"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    policy="plain", partition_bytes=1 << 20),
+         "policy='plain' sends DDP's buckets"),
     ]
     for make, expected in checks:
         try:
@@ -231,7 +245,7 @@ def timeline(path: str) -> None:
     dist.destroy_process_group()
 
 
-def compare_with_horovod(opt_name: str, steps: int) -> None:
+def compare_with_horovod(opt_name: str, steps: int, tune=None) -> None:
     """ScheduledOptimizer(backend='horovod') against hvd.DistributedOptimizer, in horovodrun."""
     import horovod.torch as hvd
 
@@ -244,7 +258,8 @@ def compare_with_horovod(opt_name: str, steps: int) -> None:
                                        named_parameters=ref.named_parameters())
     opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours,
                              backend="horovod", policy="bytescheduler",
-                             partition_bytes=32 * 1024, credit_bytes=96 * 1024, timeout_s=60)
+                             partition_bytes=32 * 1024, credit_bytes=96 * 1024, timeout_s=60,
+                             tune=tune)
     loss_fn = nn.CrossEntropyLoss()
     for step in range(steps):
         x, y = batch(rank, step)
@@ -256,6 +271,8 @@ def compare_with_horovod(opt_name: str, steps: int) -> None:
     opt.synchronize()
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), f"rank {rank}: {name} differs by {(p - q).abs().max()}"
+    if tune:
+        print(f"rank {rank}: tuned to {opt.config.describe()} ({opt.stats['tuner']})")
     opt.close()
     print(f"rank {rank}: horovod {opt_name} matches hvd.DistributedOptimizer after {steps} "
           "steps (bit-exact)")

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.distributed
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("policy, settings", [("fifo", {}), ("priority", {}),
-                                              ("bytescheduler", BS)])
+                                              ("bytescheduler", BS), ("plain", {})])
 def test_matches_ddp_bit_exact_on_two_ranks(opt_name, policy, settings):
     """Two ranks: DDP scales each gradient by 1/2 and sums two values; legato does the same per
     element whatever the partitioning, and IEEE addition of two terms commutes, so the
@@ -27,6 +27,28 @@ def test_matches_ddp_bit_exact_on_two_ranks(opt_name, policy, settings):
                            args=[opt_name, policy, settings, 5, True], timeout_s=240)
     for r in range(2):
         assert "matches DDP after 5 steps (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(300)
+def test_tuning_switches_settings_at_step_boundaries_and_stays_exact():
+    """tune=True on two ranks: trials of 2 steps, so settings (bytescheduler partitions and
+    windows, and the plain pass-through) change several times during 16 steps, on both ranks
+    at the same step; parameters stay bit-identical to DDP's (see the test above) and the
+    tuner reports every trial it measured and what it chose."""
+    tune = {"trials": 5, "steps_per_trial": 1, "warmup_steps": 1, "check_every": 3,
+            "sampler": "tpe"}
+    settings = {"partition_bytes": 1 << 16, "merge_bytes": 2048, "tune": tune}
+    result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2,
+                           args=["adam", "bytescheduler", settings, 16, True], timeout_s=240)
+    for r in range(2):
+        assert "matches DDP after 16 steps (bit-exact)" in result.rank(r).stdout
+    lines = [ln for ln in result.rank(0).stdout.splitlines() if ln.startswith("TUNER ")]
+    summary = json.loads(lines[0].split(" ", 1)[1])
+    assert summary["phase"] == "tuned" and len(summary["trials"]) == 5
+    tried = [t[0] for t in summary["trials"]]
+    assert tried[0].startswith("policy=bytescheduler order=layer partition=65536 B")
+    assert tried[1].startswith("policy=plain")
+    assert summary["chosen"] in tried
 
 
 @pytest.mark.slow
@@ -87,15 +109,21 @@ def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
 
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
-def test_horovod_backend_matches_distributed_optimizer(opt_name):
+@pytest.mark.parametrize("opt_name, tune", [
+    ("sgd", None), ("adam", None),
+    ("adam", {"trials": 4, "steps_per_trial": 1, "warmup_steps": 1, "sampler": "tpe"})])
+def test_horovod_backend_matches_distributed_optimizer(opt_name, tune):
     """Horovod averages as a sum times 1/2 on two ranks; legato pre-scales by 1/2 and sums:
-    both round the same exact value, so the parameters must be bit-identical."""
-    result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2, args=[opt_name, 5],
+    both round the same exact value, so the parameters must be bit-identical. With tuning,
+    the settings change at step boundaries (new Horovod tensor names for each plan)."""
+    steps = 10 if tune else 5
+    result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2, args=[opt_name, steps, tune],
                              timeout_s=240)
     for r in range(2):
-        assert f"horovod {opt_name} matches hvd.DistributedOptimizer after 5 steps" in \
+        assert f"horovod {opt_name} matches hvd.DistributedOptimizer after {steps} steps" in \
             result.rank(r).stdout
+        if tune:
+            assert "tuned to policy=" in result.rank(r).stdout
 
 
 @pytest.mark.timeout(180)

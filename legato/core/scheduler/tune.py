@@ -1,0 +1,299 @@
+"""Online auto-tuning of bytescheduler's partition and credit sizes, and the pass-through rule.
+
+The tuner runs inside a training job, on rank 0 only, and never restarts it. Training is cut
+into *trials* at step boundaries: at each boundary every rank finishes its outstanding
+communication and updates (`synchronize`), rank 0 turns the step times it measured since the
+last boundary into a `Decision` (the settings of the next steps, and the step at which the
+next boundary comes) and sends it to every rank, and all ranks switch at once.
+
+A trial runs `warmup_steps` steps, which are not measured (the first one after a boundary has
+no communication of a previous step to overlap), then `steps_per_trial` measured ones; its
+value is the median step time (the time between two `opt.step()` calls on rank 0).
+
+[Note: what is searched] Two integers, so that trials are comparable and a grid search over
+the same space is the obvious check: log2 of `partition_bytes` (64 KiB up to the largest
+gradient, at most 64 MiB) and log2 of the credit window in partitions (1 to 16). Bayesian
+optimization is optuna's: by default its Gaussian-process sampler (`GPSampler`, expected
+improvement, as ByteScheduler's tuner did), or its TPE sampler. The first trial is the user's
+own setting (or the defaults), enqueued into the study.
+
+[Note: pass-through] Scheduling pays for itself only when communication is not already hidden
+behind backward. So one trial runs the `plain` policy (DDP's buckets in arrival order, one
+optimizer step after every bucket is in: what DDP does), and at the end of tuning the best
+bytescheduler setting and `plain` are each measured once more; `plain` is kept unless the
+best setting is at least `passthrough_margin` (2%) faster on the mean of both measurements.
+
+[Note: drift] After tuning, a boundary comes every `check_every` steps. Its window's median
+step time is compared with a reference (the first such window); when it has moved by more
+than `drift` (20%) in two windows in a row, the job is tuned again (the current setting is the
+first trial of the new study).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from typing import Any
+
+from legato.core.errors import ConfigError
+from legato.core.scheduler.policy import SchedulerConfig, resolve_config
+
+__all__ = ["Decision", "OnlineTuner", "TuneSettings", "search_space"]
+
+log = logging.getLogger(__name__)
+
+KiB = 1 << 10
+MIN_LOG2_PARTITION = 16  # 64 KiB
+MAX_LOG2_PARTITION = 26  # 64 MiB
+MAX_LOG2_CREDIT = 4      # 16 partitions
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSettings:
+    """How the online tuner runs (the defaults suit jobs of a few hundred steps or more).
+
+    Args:
+        trials: measured trials per tuning round, pass-through and confirmations included.
+        steps_per_trial: measured steps per trial (their median is the trial's value).
+        warmup_steps: steps after each boundary that are not measured.
+        sampler: "gp" (optuna's Gaussian-process Bayesian optimization) or "tpe".
+        seed: the sampler's seed.
+        passthrough: whether `plain` is a candidate (the pass-through rule).
+        passthrough_margin: bytescheduler is kept only if at least this much faster.
+        check_every: steps between drift checks once tuned (0: never re-tune).
+        drift: relative change of step time that triggers re-tuning (twice in a row).
+    """
+
+    trials: int = 20
+    steps_per_trial: int = 6
+    warmup_steps: int = 2
+    sampler: str = "gp"
+    seed: int = 0
+    passthrough: bool = True
+    passthrough_margin: float = 0.02
+    check_every: int = 200
+    drift: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.trials < 4:
+            raise ConfigError(f"trials={self.trials} is too few: tuning needs at least 4 (the "
+                              "starting setting, pass-through and two confirmations)")
+        if self.steps_per_trial < 1 or self.warmup_steps < 1:
+            raise ConfigError("steps_per_trial and warmup_steps must be at least 1 (the step "
+                              "after a boundary is never representative)")
+        if self.sampler not in ("gp", "tpe"):
+            raise ConfigError(f"sampler={self.sampler!r} is unknown; known: 'gp', 'tpe'")
+        if not 0 <= self.passthrough_margin < 1 or not 0 < self.drift < 10:
+            raise ConfigError("passthrough_margin must be in [0, 1) and drift in (0, 10)")
+        if self.check_every < 0:
+            raise ConfigError("check_every must be >= 0 (0: never re-tune)")
+
+    @classmethod
+    def from_arg(cls, tune: Any) -> "TuneSettings | None":
+        """`tune=` as users pass it: False/None, True (defaults), a dict, or TuneSettings."""
+        if tune is None or tune is False:
+            return None
+        if tune is True:
+            return cls()
+        if isinstance(tune, cls):
+            return tune
+        if isinstance(tune, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(tune) - known)
+            if unknown:
+                raise ConfigError(f"tune={{...}} has unknown keys {unknown}; known: "
+                                  f"{sorted(known)}")
+            return cls(**tune)
+        raise ConfigError(f"tune={tune!r} is invalid; pass True, False, a dict of TuneSettings "
+                          "fields or a TuneSettings")
+
+    @property
+    def trial_steps(self) -> int:
+        return self.warmup_steps + self.steps_per_trial
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What every rank runs from a boundary on, and where the next boundary is (a step count:
+    the boundary happens inside the `opt.step()` call that makes `steps` reach it)."""
+
+    config: SchedulerConfig
+    next_boundary: int
+    phase: str  # "tuning", "confirming" or "tuned"
+
+
+def search_space(largest_tensor_bytes: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(min, max) of log2(partition_bytes) and of log2(credit in partitions)."""
+    top = max(MIN_LOG2_PARTITION, min(MAX_LOG2_PARTITION,
+                                      max(1, largest_tensor_bytes - 1).bit_length()))
+    return (MIN_LOG2_PARTITION, top), (0, MAX_LOG2_CREDIT)
+
+
+def _config(log2_partition: int, log2_credit: int, merge_bytes: int | None) -> SchedulerConfig:
+    partition = 1 << log2_partition
+    return resolve_config("bytescheduler", partition_bytes=partition,
+                          credit_bytes=partition << log2_credit,
+                          merge_bytes=None if merge_bytes is None else min(merge_bytes,
+                                                                           partition))
+
+
+def _params_of(config: SchedulerConfig, space) -> dict[str, int]:
+    (plo, phi), (clo, chi) = space
+    lp = min(phi, max(plo, (config.partition_bytes or 1).bit_length() - 1))
+    lc = min(chi, max(clo, (max(1, (config.credit_bytes or 1) // (1 << lp))).bit_length() - 1))
+    return {"log2_partition": lp, "log2_credit": lc}
+
+
+class OnlineTuner:
+    """Rank 0's side of online tuning; see the module docstring.
+
+    Args:
+        settings: how to tune.
+        start: the setting of the first trial (a bytescheduler config).
+        largest_tensor_bytes: bounds the partition sizes worth trying.
+        step: the step count now (the first boundary is a trial's length later).
+    """
+
+    def __init__(self, settings: TuneSettings, start: SchedulerConfig,
+                 largest_tensor_bytes: int, *, step: int = 0) -> None:
+        if start.policy != "bytescheduler":
+            raise ConfigError(f"tuning searches bytescheduler's partition and credit sizes; "
+                              f"policy={start.policy!r} has none: use policy='bytescheduler'")
+        try:
+            import optuna
+        except ImportError as err:
+            raise ConfigError(f"tune=True needs optuna ({err}); install it with "
+                              "`pip install optuna` (make setup does)") from err
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self._optuna = optuna
+        self.settings = settings
+        self.space = search_space(largest_tensor_bytes)
+        self._merge = start.merge_bytes
+        self._plain = resolve_config("plain")
+        self.history: list[tuple[SchedulerConfig, float]] = []  # every measured trial
+        self.rounds = 0
+        self.current = start
+        self._begin_round(start)
+        self.first = Decision(self.current, step + settings.trial_steps, "tuning")
+
+    # -- rounds --------------------------------------------------------------------------------
+    def _begin_round(self, start: SchedulerConfig) -> None:
+        s = self.settings
+        optuna = self._optuna
+        if s.sampler == "gp":
+            sampler = optuna.samplers.GPSampler(seed=s.seed + self.rounds, n_startup_trials=4)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=s.seed + self.rounds, n_startup_trials=4)
+        self._study = optuna.create_study(direction="minimize", sampler=sampler)
+        if start.policy == "bytescheduler":
+            self._study.enqueue_trial(_params_of(start, self.space))
+        self._trial = None  # the optuna trial being measured, if any
+        # Trials left: pass-through (if on), study trials, then two confirmations.
+        self._study_left = s.trials - 2 - (1 if s.passthrough else 0)
+        self._plain_pending = s.passthrough
+        self._confirm: list[SchedulerConfig] = []
+        self._round_values: dict[SchedulerConfig, list[float]] = {}
+        self.phase = "tuning"
+        self._ref: float | None = None
+        self._drifted = 0
+        self.rounds += 1
+        if start.policy == "bytescheduler":
+            self._trial = self._study.ask()
+            self._study_left -= 1
+            self._trial_config = self._config_of(self._trial)
+            # An enqueued trial gets its params from the queue: the same config as `start`,
+            # up to rounding into the searched grid.
+            self.current = self._trial_config
+        else:  # re-tuning from plain: measure plain first
+            self._plain_pending = False
+            self.current = self._plain
+
+    def _config_of(self, trial) -> SchedulerConfig:
+        (plo, phi), (clo, chi) = self.space
+        return _config(trial.suggest_int("log2_partition", plo, phi),
+                       trial.suggest_int("log2_credit", clo, chi), self._merge)
+
+    # -- boundaries ----------------------------------------------------------------------------
+    def boundary(self, step: int, step_times_s: list[float]) -> Decision:
+        """Step times of the steps since the last boundary (warm-up included) -> next Decision."""
+        measured = step_times_s[self.settings.warmup_steps:] or step_times_s
+        value = statistics.median(measured) if measured else float("inf")
+        if self.phase == "tuned":
+            return self._check_drift(step, value)
+        self.history.append((self.current, value))
+        self._round_values.setdefault(self.current, []).append(value)
+        if self._trial is not None:
+            self._study.tell(self._trial, value)
+            self._trial = None
+        nxt = self._next_trial()
+        if nxt is None:
+            return self._finish(step)
+        self.current = nxt
+        return Decision(nxt, step + self.settings.trial_steps, self.phase)
+
+    def _next_trial(self) -> SchedulerConfig | None:
+        if self.phase == "tuning":
+            if self._plain_pending:
+                self._plain_pending = False
+                return self._plain
+            if self._study_left > 0:
+                self._study_left -= 1
+                self._trial = self._study.ask()
+                return self._config_of(self._trial)
+            self.phase = "confirming"
+            best = self._best_scheduled()
+            self._confirm = [c for c in (best, self._plain if self.settings.passthrough
+                                         else None) if c is not None]
+            # Fill the confirmation budget (2 trials) with the best setting if plain is off.
+            while len(self._confirm) < 2 and best is not None:
+                self._confirm.append(best)
+        if self._confirm:
+            return self._confirm.pop(0)
+        return None
+
+    def _mean(self, config: SchedulerConfig) -> float:
+        values = self._round_values.get(config, [])
+        return sum(values) / len(values) if values else float("inf")
+
+    def _best_scheduled(self) -> SchedulerConfig | None:
+        scheduled = [c for c in self._round_values if c.policy == "bytescheduler"]
+        return min(scheduled, key=lambda c: min(self._round_values[c]), default=None)
+
+    def _finish(self, step: int) -> Decision:
+        best = self._best_scheduled()
+        choice = best
+        if self.settings.passthrough and self._plain in self._round_values:
+            plain = self._mean(self._plain)
+            if best is None or self._mean(best) > plain * (1 - self.settings.passthrough_margin):
+                choice = self._plain
+        assert choice is not None
+        self.phase = "tuned"
+        self.current = choice
+        self._ref = None
+        self._drifted = 0
+        log.info("legato tuner: chose %s after %d trials (%s)", choice.describe(),
+                 len(self.history), ", ".join(f"{c.describe()}: {self._mean(c) * 1e3:.1f} ms"
+                                             for c in self._round_values))
+        every = self.settings.check_every
+        return Decision(choice, step + every if every else -1, "tuned")
+
+    def _check_drift(self, step: int, value: float) -> Decision:
+        every = self.settings.check_every
+        if self._ref is None:
+            self._ref = value
+        elif abs(value / self._ref - 1) > self.settings.drift:
+            self._drifted += 1
+        else:
+            self._drifted = 0
+        if self._drifted >= 2:
+            log.info("legato tuner: step time moved from %.1f ms to %.1f ms; tuning again",
+                     self._ref * 1e3, value * 1e3)
+            self._begin_round(self.current)
+            return Decision(self.current, step + self.settings.trial_steps, "tuning")
+        return Decision(self.current, step + every, "tuned")
+
+    def summary(self) -> dict[str, Any]:
+        """What was measured and chosen (for logs, stats and benchmarks)."""
+        return {"phase": self.phase, "rounds": self.rounds, "chosen": self.current.describe(),
+                "trials": [(c.describe(), v) for c, v in self.history]}

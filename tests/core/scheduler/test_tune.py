@@ -1,0 +1,152 @@
+"""The online tuner: Bayesian optimization against the simulator, pass-through, drift."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+pytest.importorskip("optuna", reason="optuna is not installed (make setup installs it)")
+
+from legato.core.errors import ConfigError  # noqa: E402
+from legato.core.scheduler.plan import CommTask  # noqa: E402
+from legato.core.scheduler.policy import plan_for, resolve_config  # noqa: E402
+from legato.core.scheduler.simulate import LayerCost, LinkModel, simulate  # noqa: E402
+from legato.core.scheduler.tune import OnlineTuner, TuneSettings, _config, \
+    search_space  # noqa: E402
+
+MB = 1_000_000
+
+# A VGG-like model: small convolutions in front, large fully connected layers at the back.
+SIZES = [7_000, 74_000, 295_000, 590_000, 1_180_000, 2_360_000, 16_800_000, 4_200_000, 41_000]
+FWD = [0.004, 0.006, 0.006, 0.005, 0.004, 0.003, 0.002, 0.001, 0.0005]
+LAYERS = [LayerCost(f"l{i}", f, 2 * f, 0.0003) for i, f in enumerate(FWD)]
+TASKS = [CommTask(i, f"l{i}.weight", i, n) for i, n in enumerate(SIZES)]
+
+
+def step_time(config, link) -> float:
+    """The simulated steady-state step time of `config` (plain runs without proxies, as the
+    adapter does)."""
+    plan = plan_for(config, TASKS)
+    return simulate(plan, LAYERS, config, link, steps=6,
+                    overlap=config.policy != "plain").step_s
+
+
+def run_tuner(settings, link, start=None, noise=None):
+    start = start or resolve_config("bytescheduler")
+    tuner = OnlineTuner(settings, start, max(SIZES))
+    decision = tuner.first
+    step = 0
+    measured = []
+    while decision.phase != "tuned":
+        t = step_time(decision.config, link)
+        if noise is not None:
+            t *= next(noise)
+        measured.append(decision.config)
+        steps = decision.next_boundary - step
+        step = decision.next_boundary
+        decision = tuner.boundary(step, [t] * steps)
+    return tuner, decision, measured
+
+
+def grid(link):
+    (plo, phi), (clo, chi) = search_space(max(SIZES))
+    configs = [_config(lp, lc, None) for lp in range(plo, phi + 1)
+               for lc in range(clo, chi + 1)]
+    return {c: step_time(c, link) for c in configs + [resolve_config("plain")]}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sampler", ["gp", "tpe"])
+@pytest.mark.parametrize("mbit", [1000, 2000])
+def test_tuner_is_within_5_percent_of_grid_search_in_20_trials(sampler, mbit):
+    """The issue's target, on the simulator (deterministic): at 2000 Mbit/s communication is
+    about F + B. The grid has 51 settings, of which at most a quarter are within 5% of the best
+    (checked), so a tuner that picked at random would fail."""
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=mbit * 1e6 / 8)
+    times = grid(link)
+    best = min(times.values())
+    assert sum(t <= 1.05 * best for t in times.values()) <= len(times) // 4
+    tuner, decision, measured = run_tuner(TuneSettings(trials=20, sampler=sampler), link)
+    assert len(measured) <= 20
+    assert len(tuner.history) == len(measured)
+    chosen = step_time(decision.config, link)
+    assert chosen <= 1.05 * best, (decision.config.describe(), chosen, best)
+
+
+def test_space_covers_the_largest_tensor():
+    (plo, phi), (clo, chi) = search_space(16_800_000)
+    assert (plo, phi, clo, chi) == (16, 25, 0, 4)
+    assert search_space(1000)[0] == (16, 16)
+    assert search_space(1 << 30)[0][1] == 26
+
+
+def test_passthrough_is_chosen_when_communication_is_hidden():
+    """A fast link: every schedule takes F + B; plain is kept (not 2% slower than the best)."""
+    link = LinkModel(alpha_s=0.00005, bytes_per_s=40e9)
+    _, decision, measured = run_tuner(TuneSettings(trials=8), link)
+    assert decision.config.policy == "plain"
+    assert sum(c.policy == "plain" for c in measured) == 2  # one trial, one confirmation
+
+
+def test_scheduling_is_kept_when_it_pays():
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8)
+    _, decision, _ = run_tuner(TuneSettings(trials=8), link)
+    assert decision.config.policy == "bytescheduler"
+
+
+def test_passthrough_can_be_turned_off():
+    link = LinkModel(alpha_s=0.00005, bytes_per_s=40e9)
+    _, decision, measured = run_tuner(TuneSettings(trials=6, passthrough=False), link)
+    assert all(c.policy == "bytescheduler" for c in measured)
+    assert decision.config.policy == "bytescheduler"
+
+
+def test_first_trial_is_the_users_setting_and_boundaries_are_a_trial_apart():
+    start = resolve_config("bytescheduler", partition_bytes=1 << 18, credit_bytes=1 << 20)
+    settings = TuneSettings(trials=6, steps_per_trial=3, warmup_steps=2)
+    tuner = OnlineTuner(settings, start, max(SIZES), step=10)
+    assert tuner.first.config == start
+    assert tuner.first.next_boundary == 15
+    d = tuner.boundary(15, [9.0, 9.0, 0.1, 0.2, 0.3])  # warm-up steps are not measured
+    assert tuner.history[0] == (start, 0.2)
+    assert d.next_boundary == 20 and d.config.policy == "plain"
+
+
+def test_drift_starts_a_new_round_after_two_windows():
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8)
+    settings = TuneSettings(trials=5, check_every=50, drift=0.2)
+    tuner, decision, _ = run_tuner(settings, link)
+    chosen = decision.config
+    step = decision.next_boundary
+    d = tuner.boundary(step, [0.1] * 50)  # reference window
+    assert d.phase == "tuned" and d.next_boundary == step + 50
+    d = tuner.boundary(d.next_boundary, [0.105] * 50)  # within 20%
+    d = tuner.boundary(d.next_boundary, [0.15] * 50)  # one window off: not yet
+    assert d.phase == "tuned"
+    d = tuner.boundary(d.next_boundary, [0.15] * 50)
+    assert d.phase == "tuning" and tuner.rounds == 2
+    assert d.config == chosen  # the new round starts from the current setting
+
+
+def test_noisy_measurements_still_end_in_a_decision():
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=200e6 / 8)
+    noise = itertools.cycle([1.0, 1.3, 0.8, 1.1, 0.95])
+    tuner, decision, measured = run_tuner(TuneSettings(trials=10), link, noise=noise)
+    assert len(measured) == 10 and decision.phase == "tuned"
+    assert tuner.summary()["chosen"] == decision.config.describe()
+
+
+def test_settings_are_checked():
+    with pytest.raises(ConfigError, match="at least 4"):
+        TuneSettings(trials=2)
+    with pytest.raises(ConfigError, match="sampler"):
+        TuneSettings(sampler="random")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        TuneSettings.from_arg({"trails": 5})
+    with pytest.raises(ConfigError, match="invalid"):
+        TuneSettings.from_arg("yes")
+    assert TuneSettings.from_arg(False) is None
+    assert TuneSettings.from_arg(True) == TuneSettings()
+    with pytest.raises(ConfigError, match="policy='bytescheduler'"):
+        OnlineTuner(TuneSettings(), resolve_config("priority"), 1000)
