@@ -18,6 +18,7 @@
 #include <memory>
 #include <thread>
 
+#include "nccl.h"
 #include "priority_queue.h"
 
 namespace py = pybind11;
@@ -406,6 +407,218 @@ void AttachFastMethods(py::handle cls) {
   }
 }
 
+// -- NCCL all-reduce (see nccl.h) ------------------------------------------------------------
+//
+// [Note: NCCL callbacks] all_reduce hands the Python callback to the C++ communicator as an
+// owned reference inside a Completion; the communicator calls each Completion exactly once, on
+// its poller thread or on the thread calling close()/abort() (with the GIL released), and the
+// Completion takes the GIL, calls callback(None or NcclError(...)) and drops the reference.
+// Every NCCL/CUDA call runs with the GIL released.
+
+PyObject* g_nccl_error = nullptr;
+
+bool InterpreterFinalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing();
+#else
+  return _Py_IsFinalizing();
+#endif
+}
+
+// Takes the GIL, calls `callback(None)` or `callback(NcclError(error))`, drops the reference.
+void InvokeNcclCallback(PyObject* callback, const std::string& error) {
+  if (InterpreterFinalizing()) return;  // too late to run Python; the reference is left behind
+  py::gil_scoped_acquire gil;
+  PyObject* arg = nullptr;
+  if (error.empty()) {
+    arg = Py_NewRef(Py_None);
+  } else {
+    PyObject* text = PyUnicode_FromStringAndSize(error.data(), static_cast<Py_ssize_t>(error.size()));
+    arg = text ? PyObject_CallOneArg(g_nccl_error, text) : nullptr;
+    Py_XDECREF(text);
+  }
+  PyObject* result = arg ? PyObject_CallOneArg(callback, arg) : nullptr;
+  if (result == nullptr) {
+    PyErr_WriteUnraisable(callback);  // nobody to raise to on the poller thread
+  }
+  Py_XDECREF(result);
+  Py_XDECREF(arg);
+  Py_DECREF(callback);
+}
+
+std::string NcclVersionText(int code) {
+  if (code <= 0) return "";
+  // NCCL_VERSION(X, Y, Z): X*1000 + Y*100 + Z up to 2.8, X*10000 + Y*100 + Z from 2.9 on.
+  const int major = code >= 10000 ? code / 10000 : code / 1000;
+  const int minor = code >= 10000 ? (code % 10000) / 100 : (code % 1000) / 100;
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(code % 100);
+}
+
+py::dict NcclStatusDict() {
+  nccl::Status s;
+  {
+    py::gil_scoped_release release;  // the first call dlopens NCCL and the CUDA runtime
+    s = nccl::GetStatus();
+  }
+  py::dict d;
+  d["available"] = s.available;
+  d["reason"] = s.reason;
+  d["version"] = s.version > 0 ? py::object(py::int_(s.version)) : py::object(py::none());
+  d["version_text"] = s.version > 0 ? py::object(py::str(NcclVersionText(s.version)))
+                                    : py::object(py::none());
+  d["nccl_library"] = s.nccl_path.empty() ? py::object(py::none())
+                                           : py::object(py::str(s.nccl_path));
+  d["cudart_library"] = s.cudart_path.empty() ? py::object(py::none())
+                                               : py::object(py::str(s.cudart_path));
+  return d;
+}
+
+py::bytes NcclUniqueId() {
+  std::string id;
+  {
+    py::gil_scoped_release release;
+    id = nccl::NewUniqueId();
+  }
+  return py::bytes(id);
+}
+
+class PyNcclComm {
+ public:
+  PyNcclComm(const py::bytes& unique_id, int rank, int world, int device) {
+    const std::string id = unique_id;
+    // Arguments are checked before NCCL is loaded, so they fail the same way everywhere.
+    if (id.size() != static_cast<size_t>(nccl::kUniqueIdBytes)) {
+      throw std::invalid_argument("unique_id has " + std::to_string(id.size()) +
+                                  " bytes; pass the 128 bytes of nccl_unique_id() from rank 0");
+    }
+    if (world <= 0 || rank < 0 || rank >= world) {
+      throw std::invalid_argument("rank=" + std::to_string(rank) + ", world=" +
+                                  std::to_string(world) +
+                                  " is invalid; pass world >= 1 and 0 <= rank < world");
+    }
+    if (device < 0) {
+      throw std::invalid_argument("device=" + std::to_string(device) +
+                                  " is invalid; pass a CUDA device index >= 0");
+    }
+    py::gil_scoped_release release;  // ncclCommInitRank waits for every rank
+    comm_ = std::make_unique<nccl::Comm>(id, rank, world, device);
+  }
+
+  ~PyNcclComm() {
+    if (!comm_) return;
+    py::gil_scoped_release release;  // the poller may need the GIL to finish a callback
+    comm_.reset();
+  }
+
+  void AllReduce(uintptr_t ptr, int64_t count, const std::string& dtype, const std::string& op,
+                 uintptr_t stream, uintptr_t wait_stream, const py::object& callback) {
+    if (!PyCallable_Check(callback.ptr())) {
+      throw py::type_error("callback must be callable as callback(error_or_None)");
+    }
+    if (count < 0 || (ptr == 0 && count > 0)) {
+      throw std::invalid_argument("ptr=" + std::to_string(ptr) + ", count=" +
+                                  std::to_string(count) +
+                                  " is invalid; pass a device address and count >= 0");
+    }
+    const nccl::DataType data_type = nccl::ParseDataType(dtype);
+    const nccl::RedOp red_op = nccl::ParseOp(op);
+    nccl::Comm& comm = Get();
+    PyObject* owned = Py_NewRef(callback.ptr());  // see [Note: NCCL callbacks]
+    try {
+      py::gil_scoped_release release;
+      comm.AllReduce(ptr, static_cast<size_t>(count), data_type, red_op, stream, wait_stream,
+                     [owned](const std::string& error) { InvokeNcclCallback(owned, error); });
+    } catch (...) {
+      Py_DECREF(owned);  // not enqueued: the completion will never run
+      throw;
+    }
+  }
+
+  void Close() {
+    if (!comm_) return;
+    py::gil_scoped_release release;
+    comm_->Close();
+  }
+
+  void Abort() {
+    if (!comm_) return;
+    py::gil_scoped_release release;
+    comm_->Abort();
+  }
+
+  bool closed() const { return !comm_ || comm_->closed(); }
+  int64_t pending() const { return comm_ ? static_cast<int64_t>(comm_->pending()) : 0; }
+  int rank() const { return Get().rank(); }
+  int world() const { return Get().world(); }
+  int device() const { return Get().device(); }
+
+ private:
+  nccl::Comm& Get() const {
+    if (!comm_) throw std::runtime_error("the NcclComm was not constructed");
+    return *comm_;
+  }
+
+  std::unique_ptr<nccl::Comm> comm_;
+};
+
+void BindNccl(py::module_& m) {
+  g_nccl_error = PyErr_NewExceptionWithDoc(
+      "legato._native.NcclError",
+      "NCCL or the CUDA runtime is missing, or an NCCL/CUDA call failed; the message says which "
+      "and what to do.",
+      PyExc_RuntimeError, nullptr);
+  if (g_nccl_error == nullptr) throw py::error_already_set();
+  m.attr("NcclError") = py::handle(g_nccl_error);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const nccl::NcclUnavailable& e) {
+      PyErr_SetString(g_nccl_error, e.what());
+    } catch (const nccl::NcclError& e) {
+      PyErr_SetString(g_nccl_error, e.what());
+    }
+  });
+
+  m.def("nccl_status", &NcclStatusDict,
+        "Load NCCL and the CUDA runtime if not yet tried; return {available, reason, version, "
+        "version_text, nccl_library, cudart_library}. Never raises for a missing library.");
+  m.def("nccl_unique_id", &NcclUniqueId,
+        "A new ncclUniqueId (128 bytes) for NcclComm; make it on one rank and send it to all.");
+  py::class_<PyNcclComm>(m, "NcclComm",
+                         "An NCCL communicator on one CUDA device, with its own stream and a "
+                         "poller thread that reports each all-reduce's completion.")
+      .def(py::init<const py::bytes&, int, int, int>(), py::arg("unique_id"), py::arg("rank"),
+           py::arg("world"), py::arg("device"))
+      .def("all_reduce", &PyNcclComm::AllReduce, py::arg("ptr"), py::arg("count"),
+           py::arg("dtype"), py::arg("op") = "sum", py::arg("stream") = 0,
+           py::arg("wait_stream") = 0, py::arg("callback"),
+           "Enqueue an in-place all-reduce of `count` elements at device address `ptr`; "
+           "callback(None or NcclError) runs once the GPU work has finished. stream=0 uses the "
+           "comm's own stream; wait_stream orders it after work already queued there. The "
+           "caller keeps the buffer alive until the callback.")
+      .def("close", &PyNcclComm::Close,
+           "Wait for pending all-reduces, then destroy the communicator.")
+      .def("abort", &PyNcclComm::Abort,
+           "Abort now; pending all-reduces report an NcclError to their callbacks.")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__",
+           [](PyNcclComm& self, const py::object& exc_type, const py::object&,
+              const py::object&) {
+             // After an error the peers may never join a pending all-reduce: abort, not close.
+             if (exc_type.is_none()) {
+               self.Close();
+             } else {
+               self.Abort();
+             }
+             return false;
+           })
+      .def_property_readonly("closed", &PyNcclComm::closed)
+      .def_property_readonly("pending", &PyNcclComm::pending)
+      .def_property_readonly("rank", &PyNcclComm::rank)
+      .def_property_readonly("world", &PyNcclComm::world)
+      .def_property_readonly("device", &PyNcclComm::device);
+}
+
 }  // namespace
 }  // namespace legato
 
@@ -461,6 +674,7 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("closed", &PyQueue::closed)
       .def_property_readonly("running", &PyQueue::running);
   legato::AttachFastMethods(cls);
+  legato::BindNccl(m);
 
   m.def("build_info", [] {
     py::dict info;
