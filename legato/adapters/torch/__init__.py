@@ -4,6 +4,10 @@ from legato.adapters._require import require_framework
 
 require_framework("torch")
 
+from legato.adapters.torch.ddp_hook import (  # noqa: E402
+    ScheduledCommHook,
+    register_scheduled_hook,
+)
 from legato.adapters.torch.optimizer import ScheduledOptimizer  # noqa: E402
 
-__all__ = ["ScheduledOptimizer"]
+__all__ = ["ScheduledCommHook", "ScheduledOptimizer", "register_scheduled_hook"]
