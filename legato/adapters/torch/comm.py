@@ -12,11 +12,12 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["HorovodCommBackend", "HorovodTransport", "TorchCommBackend", "TorchDistTransport",
-           "TorchOrderChannel"]
+__all__ = ["HorovodCommBackend", "HorovodTransport", "NativeNcclCommBackend", "TorchCommBackend",
+           "TorchDistTransport", "TorchOrderChannel", "make_nccl_backend", "native_nccl_status"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,130 @@ class TorchCommBackend:
 
         work.get_future().add_done_callback(finished)
 
+
+# The torch dtypes NCCL reduces, by the names legato._native.NcclComm.all_reduce takes.
+_NCCL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+def native_nccl_status() -> dict:
+    """Whether legato._native can issue NCCL all-reduces here: legato._native.nccl_status().
+
+    Returns:
+        {"available", "reason", "version", "version_text", "nccl_library", "cudart_library"};
+        the first call loads NCCL and the CUDA runtime (after `import torch`, the copies torch
+        loaded are reused).
+    """
+    try:
+        from legato import _native
+    except ImportError as err:
+        reason = f"legato._native is not built ({err}); run `pip install -e .`"
+    else:
+        if hasattr(_native, "nccl_status"):
+            return _native.nccl_status()
+        reason = "this build of legato._native predates NCCL support; run `pip install -e .`"
+    return {"available": False, "reason": reason, "version": None, "version_text": None,
+            "nccl_library": None, "cudart_library": None}
+
+
+def _local_nccl_problem(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the gradients are on {device}, not a CUDA device"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    status = native_nccl_status()
+    return None if status["available"] else status["reason"]
+
+
+class NativeNcclCommBackend:
+    """All-reduces (avg) chunks of CUDA gradients with NCCL calls issued by legato._native.
+
+    The same interface as TorchCommBackend, on a communicator of legato's own: rank 0 of `group`
+    makes the NCCL unique id and `group` carries it to the others. Each all-reduce runs on the
+    communicator's stream after the work already queued on the calling thread's current stream;
+    a native poller thread reports completion, and a merged chunk is copied back on that same
+    current stream. Construction is collective over `group`: if any rank cannot use NCCL, every
+    rank raises BackendUnavailable naming the ranks and reasons.
+
+    Args:
+        grads: returns the current gradient tensor of task `key` (on `device`).
+        group: a process group that broadcasts Python objects, e.g. TorchDistTransport's gloo
+            ctrl_group; its ranks are the communicator's ranks.
+        device: the CUDA device of the gradients (an index, "cuda:1" or a torch.device).
+    """
+
+    def __init__(self, grads: Callable[[int], torch.Tensor], group, device) -> None:
+        self._grads = grads
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        problems: list = [None] * self.world
+        dist.all_gather_object(problems, _local_nccl_problem(self._device), group=group)
+        bad = [f"rank {r}: {why}" for r, why in enumerate(problems) if why]
+        if bad:
+            raise BackendUnavailable("the native NCCL backend is unavailable (" + "; ".join(bad) +
+                                     "); use TorchCommBackend, or fix the cause on those ranks")
+        from legato import _native
+
+        holder: list = [None]
+        if self.rank == 0:
+            try:
+                holder[0] = _native.nccl_unique_id()
+            except RuntimeError as err:  # tell the other ranks instead of leaving them waiting
+                holder[0] = f"ncclGetUniqueId failed on rank 0: {err}"
+        src = 0 if group is None or group is dist.group.WORLD else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(holder, src=src, group=group)
+        if isinstance(holder[0], str):
+            raise BackendUnavailable(holder[0])
+        self._comm = _native.NcclComm(holder[0], self.rank, self.world, self._device.index)
+        log.debug("[rank %d] native NCCL communicator of %d ranks on %s", self.rank, self.world,
+                  self._device)
+
+    def start(self, chunk: Chunk, on_done: Done) -> None:
+        buffer, direct = chunk_buffer(self._grads, chunk)
+        dtype = _NCCL_DTYPES.get(buffer.dtype)
+        if dtype is None or buffer.device != self._device:
+            raise ConfigError(f"chunk {chunk.id} is {buffer.dtype} on {buffer.device}; the native "
+                              f"NCCL backend reduces {sorted(_NCCL_DTYPES.values())} on "
+                              f"{self._device}")
+        stream = torch.cuda.current_stream(self._device)
+
+        def finished(err: BaseException | None) -> None:
+            # On the native poller thread, GIL held. The closure keeps `buffer` alive until now.
+            if err is None and not direct:
+                try:
+                    with torch.cuda.stream(stream):
+                        copy_back(self._grads, chunk, buffer)
+                except BaseException as copy_err:  # noqa: BLE001 (reported to the scheduler)
+                    err = copy_err
+            on_done(err)
+
+        self._comm.all_reduce(buffer.data_ptr(), buffer.numel(), dtype, "avg", stream=0,
+                              wait_stream=stream.cuda_stream, callback=finished)
+
+    def close(self) -> None:
+        """Wait for pending all-reduces, then destroy the communicator."""
+        self._comm.close()
+
+    def abort(self) -> None:
+        """Abort the communicator; pending chunks report an error to the scheduler."""
+        self._comm.abort()
+
+
+def make_nccl_backend(grads: Callable[[int], torch.Tensor], group,
+                      device) -> NativeNcclCommBackend | None:
+    """NativeNcclCommBackend when every rank of `group` can use it, else None (reason logged).
+
+    Collective over `group` (call it on every rank); every rank gets the same answer. The
+    condition is: the gradients are on a CUDA device and native_nccl_status()["available"].
+    """
+    try:
+        return NativeNcclCommBackend(grads, group, device)
+    except BackendUnavailable as err:
+        log.info("[rank %d] not using the native NCCL backend: %s", dist.get_rank(), err)
+        return None
 
 
 def chunk_buffer(grads: Callable[[int], torch.Tensor], chunk: Chunk) -> tuple[torch.Tensor, bool]:
