@@ -67,13 +67,16 @@ def _same_on_all_ranks(obj, what: str) -> None:
 
 
 def compare_with_ddp(configs: list, steps: int, delays: bool) -> None:
-    """For each (optimizer, policy, settings, exact): train plain DDP and DDP with legato's hook
-    side by side from the same seed; parameters must agree, and every rank must have issued the
-    same collectives in the same order."""
+    """For each (optimizer, policy, settings, exact[, accumulate]): train plain DDP and DDP with
+    legato's hook side by side from the same seed; parameters must agree, and every rank must
+    have issued the same collectives in the same order. `accumulate` adds a backward under
+    DDP's no_sync() before each step. After close(), one more step (DDP's own averaging) must
+    still agree."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_fn = nn.CrossEntropyLoss()
-    for opt_name, policy, settings, exact in configs:
+    for opt_name, policy, settings, exact, *more in configs:
+        accumulate = bool(more and more[0])
         torch.manual_seed(0)
         ours, ref = Net(), Net()
         ref.load_state_dict(ours.state_dict())
@@ -84,20 +87,31 @@ def compare_with_ddp(configs: list, steps: int, delays: bool) -> None:
             add_random_delays(ours, seed=rank)
         ref_opt = make_optimizer(opt_name, ref_ddp.parameters())
         our_opt = make_optimizer(opt_name, our_ddp.parameters())
-        for step in range(steps):
-            x, y = batch(rank, step)
-            for ddp, opt in ((ref_ddp, ref_opt), (our_ddp, our_opt)):
-                loss_fn(ddp(x), y).backward()
-                opt.step()
-                opt.zero_grad()
-        worst = 0.0
-        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
-            diff = (p - q).abs().max().item()
-            worst = max(worst, diff / max(q.abs().max().item(), 1e-12))
-            if exact:
-                assert torch.equal(p, q), f"rank {rank}: {name} differs from DDP by {diff}"
-            else:
-                assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), f"{name}: max diff {diff}"
+
+        def train(first: int, last: int) -> None:
+            for step in range(first, last):
+                x, y = batch(rank, step)
+                for ddp, opt in ((ref_ddp, ref_opt), (our_ddp, our_opt)):
+                    if accumulate:
+                        with ddp.no_sync():
+                            loss_fn(ddp(x * 0.5), y).backward()
+                    loss_fn(ddp(x), y).backward()
+                    opt.step()
+                    opt.zero_grad()
+
+        def compare() -> float:
+            worst = 0.0
+            for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+                diff = (p - q).abs().max().item()
+                worst = max(worst, diff / max(q.abs().max().item(), 1e-12))
+                if exact:
+                    assert torch.equal(p, q), f"rank {rank}: {name} differs from DDP by {diff}"
+                else:
+                    assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), f"{name}: max diff {diff}"
+            return worst
+
+        train(0, steps)
+        worst = compare()
         stats = hook.stats
         assert stats["buckets"] >= 3, f"only {stats['buckets']} DDP buckets: {stats}"
         assert stats["plain_iterations"] == 2, stats  # one bucket, then the rebuilt layout
@@ -115,8 +129,11 @@ def compare_with_ddp(configs: list, steps: int, delays: bool) -> None:
         flat = torch.cat([p.detach().reshape(-1) for p in ours.parameters()])
         _same_on_all_ranks(flat.tolist(), "the parameters")
         hook.close()
-        print(f"rank {rank}: {opt_name}/{policy} on {world} ranks matches DDP after {steps} "
-              f"steps ({'bit-exact' if exact else f'max relative diff {worst:.2e}'}); "
+        train(steps, steps + 1)  # after close(): DDP's own averaging over DDP's group
+        compare()
+        print(f"rank {rank}: {opt_name}/{policy}{' with no_sync' if accumulate else ''} on "
+              f"{world} ranks matches DDP after {steps} steps "
+              f"({'bit-exact' if exact else f'max relative diff {worst:.2e}'}); "
               f"{stats['buckets']} buckets, {per_step} messages per step, "
               f"order identical on all ranks: {' '.join(scheduled[:per_step])}")
         sys.stdout.flush()

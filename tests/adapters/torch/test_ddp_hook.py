@@ -27,16 +27,19 @@ def test_matches_ddp_bit_exact_on_two_ranks(delays):
     addition of two terms commutes, so whatever the partitions the parameters must be
     bit-identical to plain DDP (SGD with momentum and weight decay, Adam; every policy). With
     random per-gradient delays in backward the leader's order changes from run to run; every
-    rank must still issue the same collectives in the same order."""
+    rank must still issue the same collectives in the same order. Gradient accumulation under
+    DDP's no_sync() and training on after close() must agree too."""
     configs = [["sgd", "bytescheduler", BS, True], ["adam", "bytescheduler", BS, True],
-               ["adam", "priority", {}, True], ["sgd", "fifo", {}, True]]
+               ["adam", "priority", {}, True], ["sgd", "fifo", {}, True],
+               ["sgd", "bytescheduler", BS, True, True]]
     result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2, args=[configs, STEPS, delays],
                            timeout_s=240)
     for r in range(2):
         out = result.rank(r).stdout
-        for opt_name, policy, _, _ in configs:
+        for opt_name, policy, *_ in configs:
             assert f"{opt_name}/{policy} on 2 ranks matches DDP after {STEPS} steps " \
                    "(bit-exact)" in out, out
+        assert "sgd/bytescheduler with no_sync on 2 ranks matches DDP" in out, out
         assert "3 buckets, 32 messages per step, order identical on all ranks" in out, out
 
 
