@@ -507,6 +507,12 @@ class PyNcclComm {
   ~PyNcclComm() {
     if (!comm_) return;
     py::gil_scoped_release release;  // the poller may need the GIL to finish a callback
+    if (comm_->OnPollerThread()) {
+      // The last reference went away inside one of this comm's own callbacks: the poller cannot
+      // join itself, so another thread closes the comm once the callback has returned.
+      std::thread([comm = std::move(comm_)]() mutable { comm.reset(); }).detach();
+      return;
+    }
     comm_.reset();
   }
 

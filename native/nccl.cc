@@ -238,15 +238,22 @@ Comm::Comm(const std::string& unique_id, int rank, int world, int device)
 }
 
 Comm::~Comm() {
-  if (closed_.load()) return;
-  try {
-    if (pending() > 0) {
-      Abort();
-    } else {
-      Close();
+  if (!closed_.load() && !OnPollerThread()) {
+    try {
+      if (pending() > 0) {
+        Abort();
+      } else {
+        Close();
+      }
+    } catch (...) {
+      // A destructor cannot report; close() and abort() raise the same errors when called.
     }
-  } catch (...) {
-    // A destructor cannot report; close() and abort() raise the same errors when called.
+  }
+  if (!poller_.joinable()) return;
+  if (OnPollerThread()) {
+    poller_.detach();  // destroyed from its own callback; bindings.cc avoids this
+  } else {
+    StopPoller();
   }
 }
 
@@ -390,7 +397,15 @@ void Comm::StopPoller() {
   if (poller_.joinable()) poller_.join();
 }
 
+void Comm::RefuseOnPollerThread(const char* what) const {
+  if (!OnPollerThread()) return;
+  throw NcclError(std::string(what) + "() was called from an all_reduce callback, on the thread "
+                  "that runs the callbacks, so it would wait for itself; call it from another "
+                  "thread");
+}
+
 void Comm::Close() {
+  RefuseOnPollerThread("close");
   if (closed_.exchange(true)) return;
   { std::lock_guard<std::mutex> wait_for_enqueue(comm_mu_); }  // later calls see closed_
   {
@@ -413,6 +428,7 @@ void Comm::Close() {
 }
 
 void Comm::Abort() {
+  RefuseOnPollerThread("abort");
   if (closed_.exchange(true)) return;
   ncclResult_t rc = kNcclSuccess;
   {

@@ -130,6 +130,8 @@ class Comm {
   // Abort the communicator now; pending all-reduces complete with an error.
   void Abort();
 
+  // True on the thread that runs completions, where Close and Abort cannot wait for it.
+  bool OnPollerThread() const { return std::this_thread::get_id() == poller_.get_id(); }
   bool closed() const { return closed_.load(); }
   int rank() const { return rank_; }
   int world() const { return world_; }
@@ -144,6 +146,7 @@ class Comm {
 
   void PollLoop();
   void StopPoller();
+  void RefuseOnPollerThread(const char* what) const;
   std::string CheckAsyncError();  // empty while the comm is healthy
   std::string Describe(const char* what) const;
 

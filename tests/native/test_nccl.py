@@ -365,6 +365,28 @@ def test_callback_errors_are_reported_not_fatal(fakes) -> None:
     assert "ZeroDivisionError: from the callback" in proc.stderr
 
 
+@pytest.mark.timeout(120)
+def test_close_from_a_callback_and_last_reference_dropped_in_one(fakes) -> None:
+    out = _run("""
+        import threading, time, numpy as np, legato._native as n
+        x = np.ones(4, dtype=np.float32)
+        seen, done = [], threading.Event()
+        holder = [n.NcclComm(n.nccl_unique_id(), 0, 1, 0)]
+        def cb(err):
+            try:
+                holder[0].close()
+            except n.NcclError as e:
+                seen.append(str(e))
+            holder.clear()  # the last reference: the comm is closed on another thread
+            done.set()
+        holder[0].all_reduce(x.ctypes.data, 4, "float32", "sum", callback=cb)
+        assert done.wait(10)
+        time.sleep(0.2)
+        print(seen[0])
+    """, _fake_env(fakes))
+    assert "close() was called from an all_reduce callback" in out
+
+
 # -- CUDA ------------------------------------------------------------------------------------
 
 
