@@ -31,8 +31,9 @@ CANNOT
   `mark_bucket_ready` starts buckets strictly in index order). A smaller `bucket_cap_mb` (say 1
   to 4 MiB) gives more buckets and so a finer priority.
 - schedule the first iteration(s): DDP puts every parameter in one bucket until it rebuilds its
-  buckets in the second iteration's forward (from the order gradients became ready), so legato
-  reduces buckets with a plain all-reduce until the layout is final, then plans once.
+  buckets in the second iteration's forward (the third with static_graph=True; never with
+  find_unused_parameters=True), from the order gradients became ready, so legato reduces
+  buckets with a plain all-reduce until the layout is final, then plans once.
 - update per layer, gate the next forward, or clip inside the scheduler: the optimizer is
   untouched (use `ScheduledOptimizer` without DDP for those).
 - be unregistered: DDP accepts one comm hook per model, for good. After `close()` the hook
@@ -434,6 +435,8 @@ class ScheduledCommHook:
                 self._scheduler.close(timeout_s=timeout_s)
             if self._watcher is not None:
                 self._watcher.join(timeout_s)
+        except (RuntimeError, ValueError) as err:  # groups already gone (destroyed, peer dead)
+            log.warning("[rank %d] closing legato's DDP hook: %s", self._rank, err)
         finally:
             atexit.unregister(self._atexit)
             self._transport.close()
