@@ -7,6 +7,7 @@ gradients (C), measured in the same job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -108,6 +109,49 @@ def allreduce_time(model: nn.Module, steps: int) -> float:
     return statistics.median(times)
 
 
+def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
+    """Layer costs (this rank, no communication) and a link model fitted to all-reduce times
+    measured on the real group: what the simulator needs."""
+    from legato.adapters.torch.profile import comm_tasks, layer_costs, link_samples
+    from legato.core.scheduler.simulate import fit_link
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    costs = layer_costs(model, lambda: loss_of(model_name, model(x), y), opt, steps=8)
+    sizes = [s for s in (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 23)
+             if s <= 2 * grad_bytes]
+    fit = fit_link(link_samples(sizes=sizes, repeats=5), world=dist.get_world_size())
+    tasks, _ = comm_tasks(model)
+    # legato's leader announces each message on a gloo broadcast before starting it: a
+    # per-message cost on top of the collective's own alpha.
+    ann = torch.zeros(65, dtype=torch.int64)
+    times = []
+    for _ in range(15):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.broadcast(ann, 0)
+        times.append(time.perf_counter() - t0)
+    return {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": statistics.median(times)}
+
+
+def predict(calib: dict, method: str, config=None) -> float | None:
+    """The simulator's step time for `method` (None: a method it does not model)."""
+    from legato.core.scheduler.policy import plan_for, resolve_config
+    from legato.core.scheduler.simulate import simulate
+
+    if method in ("ddp", "horovod"):
+        config = resolve_config("plain")  # DDP's buckets, arrival order, one optimizer step
+    elif method in ("priority", "fifo", "plain"):
+        config = config or resolve_config(method)
+    elif method != "bytescheduler" or config is None:
+        return None
+    plan = plan_for(config, calib["tasks"])
+    link = calib["fit"].link
+    if method not in ("ddp", "horovod"):
+        link = dataclasses.replace(link, alpha_s=link.alpha_s + calib["announce_s"])
+    return simulate(plan, calib["costs"], config, link, steps=8,
+                    overlap=config.policy != "plain").step_s
+
+
 def make_method(method: str, model: nn.Module, settings: dict):
     """Returns (module to call, step function, close function)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -137,25 +181,65 @@ def make_method(method: str, model: nn.Module, settings: dict):
 
     def close():
         sopt.close()
-    return model, sopt.step, close
+    def step():
+        sopt.step()
+    step.optimizer = sopt  # for the caller: tuning state and the settings it ended with
+    return model, step, close
+
+
+def tuned_by_simulation(calib: dict, settings: dict):
+    """The setting the online tuner would pick, with the simulator as its measure."""
+    from legato.core.scheduler.policy import resolve_config
+    from legato.core.scheduler.tune import OnlineTuner, TuneSettings
+
+    tune = TuneSettings.from_arg(settings.get("tune", True))
+    tuner = OnlineTuner(tune, resolve_config("bytescheduler"),
+                        max(t.nbytes for t in calib["tasks"]))
+    decision, step = tuner.first, 0
+    while decision.phase != "tuned":
+        t = predict(calib, "plain" if decision.config.policy == "plain" else "bytescheduler",
+                    decision.config)
+        n = decision.next_boundary - step
+        step = decision.next_boundary
+        decision = tuner.boundary(step, [t] * n)
+    return decision.config
 
 
 def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: int,
-        settings: dict) -> None:
-    """torch.distributed ranks: every method in turn, `rounds` times, same job."""
+        settings: dict, simulate_only: bool = False) -> None:
+    """torch.distributed ranks: every method in turn, `rounds` times, same job; and the
+    simulator's prediction of each (calibrated in the same job)."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     x, y = example(model_name, rank)
     torch.manual_seed(0)
     base = MODELS[model_name]()
+    nbytes = sum(p.numel() * p.element_size() for p in base.parameters())
     f, b = compute_times(model_name, base, x, y, steps)
     c = allreduce_time(base, max(3, steps // 2))
+    calib = calibrate(model_name, base, x, y, nbytes)
+    bs = settings.get("bytescheduler", {})
+    if bs.get("tune"):
+        predicted_config = tuned_by_simulation(calib, bs)
+    else:
+        from legato.core.scheduler.policy import resolve_config
+
+        predicted_config = resolve_config("bytescheduler", **{
+            k: v for k, v in bs.items() if k in ("partition_bytes", "credit_bytes")})
+    predicted = {m: predict(calib, m, predicted_config if m == "bytescheduler" else None)
+                 for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(rounds):
+    configs: dict[str, str] = {}
+    for _ in range(0 if simulate_only else rounds):
         for method in methods:
             torch.manual_seed(0)
             model = MODELS[model_name]()
-            module, step, close = make_method(method, model, settings.get(method, {}))
+            method_settings = settings.get(method, {})
+            module, step, close = make_method(method, model, method_settings)
+            sopt = getattr(step, "optimizer", None)
+            while sopt is not None and sopt.tuning:  # the same steps on every rank
+                loss_of(model_name, module(x), y).backward()
+                step()
             for i in range(warmup + steps):
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -163,11 +247,15 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
                 step()
                 if i >= warmup:
                     times[method].append(time.perf_counter() - t0)
+            if sopt is not None:
+                configs[method] = sopt.config.describe()
             close()
             dist.barrier()
-    nbytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    print("RESULT " + json.dumps({"rank": rank, "model": model_name, "F": f, "B": b, "C": c,
-                                  "grad_bytes": nbytes, "times": times}), flush=True)
+    print("RESULT " + json.dumps({
+        "rank": rank, "model": model_name, "F": f, "B": b, "C": c, "grad_bytes": nbytes,
+        "times": times, "predicted": predicted, "configs": configs,
+        "predicted_config": predicted_config.describe(), "link": calib["fit"].describe(),
+        "layers": [dataclasses.asdict(lc) for lc in calib["costs"]]}), flush=True)
     dist.destroy_process_group()
 
 

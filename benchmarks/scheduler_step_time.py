@@ -10,6 +10,13 @@ horovodrun job right after. The job also measures, on each rank, forward F and b
 no communication and C, one all-reduce of all gradients, which give the bounds: DDP about
 F + max(B, C), all-reduce after backward about F + B + C, and no schedule beats max(F + B, C).
 
+legato bytescheduler is tuned online (tune=True: Bayesian optimization of partition and credit
+sizes, and the plain pass-through as a candidate) before its timed steps; `--no-tune` runs it
+with the default or given sizes. In the same job the simulator is calibrated (per-layer
+forward, backward and update times on this rank; alpha and bandwidth fitted to all-reduce times
+of 16 KiB to 4 MiB on the real group) and predicts each method's step time, printed beside the
+measurement; `--simulate` only calibrates and predicts, without training.
+
 Output: one table per model (median step ms, ratio against DDP, legato against the bound),
 JSON in benchmarks/results/scheduler_step_time.json and a plot of step time against bandwidth
 per method (--plot). Run: `legato bench scheduler` or `python benchmarks/scheduler_step_time.py`.
@@ -29,8 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_scheduler_workers.py")
-TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler")
-ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
+TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "plain")
+ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "plain")
+DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
 
 
 def parse_rate(text: str) -> int:
@@ -45,10 +53,12 @@ def inner(args: argparse.Namespace) -> int:
     """Inside the namespace: run every model's jobs, print one RATE_RESULT line."""
     from legato.launch import run_horovod_job, run_torch_job
 
-    settings = {"bytescheduler": {k: v for k, v in (("partition_bytes", args.partition_bytes),
-                                                    ("credit_bytes", args.credit_bytes),
-                                                    ("timeline", args.timeline))
-                                  if v is not None}}
+    bs = {k: v for k, v in (("partition_bytes", args.partition_bytes),
+                            ("credit_bytes", args.credit_bytes), ("timeline", args.timeline))
+          if v is not None}
+    if args.tune:
+        bs["tune"] = {"trials": args.tune_trials}
+    settings = {"bytescheduler": bs}
     out = {"rate": args.inner_rate, "models": {}}
     torch_methods = [m for m in args.methods if m in TORCH_METHODS]
     for model in args.models:
@@ -56,13 +66,16 @@ def inner(args: argparse.Namespace) -> int:
         if torch_methods:
             job = run_torch_job(f"{WORKERS}:run", 2, timeout_s=args.job_timeout,
                                 args=[model, torch_methods, args.steps, args.warmup, args.rounds,
-                                      settings])
+                                      settings, args.simulate])
             results = [json.loads(line.split(" ", 1)[1]) for p in job.procs
                        for line in p.stdout.splitlines() if line.startswith("RESULT ")]
             r0 = next(r for r in results if r["rank"] == 0)
-            entry.update({k: r0[k] for k in ("F", "B", "C", "grad_bytes")})
-            entry["times"] = {m: r0["times"][m] for m in torch_methods}
-        if "horovod" in args.methods:
+            entry.update({k: r0[k] for k in ("F", "B", "C", "grad_bytes", "predicted", "configs",
+                                             "predicted_config", "link", "layers")})
+            entry["times"] = {m: r0["times"][m] for m in torch_methods if r0["times"][m]}
+            if "horovod" in args.methods:
+                entry["predicted"]["horovod"] = r0["predicted"]["ddp"]
+        if "horovod" in args.methods and not args.simulate:
             job = run_horovod_job(f"{WORKERS}:run_horovod", 2, timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds])
             lines = [line for line in job.rank(0).stdout.splitlines()
@@ -94,7 +107,12 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
     for res in results:
         for model, entry in res["models"].items():
             med = {m: statistics.median(t) * 1e3 for m, t in entry["times"].items()}
-            row = {"model": model, "rate": res["rate"], "median_ms": med}
+            row = {"model": model, "rate": res["rate"], "median_ms": med,
+                   "predicted_ms": {m: t * 1e3 for m, t in entry.get("predicted", {}).items()
+                                    if t is not None},
+                   "configs": entry.get("configs", {}),
+                   "predicted_config": entry.get("predicted_config"),
+                   "link": entry.get("link"), "layers": entry.get("layers")}
             if "F" in entry:
                 f, b, c = (entry[k] * 1e3 for k in ("F", "B", "C"))
                 row.update(F_ms=f, B_ms=b, C_ms=c, bound_ms=max(f + b, c),
@@ -128,6 +146,27 @@ def print_table(rows: list[dict], methods: list[str]) -> None:
             print(f"{rate_label(r['rate']):>13} " + " ".join(cells) + extra)
 
 
+def print_predictions(rows: list[dict], methods: list[str]) -> None:
+    """Simulator vs measurement (or the predictions alone, with --simulate)."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{model}: simulated step ms (measured; error), calibrated link per rate")
+        for r in (r for r in rows if r["model"] == model):
+            cells = []
+            for m in methods:
+                p = r["predicted_ms"].get(m)
+                t = r["median_ms"].get(m)
+                if p is None:
+                    cells.append(f"{m} -")
+                elif t is None:
+                    ddp = r["predicted_ms"].get("ddp")
+                    cells.append(f"{m} {p:.1f}" + (f" ({ddp / p:.2f}x)" if ddp else ""))
+                else:
+                    cells.append(f"{m} {p:.1f} ({t:.1f}; {p / t - 1:+.0%})")
+            print(f"{rate_label(r['rate']):>13}  " + ", ".join(cells))
+            print(f"{'':>13}  link: {r['link']}; bytescheduler: "
+                  f"{r['configs'].get('bytescheduler') or r['predicted_config']}")
+
+
 def plot(rows: list[dict], methods: list[str], path: Path) -> None:
     import matplotlib
 
@@ -159,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="50,200,1000,unshaped",
                         help="comma-separated Mbit/s, 'unshaped' for plain loopback")
     parser.add_argument("--models", default="vgg,resnet,transformer")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of: {', '.join(ALL_METHODS)}")
+    parser.add_argument("--simulate", action="store_true",
+                        help="only calibrate (layer costs, link alpha and bandwidth) and print "
+                             "the simulator's predicted step time of each method")
+    parser.add_argument("--no-tune", dest="tune", action="store_false",
+                        help="run bytescheduler with the given or default sizes, untuned")
+    parser.add_argument("--tune-trials", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="times each method runs, in turn")
@@ -186,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     passthrough = ["--models", ",".join(args.models), "--methods", ",".join(args.methods),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds",
-                   str(args.rounds), "--job-timeout", str(args.job_timeout)]
+                   str(args.rounds), "--job-timeout", str(args.job_timeout),
+                   "--tune-trials", str(args.tune_trials)]
+    if args.simulate:
+        passthrough.append("--simulate")
+    if not args.tune:
+        passthrough.append("--no-tune")
     if args.timeline:
         args.timeline = str(Path(args.timeline).resolve())
     for flag, value in (("--partition-bytes", args.partition_bytes),
@@ -198,12 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rate {rate_label(rate)} ...", file=sys.stderr, flush=True)
         results.append(run_rate(rate, args, passthrough))
     rows = summarize(results, args.methods)
-    print_table(rows, args.methods)
+    if not args.simulate:
+        print_table(rows, args.methods)
+    print_predictions(rows, args.methods)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"benchmark": "scheduler_step_time", "cores": os.cpu_count(),
                                      "steps": args.steps, "rounds": args.rounds,
                                      "rows": rows}, indent=2))
-    if args.plot:
+    if args.plot and not args.simulate:
         plot(rows, args.methods, args.plot)
         print(f"\nplot: {args.plot}")
     return 0

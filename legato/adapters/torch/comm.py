@@ -267,7 +267,24 @@ class TorchDistTransport:
         self.group_rank = dist.get_rank(self.comm_group)
         self.world = dist.get_world_size(self.comm_group)
 
-    def backend(self, grads: Callable[[int], torch.Tensor]) -> TorchCommBackend:
+    def backend(self, grads: Callable[[int], torch.Tensor],
+                device: torch.device | None = None):
+        """The backend for gradients on `device` (collective: every rank calls it).
+
+        CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
+        every rank can load NCCL, unless LEGATO_NATIVE_NCCL=0; otherwise, and on CPU, through
+        torch.distributed on the comm group (gloo, or NCCL through torch). The native
+        communicator is made once and kept across plans (tuning boundaries).
+        """
+        import os
+
+        if (device is not None and device.type == "cuda"
+                and os.environ.get("LEGATO_NATIVE_NCCL", "1") != "0"):
+            if not getattr(self, "_nccl_tried", False):
+                self._nccl_tried = True
+                self._nccl = make_nccl_backend(grads, self.ctrl_group, device)
+            if self._nccl is not None:
+                return self._nccl
         return TorchCommBackend(grads, self.comm_group)
 
     def order_channel(self) -> TorchOrderChannel:
@@ -298,6 +315,13 @@ class TorchDistTransport:
         garbage collection, where its worker threads can abort the process ("terminate called
         without an active exception"); destroying it here, on the closing thread, cannot.
         """
+        nccl = getattr(self, "_nccl", None)
+        if nccl is not None:
+            try:
+                nccl.close()
+            except Exception as err:  # noqa: BLE001 (closing: log and go on)
+                log.warning("closing legato's NCCL communicator: %s", err)
+            self._nccl = None
         for group in (self.comm_group, self.ctrl_group):
             if group is None:
                 continue

@@ -153,11 +153,13 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                        for key, p in enumerate(self._params)]
         self._tuner: OnlineTuner | None = None
         self._next_boundary = -1
+        self._tune_phase: str | None = None
         if self._tune is not None:  # checked locally before any collective call
             self._tuner = OnlineTuner(self._tune, self.config,
                                       max(t.nbytes for t in self._tasks))
             self.config = self._tuner.first.config
             self._next_boundary = self._tuner.first.next_boundary
+            self._tune_phase = self._tuner.first.phase
         self.plan = plan_for(self.config, self._tasks)
         self._transport = (HorovodTransport() if backend == "horovod"
                            else TorchDistTransport(process_group, self._timeout_s))
@@ -210,11 +212,16 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
         self._scheduler_step0 = self._steps_called
         self._scheduler = Scheduler(
-            self.plan, self.config, self._transport.backend(self._grad_of),
+            self.plan, self.config, self._backend_for_plan(),
             order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
             on_chunk_done=self._chunk_done,
             rank=self._rank, timeout_s=self._timeout_s,
             on_event=self._record if self._timeline is not None else None)
+
+    def _backend_for_plan(self):
+        if isinstance(self._transport, TorchDistTransport):
+            return self._transport.backend(self._grad_of, self._params[0].device)
+        return self._transport.backend(self._grad_of)
 
     def _boundary(self) -> None:
         """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
@@ -229,6 +236,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         decision = self._transport.broadcast_object(decision)
         self._step_times = []
         self._next_boundary = decision.next_boundary
+        self._tune_phase = decision.phase
         if decision.config != self.config:
             log.info("[rank %d] legato tuner (%s): %s", self._rank, decision.phase,
                      decision.config.describe())
@@ -591,6 +599,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self.config.describe()}, "
                 f"{self.plan.describe()})")
+
+    @property
+    def tuning(self) -> bool:
+        """Whether tuning trials are running (the same on every rank at every step)."""
+        return self._tune_phase in ("tuning", "confirming")
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from legato.core.scheduler._pyqueue import PythonPriorityQueue
 from legato.core.scheduler.plan import ChunkPlan, CommTask
 from legato.core.scheduler.policy import SchedulerConfig, priority_of
 
-__all__ = ["LayerCost", "LinkModel", "SimResult", "simulate"]
+__all__ = ["LayerCost", "LinkFit", "LinkModel", "SimResult", "fit_link", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,54 @@ class LinkModel:
             return 0.0
         factor = 2 * (self.world - 1) / self.world if self.algorithm == "ring" else 2.0
         return self.alpha_s + factor * nbytes / self.bytes_per_s
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkFit:
+    """A link model fitted to measured message times, and how well it fits."""
+
+    link: LinkModel
+    samples: tuple[tuple[int, float], ...]
+    max_rel_error: float  # worst |predicted / measured - 1| over the larger samples (>= 1/16
+    # of the largest)
+
+    def describe(self) -> str:
+        return (f"alpha {self.link.alpha_s * 1e6:.0f} us, "
+                f"{self.link.bytes_per_s * 8 / 1e6:.0f} Mbit/s per rank "
+                f"({len(self.samples)} sizes, worst error {self.max_rel_error:.0%})")
+
+
+def fit_link(samples, *, world: int, algorithm: str = "ring") -> LinkFit:
+    """Least-squares fit of alpha + factor * bytes / B to (bytes, seconds) samples, measured by
+    a microbenchmark on the real backend (median time of one collective per size).
+
+    Two stages: the bandwidth is an ordinary least-squares slope over the larger half of the
+    sizes (a step's communication time is dominated by large messages, and small ones through
+    a token bucket (tc tbf) can pass faster than its rate), then alpha is the median of what
+    that leaves of every sample's time, clamped at 0.
+    """
+    samples = tuple((int(n), float(t)) for n, t in samples)
+    sizes = sorted({n for n, _ in samples})
+    if len(sizes) < 2:
+        raise ConfigError(f"fit_link needs samples of at least 2 message sizes, got {sizes}")
+    if any(t <= 0 or n < 0 for n, t in samples):
+        raise ConfigError("fit_link: message times must be positive and sizes non-negative")
+    factor = LinkModel(0.0, 1.0, world, algorithm).message_s(1) if world > 1 else 0.0
+    if factor == 0.0:
+        raise ConfigError("fit_link: a one-rank group has no link to fit")
+    large = [(factor * n, t) for n, t in samples if n >= sizes[len(sizes) // 2 - 1]]
+    mx = sum(x for x, _ in large) / len(large)
+    my = sum(t for _, t in large) / len(large)
+    sxx = sum((x - mx) ** 2 for x, _ in large)
+    c = sum((x - mx) * (t - my) for x, t in large) / sxx if sxx else 0.0
+    if c <= 0:
+        raise ConfigError("fit_link: message time does not grow with size in these samples; "
+                          "measure larger messages (several MiB)")
+    rest = sorted(t - c * factor * n for n, t in samples)
+    a = max(0.0, rest[len(rest) // 2])
+    link = LinkModel(alpha_s=a, bytes_per_s=1.0 / c, world=world, algorithm=algorithm)
+    worst = max(abs(link.message_s(n) / t - 1) for n, t in samples if n >= max(sizes) // 16)
+    return LinkFit(link, samples, worst)
 
 
 @dataclasses.dataclass

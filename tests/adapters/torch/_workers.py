@@ -326,3 +326,19 @@ def transformer_matches_ddp(steps: int) -> None:
     print(f"rank {rank}: transformer matches DDP after {steps} steps (bit-exact)")
     dist.destroy_process_group()
 
+
+
+def link_fit() -> None:
+    """link_samples on a real gloo group, then fit_link."""
+    from legato.adapters.torch.profile import link_samples
+    from legato.core.scheduler.simulate import fit_link
+
+    dist.init_process_group("gloo")
+    samples = link_samples(sizes=[1 << 12, 1 << 16, 1 << 20, 1 << 22], repeats=3)
+    assert [n for n, _ in samples] == [1 << 12, 1 << 16, 1 << 20, 1 << 22]
+    assert samples[-1][1] > samples[0][1], samples
+    fit = fit_link(samples, world=2)
+    assert fit.link.bytes_per_s > 0
+    if dist.get_rank() == 0:
+        print(f"link fit: {fit.describe()}")
+    dist.destroy_process_group()

@@ -102,3 +102,39 @@ def test_bad_input():
         LinkModel(alpha_s=0.0, bytes_per_s=0)
     with pytest.raises(ConfigError, match="algorithm='tree'"):
         LinkModel(0.0, MB, algorithm="tree")
+
+
+def test_fit_link_recovers_alpha_and_bandwidth():
+    from legato.core.scheduler.simulate import fit_link
+
+    truth = LinkModel(alpha_s=0.0003, bytes_per_s=12.5 * MB, world=4)
+    samples = [(n, truth.message_s(n)) for n in (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22)]
+    fit = fit_link(samples, world=4)
+    assert fit.link.alpha_s == pytest.approx(0.0003, rel=1e-6)
+    assert fit.link.bytes_per_s == pytest.approx(12.5 * MB, rel=1e-6)
+    assert fit.max_rel_error < 1e-9
+    assert "Mbit/s per rank" in fit.describe()
+
+
+def test_fit_link_trusts_large_messages_over_a_token_bucket_burst():
+    """Small messages pass a tbf at line rate (they fit its burst): the bandwidth must come
+    from the large ones, which dominate a step's communication time."""
+    from legato.core.scheduler.simulate import fit_link
+
+    rate = 12.5 * MB
+    samples = [(1 << 12, 0.0002), (1 << 14, 0.0003), (1 << 16, 0.0004),
+               (1 << 20, (1 << 20) / rate), (1 << 22, (1 << 22) / rate),
+               (1 << 23, (1 << 23) / rate)]
+    fit = fit_link(samples, world=2)
+    assert fit.link.bytes_per_s == pytest.approx(rate, rel=0.01)
+
+
+def test_fit_link_rejects_too_little_data():
+    from legato.core.scheduler.simulate import fit_link
+
+    with pytest.raises(ConfigError, match="at least 2 message sizes"):
+        fit_link([(1000, 0.001), (1000, 0.002)], world=2)
+    with pytest.raises(ConfigError, match="does not grow"):
+        fit_link([(1000, 0.002), (2000, 0.001)], world=2)
+    with pytest.raises(ConfigError, match="one-rank"):
+        fit_link([(1000, 0.001), (2000, 0.002)], world=1)

@@ -1,0 +1,157 @@
+"""Measurements the simulator needs, taken on the real model and the real backend.
+
+- `layer_costs`: per-layer forward, backward and update times of a model, in legato's layers
+  (modules holding parameters, in registration order; the same layers ScheduledOptimizer
+  schedules), from stock hooks on a few real training steps without communication;
+- `comm_tasks`: the model's gradients as `CommTask`s, keyed and layered as ScheduledOptimizer
+  keys and layers them;
+- `link_samples`: median time of one all-reduce per message size on a process group, for
+  `legato.core.scheduler.simulate.fit_link` (alpha and bandwidth).
+
+Together they let `simulate()` predict a policy's step time before a job runs
+(`legato bench scheduler --simulate`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from legato.adapters.torch.optimizer import _layers_of
+from legato.core.errors import ConfigError
+from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.simulate import LayerCost
+
+__all__ = ["comm_tasks", "layer_costs", "link_samples"]
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    seen, params = set(), []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    return params
+
+
+def comm_tasks(model: torch.nn.Module) -> tuple[list[CommTask], list[str]]:
+    """The model's gradients as CommTasks (ScheduledOptimizer's keys and layers), and the
+    layer names."""
+    params = _trainable(model)
+    layer_of, _, layer_names = _layers_of(model, params)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tasks = [CommTask(key, names[id(p)], layer_of[id(p)], p.numel() * p.element_size(),
+                      p.element_size()) for key, p in enumerate(params)]
+    return tasks, layer_names
+
+
+def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
+                optimizer: torch.optim.Optimizer | None = None, *, steps: int = 8,
+                warmup: int = 2) -> list[LayerCost]:
+    """Median per-layer forward, backward and update times over `steps` steps.
+
+    `run_loss()` runs the forward pass and returns the loss. Forward time of a layer is the time
+    from the end of the previous layer's module forward to the end of its own (so activations
+    and other parameter-free modules between them count for the next layer, and the loss for
+    the last); backward time is the time between consecutive layers' gradients becoming ready;
+    the optimizer's step time (if given) is split over layers by parameter bytes. Every step's
+    layer times add up to its measured forward and backward time.
+    """
+    if steps < 1 or warmup < 0:
+        raise ConfigError("steps must be >= 1 and warmup >= 0")
+    params = _trainable(model)
+    layer_of, modules, layer_names = _layers_of(model, params)
+    n = len(layer_names)
+    owner: dict[int, torch.nn.Module] = {}
+    for _, module, layers in modules:
+        for layer in layers:
+            owner.setdefault(layer, module)
+    fwd_end: dict[int, float] = {}
+    grad_at: dict[int, float] = {}
+    handles = []
+    for layer, module in owner.items():
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, layer=layer: fwd_end.__setitem__(layer, time.perf_counter())))
+    for p in params:
+        layer = layer_of[id(p)]
+        handles.append(p.register_post_accumulate_grad_hook(
+            lambda _p, layer=layer: grad_at.__setitem__(layer, time.perf_counter())))
+    nbytes = [0] * n
+    for p in params:
+        nbytes[layer_of[id(p)]] += p.numel() * p.element_size()
+    fwd: list[list[float]] = [[] for _ in range(n)]
+    bwd: list[list[float]] = [[] for _ in range(n)]
+    upd: list[float] = []
+    try:
+        for i in range(warmup + steps):
+            fwd_end.clear()
+            grad_at.clear()
+            t0 = time.perf_counter()
+            loss = run_loss()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if optimizer is not None:
+                optimizer.step()
+            t3 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if i < warmup:
+                continue
+            _split(fwd, sorted(fwd_end.items(), key=lambda kv: kv[1]), t0, t1)
+            _split(bwd, sorted(grad_at.items(), key=lambda kv: kv[1]), t1, t2)
+            upd.append(t3 - t2)
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(nbytes) or 1
+    update = statistics.median(upd) if upd else 0.0
+    return [LayerCost(layer_names[i], statistics.median(fwd[i]) if fwd[i] else 0.0,
+                      statistics.median(bwd[i]) if bwd[i] else 0.0, update * nbytes[i] / total)
+            for i in range(n)]
+
+
+def _split(out: list[list[float]], events: Sequence[tuple[int, float]], start: float,
+           end: float) -> None:
+    """Gaps between consecutive events go to the event's layer; the tail to the last one."""
+    seen = set()
+    prev = start
+    for layer, at in events:
+        out[layer].append(at - prev)
+        seen.add(layer)
+        prev = at
+    if events:
+        out[events[-1][0]][-1] += end - prev
+    for layer in range(len(out)):
+        if layer not in seen:
+            out[layer].append(0.0)
+
+
+def link_samples(group=None, sizes: Sequence[int] = (1 << 14, 1 << 16, 1 << 18, 1 << 20,
+                                                    1 << 22, 1 << 24),
+                 repeats: int = 7, dtype: torch.dtype = torch.float32) -> list[tuple[int, float]]:
+    """(bytes, median seconds) of one all-reduce per size on `group` (a collective: every rank
+    of the group calls it). The slowest rank's time counts (max over ranks)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ConfigError("link_samples needs torch.distributed to be initialized")
+    item = torch.tensor([], dtype=dtype).element_size()
+    out = []
+    for size in sizes:
+        buf = torch.zeros(max(1, size // item), dtype=dtype)
+        times = []
+        for i in range(repeats + 1):
+            dist.barrier(group=group)
+            t0 = time.perf_counter()
+            dist.all_reduce(buf, group=group)
+            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+            if i:  # the first is a warm-up
+                times.append(float(elapsed))
+        out.append((buf.numel() * item, statistics.median(times)))
+    return out
