@@ -11,6 +11,13 @@ delays the collective, never reorders it; a chunk cannot be announced before its
 previous chunks were, so there is no cyclic wait. Backends that negotiate order themselves
 (Horovod) run every rank as a leader with `order=None`.
 
+[Note: batched announcements] An announcement is a small collective on the same network as
+the gradients, so it can wait behind bulk data (on a shaped link, behind everything queued in
+the token bucket). The queue's dispatcher therefore only hands admitted chunks to an announcer
+thread, which sends everything admitted since its last announcement in one message and then
+starts those chunks: when a window opens for several partitions at once they are announced,
+and started, together rather than one link round trip apart.
+
 Step boundaries need no message: every step communicates every chunk once, and a rank's next
 step cannot produce a gradient before its previous step's updates are done (the dependency
 proxies see to that), so announcements of consecutive steps never interleave.
@@ -87,8 +94,14 @@ class Scheduler:
         self.issued_total = 0
         self._queue = None
         self._thread: threading.Thread | None = None
+        self._to_announce: list[int] = []
+        self._announcer: threading.Thread | None = None
         if self._leader:
             self._queue = make_queue(config.credit_bytes, "overshoot", impl=queue_impl)
+            if self._order is not None:
+                self._announcer = threading.Thread(target=self._announce_loop,
+                                                   name=f"legato-announce-r{rank}", daemon=True)
+                self._announcer.start()
             self._queue.start(self._dispatch)
         else:
             self._thread = threading.Thread(target=self._follow, name=f"legato-follow-r{rank}",
@@ -115,11 +128,31 @@ class Scheduler:
 
     # -- leader --------------------------------------------------------------------------------
     def _dispatch(self, task) -> None:
-        """Queue executor (dispatcher thread): announce, then start the collective."""
-        chunk = self.plan.chunks[task.id]
-        if self._order is not None:
-            self._order.announce([chunk.id])
-        self._start(chunk)
+        """Queue executor (dispatcher thread): start the collective, or with followers hand the
+        chunk to the announcer (see [Note: batched announcements])."""
+        if self._order is None:
+            self._start(self.plan.chunks[task.id])
+            return
+        with self._lock:
+            self._to_announce.append(task.id)
+            self._lock.notify_all()
+
+    def _announce_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._to_announce and not self._closed and self._error is None:
+                        self._lock.wait()
+                    if self._error is not None or (self._closed and not self._to_announce):
+                        return
+                    ids, self._to_announce = self._to_announce, []
+                self._order.announce(ids)
+                for chunk_id in ids:
+                    self._start(self.plan.chunks[chunk_id])
+        except BaseException as err:  # noqa: BLE001 (kept; raised to the training thread)
+            self._fail(err if isinstance(err, LegatoError) else CommFailed(
+                f"[rank {self.rank}] announcing or starting a message failed: "
+                f"{type(err).__name__}: {err}"))
 
     def _start(self, chunk: Chunk) -> None:
         self.issued.append(chunk.id)
@@ -230,11 +263,13 @@ class Scheduler:
             except (RuntimeError, TimeoutError) as err:
                 log.warning("[rank %d] closing the scheduler: %s", self.rank, err)
                 self._queue.shutdown(drain=False)
-            if self._order is not None and self._error is None:
-                self._order.announce([])
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        if self._announcer is not None:
+            self._announcer.join(timeout_s)
+        if self._queue is not None and self._order is not None and self._error is None:
+            self._order.announce([])
         if self._thread is not None:
             self._thread.join(timeout_s)
         # Drop the backend and channel (and the process groups they hold) now, not at exit.
