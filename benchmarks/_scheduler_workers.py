@@ -163,6 +163,19 @@ def make_method(method: str, model: nn.Module, settings: dict):
             ddp_opt.step()
             ddp_opt.zero_grad(set_to_none=True)
         return ddp, step, lambda: None
+    if method == "ddp-hook":  # legato's DDP communication hook, small buckets
+        from legato.adapters.torch import register_scheduled_hook
+
+        settings = {k: v for k, v in settings.items() if k != "tune"}
+        ddp = nn.parallel.DistributedDataParallel(
+            model, bucket_cap_mb=settings.pop("bucket_cap_mb", 1))
+        hook = register_scheduled_hook(ddp, policy="bytescheduler", timeout_s=600, **settings)
+        ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+
+        def step():
+            ddp_opt.step()
+            ddp_opt.zero_grad(set_to_none=True)
+        return ddp, step, hook.close
     if method == "allreduce":
         world = dist.get_world_size()
 

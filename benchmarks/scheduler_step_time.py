@@ -36,8 +36,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_scheduler_workers.py")
-TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "plain")
-ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "plain")
+TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "plain", "ddp-hook")
+ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "plain", "ddp-hook")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
 
 
