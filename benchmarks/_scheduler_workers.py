@@ -130,7 +130,31 @@ def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
         t0 = time.perf_counter()
         dist.broadcast(ann, 0)
         times.append(time.perf_counter() - t0)
-    return {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": statistics.median(times)}
+    calib = {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": statistics.median(times)}
+    # One measured baseline (DDP, the job as it runs today) calibrates how much slower compute
+    # is beside communication on these shared cores: the compute scale.
+    torch.manual_seed(0)
+    ddp_model = MODELS[model_name]()
+    module, step, close = make_method("ddp", ddp_model, {})
+    ddp_times = []
+    for i in range(10):
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss_of(model_name, module(x), y).backward()
+        step()
+        if i >= 2:
+            ddp_times.append(time.perf_counter() - t0)
+    close()
+    from legato.core.scheduler.policy import plan_for, resolve_config
+    from legato.core.scheduler.simulate import fit_compute_scale, scale_costs
+
+    plain = resolve_config("plain")
+    scale = torch.tensor([fit_compute_scale(plan_for(plain, tasks), costs, plain, fit.link,
+                                            statistics.median(ddp_times))])
+    dist.broadcast(scale, 0)  # rank 0's calibration, for one prediction
+    calib["scale"] = float(scale)
+    calib["costs"] = scale_costs(costs, calib["scale"])
+    return calib
 
 
 def predict(calib: dict, method: str, config=None) -> float | None:
@@ -220,8 +244,8 @@ def tuned_by_simulation(calib: dict, settings: dict):
 
 def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: int,
         settings: dict, simulate_only: bool = False) -> None:
-    """torch.distributed ranks: every method in turn, `rounds` times, same job; and the
-    simulator's prediction of each (calibrated in the same job)."""
+    """torch.distributed ranks: every method in blocks of `steps` steps, in turn, `rounds`
+    times, same job; and the simulator's prediction of each (calibrated in the same job)."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     x, y = example(model_name, rank)
@@ -243,31 +267,51 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
                  for m in methods}
     times: dict[str, list[float]] = {m: [] for m in methods}
     configs: dict[str, str] = {}
-    for _ in range(0 if simulate_only else rounds):
+    actual: dict[str, float | None] = {}
+    if not simulate_only:
+        # Every method is built (and tuned) once, then runs in blocks of `steps` timed steps,
+        # taking turns `rounds` times, so that this machine's drift hits all methods alike.
+        objs = {}
         for method in methods:
             torch.manual_seed(0)
-            model = MODELS[model_name]()
-            method_settings = settings.get(method, {})
-            module, step, close = make_method(method, model, method_settings)
+            module, step, close = make_method(method, MODELS[model_name](),
+                                              settings.get(method, {}))
             sopt = getattr(step, "optimizer", None)
             while sopt is not None and sopt.tuning:  # the same steps on every rank
                 loss_of(model_name, module(x), y).backward()
                 step()
-            for i in range(warmup + steps):
-                dist.barrier()
-                t0 = time.perf_counter()
+            for _ in range(warmup):
                 loss_of(model_name, module(x), y).backward()
                 step()
-                if i >= warmup:
-                    times[method].append(time.perf_counter() - t0)
             if sopt is not None:
+                sopt.synchronize()
                 configs[method] = sopt.config.describe()
-            close()
+                # the prediction of what is measured: the setting tuning ended with
+                actual[method] = predict(calib, "plain" if sopt.config.policy == "plain"
+                                         else method, sopt.config)
+            objs[method] = (module, step, sopt, close)
             dist.barrier()
+        for _ in range(rounds):
+            for method in methods:
+                module, step, sopt, _ = objs[method]
+                for i in range(1 + steps):  # the first step of a block is not timed
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    loss_of(model_name, module(x), y).backward()
+                    step()
+                    if i:
+                        times[method].append(time.perf_counter() - t0)
+                if sopt is not None:
+                    sopt.synchronize()
+                dist.barrier()
+        for method in methods:
+            objs[method][3]()
     print("RESULT " + json.dumps({
         "rank": rank, "model": model_name, "F": f, "B": b, "C": c, "grad_bytes": nbytes,
         "times": times, "predicted": predicted, "configs": configs,
-        "predicted_config": predicted_config.describe(), "link": calib["fit"].describe(),
+        "predicted_actual": {m: v for m, v in actual.items() if v is not None},
+        "predicted_config": predicted_config.describe(),
+        "link": f"{calib['fit'].describe()}; compute x{calib['scale']:.2f} (from DDP)",
         "layers": [dataclasses.asdict(lc) for lc in calib["costs"]]}), flush=True)
     dist.destroy_process_group()
 

@@ -4,8 +4,9 @@ Horovod, legato priority and legato bytescheduler, side by side in one run per r
 Each rate runs in a private network namespace (`unshare -n`, as root) whose loopback is shaped
 with `tc qdisc add dev lo root tbf rate R burst 256kb latency 100ms` (a burst below 64 KiB
 stalls connections); "unshaped" runs in a namespace with plain loopback. Shaping loopback
-limits the sum of both ranks' traffic. Per model and rate, every torch method runs in one job,
-in turn, `--rounds` times (so that drift on this noisy machine hits them all), and Horovod in a
+limits the sum of both ranks' traffic. Per model and rate, every torch method runs in one job:
+each is built (and tuned) once, then they take turns in blocks of `--steps` timed steps,
+`--rounds` times (so that drift on this noisy machine hits them all alike); Horovod runs in a
 horovodrun job right after. The job also measures, on each rank, forward F and backward B with
 no communication and C, one all-reduce of all gradients, which give the bounds: DDP about
 F + max(B, C), all-reduce after backward about F + B + C, and no schedule beats max(F + B, C).
@@ -72,6 +73,8 @@ def inner(args: argparse.Namespace) -> int:
             r0 = next(r for r in results if r["rank"] == 0)
             entry.update({k: r0[k] for k in ("F", "B", "C", "grad_bytes", "predicted", "configs",
                                              "predicted_config", "link", "layers")})
+            # What was measured ran with the setting tuning ended with: predict that one.
+            entry["predicted"].update(r0.get("predicted_actual", {}))
             entry["times"] = {m: r0["times"][m] for m in torch_methods if r0["times"][m]}
             if "horovod" in args.methods:
                 entry["predicted"]["horovod"] = r0["predicted"]["ddp"]
@@ -206,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tune", dest="tune", action="store_false",
                         help="run bytescheduler with the given or default sizes, untuned")
     parser.add_argument("--tune-trials", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method per block")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2, help="times each method runs, in turn")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="blocks of each method, taken in turn")
     parser.add_argument("--partition-bytes", type=int, default=None)
     parser.add_argument("--credit-bytes", type=int, default=None)
     parser.add_argument("--job-timeout", type=float, default=1200)

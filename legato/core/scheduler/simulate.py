@@ -8,9 +8,13 @@ pure-Python queue, driven through its pull API in simulated time). Around them i
   forward of layer i-1 is done and, with dependency proxies (`overlap=True`), when layer i's own
   update of step k is done; without them (`overlap=False`, a global barrier as in DDP and
   Horovod) when every update of step k is done;
-- the link: messages committed to the backend are sent one after another, each taking
-  `LinkModel.message_s(bytes)` (alpha + bytes / bandwidth, times the ring all-reduce factor
-  2 (n-1)/n, or push plus pull for a parameter server);
+- the link: a first-in first-out pipe (as a token bucket or a switch queue is). A message is
+  not one transfer but the rounds of its algorithm (ring all-reduce: 2 (n-1) rounds of bytes/n;
+  parameter server: push, then pull), and each round joins the end of the pipe only when the
+  previous one is done; so a small message committed beside a large one waits behind it once
+  per round, as measured on shaped loopback. Alone, a message takes
+  `LinkModel.message_s(bytes)` (alpha + bytes / bandwidth times 2 (n-1)/n for the ring, or 2
+  for a parameter server);
 - updates: a layer's update starts when all its chunks have arrived (and, without overlap,
   after backward), and takes `update_s`; updates run one at a time.
 
@@ -30,7 +34,8 @@ from legato.core.scheduler._pyqueue import PythonPriorityQueue
 from legato.core.scheduler.plan import ChunkPlan, CommTask
 from legato.core.scheduler.policy import SchedulerConfig, priority_of
 
-__all__ = ["LayerCost", "LinkFit", "LinkModel", "SimResult", "fit_link", "simulate"]
+__all__ = ["LayerCost", "LinkFit", "LinkModel", "SimResult", "fit_compute_scale", "fit_link",
+           "scale_costs", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +70,17 @@ class LinkModel:
                               "world >= 1 are required")
         if self.algorithm not in ("ring", "ps"):
             raise ConfigError(f"algorithm={self.algorithm!r} is unknown; known: ring, ps")
+
+    @property
+    def rounds(self) -> int:
+        """Transfers one message takes, each after the previous one is done."""
+        if self.world == 1:
+            return 0
+        return 2 * (self.world - 1) if self.algorithm == "ring" else 2
+
+    def round_s(self, nbytes: int) -> float:
+        """Time of one round of a message's transfer (alpha not included)."""
+        return (self.message_s(nbytes) - self.alpha_s) / self.rounds if self.rounds else 0.0
 
     def message_s(self, nbytes: int) -> float:
         if self.world == 1:
@@ -119,6 +135,41 @@ def fit_link(samples, *, world: int, algorithm: str = "ring") -> LinkFit:
     link = LinkModel(alpha_s=a, bytes_per_s=1.0 / c, world=world, algorithm=algorithm)
     worst = max(abs(link.message_s(n) / t - 1) for n, t in samples if n >= max(sizes) // 16)
     return LinkFit(link, samples, worst)
+
+
+def scale_costs(layers: Sequence[LayerCost], factor: float) -> list[LayerCost]:
+    """Every forward, backward and update time times `factor`."""
+    return [dataclasses.replace(c, forward_s=c.forward_s * factor,
+                                backward_s=c.backward_s * factor,
+                                update_s=c.update_s * factor) for c in layers]
+
+
+def fit_compute_scale(plan: ChunkPlan, layers: Sequence[LayerCost], config: SchedulerConfig,
+                      link: LinkModel, measured_step_s: float, *, overlap: bool = False,
+                      lo: float = 0.5, hi: float = 4.0) -> float:
+    """The factor on compute times that makes the simulated step of a *baseline* (typically
+    DDP: `plain`, no overlap) equal its measured step.
+
+    Layer costs profiled alone are too small when compute shares cores with communication
+    threads (reduction, copies, the kernel's loopback TCP) and with the job's own bookkeeping;
+    one measured step of the baseline the job already runs calibrates that, and the factor then
+    serves every other policy's prediction. Bisection; the step time grows with the factor.
+    """
+    def step(factor: float) -> float:
+        return simulate(plan, scale_costs(layers, factor), config, link, steps=8,
+                        overlap=overlap).step_s
+
+    if step(lo) >= measured_step_s:
+        return lo
+    if step(hi) <= measured_step_s:
+        return hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if step(mid) < measured_step_s:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 @dataclasses.dataclass
@@ -180,6 +231,8 @@ class _Sim:
         self.tasks_left = [len(ts) for ts in self.tasks_of_layer]
         self.chunks_left_in_step = len(plan.chunks)
         self.link_free_at = 0.0
+        self.msg_start: dict[int, float] = {}
+        self.rounds_left: dict[int, int] = {}
         self.update_free_at = 0.0
         self.updates_done = [0] * n
         self.deferred: list[int] = []  # barrier mode: layers waiting for the whole step
@@ -255,14 +308,30 @@ class _Sim:
         self.pump(now)
 
     def pump(self, now: float) -> None:
-        """Commit admissible messages to the link, which sends them one after another."""
+        """Commit admissible messages to the link: each one's first round joins the pipe."""
         while (task := self.queue.try_pop()) is not None:
             chunk = self.plan.chunks[task.id]
-            start = max(now, self.link_free_at)
-            end = start + self.link.message_s(chunk.nbytes)
-            self.link_free_at = end
-            self.spans.append(("comm", f"msg {chunk.id} ({chunk.nbytes} B)", start, end))
-            self.at(end, "sent", chunk.id)
+            self.msg_start[chunk.id] = now
+            if self.link.rounds == 0:
+                self.at(now, "round_done", chunk.id)
+                continue
+            self.rounds_left[chunk.id] = self.link.rounds
+            self.send_round(now, chunk.id, self.link.alpha_s)
+
+    def send_round(self, now: float, cid: int, extra_s: float = 0.0) -> None:
+        start = max(now, self.link_free_at)
+        end = start + extra_s + self.link.round_s(self.plan.chunks[cid].nbytes)
+        self.link_free_at = end
+        self.at(end, "round_done", cid)
+
+    def on_round_done(self, now: float, cid: int) -> None:
+        self.rounds_left[cid] = self.rounds_left.get(cid, 1) - 1
+        if self.rounds_left[cid] > 0:
+            self.send_round(now, cid)
+            return
+        chunk = self.plan.chunks[cid]
+        self.spans.append(("comm", f"msg {chunk.id} ({chunk.nbytes} B)", self.msg_start[cid], now))
+        self.on_sent(now, cid)
 
     def on_sent(self, now: float, cid: int) -> None:
         self.queue.complete(cid)

@@ -66,7 +66,7 @@ class TuneSettings:
     """
 
     trials: int = 20
-    steps_per_trial: int = 6
+    steps_per_trial: int = 8
     warmup_steps: int = 2
     sampler: str = "gp"
     seed: int = 0
