@@ -88,9 +88,10 @@ def _scheduler(args: argparse.Namespace) -> bool:
     trace = Path("legato-demo-timeline.json").resolve()
     cmd = [sys.executable, str(root / "benchmarks" / "scheduler_step_time.py"), "--rates",
            "1000", "--models", "vgg", "--methods", "ddp,bytescheduler", "--steps", "6",
-           "--warmup", "2", "--rounds", "1", "--timeline", str(trace), "--json",
+           "--warmup", "2", "--rounds", "2", "--no-tune", "--timeline", str(trace), "--json",
            str(Path(os.environ.get("TMPDIR", "/tmp")) / "legato-demo-scheduler.json")]
-    print("VGG-style CNN (7.3 MB of gradients), 2 gloo workers, loopback shaped to 1000 Mbit/s")
+    print("VGG-style CNN (7.3 MB of gradients), 2 gloo workers, loopback shaped to 1000 Mbit/s;"
+          " legato with its default sizes (`legato bench scheduler` tunes them)")
     proc = subprocess.run(cmd, text=True, capture_output=True, timeout=900)
     print(proc.stdout.strip())
     if proc.returncode != 0:
