@@ -266,25 +266,36 @@ class TorchDistTransport:
         self.rank = dist.get_rank()
         self.group_rank = dist.get_rank(self.comm_group)
         self.world = dist.get_world_size(self.comm_group)
+        self._nccl_tried = False
+        self._nccl: NativeNcclCommBackend | None = None
 
     def backend(self, grads: Callable[[int], torch.Tensor],
                 device: torch.device | None = None):
         """The backend for gradients on `device` (collective: every rank calls it).
 
         CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
-        every rank can load NCCL, unless LEGATO_NATIVE_NCCL=0; otherwise, and on CPU, through
-        torch.distributed on the comm group (gloo, or NCCL through torch). The native
-        communicator is made once and kept across plans (tuning boundaries).
+        LEGATO_NATIVE_NCCL=1 on every rank and every rank can load NCCL (opt-in: that path has
+        not run on a GPU in legato's own tests yet); otherwise, and on CPU, through
+        torch.distributed on the comm group (gloo, or NCCL through torch). The first call
+        agrees the choice across ranks; the native communicator is kept across plans.
         """
         import os
 
-        if (device is not None and device.type == "cuda"
-                and os.environ.get("LEGATO_NATIVE_NCCL", "1") != "0"):
-            if not getattr(self, "_nccl_tried", False):
-                self._nccl_tried = True
+        from legato.core.errors import ConfigError
+
+        if not self._nccl_tried:
+            self._nccl_tried = True
+            want = (device is not None and device.type == "cuda"
+                    and os.environ.get("LEGATO_NATIVE_NCCL", "0") == "1")
+            wants = self.all_gather_object(want)
+            if any(w != wants[0] for w in wants):
+                raise ConfigError("ranks disagree on the native NCCL backend (LEGATO_NATIVE_NCCL"
+                                  f"=1 and CUDA gradients, per rank: {wants}); set the same "
+                                  "environment and devices on every rank")
+            if want:
                 self._nccl = make_nccl_backend(grads, self.ctrl_group, device)
-            if self._nccl is not None:
-                return self._nccl
+        if self._nccl is not None:
+            return self._nccl
         return TorchCommBackend(grads, self.comm_group)
 
     def order_channel(self) -> TorchOrderChannel:
@@ -308,17 +319,19 @@ class TorchDistTransport:
         for tensor in tensors:
             dist.broadcast(tensor.data, src=src, group=self.comm_group)
 
-    def close(self) -> None:
-        """Destroy legato's own groups now, and drop every reference to them.
+    def close(self, healthy: bool = True) -> None:
+        """Destroy legato's own groups now, and drop every reference to them (after a failure,
+        the native NCCL communicator is aborted rather than drained: a dead peer would never
+        let its pending all-reduces finish).
 
         A gloo group that is still referenced at interpreter exit is destroyed by the final
         garbage collection, where its worker threads can abort the process ("terminate called
         without an active exception"); destroying it here, on the closing thread, cannot.
         """
-        nccl = getattr(self, "_nccl", None)
+        nccl = self._nccl
         if nccl is not None:
             try:
-                nccl.close()
+                nccl.close() if healthy else nccl.abort()
             except Exception as err:  # noqa: BLE001 (closing: log and go on)
                 log.warning("closing legato's NCCL communicator: %s", err)
             self._nccl = None
@@ -450,6 +463,6 @@ class HorovodTransport:
         for i, tensor in enumerate(tensors):
             self._hvd.broadcast_(tensor.data, root_rank=0, name=f"legato.bcast.{i}")
 
-    def close(self) -> None:
+    def close(self, healthy: bool = True) -> None:  # noqa: ARG002 (same call as torch's)
         if self._backend is not None:
             self._backend.close()

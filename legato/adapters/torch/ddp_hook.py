@@ -119,6 +119,9 @@ def register_scheduled_hook(ddp_model, *, policy: str = "bytescheduler",
                           "buckets, so a step's set of buckets is not fixed; build DDP without it")
     if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
         raise ConfigError(f"timeout_s={timeout_s!r} is invalid; pass a positive number")
+    if policy == "plain":
+        raise ConfigError("policy='plain' is DDP's own behaviour; without legato's hook DDP "
+                          "already does it: use 'bytescheduler', 'priority' or 'fifo'")
     config = resolve_config(policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
                             merge_bytes=merge_bytes)
     ddp_group = ddp_model.process_group

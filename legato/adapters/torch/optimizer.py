@@ -5,6 +5,7 @@
         loss = loss_fn(model(x), y)
         loss.backward()      # gradients are posted to the scheduler as backward produces them
         opt.step()           # returns at once; layers update as their gradients arrive
+                             # (under policy="plain", DDP's behaviour, it waits and steps)
         opt.zero_grad()      # no-op for scheduled parameters: each is cleared after its update
 
 How updates keep the wrapped optimizer's semantics without a copy of its code
@@ -38,7 +39,7 @@ from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask
-from legato.core.scheduler.policy import SchedulerConfig, plan_for, resolve_config
+from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
 from legato.core.timeline import Timeline
 
@@ -81,7 +82,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         credit_bytes: bytes in flight (default 4 partitions; "priority": one message).
         merge_bytes: tensors smaller than this are merged into one message (bytescheduler
             default 64 KiB).
-        backend: "torch" (torch.distributed: gloo, or NCCL for CUDA tensors; the default) or
+        backend: "torch" (torch.distributed: gloo, or NCCL for CUDA tensors, through torch or,
+            with LEGATO_NATIVE_NCCL=1, legato's own NCCL communicator; the default) or
             "horovod" (horovod.torch, inside a horovodrun job, after hvd.init()).
         process_group: ranks to reduce over (default: all). legato creates its own groups over
             the same ranks, so that the user's collectives never interleave with its own.
@@ -149,11 +151,12 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self._params]
         self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
-                                p.numel() * p.element_size(), p.element_size())
+                                p.numel() * p.element_size(), p.element_size(), str(p.dtype))
                        for key, p in enumerate(self._params)]
         self._tuner: OnlineTuner | None = None
         self._next_boundary = -1
         self._tune_phase: str | None = None
+        self._issued_before = 0  # messages issued by schedulers of earlier plans
         if self._tune is not None:  # checked locally before any collective call
             self._tuner = OnlineTuner(self._tune, self.config,
                                       max(t.nbytes for t in self._tasks))
@@ -229,7 +232,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self.synchronize()
         # Closing the scheduler ends its use of the control group (the leader tells the
         # followers to stop following), so the decision can travel on it.
+        self._issued_before += self._scheduler.issued_total
         self._scheduler.close(timeout_s=self._timeout_s)
+        self._scheduler.raise_if_failed()
         decision = None
         if self._tuner is not None and self._transport.group_rank == 0:
             decision = self._tuner.boundary(self._steps_called, self._step_times)
@@ -489,7 +494,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 self._cv.notify_all()
         if self._tuner is not None:
             now = time.perf_counter()
-            if self._last_step_at is not None:
+            if self._last_step_at is not None and self._next_boundary >= 0:
                 self._step_times.append(now - self._last_step_at)
             self._last_step_at = now
             if self._steps_called == self._next_boundary:
@@ -573,10 +578,15 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 self.synchronize(timeout)
                 healthy = True
         finally:
+            # Every step of the clean-up runs, whatever an earlier one raised.
             with self._cv:
                 self._closed = True
                 self._cv.notify_all()
-            self._scheduler.close(timeout_s=min(timeout, 60.0))
+            try:
+                self._scheduler.close(timeout_s=min(timeout, 60.0))
+            except Exception as err:  # noqa: BLE001 (closing: log and go on)
+                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
+            healthy = healthy and self._scheduler.error is None
             self._updates.put(None)
             self._updater.join(min(timeout, 60.0))
             for h in self._hooks:
@@ -588,7 +598,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             if healthy and self._timeline is not None:
                 self.write_timeline()
         finally:
-            self._transport.close()
+            self._transport.close(healthy=healthy)
 
     def __enter__(self) -> "ScheduledOptimizer":
         return self
@@ -610,7 +620,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return {"steps": self._steps_called, "steps_done": self._steps_updated,
                 "messages_per_step": len(self.plan.chunks), "bytes_per_step":
                 self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": self._scheduler.issued_total, "config": self.config.describe(),
+                "issued": self._issued_before + self._scheduler.issued_total,
+                "config": self.config.describe(),
                 "tuner": None if self._tuner is None or self._transport.group_rank != 0
                 else self._tuner.summary()}
 

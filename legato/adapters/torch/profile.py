@@ -46,7 +46,7 @@ def comm_tasks(model: torch.nn.Module) -> tuple[list[CommTask], list[str]]:
     layer_of, _, layer_names = _layers_of(model, params)
     names = {id(p): n for n, p in model.named_parameters()}
     tasks = [CommTask(key, names[id(p)], layer_of[id(p)], p.numel() * p.element_size(),
-                      p.element_size()) for key, p in enumerate(params)]
+                      p.element_size(), str(p.dtype)) for key, p in enumerate(params)]
     return tasks, layer_names
 
 

@@ -20,7 +20,7 @@ and started, together rather than one link round trip apart.
 
 Step boundaries need no message: every step communicates every chunk once, and a rank's next
 step cannot produce a gradient before its previous step's updates are done (the dependency
-proxies see to that), so announcements of consecutive steps never interleave.
+proxies see to that; under `plain`, the blocking `step()`), so announcements of consecutive steps never interleave.
 """
 
 from __future__ import annotations
@@ -266,11 +266,23 @@ class Scheduler:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
+        # A thread still inside a collective on the control group after its join would race
+        # any later use of that group (the final announcement, a tuning decision): fail instead.
         if self._announcer is not None:
             self._announcer.join(timeout_s)
+            if self._announcer.is_alive():
+                self._fail(CommFailed(f"[rank {self.rank}] the announcer did not stop within "
+                                      f"{timeout_s:g} s (blocked in a broadcast: is a peer dead?)"))
         if self._queue is not None and self._order is not None and self._error is None:
-            self._order.announce([])
+            try:
+                self._order.announce([])
+            except Exception as err:  # noqa: BLE001 (a peer gone at the very end)
+                self._fail(CommFailed(f"[rank {self.rank}] telling the other ranks to stop "
+                                      f"failed: {type(err).__name__}: {err}"))
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                self._fail(CommFailed(f"[rank {self.rank}] still waiting for the leader's next "
+                                      f"message after {timeout_s:g} s; is rank 0 alive?"))
         # Drop the backend and channel (and the process groups they hold) now, not at exit.
         self._backend = self._order = None  # type: ignore[assignment]

@@ -38,6 +38,7 @@ class CommTask:
         layer: index of the layer in forward order; lower is more urgent.
         nbytes: size of the gradient in bytes.
         itemsize: bytes per element (partitions are cut on element boundaries).
+        dtype: the element type's name; only tasks of one dtype are merged into a message.
     """
 
     key: int
@@ -45,6 +46,7 @@ class CommTask:
     layer: int
     nbytes: int
     itemsize: int = 4
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         if self.nbytes < 0 or self.itemsize <= 0 or self.nbytes % self.itemsize:
@@ -141,8 +143,8 @@ def make_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
               partition_bytes: int | None = None, merge_bytes: int = 0) -> ChunkPlan:
     """Cut and merge `tasks` (in parameter order) into chunks; see the module docstring.
 
-    Merging only joins tasks that are adjacent in layer order and each smaller than
-    `merge_bytes`; a partitioned task is never merged.
+    Merging only joins tasks that are adjacent in layer order, of one dtype and each smaller
+    than `merge_bytes`; a partitioned task is never merged.
     """
     tasks = tuple(tasks)
     _check_sizes(partition_bytes, merge_bytes)
@@ -165,7 +167,8 @@ def make_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
     for task in ordered:
         small = merge_bytes > 0 and task.nbytes < merge_bytes
         if small:
-            if sum(t.nbytes for t in pending) + task.nbytes > merge_bytes:
+            if (sum(t.nbytes for t in pending) + task.nbytes > merge_bytes
+                    or (pending and pending[0].dtype != task.dtype)):
                 flush()
             pending.append(task)
             continue
@@ -219,6 +222,8 @@ def bucket_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
         cap = bucket_bytes
 
     for task in sorted(tasks, key=lambda t: t.key, reverse=True):
+        if pending and pending[0].dtype != task.dtype:  # DDP buckets one dtype each
+            flush()
         pending.append(task)
         if sum(t.nbytes for t in pending) >= cap:
             flush()

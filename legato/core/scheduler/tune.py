@@ -21,7 +21,8 @@ own setting (or the defaults), enqueued into the study.
 behind backward. So one trial runs the `plain` policy (DDP's buckets in arrival order, one
 optimizer step after every bucket is in: what DDP does), and at the end of tuning the best
 bytescheduler setting and `plain` are each measured once more; `plain` is kept unless the
-best setting is at least `passthrough_margin` (2%) faster on the mean of both measurements.
+best setting's fresh measurement is at least `passthrough_margin` (2%) faster than the mean
+of plain's two (the best setting's first value was picked for being low, so it is not used).
 
 [Note: drift] After tuning, a boundary comes every `check_every` steps. Its window's median
 step time is compared with a reference (the first such window); when it has moved by more
@@ -194,6 +195,7 @@ class OnlineTuner:
         self._plain_pending = s.passthrough
         self._confirm: list[SchedulerConfig] = []
         self._round_values: dict[SchedulerConfig, list[float]] = {}
+        self._confirmed: dict[SchedulerConfig, list[float]] = {}
         self.phase = "tuning"
         self._ref: float | None = None
         self._drifted = 0
@@ -223,6 +225,8 @@ class OnlineTuner:
             return self._check_drift(step, value)
         self.history.append((self.current, value))
         self._round_values.setdefault(self.current, []).append(value)
+        if self.phase == "confirming":
+            self._confirmed.setdefault(self.current, []).append(value)
         if self._trial is not None:
             self._study.tell(self._trial, value)
             self._trial = None
@@ -264,8 +268,13 @@ class OnlineTuner:
         best = self._best_scheduled()
         choice = best
         if self.settings.passthrough and self._plain in self._round_values:
+            # The best setting was picked for its lowest value, which is biased low: judge it
+            # on its fresh confirmation alone, against plain's mean (plain was not picked).
             plain = self._mean(self._plain)
-            if best is None or self._mean(best) > plain * (1 - self.settings.passthrough_margin):
+            confirmed = self._confirmed.get(best) if best is not None else None
+            scheduled = (sum(confirmed) / len(confirmed) if confirmed
+                         else self._mean(best) if best is not None else float("inf"))
+            if scheduled > plain * (1 - self.settings.passthrough_margin):
                 choice = self._plain
         assert choice is not None
         self.phase = "tuned"

@@ -154,6 +154,8 @@ def bad_arguments() -> None:
                                          credit_bytes=1 << 10),
          "credit_bytes=1024 is below partition_bytes=1048576"),
         (lambda: register_scheduled_hook(DDP(Net()), policy="lifo"), "policy='lifo' is unknown"),
+        (lambda: register_scheduled_hook(DDP(Net()), policy="plain"),
+         "policy='plain' is DDP's own behaviour"),
         (lambda: register_scheduled_hook(DDP(Net()), policy="priority", partition_bytes=4096),
          "policy='priority' sends whole tensors"),
         (lambda: register_scheduled_hook(hooked), "already has a comm hook (allreduce_hook)"),

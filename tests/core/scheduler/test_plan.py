@@ -84,3 +84,18 @@ def test_bad_tasks():
         CommTask(0, "w", 0, 10, itemsize=4)
     with pytest.raises(ConfigError, match="keys must be unique"):
         make_plan([CommTask(0, "a", 0, 4), CommTask(0, "b", 1, 4)])
+
+
+def test_merging_keeps_one_dtype_per_message():
+    """A merged message is one flat buffer: tensors of different dtypes are never joined
+    (torch.cat would promote them); DDP's buckets likewise hold one dtype."""
+    from legato.core.scheduler.plan import bucket_plan
+
+    tasks = [CommTask(0, "a", 0, 400, 4, "torch.float32"), CommTask(1, "b", 1, 200, 2,
+                                                                     "torch.float16"),
+             CommTask(2, "c", 2, 200, 2, "torch.float16"), CommTask(3, "d", 3, 400, 4,
+                                                                   "torch.float32")]
+    plan = make_plan(tasks, merge_bytes=4096)
+    assert [c.keys for c in plan.chunks] == [(0,), (1, 2), (3,)]
+    buckets = bucket_plan(tasks, bucket_bytes=4096, first_bucket_bytes=4096)
+    assert [c.keys for c in buckets.chunks] == [(3,), (2, 1), (0,)]
