@@ -58,7 +58,7 @@ def inner(args: argparse.Namespace) -> int:
                             ("credit_bytes", args.credit_bytes), ("timeline", args.timeline))
           if v is not None}
     if args.tune:
-        bs["tune"] = {"trials": args.tune_trials}
+        bs["tune"] = {"trials": args.tune_trials, "sampler": args.tune_sampler}
     settings = {"bytescheduler": bs}
     out = {"rate": args.inner_rate, "models": {}}
     torch_methods = [m for m in args.methods if m in TORCH_METHODS]
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tune", dest="tune", action="store_false",
                         help="run bytescheduler with the given or default sizes, untuned")
     parser.add_argument("--tune-trials", type=int, default=20)
+    parser.add_argument("--tune-sampler", default="gp", choices=("gp", "tpe"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method per block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6,
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--models", ",".join(args.models), "--methods", ",".join(args.methods),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds",
                    str(args.rounds), "--job-timeout", str(args.job_timeout),
-                   "--tune-trials", str(args.tune_trials)]
+                   "--tune-trials", str(args.tune_trials), "--tune-sampler", args.tune_sampler]
     if args.simulate:
         passthrough.append("--simulate")
     if not args.tune:

@@ -28,30 +28,68 @@ _ANNOUNCE_SLOTS = 64
 class TorchCommBackend:
     """All-reduces (sum, pre-divided by the world size, as DDP does) chunks of gradients.
 
-    A single-part chunk of a contiguous gradient is reduced in place on a view of it (no copy);
-    a merged chunk, or a part of a non-contiguous gradient, goes through a flat buffer that is
-    copied back when the collective has finished.
+    A single-part chunk of a contiguous gradient is reduced in place on a view of it (no copy).
+    A merged chunk of contiguous gradients is copied into a flat buffer kept for that chunk
+    (allocated once, not every step), and when `set_grad` is given the reduced gradients become
+    views of that buffer instead of being copied back ([Note: gradients as bucket views]);
+    otherwise, and for parts of non-contiguous gradients, the buffer is copied back.
+
+    [Note: gradients as bucket views] A merged chunk's buffer is overwritten by the next step's
+    copy, which starts only once every member's gradient of that step exists, i.e. after each
+    member's backward, after its forward, after its previous update (dependency proxies, or
+    plain's blocking step), and every update ends by dropping `.grad`. So no view of the
+    buffer is alive when it is overwritten. DDP's `gradient_as_bucket_view` saves the same
+    copy the same way.
 
     Args:
         grads: returns the current gradient tensor of task `key`.
         group: the process group to reduce over.
+        set_grad: set_grad(key, tensor) replaces task `key`'s gradient (see above).
     """
 
-    def __init__(self, grads: Callable[[int], torch.Tensor], group) -> None:
+    def __init__(self, grads: Callable[[int], torch.Tensor], group,
+                 set_grad: Callable[[int, torch.Tensor], None] | None = None) -> None:
         self._grads = grads
+        self._set_grad = set_grad
         self._group = group
         self.world = dist.get_world_size(group)
         self._scale = 1.0 / self.world
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def _merged_buffer(self, chunk: Chunk) -> torch.Tensor | None:
+        """The chunk's kept buffer filled with its gradients, or None (not all contiguous)."""
+        grads = [self._grads(p.key) for p in chunk.parts]
+        if not all(g.is_contiguous() for g in grads):
+            return None
+        numel = sum(g.numel() for g in grads)
+        buf = self._buffers.get(chunk.id)
+        if (buf is None or buf.numel() != numel or buf.dtype != grads[0].dtype
+                or buf.device != grads[0].device):
+            buf = self._buffers[chunk.id] = torch.empty(numel, dtype=grads[0].dtype,
+                                                        device=grads[0].device)
+        torch.cat([g.view(-1) for g in grads], out=buf)
+        return buf
 
     def start(self, chunk: Chunk, on_done: Done) -> None:
-        buffer, direct = chunk_buffer(self._grads, chunk)
+        views = False
+        if chunk.merged and (buffer := self._merged_buffer(chunk)) is not None:
+            direct, views = False, self._set_grad is not None
+        else:
+            buffer, direct = chunk_buffer(self._grads, chunk)
         buffer.mul_(self._scale)
         work = dist.all_reduce(buffer, group=self._group, async_op=True)
 
         def finished(fut: torch.futures.Future) -> None:
             try:
                 fut.value()
-                if not direct:
+                if views:
+                    pos = 0
+                    for part in chunk.parts:
+                        grad = self._grads(part.key)
+                        n = grad.numel()
+                        self._set_grad(part.key, buffer.narrow(0, pos, n).view_as(grad))
+                        pos += n
+                elif not direct:
                     copy_back(self._grads, chunk, buffer)
             except BaseException as err:  # noqa: BLE001 (reported to the scheduler)
                 on_done(err)
@@ -270,7 +308,8 @@ class TorchDistTransport:
         self._nccl: NativeNcclCommBackend | None = None
 
     def backend(self, grads: Callable[[int], torch.Tensor],
-                device: torch.device | None = None):
+                device: torch.device | None = None,
+                set_grad: Callable[[int, torch.Tensor], None] | None = None):
         """The backend for gradients on `device` (collective: every rank calls it).
 
         CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
@@ -296,7 +335,7 @@ class TorchDistTransport:
                 self._nccl = make_nccl_backend(grads, self.ctrl_group, device)
         if self._nccl is not None:
             return self._nccl
-        return TorchCommBackend(grads, self.comm_group)
+        return TorchCommBackend(grads, self.comm_group, set_grad)
 
     def order_channel(self) -> TorchOrderChannel:
         return TorchOrderChannel(self.ctrl_group)

@@ -223,7 +223,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def _backend_for_plan(self):
         if isinstance(self._transport, TorchDistTransport):
-            return self._transport.backend(self._grad_of, self._params[0].device)
+            return self._transport.backend(self._grad_of, self._params[0].device,
+                                           self._set_grad)
         return self._transport.backend(self._grad_of)
 
     def _boundary(self) -> None:
@@ -359,6 +360,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     # -- backward side -------------------------------------------------------------------------
     def _grad_of(self, key: int) -> torch.Tensor:
         return self._params[key].grad
+
+    def _set_grad(self, key: int, grad: torch.Tensor) -> None:
+        self._params[key].grad = grad
 
     def _make_grad_hook(self, key: int):
         def grad_ready(param: torch.Tensor) -> None:
