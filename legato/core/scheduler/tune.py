@@ -20,9 +20,11 @@ own setting (or the defaults), enqueued into the study.
 [Note: pass-through] Scheduling pays for itself only when communication is not already hidden
 behind backward. So one trial runs the `plain` policy (DDP's buckets in arrival order, one
 optimizer step after every bucket is in: what DDP does), and at the end of tuning the best
-bytescheduler setting and `plain` are each measured once more; `plain` is kept unless the
-best setting's fresh measurement is at least `passthrough_margin` (2%) faster than the mean
-of plain's two (the best setting's first value was picked for being low, so it is not used).
+bytescheduler setting and `plain` are measured again, alternately (twice each when `trials`
+is at least 8, else once); `plain` is kept unless the median of the best setting's fresh steps
+is at least `passthrough_margin` (2%) below the median of all of plain's steps (the best
+setting's first trial was picked for being low, so it is not used: that bias, on a machine
+whose step times vary by 10% or more, had tipped decisions either way).
 
 [Note: drift] After tuning, a boundary comes every `check_every` steps. Its window's median
 step time is compared with a reference (the first such window); when it has moved by more
@@ -55,7 +57,8 @@ class TuneSettings:
     """How the online tuner runs (the defaults suit jobs of a few hundred steps or more).
 
     Args:
-        trials: measured trials per tuning round, pass-through and confirmations included.
+        trials: measured trials per tuning round, pass-through and confirmations included
+            (four confirmations from 8 trials on, else two).
         steps_per_trial: measured steps per trial (their median is the trial's value).
         warmup_steps: steps after each boundary that are not measured.
         sampler: "gp" (optuna's Gaussian-process Bayesian optimization) or "tpe".
@@ -190,12 +193,15 @@ class OnlineTuner:
         if start.policy == "bytescheduler":
             self._study.enqueue_trial(_params_of(start, self.space))
         self._trial = None  # the optuna trial being measured, if any
-        # Trials left: pass-through (if on), study trials, then two confirmations.
-        self._study_left = s.trials - 2 - (1 if s.passthrough else 0)
+        # Trials left: pass-through (if on), study trials, then the confirmations (two pairs
+        # of the best setting and plain when the budget allows, else one pair).
+        self._pairs = 2 if s.trials >= 8 else 1
+        self._study_left = s.trials - 2 * self._pairs - (1 if s.passthrough else 0)
         self._plain_pending = s.passthrough
         self._confirm: list[SchedulerConfig] = []
         self._round_values: dict[SchedulerConfig, list[float]] = {}
         self._confirmed: dict[SchedulerConfig, list[float]] = {}
+        self._samples: dict[SchedulerConfig, list[float]] = {}  # every measured step
         self.phase = "tuning"
         self._ref: float | None = None
         self._drifted = 0
@@ -226,7 +232,8 @@ class OnlineTuner:
         self.history.append((self.current, value))
         self._round_values.setdefault(self.current, []).append(value)
         if self.phase == "confirming":
-            self._confirmed.setdefault(self.current, []).append(value)
+            self._confirmed.setdefault(self.current, []).extend(measured)
+        self._samples.setdefault(self.current, []).extend(measured)
         if self._trial is not None:
             self._study.tell(self._trial, value)
             self._trial = None
@@ -247,10 +254,12 @@ class OnlineTuner:
                 return self._config_of(self._trial)
             self.phase = "confirming"
             best = self._best_scheduled()
-            self._confirm = [c for c in (best, self._plain if self.settings.passthrough
-                                         else None) if c is not None]
-            # Fill the confirmation budget (2 trials) with the best setting if plain is off.
-            while len(self._confirm) < 2 and best is not None:
+            # Alternate the best setting and plain, so that drift hits both alike; without
+            # the pass-through the budget goes to the best setting alone.
+            pair = [c for c in (best, self._plain if self.settings.passthrough else None)
+                    if c is not None]
+            self._confirm = pair * self._pairs
+            while len(self._confirm) < 2 * self._pairs and best is not None:
                 self._confirm.append(best)
         if self._confirm:
             return self._confirm.pop(0)
@@ -269,10 +278,11 @@ class OnlineTuner:
         choice = best
         if self.settings.passthrough and self._plain in self._round_values:
             # The best setting was picked for its lowest value, which is biased low: judge it
-            # on its fresh confirmation alone, against plain's mean (plain was not picked).
-            plain = self._mean(self._plain)
+            # on the median of its fresh confirmation steps alone, against the median of all
+            # of plain's steps (plain was not picked for its value).
+            plain = statistics.median(self._samples[self._plain])
             confirmed = self._confirmed.get(best) if best is not None else None
-            scheduled = (sum(confirmed) / len(confirmed) if confirmed
+            scheduled = (statistics.median(confirmed) if confirmed
                          else self._mean(best) if best is not None else float("inf"))
             if scheduled > plain * (1 - self.settings.passthrough_margin):
                 choice = self._plain
