@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -137,6 +138,11 @@ def compare_with_ddp(configs: list, steps: int, delays: bool) -> None:
               f"{stats['buckets']} buckets, {per_step} messages per step, "
               f"order identical on all ranks: {' '.join(scheduled[:per_step])}")
         sys.stdout.flush()
+        # Release the DDP models (their reducers hold the default group) before it is
+        # destroyed: a reducer left to interpreter exit after destroy_process_group() once
+        # aborted rank 1 in its gloo threads ("terminate called without an active exception").
+        del ref_ddp, our_ddp, hook, ref_opt, our_opt, train, compare
+        gc.collect()
     dist.destroy_process_group()
 
 
