@@ -126,6 +126,12 @@ class ChunkPlan:
                 f"messages ({parts} single-tensor or partitions, {merged} merged)")
 
 
+def _whole_tasks_chunk(chunk_id: int, tasks: Sequence[CommTask]) -> Chunk:
+    """One message carrying `tasks` whole; its priority is its most urgent member's layer."""
+    return Chunk(chunk_id, min(t.layer for t in tasks), sum(t.nbytes for t in tasks),
+                 tuple(Part(t.key, 0, t.nbytes) for t in tasks))
+
+
 def _check_sizes(partition_bytes: int | None, merge_bytes: int) -> None:
     if partition_bytes is not None and partition_bytes <= 0:
         raise ConfigError(f"partition_bytes={partition_bytes} is invalid; pass a positive "
@@ -159,9 +165,7 @@ def make_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
     def flush() -> None:
         if not pending:
             return
-        parts = tuple(Part(t.key, 0, t.nbytes) for t in pending)
-        chunks.append(Chunk(len(chunks), min(t.layer for t in pending),
-                            sum(t.nbytes for t in pending), parts))
+        chunks.append(_whole_tasks_chunk(len(chunks), pending))
         pending.clear()
 
     for task in ordered:
@@ -215,9 +219,7 @@ def bucket_plan(tasks: Sequence[CommTask] | Iterable[CommTask], *,
         nonlocal cap
         if not pending:
             return
-        parts = tuple(Part(t.key, 0, t.nbytes) for t in pending)
-        chunks.append(Chunk(len(chunks), min(t.layer for t in pending),
-                            sum(t.nbytes for t in pending), parts))
+        chunks.append(_whole_tasks_chunk(len(chunks), pending))
         pending.clear()
         cap = bucket_bytes
 
