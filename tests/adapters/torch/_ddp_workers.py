@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from _workers import batch, make_optimizer  # the launcher puts this directory on sys.path
 from legato.adapters.torch import register_scheduled_hook
 from legato.core.errors import ConfigError, LegatoError
 
@@ -38,19 +39,6 @@ class Net(nn.Module):
         x = torch.relu(self.fc1(x))
         x = torch.relu(self.fc2(x))
         return self.head(torch.relu(self.fc3(x)))
-
-
-def make_optimizer(name: str, params):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-4)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    raise ValueError(name)
-
-
-def batch(rank: int, step: int):
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
 
 
 def add_random_delays(model: nn.Module, seed: int) -> None:
@@ -141,7 +129,7 @@ def compare_with_ddp(configs: list, steps: int, delays: bool) -> None:
         # Release the DDP models (their reducers hold the default group) before it is
         # destroyed: a reducer left to interpreter exit after destroy_process_group() once
         # aborted rank 1 in its gloo threads ("terminate called without an active exception").
-        del ref_ddp, our_ddp, hook, ref_opt, our_opt, train, compare
+        ref_ddp = our_ddp = hook = ref_opt = our_opt = None
         gc.collect()
     dist.destroy_process_group()
 
