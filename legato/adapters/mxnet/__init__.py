@@ -1,7 +1,9 @@
-"""legato's mxnet adapter."""
+"""legato's mxnet adapter: the pipeline profiler."""
 
 from legato.adapters._require import require_framework
 
 require_framework("mxnet")
 
-__all__: list[str] = []
+from legato.adapters.mxnet.pipeline_profile import profile_pipeline  # noqa: E402
+
+__all__ = ["profile_pipeline"]

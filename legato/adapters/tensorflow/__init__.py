@@ -1,7 +1,9 @@
-"""legato's tensorflow adapter."""
+"""legato's tensorflow adapter: the pipeline profiler."""
 
 from legato.adapters._require import require_framework
 
 require_framework("tensorflow")
 
-__all__: list[str] = []
+from legato.adapters.tensorflow.pipeline_profile import profile_pipeline  # noqa: E402
+
+__all__ = ["profile_pipeline"]
