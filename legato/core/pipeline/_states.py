@@ -1,0 +1,200 @@
+"""The planner's state space: the cut points a pipeline may split a layer DAG at.
+
+A stage boundary in a DAG is an *ideal* (a set of layers closed under predecessors: everything
+before the cut); a stage is the difference of two nested ideals. PipeDream enumerates them as
+antichains (an ideal is determined by its maximal layers); the number of ideals is exponential
+in the width of the graph (221,564 for Inception-v3), so the planner bounds it:
+
+- `exact`: every ideal, when there are at most `max_states` of them (chains, ResNets,
+  DenseNet, GNMT);
+- `linearized`: otherwise the ideals along one depth-first topological order (a branch is
+  finished before its sibling starts), so a stage is a contiguous run of that order;
+- `coarsened`: when even that order is longer than `max_states`, consecutive layers are grouped
+  at compute quantiles, each group boundary moved to the smallest activation cut near it.
+
+Masks are Python ints over `node_ids` (bit i = node_ids[i]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import numpy as np
+
+from legato.core.pipeline.profile import LayerProfile
+
+__all__ = ["StateSpace", "build_states"]
+
+
+@dataclasses.dataclass
+class StateSpace:
+    """Ideals sorted by size (the last is every layer) with their prefix totals."""
+
+    node_ids: list[str]
+    masks: list[int]
+    compute_s: np.ndarray            # forward + backward time of the layers in the ideal
+    activation_bytes: np.ndarray     # sum of the layers' output activations (what a stage stashes)
+    parameter_bytes: np.ndarray
+    optimizer_state_bytes: np.ndarray
+    cut_bytes: np.ndarray            # activations leaving the ideal (layers with a successor out)
+    frontier_bytes: np.ndarray       # activations of the ideal's maximal layers (PipeDream's)
+    preds: list[np.ndarray]          # preds[j]: indices k with masks[k] a proper subset of masks[j]
+    kind: str                        # "exact", "linearized" or "coarsened"
+    notes: list[str]
+    attached: dict[str, str]         # dropped layer -> the layer whose stage it joins
+
+    @property
+    def size(self) -> int:
+        return len(self.masks)
+
+    def nodes_of(self, mask: int) -> list[str]:
+        return [self.node_ids[i] for i in range(len(self.node_ids)) if (mask >> i) & 1]
+
+
+def _drop_io(profile: LayerProfile) -> tuple[list[str], dict[str, str]]:
+    """PipeDream's convention: `Input*` sources and `__getitem__` sinks carry no cost and are not
+    cut points; each joins the stage of the layer it feeds or reads."""
+    succ, pred = profile.successors(), profile.predecessors()
+    attached: dict[str, str] = {}
+    for n in profile.nodes:
+        if not pred[n.id] and n.desc.startswith("Input") and succ[n.id]:
+            attached[n.id] = succ[n.id][0]
+        elif not succ[n.id] and n.desc.startswith("__getitem__") and pred[n.id]:
+            attached[n.id] = pred[n.id][0]
+    kept = [n.id for n in profile.nodes if n.id not in attached]
+    return kept, attached
+
+
+def _depth_first_order(ids: list[str], succ: dict[str, list[str]],
+                       pred: dict[str, list[str]]) -> list[str]:
+    """Kahn's algorithm taking the most recently enabled layer first (ties: file order)."""
+    position = {x: i for i, x in enumerate(ids)}
+    indeg = {x: sum(1 for p in pred[x] if p in position) for x in ids}
+    stack = sorted((x for x in ids if indeg[x] == 0), key=position.get, reverse=True)
+    order = []
+    while stack:
+        x = stack.pop()
+        order.append(x)
+        ready = []
+        for y in succ[x]:
+            if y in position:
+                indeg[y] -= 1
+                if indeg[y] == 0:
+                    ready.append(y)
+        stack.extend(sorted(ready, key=position.get, reverse=True))
+    return order
+
+
+def _enumerate_ideals(n: int, pred_mask: list[int], limit: int) -> list[int] | None:
+    """All non-empty ideals, or None if there are more than `limit`."""
+    seen = {0}
+    frontier = [0]
+    while frontier:
+        nxt = []
+        for ideal in frontier:
+            for v in range(n):
+                if not (ideal >> v) & 1 and (pred_mask[v] & ~ideal) == 0:
+                    grown = ideal | (1 << v)
+                    if grown not in seen:
+                        seen.add(grown)
+                        if len(seen) > limit + 1:
+                            return None
+                        nxt.append(grown)
+        frontier = nxt
+    seen.discard(0)
+    return list(seen)
+
+
+def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace:
+    """Build the cut points of `profile` within `max_states` (see the module docstring)."""
+    kept, attached = _drop_io(profile)
+    succ, pred = profile.successors(), profile.predecessors()
+    order = [x for x in profile.topological_order() if x in set(kept)]
+    index = {x: i for i, x in enumerate(order)}
+    n = len(order)
+    pred_mask = [0] * n
+    succ_mask = [0] * n
+    for a, b in profile.edges:
+        if a in index and b in index:
+            pred_mask[index[b]] |= 1 << index[a]
+            succ_mask[index[a]] |= 1 << index[b]
+    notes: list[str] = []
+    if attached:
+        notes.append(f"{len(attached)} input/output placeholder layers (Input*, __getitem__ "
+                     "sinks) join the stage of the layer they feed or read")
+
+    masks = _enumerate_ideals(n, pred_mask, max_states)
+    kind = "exact"
+    if masks is None:
+        linear = _depth_first_order(order, succ, pred)
+        cuts = list(range(1, n + 1))
+        kind = "linearized"
+        if n > max_states:
+            cuts = _coarse_cuts(linear, index, profile, succ_mask, max_states)
+            kind = "coarsened"
+        masks = []
+        for c in cuts:
+            m = 0
+            for x in linear[:c]:
+                m |= 1 << index[x]
+            masks.append(m)
+        notes.append(
+            f"the layer graph has more than {max_states} cut points (ideals); planned over the "
+            f"{len(masks)} prefixes of one depth-first layer order"
+            + (f", grouping {n} layers into {len(masks)} runs at compute quantiles"
+               if kind == "coarsened" else "")
+            + " (raise max_states for an exact search)")
+    masks.sort(key=lambda m: (m.bit_count(), m))
+
+    nodes = {x: profile.node(x) for x in order}
+    vec = lambda f: np.array([f(nodes[x]) for x in order], dtype=np.float64)  # noqa: E731
+    comp, act = vec(lambda d: d.compute_s), vec(lambda d: d.activation_bytes)
+    par, opt = vec(lambda d: d.parameter_bytes), vec(lambda d: d.optimizer_state_bytes)
+    bits = np.array([[(m >> i) & 1 for i in range(n)] for m in masks], dtype=np.float64)
+    cut = np.zeros(len(masks))
+    frontier = np.zeros(len(masks))
+    for j, m in enumerate(masks):
+        for i in range(n):
+            if (m >> i) & 1:
+                if succ_mask[i] & ~m:
+                    cut[j] += act[i]
+                if not succ_mask[i] & m:
+                    frontier[j] += act[i]
+    preds = []
+    for j, m in enumerate(masks):
+        preds.append(np.array([k for k in range(j) if masks[k] != m and masks[k] & ~m == 0],
+                              dtype=np.int64))
+    return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, cut,
+                      frontier, preds, kind, notes, attached)
+
+
+def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,
+                 succ_mask: list[int], groups: int) -> list[int]:
+    """`groups` prefix lengths of `linear`: compute quantiles, each moved to the smallest
+    activation cut within half a group of it."""
+    n = len(linear)
+    cost = np.array([profile.node(x).compute_s for x in linear])
+    cum = np.cumsum(cost)
+    total = cum[-1] if cum[-1] > 0 else 1.0
+    # activation bytes crossing each prefix boundary c (layers linear[:c] vs the rest)
+    crossing = np.zeros(n + 1)
+    open_bytes: list[tuple[int, float]] = []   # (last consumer position, bytes)
+    pos = {x: i for i, x in enumerate(linear)}
+    for i, x in enumerate(linear):
+        consumers = [pos[y] for y in profile.successors()[x] if y in pos]
+        if consumers:
+            heapq.heappush(open_bytes, (max(consumers), float(profile.node(x).activation_bytes)))
+        while open_bytes and open_bytes[0][0] <= i:
+            heapq.heappop(open_bytes)
+        crossing[i + 1] = sum(b for _, b in open_bytes)
+    chosen = {n}
+    half = max(1, n // (2 * groups))
+    for q in range(1, groups):
+        target = int(np.searchsorted(cum, total * q / groups)) + 1
+        lo, hi = max(1, target - half), min(n - 1, target + half)
+        if lo > hi:
+            continue
+        best = min(range(lo, hi + 1), key=lambda c: (crossing[c], abs(c - target)))
+        chosen.add(best)
+    return sorted(chosen)
