@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 from legato import __version__
 
@@ -55,6 +56,69 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return status
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from legato.core.errors import LegatoError
+    from legato.core.pipeline import LayerProfile, Topology, parse_bytes, plan
+    from legato.core.pipeline.predict import predict
+
+    try:
+        profile = (LayerProfile.from_pipedream(args.profile) if args.from_pipedream
+                   else LayerProfile.load(args.profile))
+        if (args.workers is None) == (args.topology is None):
+            raise LegatoError("give either --workers N (one level) or --topology 4x4 (workers "
+                              "per level, innermost first)")
+        topology = (Topology.flat(args.workers, args.bandwidth or "1GB/s")
+                    if args.workers is not None
+                    else Topology.parse(args.topology, args.bandwidth or "1GB/s"))
+        memory = parse_bytes(args.memory, what="--memory") if args.memory else None
+        result = plan(profile, topology, mode=args.mode, objective=args.objective,
+                      microbatches=args.microbatches,
+                      activation_compression_ratio=args.activation_compression_ratio,
+                      memory_bytes=memory, straight=args.straight,
+                      fewer_machines=args.fewer_machines, max_states=args.max_states)
+        prediction = None
+        if args.simulate:
+            prediction = predict(profile, result, args.simulate,
+                                 microbatches=args.microbatches or 8)
+        if args.output:
+            if Path(args.output).resolve() == Path(args.profile).resolve():
+                raise LegatoError(f"-o {args.output} is the profile itself; write the plan to "
+                                  "another file")
+            result.save(args.output)
+        if args.gantt:
+            if prediction is None:
+                raise LegatoError("--gantt draws a simulated schedule; add --simulate SCHEDULE")
+            prediction.result.gantt(args.gantt)
+    except LegatoError as err:
+        print(f"legato plan: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = result.to_json()
+        if prediction is not None:
+            r = prediction.result
+            out["simulation"] = {"schedule": r.schedule, "microbatches": args.microbatches or 8,
+                                 "makespan_s": r.makespan_s,
+                                 "time_per_minibatch_s": prediction.time_per_minibatch_s,
+                                 "bubble_fraction": r.bubble_fraction,
+                                 "peak_memory_bytes": {str(k): v for k, v in
+                                                       r.peak_memory_bytes.items()}}
+        print(json.dumps(out, indent=1))
+        return 0
+    print(result.describe())
+    if prediction is not None:
+        r = prediction.result
+        print(f"simulated {r.schedule} with {args.microbatches or 8} microbatches: makespan "
+              f"{r.makespan_s * 1e3:.1f} ms, {prediction.time_per_minibatch_s * 1e3:.1f} ms per "
+              f"minibatch, bubble {r.bubble_fraction:.1%}")
+        for rank, peak in sorted(r.peak_memory_bytes.items()):
+            print(f"  rank {rank}: peak memory {peak / 2**30:.2f} GiB")
+    if args.output:
+        print(f"plan written to {args.output}")
+    if args.gantt:
+        print(f"Gantt chart written to {args.gantt}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="legato",
@@ -77,6 +141,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the sections and exit")
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser(
+        "plan", help="partition a profiled model into pipeline stages (PipeDream's planner)",
+        description="Plan pipeline-parallel training: which layers form each stage, how many "
+                    "workers replicate it, and the predicted time per minibatch against data "
+                    "parallelism. PROFILE is a legato profile (JSON) or, with --from-pipedream, "
+                    "PipeDream's graph.txt.")
+    p.add_argument("profile", metavar="PROFILE")
+    p.add_argument("--from-pipedream", action="store_true",
+                   help="PROFILE is PipeDream's graph.txt (times in ms)")
+    p.add_argument("--workers", type=int, metavar="N", help="N workers on one level")
+    p.add_argument("--topology", metavar="AxB",
+                   help="workers per level, innermost first: 4x4 = 4 servers of 4 GPUs")
+    p.add_argument("--bandwidth", metavar="B[,B...]",
+                   help="bandwidth per level, innermost first (10GB/s,1.25GB/s; bits as "
+                        "10Gbit/s); default 1GB/s")
+    p.add_argument("--mode", choices=["pipedream", "paper"], default="pipedream",
+                   help="cost arithmetic: PipeDream's released optimizer (default) or the "
+                        "paper's equations")
+    p.add_argument("--objective", choices=["async", "sync"], default="async",
+                   help="async: PipeDream's 1F1B (slowest stage); sync: GPipe/1F1B-flush "
+                        "makespan (needs --microbatches)")
+    p.add_argument("--microbatches", type=int, metavar="M",
+                   help="microbatches per minibatch (sync objective, --simulate; default 8)")
+    p.add_argument("--activation-compression-ratio", type=float, metavar="R",
+                   help="pipedream mode: count activation transfer, divided by R")
+    p.add_argument("--memory", metavar="SIZE", help="memory cap per worker (16GiB, 16GB)")
+    p.add_argument("--straight", action="store_true", help="no stage replication")
+    p.add_argument("--fewer-machines", action="store_true",
+                   help="allow plans that leave workers idle")
+    p.add_argument("--max-states", type=int, metavar="N",
+                   help="cut points searched exactly before the graph is linearized "
+                        "(default 1000 for one level, 300 for several)")
+    p.add_argument("--simulate", metavar="SCHEDULE",
+                   choices=["gpipe", "1f1b", "pipedream", "2bw", "interleaved-1f1b"],
+                   help="also simulate the plan under this schedule")
+    p.add_argument("--gantt", metavar="PNG", help="with --simulate: draw its Gantt chart")
+    p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")
     p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' for every one)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -90,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("legato: error: a command is required (doctor, demo, bench)", file=sys.stderr)
+        print("legato: error: a command is required (doctor, demo, plan, bench)",
+              file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

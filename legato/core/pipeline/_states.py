@@ -22,7 +22,7 @@ import heapq
 
 import numpy as np
 
-from legato.core.pipeline.profile import LayerProfile
+from legato.core.pipeline.profile import LayerProfile, ProfileError
 
 __all__ = ["StateSpace", "build_states"]
 
@@ -62,7 +62,15 @@ def _drop_io(profile: LayerProfile) -> tuple[list[str], dict[str, str]]:
             attached[n.id] = succ[n.id][0]
         elif not succ[n.id] and n.desc.startswith("__getitem__") and pred[n.id]:
             attached[n.id] = pred[n.id][0]
+    for x in list(attached):          # a placeholder attached to a placeholder: follow the chain
+        seen = {x}
+        while attached[x] in attached and attached[x] not in seen:
+            seen.add(attached[x])
+            attached[x] = attached[attached[x]]
     kept = [n.id for n in profile.nodes if n.id not in attached]
+    if not kept:
+        raise ProfileError("the profile has only Input/__getitem__ placeholder layers; "
+                           "profile the model's real layers")
     return kept, attached
 
 
@@ -122,7 +130,8 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
     notes: list[str] = []
     if attached:
         notes.append(f"{len(attached)} input/output placeholder layers (Input*, __getitem__ "
-                     "sinks) join the stage of the layer they feed or read")
+                     "sinks) join the stage of the layer they feed or read; their costs are "
+                     "not counted (as PipeDream zeroes them)")
 
     masks = _enumerate_ideals(n, pred_mask, max_states)
     kind = "exact"

@@ -89,6 +89,7 @@ class Plan:
     state_space: str = "exact"
     notes: tuple[str, ...] = ()
     model: str = ""
+    placeholders: tuple[str, ...] = ()     # layers placed but not costed (Input*, __getitem__)
 
     @property
     def speedup(self) -> float:
@@ -114,7 +115,8 @@ class Plan:
                 "mode": self.mode, "objective": self.objective,
                 "microbatches": self.microbatches, "topology": self.topology.to_json(),
                 "workers": self.topology.workers, "workers_used": self.workers_used,
-                "state_space": self.state_space, "notes": list(self.notes)}
+                "state_space": self.state_space, "notes": list(self.notes),
+                "placeholders": list(self.placeholders)}
 
     @classmethod
     def from_json(cls, data: dict, *, where: str = "plan") -> "Plan":
@@ -130,7 +132,7 @@ class Plan:
             return cls(stages, float(data["time_per_minibatch_s"]), float(data["dp_time_s"]),
                        data["mode"], data["objective"], topo, data.get("microbatches"),
                        data.get("state_space", "exact"), tuple(data.get("notes", ())),
-                       data.get("model", ""))
+                       data.get("model", ""), tuple(data.get("placeholders", ())))
         except (KeyError, TypeError) as err:
             raise PlanError(f"{where} is missing or has a malformed field: {err}") from err
 
@@ -419,8 +421,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
     segments = _expand(results, levels, S)
     stages = _stages(space, profile, segments, levels, mode, objective, microbatches or 1)
     dp = _dp_time(space, topology, mode, objective, microbatches or 1)
-    return Plan(tuple(stages), float(value), dp, mode, objective, topology, microbatches,
-                space.kind, tuple(notes), str(profile.meta.get("model", "")))
+    return Plan(tuple(stages), float(value), dp, mode, objective, topology,
+                microbatches if objective == "sync" else None, space.kind, tuple(notes),
+                str(profile.meta.get("model", "")), tuple(space.attached))
 
 
 def _solve_sync(c: _Costs, sub, preds, max_caps: int):
@@ -512,7 +515,7 @@ def _stages(space: StateSpace, profile: LayerProfile, segments, levels, mode: st
         member[x] = member[host]
     for i, (row, j, ranks, r_inner) in enumerate(segments):
         nodes = sorted((x for x, s in member.items() if s == i), key=order.get)
-        layer = [profile.node(x) for x in nodes]
+        layer = [profile.node(x) for x in nodes if x not in space.attached]   # costed layers
         compute = sum(n.compute_s for n in layer)
         params = sum(n.parameter_bytes for n in layer)
         t = float(_stage_time(inner, compute, params, float(r_inner), base=row == 0))

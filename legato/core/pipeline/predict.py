@@ -1,0 +1,112 @@
+"""From a plan to a prediction: the plan's schedule, its stage costs, and its simulation.
+
+`schedule_for(plan, "1f1b", microbatches=8)` builds the named schedule with the plan's stages
+and replicas and renames its ranks to the plan's; `stage_costs(profile, plan, ...)` turns the
+profiled layers of each stage into the simulator's per-microbatch `StageCost`;
+`predict(profile, plan, "1f1b", microbatches=8)` does both and simulates on a link derived from
+the plan's topology.
+
+What a microbatch is depends on the schedule: the synchronous ones (GPipe, 1F1B-flush,
+interleaved 1F1B) and 2BW split one profiled minibatch into `microbatches` pieces, so each costs
+1/microbatches of the profile; PipeDream's asynchronous 1F1B runs whole minibatches, each with
+its own update, so each "microbatch" costs the whole profile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from legato.core.errors import ConfigError
+from legato.core.pipeline.ir import ActionKind
+from legato.core.pipeline.planner import Plan
+from legato.core.pipeline.profile import LayerProfile
+from legato.core.pipeline.schedules import get_schedule
+from legato.core.pipeline.simulate import Link, SimResult, StageCost, simulate
+
+__all__ = ["Prediction", "batch_fraction", "predict", "schedule_for", "stage_costs"]
+
+WHOLE_MINIBATCH = ("pipedream", "1f1b-rr")
+NO_REPLICAS = ("interleaved-1f1b",)
+
+
+def batch_fraction(schedule: str, microbatches: int) -> float:
+    """The share of a profiled minibatch that one microbatch of `schedule` carries."""
+    return 1.0 if schedule in WHOLE_MINIBATCH else 1.0 / microbatches
+
+
+def schedule_for(plan: Plan, schedule: str, *, microbatches: int, **options):
+    """The named schedule for `plan`'s stages and replicas, on the plan's ranks."""
+    if schedule in NO_REPLICAS and any(s.replicas > 1 for s in plan.stages):
+        raise ConfigError(f"schedule {schedule!r} has no replicated stages but the plan is "
+                          f"{plan.shape()}; plan with straight=True (--straight) or pick gpipe, "
+                          "1f1b, pipedream or 2bw")
+    make = get_schedule(schedule)
+    kwargs = dict(options)
+    if schedule in NO_REPLICAS:
+        # [Note: interleaving a plan] the plan's stages are the virtual stages; stage k and
+        # k + p (p = stages / v) share the rank of stage k
+        v = kwargs.setdefault("virtual_stages", 2)
+        if len(plan.stages) % v:
+            raise ConfigError(f"interleaved 1F1B with virtual_stages={v} needs a plan whose "
+                              f"stage count is a multiple of {v}; this one has "
+                              f"{len(plan.stages)}")
+        sched = make(len(plan.stages) // v, microbatches, **kwargs)
+        mapping = {sched.stage_ranks[k][0]: plan.stages[k].ranks[0]
+                   for k in range(len(plan.stages) // v)}
+    else:
+        kwargs["replicas"] = [s.replicas for s in plan.stages]
+        sched = make(len(plan.stages), microbatches, **kwargs)
+        mapping = {}
+        for stage_ranks, ps in zip(sched.stage_ranks, plan.stages):
+            mapping.update(zip(stage_ranks, ps.ranks))
+    return sched.relabel(mapping) if mapping != {r: r for r in mapping} else sched
+
+
+def stage_costs(profile: LayerProfile, plan: Plan, *, fraction: float,
+                optimizer_step_s: float = 0.0) -> list[StageCost]:
+    """Per-stage costs of one microbatch carrying `fraction` of the profiled minibatch."""
+    costs = []
+    for i, st in enumerate(plan.stages):
+        try:
+            layers = [profile.node(x) for x in st.nodes if x not in plan.placeholders]
+        except KeyError as err:
+            raise ConfigError(f"the plan's stage {i} names layer {err.args[0]!r}, which the "
+                              "profile does not have; plan with this profile") from None
+        split = bool(layers) and all(n.backward_input_s is not None for n in layers)
+        costs.append(StageCost(
+            forward_s=fraction * sum(n.forward_s for n in layers),
+            backward_s=fraction * sum(n.backward_s for n in layers),
+            backward_input_s=fraction * sum(n.backward_input_s for n in layers) if split
+            else None,
+            backward_weight_s=fraction * sum(n.backward_weight_s for n in layers) if split
+            else None,
+            optimizer_step_s=optimizer_step_s,
+            output_bytes=int(fraction * st.output_bytes),
+            activation_bytes=int(fraction * st.activation_bytes),
+            parameter_bytes=st.parameter_bytes,
+            optimizer_state_bytes=st.optimizer_state_bytes))
+    return costs
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """A simulated run of a plan: the simulator's result and the time per minibatch."""
+
+    result: SimResult
+    minibatches: float
+    time_per_minibatch_s: float
+
+
+def predict(profile: LayerProfile, plan: Plan, schedule: str = "1f1b", *, microbatches: int = 8,
+            link: Link | None = None, alpha_s: float = 0.0, **options) -> Prediction:
+    """Simulate `plan` under `schedule`; the link defaults to the topology's slowest level."""
+    sched = schedule_for(plan, schedule, microbatches=microbatches, **options)
+    fraction = batch_fraction(schedule, microbatches)
+    if link is None:
+        bandwidth = min(level.bandwidth_Bps for level in plan.topology.levels)
+        link = Link(alpha_s, bandwidth)
+    result = simulate(sched, stage_costs(profile, plan, fraction=fraction), link)
+    total_mbs = len({a.microbatch for acts in sched.actions.values() for a in acts
+                     if a.kind is ActionKind.FORWARD})
+    minibatches = total_mbs * fraction
+    return Prediction(result, minibatches, result.makespan_s / minibatches)
