@@ -1,5 +1,5 @@
-"""legato's torch adapter: ScheduledOptimizer and its communication backends, and the
-pipeline profiler."""
+"""legato's torch adapter: ScheduledOptimizer and its communication backends, the pipeline
+profiler and the pipeline-parallel trainer."""
 
 from legato.adapters._require import require_framework
 
@@ -10,7 +10,17 @@ from legato.adapters.torch.ddp_hook import (  # noqa: E402
     register_scheduled_hook,
 )
 from legato.adapters.torch.optimizer import ScheduledOptimizer  # noqa: E402
+from legato.adapters.torch.pipeline import (  # noqa: E402
+    PipelineCommError,
+    PipelineTrainer,
+    VersionRecord,
+    layer_ids,
+    microbatch_rng,
+    microbatch_seed,
+    split_model,
+)
 from legato.adapters.torch.pipeline_profile import profile_pipeline  # noqa: E402
 
-__all__ = ["ScheduledCommHook", "ScheduledOptimizer", "profile_pipeline",
-           "register_scheduled_hook"]
+__all__ = ["PipelineCommError", "PipelineTrainer", "ScheduledCommHook", "ScheduledOptimizer",
+           "VersionRecord", "layer_ids", "microbatch_rng", "microbatch_seed",
+           "profile_pipeline", "register_scheduled_hook", "split_model"]

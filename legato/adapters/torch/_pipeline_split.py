@@ -1,0 +1,457 @@
+"""Splitting a torch model into pipeline stages by a plan, with the profiler's layer ids.
+
+An `nn.Sequential` splits by child names: each stage is a run of consecutive children. Any other
+model is traced with `torch.fx.symbolic_trace`, its nodes grouped into layers exactly as
+`profile_pipeline` groups them (`group_ops`, so a plan made from a profile names the same ids),
+and cut into one `GraphModule` per stage.
+
+Every stage module but the last takes the values that cross the cut before it as positional
+arguments (stage 0: the model's own arguments) and returns a tuple of the tensors that cross
+the cut after it; the last returns the model's output. [Note: values crossing a cut] A value
+made at stage a and read at stage b > a + 1 is passed through every stage between (the IR only
+sends to the next stage); a model input read after stage 0 is passed on the same way. Only
+tensors can cross: a cut that leaves an int, a shape or a list between stages is an error
+naming the node.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import difflib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from legato.adapters._pipeline_graph import Op, first_line, group_ops
+from legato.core.errors import ConfigError
+
+__all__ = ["ModelSplit", "TensorSpec", "as_args", "chunk", "layer_ids", "split_model"]
+
+_CALLS = ("call_module", "call_function", "call_method")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor crossing a cut, for one microbatch: its FX node (or child) name, shape, dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether a gradient comes back for it (floating point or complex)."""
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+@dataclasses.dataclass
+class ModelSplit:
+    """A model cut into stages.
+
+    Attributes:
+        kind: "sequential" or "fx".
+        nodes: per stage, its layer ids in forward order.
+        modules: per stage, its module (sharing parameters with the model).
+        boundaries: boundaries[s] = the tensors stage s hands to stage s + 1 (one microbatch).
+        inputs: the specs of the model's tensor arguments for one microbatch.
+    """
+
+    kind: str
+    nodes: list[tuple[str, ...]]
+    modules: list[nn.Module]
+    boundaries: list[tuple[TensorSpec, ...]]
+    inputs: tuple[TensorSpec, ...]
+
+
+# -- values -------------------------------------------------------------------------------------
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_of(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_of(v)]
+    return []
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def as_args(inputs: Any, what: str = "inputs") -> tuple:
+    """The model's positional arguments: a tensor becomes a 1-tuple."""
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not tensors_of(args):
+        raise ConfigError(f"{what} holds no tensor (got {[type(a).__name__ for a in args]}); "
+                          "pass a tensor, or a tuple of the model's positional arguments")
+    return args
+
+
+def chunk(value: Any, parts: int, what: str) -> list[Any]:
+    """`value` cut into `parts` equal microbatches along dim 0 of every tensor in it."""
+    for t in tensors_of(value):
+        if t.dim() == 0 or t.shape[0] % parts:
+            size = "a scalar" if t.dim() == 0 else f"batch size {t.shape[0]}"
+            raise ConfigError(f"{what} has a tensor of shape {list(t.shape)} ({size}), which "
+                              f"does not split into microbatches={parts} equal parts along "
+                              f"dim 0; pass a batch size that is a multiple of {parts}, or "
+                              "change microbatches")
+    if parts == 1:
+        return [value]
+    return [map_tensors(value, lambda t, i=i: torch.tensor_split(t, parts, dim=0)[i])
+            for i in range(parts)]
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """No grad; buffers (BatchNorm statistics) and torch's random state restored after."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = sorted({b.device.index or 0 for b in model.buffers() if b.is_cuda}
+                     | {p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def is_plain_sequential(model: nn.Module) -> bool:
+    return isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward
+
+
+# -- layer ids ----------------------------------------------------------------------------------
+class _Traced:
+    """An FX trace of a model with its layer groups (as the profiler forms them)."""
+
+    def __init__(self, model: nn.Module, args: tuple) -> None:
+        cls = type(model).__name__
+        try:
+            self.gm = torch.fx.symbolic_trace(model)
+        except Exception as err:
+            raise ConfigError(
+                f"{cls} is not an nn.Sequential and torch.fx cannot trace it "
+                f"({first_line(err)}); wrap its layers in an nn.Sequential, or make its forward "
+                "FX-traceable (no Python control flow on tensor values; see 'Limitations of "
+                "Symbolic Tracing' in the torch.fx docs)") from err
+        values: dict[torch.fx.Node, Any] = {}
+
+        class _Capture(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                out = super().run_node(n)
+                values[n] = out
+                return out
+
+        try:
+            with preserved(model):
+                _Capture(self.gm).run(*args)
+        except Exception as err:
+            raise _run_failed(model, args, err) from err
+        self.values = values
+
+        def trainable_attr(n: torch.fx.Node) -> bool:
+            v = values.get(n)
+            return n.op == "get_attr" and isinstance(v, nn.Parameter) and v.requires_grad
+
+        ops: list[Op] = []
+        outputs: list[torch.fx.Node] = []
+        for n in self.gm.graph.nodes:
+            if n.op == "output":
+                outputs = list(n.all_input_nodes)
+                self.output = n
+            elif n.op in _CALLS:
+                ins = n.all_input_nodes
+                ops.append(Op(
+                    key=n, name=str(n.target) if n.op == "call_module" else n.name,
+                    is_layer=n.op == "call_module", has_params=any(map(trainable_attr, ins)),
+                    inputs=tuple(a for a in ins if a.op not in ("placeholder", "get_attr")),
+                    reads_model_input=any(a.op == "placeholder" for a in ins),
+                    yields_tensor=bool(tensors_of(values[n]))))
+        groups, _, self.group_of = group_ops(ops, outputs)
+        if not groups:
+            raise ConfigError(f"{cls} has no layers: its traced forward calls no module and "
+                              "computes nothing from its inputs; there is nothing to split")
+        self.ids = [g.id for g in groups]
+
+
+def layer_ids(model: nn.Module, example_inputs: Any) -> list[str]:
+    """The layer ids a plan names for `model`, in forward order (as `profile_pipeline` gives).
+
+    Args:
+        model: an nn.Sequential (ids: child names) or an FX-traceable module.
+        example_inputs: one (micro)batch: a tensor or a tuple of positional arguments.
+    """
+    if is_plain_sequential(model):
+        return [n for n, m in model._modules.items() if m is not None]
+    return _Traced(model, as_args(example_inputs, "example_inputs")).ids
+
+
+def _run_failed(model: nn.Module, args: tuple, err: Exception) -> ConfigError:
+    shapes = [list(t.shape) for t in tensors_of(args)]
+    return ConfigError(f"running {type(model).__name__} on one microbatch of example_inputs "
+                       f"(tensor shapes {shapes}) failed: {first_line(err)}; pass "
+                       "example_inputs the model accepts (one minibatch, as step() gets it)")
+
+
+# -- plans --------------------------------------------------------------------------------------
+def resolve_stages(ids: list[str], stages: Sequence, model_name: str) -> list[tuple[str, ...]]:
+    """Stage node lists from node ids or layer counts; unknown, missing or repeated ids are
+    errors naming the layer."""
+    if not stages:
+        raise ConfigError("the plan has no stages; pass one list of layer ids (or one layer "
+                          "count) per stage")
+    if all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
+        if any(c < 1 for c in stages) or sum(stages) != len(ids):
+            raise ConfigError(f"layer counts {list(stages)} must be >= 1 each and add up to the "
+                              f"{len(ids)} layers of {model_name} ({ids[:8]}"
+                              f"{'...' if len(ids) > 8 else ''})")
+        out, k = [], 0
+        for c in stages:
+            out.append(tuple(ids[k:k + c]))
+            k += c
+        return out
+    known = set(ids)
+    seen: dict[str, int] = {}
+    out = []
+    for s, nodes in enumerate(stages):
+        if isinstance(nodes, (str, int)) or not nodes:
+            raise ConfigError(f"stage {s} of the plan is {nodes!r}; give each stage a non-empty "
+                              "list of layer ids (or every stage a layer count)")
+        for n in nodes:
+            n = str(n)
+            if n not in known:
+                close = difflib.get_close_matches(n, ids, n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ConfigError(
+                    f"stage {s} names layer {n!r}, which {model_name} does not have{hint} "
+                    f"Its layers are {ids[:12]}{'...' if len(ids) > 12 else ''}: the child "
+                    "names of an nn.Sequential, else the FX node ids profile_pipeline gives")
+            if n in seen:
+                raise ConfigError(f"layer {n!r} is in stage {seen[n]} and again in stage {s}; "
+                                  "put each layer in exactly one stage")
+            seen[n] = s
+        out.append(tuple(str(n) for n in nodes))
+    missing = [n for n in ids if n not in seen]
+    if missing:
+        i = ids.index(missing[0])
+        where = seen.get(ids[i - 1]) if i > 0 else 0
+        raise ConfigError(f"layer {missing[0]!r} of {model_name} is in no stage"
+                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                          f"every layer must be in exactly one stage: add it to stage {where}")
+    return out
+
+
+# -- splitting ------------------------------------------------------------------------------------
+class _SequentialStage(nn.Sequential):
+    """Consecutive children of an nn.Sequential, under their own names; returns a 1-tuple
+    unless it is the last stage."""
+
+    def __init__(self, children: "collections.OrderedDict[str, nn.Module]", last: bool) -> None:
+        super().__init__(children)
+        self._last = last
+
+    def forward(self, x):
+        for m in self:
+            x = m(x)
+        return x if self._last else (x,)
+
+
+def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
+                microbatches: int = 1) -> ModelSplit:
+    """Cut `model` into pipeline stages.
+
+    Args:
+        model: an `nn.Sequential` (layer ids: child names) or an FX-traceable module (layer
+            ids: `profile_pipeline`'s node ids).
+        stages: per stage, its layer ids (a list of str), or per stage a layer count.
+        example_inputs: one minibatch as the training step gets it (a tensor or a tuple of
+            positional arguments); cut into `microbatches` parts, one of which is run (without
+            gradients; buffers and random state are restored) to find the tensors that cross
+            each cut.
+        microbatches: how many microbatches a minibatch is cut into.
+    Returns:
+        A `ModelSplit` whose modules share parameters with `model`.
+    Raises:
+        ConfigError: an unknown, missing or repeated layer; a stage that reads a later stage's
+            output; a non-tensor value crossing a cut; parameters shared by two stages; a model
+            that does not trace or does not run on the example.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
+    args = as_args(example_inputs, "example_inputs")
+    micro = chunk(args, microbatches, "example_inputs")[0]
+    name = type(model).__name__
+    if is_plain_sequential(model):
+        entries = [(n, m) for n, m in model._modules.items() if m is not None]
+        if not entries:
+            raise ConfigError(f"{name} is an empty nn.Sequential; there is nothing to split")
+        if len(micro) != 1:
+            raise ConfigError(f"an nn.Sequential takes one input but example_inputs has "
+                              f"{len(micro)} positional arguments; pass one tensor")
+        ids = [n for n, _ in entries]
+        nodes = resolve_stages(ids, stages, name)
+        flat = [n for ns in nodes for n in ns]
+        if flat != ids:
+            k = next(k for k, (a, b) in enumerate(zip(flat, ids)) if a != b)
+            s = next(s for s, ns in enumerate(nodes) if flat[k] in ns)
+            raise ConfigError(f"stage {s} is not a run of consecutive layers in model order: "
+                              f"layer {flat[k]!r} comes where the model has {ids[k]!r}; give "
+                              f"each stage consecutive children, in order (the model's order "
+                              f"is {ids[:12]}{'...' if len(ids) > 12 else ''})")
+        children = dict(entries)
+        modules: list[nn.Module] = [
+            _SequentialStage(collections.OrderedDict((n, children[n]) for n in ns),
+                             last=s == len(nodes) - 1) for s, ns in enumerate(nodes)]
+        kind = "sequential"
+    else:
+        traced = _Traced(model, micro)
+        nodes = resolve_stages(traced.ids, stages, name)
+        modules = _fx_stages(traced, nodes, name)
+        kind = "fx"
+    _check_shared_parameters(modules, nodes)
+    boundaries = _probe(model, modules, nodes, micro, kind)
+    inputs = tuple(TensorSpec(f"input {k}", tuple(t.shape), t.dtype)
+                   for k, t in enumerate(tensors_of(micro)))
+    return ModelSplit(kind, nodes, modules, boundaries, inputs)
+
+
+def _fx_stages(traced: _Traced, nodes: list[tuple[str, ...]], model_name: str
+               ) -> list[nn.Module]:
+    gm, group_of = traced.gm, traced.group_of
+    last = len(nodes) - 1
+    stage_of_group = {n: s for s, ns in enumerate(nodes) for n in ns}
+    order = list(gm.graph.nodes)
+    stage: dict[torch.fx.Node, int] = {}
+    for n in order:
+        if n.op == "placeholder":
+            stage[n] = 0
+        elif n.op in _CALLS and group_of.get(n) is not None:
+            stage[n] = stage_of_group[group_of[n]]
+
+    def user_stage(u: torch.fx.Node) -> int:
+        return last if u.op == "output" else stage[u]
+
+    # ops in no layer (constants, shape reads): run where first used (see the module note)
+    for n in reversed(order):
+        if n.op in _CALLS and n not in stage:
+            users = [user_stage(u) for u in n.users]
+            ins = [stage[a] for a in n.all_input_nodes if a in stage]
+            stage[n] = min(users) if users else max(ins, default=0)
+
+    def label(n: torch.fx.Node) -> str:
+        gid = group_of.get(n)
+        return f"layer {gid!r}" if gid is not None else f"node {n.name!r}"
+
+    for n in order:
+        if n.op not in _CALLS:
+            continue
+        for a in n.all_input_nodes:
+            if a in stage and stage[a] > stage[n]:
+                raise ConfigError(
+                    f"{label(n)} (stage {stage[n]}) reads the output of {label(a)}, which the "
+                    f"plan puts in the later stage {stage[a]}; a stage can only use values of "
+                    f"earlier stages: move {label(a)} to stage {stage[n]} or earlier, or "
+                    f"{label(n)} to stage {stage[a]} or later")
+    crossing: list[list[torch.fx.Node]] = []
+    for s in range(last):
+        cut = [n for n in order if n in stage and stage[n] <= s
+               and any(user_stage(u) > s for u in n.users)]
+        for n in cut:
+            value = traced.values.get(n)
+            if not isinstance(value, torch.Tensor):
+                what = type(value).__name__
+                readers = sorted({label(u) for u in n.users if user_stage(u) > s})
+                raise ConfigError(
+                    f"the cut after stage {s} would have to send {label(n)}, a {what}, to "
+                    f"{', '.join(readers)}; only tensors can cross stages: put {label(n)} in "
+                    f"the same stage as its readers (move the cut)")
+        crossing.append(cut)
+    modules: list[nn.Module] = []
+    for s in range(last + 1):
+        g = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        if s == 0:
+            for n in order:
+                if n.op == "placeholder":
+                    env[n] = g.node_copy(n)
+        else:
+            for n in crossing[s - 1]:
+                env[n] = g.placeholder(n.name)
+        for n in order:
+            if n.op not in _CALLS or stage[n] != s:
+                continue
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a not in env:
+                    env[a] = g.node_copy(a)
+            env[n] = g.node_copy(n, lambda x: env[x])
+        if s < last:
+            g.output(tuple(env[n] for n in crossing[s]))
+        else:
+            for a in traced.output.all_input_nodes:
+                if a.op == "get_attr" and a not in env:
+                    env[a] = g.node_copy(a)
+            g.output(torch.fx.node.map_arg(traced.output.args[0], lambda x: env[x]))
+        g.lint()
+        modules.append(torch.fx.GraphModule(gm, g, class_name=f"{model_name}Stage{s}"))
+    return modules
+
+
+def _check_shared_parameters(modules: list[nn.Module], nodes: list[tuple[str, ...]]) -> None:
+    owner: dict[int, tuple[int, str]] = {}
+    for s, m in enumerate(modules):
+        for pname, p in m.named_parameters():
+            if id(p) in owner and owner[id(p)][0] != s:
+                s0, n0 = owner[id(p)]
+                raise ConfigError(
+                    f"parameter {n0!r} of stage {s0} is also used by stage {s} (as {pname!r}): "
+                    "weights shared between stages (tied embeddings, a module called twice) "
+                    "are not supported; put all their users in one stage")
+            owner.setdefault(id(p), (s, pname))
+
+
+def _probe(model: nn.Module, modules: list[nn.Module], nodes: list[tuple[str, ...]],
+           micro: tuple, kind: str) -> list[tuple[TensorSpec, ...]]:
+    """Run the stages in turn on one microbatch; record what crosses each cut."""
+    boundaries: list[tuple[TensorSpec, ...]] = []
+    values: tuple = micro
+    last = len(modules) - 1
+    with preserved(model):
+        for s, m in enumerate(modules):
+            try:
+                out = m(*values)
+            except Exception as err:
+                raise ConfigError(f"stage {s} (layers {nodes[s][0]}..{nodes[s][-1]}) failed on "
+                                  f"its part of one microbatch of example_inputs: "
+                                  f"{first_line(err)}") from err
+            if s == last:
+                break
+            if kind == "sequential" and not isinstance(out[0], torch.Tensor):
+                raise ConfigError(
+                    f"layer {nodes[s][-1]!r}, the last of stage {s}, returns a "
+                    f"{type(out[0]).__name__}; a cut between children of an nn.Sequential must "
+                    "carry one tensor: move the cut, or trace the model with torch.fx (wrap it "
+                    "in a module whose forward calls the children)")
+            names = [n.name for n in _crossing_names(m)] if kind == "fx" else [nodes[s][-1]]
+            boundaries.append(tuple(TensorSpec(names[k] if k < len(names) else str(k),
+                                               tuple(t.shape), t.dtype)
+                                    for k, t in enumerate(out)))
+            values = tuple(out)
+    return boundaries
+
+
+def _crossing_names(m: nn.Module) -> list:
+    out = next(n for n in m.graph.nodes if n.op == "output")
+    return list(out.args[0])

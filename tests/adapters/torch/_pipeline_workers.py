@@ -1,0 +1,381 @@
+"""Ranks of the PipelineTrainer tests (run by legato.launch; no pytest here), and the
+single-process references they are checked against."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from legato.adapters.torch import PipelineTrainer, microbatch_rng, split_model
+from legato.core.errors import LegatoError
+from legato.core.pipeline import ActionKind, Plan, StageCost, simulate, verify
+
+K = ActionKind
+LR = 0.05
+BATCH = 12
+
+
+# -- models --------------------------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Sequential:
+    """Linear layers with BatchNorm1d and Dropout; layer ids are the child names."""
+    torch.manual_seed(seed)
+    return nn.Sequential(collections.OrderedDict(
+        fc1=nn.Linear(6, 16), act1=nn.Tanh(), bn=nn.BatchNorm1d(16), fc2=nn.Linear(16, 16),
+        drop=nn.Dropout(0.25), act2=nn.ReLU(), fc3=nn.Linear(16, 12), fc4=nn.Linear(12, 4)))
+
+
+class Residual(nn.Module):
+    """A skip connection: FX node ids fc1, fc2, drop, fc3, add, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.drop = nn.Dropout(0.2)
+        self.fc3 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.head(self.fc3(self.drop(self.fc2(h))) + h)
+
+
+def residual(seed: int = 0) -> Residual:
+    torch.manual_seed(seed)
+    return Residual()
+
+
+MODELS = {"mlp": mlp, "residual": residual}
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 6, generator=g), torch.randint(0, 4, (BATCH,), generator=g)
+
+
+def make_opt(momentum: float):
+    return lambda ps: torch.optim.SGD(ps, lr=LR, momentum=momentum)
+
+
+def stages_of(case: dict) -> list:
+    """The case's stages: its list, or the nodes of the Plan saved at case["plan"]."""
+    if "plan" in case:
+        return [list(st.nodes) for st in Plan.load(case["plan"]).stages]
+    return case["stages"]
+
+
+def build(case: dict, **extra) -> PipelineTrainer:
+    plan = Plan.load(case["plan"]) if "plan" in case else case["stages"]
+    return PipelineTrainer(
+        MODELS[case["model"]](), plan, example_inputs=batch(0)[0],
+        loss_fn=F.cross_entropy, optimizer=make_opt(case.get("momentum", 0.9)),
+        schedule=case["schedule"], microbatches=case["m"], replicas=case.get("replicas"),
+        schedule_options=case.get("options"), seed=7, timeout_s=60, **extra)
+
+
+# -- references ----------------------------------------------------------------------------------
+def reference_sync(case: dict, steps: int, schedule):
+    """Single process: the same stage modules on the same microbatches, each loss / m, gradients
+    accumulated in microbatch order; a replicated stage sums each replica's own accumulation
+    (replica j: microbatches i with i % replicas == j), as its all-reduce does."""
+    m = schedule.num_microbatches
+    split = split_model(MODELS[case["model"]](), stages_of(case), batch(0)[0], microbatches=m)
+    mods = split.modules
+    reps = [len(r) for r in schedule.stage_ranks]
+    momentum = case.get("momentum", 0.9)
+    opts = [torch.optim.SGD(list(mod.parameters()), lr=LR, momentum=momentum)
+            for mod in mods if list(mod.parameters())]
+    all_losses = []
+    for n in range(steps):
+        x, y = batch(n)
+        xs, ys = x.chunk(m), y.chunk(m)
+        acc: dict[int, list] = {s: [None] * r for s, r in enumerate(reps) if r > 1}
+        losses = []
+        for i in range(m):
+            h: tuple = (xs[i],)
+            for s, mod in enumerate(mods):
+                with microbatch_rng(7, n, s, i):
+                    h = mod(*h)
+            loss = F.cross_entropy(h, ys[i])
+            losses.append(loss.detach())
+            (loss / m).backward()
+            for s, parts in acc.items():
+                j = i % reps[s]
+                ps = list(mods[s].parameters())
+                parts[j] = [p.grad if parts[j] is None else parts[j][k] + p.grad
+                            for k, p in enumerate(ps)]
+                for p in ps:
+                    p.grad = None
+        for s, parts in acc.items():
+            for k, p in enumerate(mods[s].parameters()):
+                total = parts[0][k]
+                for part in parts[1:]:
+                    total = total + part[k]
+                p.grad = total
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        all_losses.append(torch.stack(losses).mean())
+    return mods, all_losses
+
+
+def emulate_async(case: dict, steps: int, schedule):
+    """Single process delayed-update emulator. Versions come from the schedule (the verifier's
+    report, never from the runtime): microbatch i at stage s computes its gradient with every
+    stage t at the version t used for i, and the gradients between two STEPs of a stage are
+    summed and applied to its latest weights (replicas: their mean)."""
+    report = verify(schedule)
+    mps = schedule.meta.get("microbatches_per_step") or 1
+    m = schedule.num_microbatches
+    split = split_model(MODELS[case["model"]](), stages_of(case), batch(0)[0], microbatches=m)
+    mods = split.modules
+    S = len(mods)
+    W = [[{n: p.detach().clone() for n, p in mod.named_parameters()}] for mod in mods]
+    losses_out = []
+    for n in range(steps):
+        x, y = batch(n)
+        xs, ys = x.chunk(m), y.chunk(m)
+        base = [len(W[s]) - 1 for s in range(S)]
+        grads: dict[int, list[dict]] = {}
+        losses = []
+        acc: dict[tuple[int, int], dict | None] = {}
+        rounds_done: dict[int, int] = collections.Counter()
+
+        def grad_of(i: int) -> list[dict]:
+            if i in grads:
+                return grads[i]
+            leaves = [{k: w.clone().requires_grad_(True) for k, w in
+                       W[t][base[t] + report.versions[(t, i)]].items()} for t in range(S)]
+            h: tuple = (xs[i],)
+            for t, mod in enumerate(mods):
+                with microbatch_rng(7, n, t, i):
+                    h = torch.func.functional_call(mod, leaves[t], h)
+            loss = F.cross_entropy(h, ys[i])
+            losses.append(loss.detach())
+            flat = [w for d in leaves for w in d.values()]
+            g = torch.autograd.grad(loss / mps if mps != 1 else loss, flat)
+            out, k = [], 0
+            for d in leaves:
+                out.append({name: g[k + j] for j, name in enumerate(d)})
+                k += len(d)
+            grads[i] = out
+            return out
+
+        for rank, pos in report.order:
+            a = schedule.actions[rank][pos]
+            if a.kind in (K.BACKWARD, K.BACKWARD_WEIGHT):
+                g = grad_of(a.microbatch)[a.stage]
+                key = (a.stage, rank)
+                acc[key] = dict(g) if acc.get(key) is None else {
+                    k: acc[key][k] + g[k] for k in g}
+            elif a.kind is K.STEP and a.microbatch >= rounds_done[a.stage]:
+                s = a.stage
+                parts = [acc.get((s, r)) for r in schedule.stage_ranks[s]]
+                total = parts[0]
+                for part in parts[1:]:
+                    total = {k: total[k] + part[k] for k in total}
+                if len(parts) > 1 and not schedule.meta.get("microbatches_per_step"):
+                    total = {k: v / len(parts) for k, v in total.items()}
+                W[s].append({k: w.add(total[k], alpha=-LR) for k, w in W[s][-1].items()})
+                for r in schedule.stage_ranks[s]:
+                    acc[(s, r)] = None
+                rounds_done[s] += 1
+        losses_out.append(losses)
+    return W, report
+
+
+# -- checks --------------------------------------------------------------------------------------
+def check_timeline(trainer: PipelineTrainer) -> str:
+    rank = trainer.rank
+    spans = trainer.timeline()
+    acts = trainer.schedule.actions[rank]
+    assert [sp.action for sp in spans] == acts, (rank, spans[:4], acts[:4])
+    for a, b in zip(spans, spans[1:]):
+        assert a.start_s <= a.end_s <= b.start_s, (a, b)
+    assert spans[-1].start_s <= spans[-1].end_s
+    everyone = trainer.timeline(gather=True)
+    assert {sp.rank for sp in everyone} == set(trainer.schedule.ranks)
+    assert min(sp.start_s for sp in everyone) == 0.0
+    # the simulator's prediction covers the same (rank, action) cells
+    fwd = [sp.end_s - sp.start_s for sp in everyone if sp.action.kind is K.FORWARD]
+    bwd = [sp.end_s - sp.start_s for sp in everyone if sp.action.kind is K.BACKWARD]
+    cost = StageCost(forward_s=sum(fwd) / len(fwd), backward_s=sum(bwd) / max(len(bwd), 1))
+    sim = simulate(trainer.schedule, cost)
+    assert {(sp.rank, sp.action) for sp in sim.timeline} == {(sp.rank, sp.action)
+                                                             for sp in everyone}
+    measured = max(sp.end_s for sp in everyone)
+    return f"makespan measured {measured * 1e3:.1f} ms, simulated {sim.makespan_s * 1e3:.1f} ms"
+
+
+def sync_exact(cases: list[dict], steps: int) -> None:
+    """Each case: train `steps` steps; every rank's stages must equal the reference bit for bit
+    (parameters and buffers), and the loss on the last stage too."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for case in cases:
+        trainer = build(case)
+        got = []
+        for n in range(steps):
+            x, y = batch(n)
+            got.append(trainer.step(x if trainer.is_first else None,
+                                    y if trainer.is_last else None))
+        mods, losses = reference_sync(case, steps, trainer.schedule)
+        for s in trainer.stages:
+            ours, ref = trainer.modules[s].state_dict(), mods[s].state_dict()
+            assert list(ours) == list(ref), (list(ours), list(ref))
+            for name in ours:
+                assert torch.equal(ours[name], ref[name]), (
+                    f"rank {rank} {case['label']}: stage {s} {name} differs by "
+                    f"{(ours[name].double() - ref[name].double()).abs().max().item()}")
+        if trainer.is_last and trainer.schedule.replicas(trainer.schedule.num_stages - 1) == 1:
+            for n in range(steps):
+                assert torch.equal(got[n], losses[n]), (case["label"], n, got[n], losses[n])
+        else:
+            assert all(g is None for g in got) or trainer.is_last
+        note = check_timeline(trainer)
+        print(f"rank {rank}: {case['label']} bit-identical after {steps} steps; {note}",
+              flush=True)
+    dist.destroy_process_group()
+
+
+def async_exact(cases: list[dict], steps: int) -> None:
+    """Each case: the ledger shows every backward used its forward's version (and unchanged
+    weights), versions agree with the schedule's, and parameters match the emulator."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for case in cases:
+        trainer = build(case, check_versions=True)
+        for n in range(steps):
+            x, y = batch(n)
+            trainer.step(x if trainer.is_first else None, y if trainer.is_last else None)
+        W, report = emulate_async(case, steps, trainer.schedule)
+        per_call = {s: sum(1 for a in trainer.schedule.actions[rank]
+                           if a.kind is K.STEP and a.stage == s) for s in trainer.stages}
+        records = trainer.ledger()
+        assert len(records) == steps * sum(
+            1 for a in trainer.schedule.actions[rank] if a.kind is K.FORWARD)
+        stashed = 0
+        for r in records:
+            assert r.backward_version == r.forward_version, r
+            assert r.backward_fingerprint == r.forward_fingerprint, r
+            local = r.forward_version - r.step * per_call[r.stage]
+            assert local == report.versions[(r.stage, r.microbatch)], (r, local)
+            stashed += r.stashed
+        exact = True
+        for s in trainer.stages:
+            final = W[s][-1]
+            assert trainer.versions()[s] == len(W[s]) - 1
+            for name, p in trainer.modules[s].named_parameters():
+                assert torch.allclose(p, final[name], rtol=1e-5, atol=1e-6), (
+                    f"rank {rank} {case['label']}: stage {s} {name} differs by "
+                    f"{(p - final[name]).abs().max().item()}")
+                exact &= torch.equal(p, final[name])
+        print(f"rank {rank}: {case['label']}: {len(records)} ledger records, every backward "
+              f"on its forward's version ({stashed} on stashed copies); matches the emulator "
+              f"after {steps} steps ({'bit-identical' if exact else 'allclose'})", flush=True)
+    dist.destroy_process_group()
+
+
+CKPT_CASE = {"label": "ckpt", "model": "mlp", "stages": [["fc1", "act1", "bn"],
+             ["fc2", "drop", "act2", "fc3", "fc4"]], "schedule": "1f1b", "m": 3}
+
+
+def checkpoint_run(folder: str, phase: str, steps: int) -> None:
+    """phase "first": train, save, train on, dump; phase "resume": a fresh trainer (other
+    initial weights) loads the checkpoint, trains on, dumps."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    trainer = build(CKPT_CASE) if phase == "first" else PipelineTrainer(
+        mlp(seed=99), CKPT_CASE["stages"], example_inputs=batch(0)[0], loss_fn=F.cross_entropy,
+        optimizer=make_opt(0.9), schedule="1f1b", microbatches=3, seed=7, timeout_s=60)
+
+    def train(first: int) -> None:
+        for n in range(first, first + steps):
+            x, y = batch(n)
+            trainer.step(x, y)
+
+    if phase == "first":
+        train(0)
+        trainer.save_checkpoint(os.path.join(folder, "ckpt"))
+    else:
+        trainer.load_checkpoint(os.path.join(folder, "ckpt"))
+        assert trainer.steps_done == steps
+    train(steps)
+    for s in trainer.stages:
+        state = {"module": trainer.modules[s].state_dict(),
+                 "optimizer": trainer.optimizers[s].state_dict()}
+        torch.save(state, os.path.join(folder, f"{phase}-stage{s}.pt"))
+    print(f"rank {rank}: {phase} done", flush=True)
+    dist.destroy_process_group()
+
+
+def dead_peer(mode: str) -> None:
+    """After the first step rank 1 dies ("die") or stalls past the timeout ("stall"); rank 0
+    must fail with a clear error, not hang."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    timeout_s = 2 if mode == "stall" else 30
+    trainer = PipelineTrainer(mlp(), CKPT_CASE["stages"], example_inputs=batch(0)[0],
+                              loss_fn=F.cross_entropy, optimizer=make_opt(0.0),
+                              schedule="1f1b", microbatches=3, timeout_s=timeout_s)
+    x, y = batch(0)
+    trainer.step(x, y)
+    if rank == 1:
+        if mode == "stall":
+            time.sleep(2.5 * timeout_s)
+            os._exit(0)
+        os._exit(17)
+    start = time.monotonic()
+    try:
+        for _ in range(3):
+            trainer.step(x, y)
+    except LegatoError as err:
+        print(f"rank {rank}: clear error after {time.monotonic() - start:.1f} s: "
+              f"{type(err).__name__}: {err}", flush=True)
+        os._exit(0)
+    print(f"rank {rank}: no error although rank 1 stopped", flush=True)
+    os._exit(1)
+
+
+def gpu_smoke(steps: int) -> None:
+    """One rank on CUDA with NCCL: interleaved 1F1B with two virtual stages on the rank (data
+    handed over locally), against the single-process reference on the same GPU."""
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(0)
+    case = {"label": "gpu-interleaved", "model": "mlp", "stages": [3, 5],
+            "schedule": "interleaved-1f1b", "m": 3, "options": {"virtual_stages": 2}}
+    trainer = PipelineTrainer(
+        mlp().cuda(), case["stages"], example_inputs=batch(0)[0].cuda(), loss_fn=F.cross_entropy,
+        optimizer=make_opt(0.9), schedule=case["schedule"], microbatches=3,
+        schedule_options={"virtual_stages": 2}, seed=7, timeout_s=60)
+    assert trainer.backend == "nccl"
+    for n in range(steps):
+        x, y = batch(n)
+        trainer.step(x.cuda(), y.cuda())
+    ref = mlp().cuda()
+    split = split_model(ref, case["stages"], batch(0)[0].cuda(), microbatches=3)
+    opts = [torch.optim.SGD(list(mod.parameters()), lr=LR, momentum=0.9) for mod in split.modules]
+    for n in range(steps):
+        x, y = batch(n)
+        for i, (xc, yc) in enumerate(zip(x.cuda().chunk(3), y.cuda().chunk(3))):
+            h: tuple = (xc,)
+            for s, mod in enumerate(split.modules):
+                with microbatch_rng(7, n, s, i, torch.device("cuda", 0)):
+                    h = mod(*h)
+            (F.cross_entropy(h, yc) / 3).backward()
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for s in trainer.stages:
+        for (name, p), q in zip(trainer.modules[s].named_parameters(),
+                                split.modules[s].parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (s, name)
+    print(f"rank 0: {case['label']} matches the reference on CUDA after {steps} steps",
+          flush=True)
+    dist.destroy_process_group()
