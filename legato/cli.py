@@ -15,6 +15,7 @@ __all__ = ["main"]
 
 BENCHMARKS = {
     "native-queue": "native_queue.py",
+    "pipeline": "pipeline_training.py",
     "planner": "pipeline_planner.py",
     "scheduler": "scheduler_step_time.py",
 }

@@ -37,6 +37,7 @@ class StateSpace:
     activation_bytes: np.ndarray     # sum of the layers' output activations (what a stage stashes)
     parameter_bytes: np.ndarray
     optimizer_state_bytes: np.ndarray
+    update_s: np.ndarray             # optimizer step time over the ideal's parameters
     cut_bytes: np.ndarray            # activations leaving the ideal (layers with a successor out)
     frontier_bytes: np.ndarray       # activations of the ideal's maximal layers (PipeDream's)
     preds: list[np.ndarray]          # preds[j]: indices k with masks[k] a proper subset of masks[j]
@@ -160,6 +161,7 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
     vec = lambda f: np.array([f(nodes[x]) for x in order], dtype=np.float64)  # noqa: E731
     comp, act = vec(lambda d: d.compute_s), vec(lambda d: d.activation_bytes)
     par, opt = vec(lambda d: d.parameter_bytes), vec(lambda d: d.optimizer_state_bytes)
+    upd = vec(lambda d: d.update_s)
     bits = np.array([[(m >> i) & 1 for i in range(n)] for m in masks], dtype=np.float64)
     cut = np.zeros(len(masks))
     frontier = np.zeros(len(masks))
@@ -174,8 +176,8 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
     for j, m in enumerate(masks):
         preds.append(np.array([k for k in range(j) if masks[k] != m and masks[k] & ~m == 0],
                               dtype=np.int64))
-    return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, cut,
-                      frontier, preds, kind, notes, attached)
+    return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, bits @ upd,
+                      cut, frontier, preds, kind, notes, attached)
 
 
 def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,

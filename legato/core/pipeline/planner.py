@@ -205,6 +205,7 @@ class _Costs:
     params: np.ndarray
     acts: np.ndarray
     opt: np.ndarray
+    update: np.ndarray           # optimizer step time of the stage's parameters
     cut: np.ndarray              # (S,) bytes crossing state k (paper) ...
     frontier: np.ndarray         # (S,) ... or of its maximal layers (pipedream)
     ratio: float | None
@@ -214,18 +215,20 @@ class _Costs:
     microbatches: int
 
 
-def _stage_time(c: _Costs, compute, params, m, *, base: bool):
-    """Time of a stage on m replicas (arrays broadcast)."""
+def _stage_time(c: _Costs, compute, params, m, update=0.0, *, base: bool):
+    """Time of a stage on m replicas (arrays broadcast); `update` is its optimizer step time,
+    which PipeDream's arithmetic leaves out."""
     B, mb = c.bandwidth_Bps, c.microbatches
     if c.objective == "sync":
         allreduce = 2.0 * (m - 1) / m * params / B
-        return compute / (mb * m) + allreduce / mb
+        return compute / (mb * m) + (allreduce + update) / mb
     if c.mode == "pipedream":
         comm = 4.0 * (m - 1) * params / (B * m)
         if base:   # PipeDream divides by the machines within a machine in its base case only
             comm = comm / c.inner_workers
         return (compute + comm) / m
-    return np.maximum(compute, 2.0 * (m - 1) * params / B) / m
+    # each replica steps once per round of m minibatches
+    return (np.maximum(compute, 2.0 * (m - 1) * params / B) + update) / m
 
 
 def _memory_ok(c: _Costs, params, acts, opt, m, downstream):
@@ -258,7 +261,8 @@ def _solve(c: _Costs, sub: np.ndarray, preds: list[np.ndarray], rows: int, *,
         valid = sub[:rows, j]
         # base: the row's start..j as one stage on r replicas
         par = c.params[:rows, j][:, None]
-        base = _stage_time(c, c.compute[:rows, j][:, None], par, r_all[None, :], base=True)
+        base = _stage_time(c, c.compute[:rows, j][:, None], par, r_all[None, :],
+                           c.update[:rows, j][:, None], base=True)
         ok = _memory_ok(c, par, c.acts[:rows, j][:, None], c.opt[:rows, j][:, None],
                         r_all[None, :], M - r_all[None, :])
         base = np.where(ok & valid[:, None], base, np.inf)
@@ -271,7 +275,8 @@ def _solve(c: _Costs, sub: np.ndarray, preds: list[np.ndarray], rows: int, *,
         if len(ks) == 0 or M == 1:
             continue
         kp = c.params[ks + 1, j][:, None]
-        last = _stage_time(c, c.compute[ks + 1, j][:, None], kp, r_all[None, :], base=False)
+        last = _stage_time(c, c.compute[ks + 1, j][:, None], kp, r_all[None, :],
+                           c.update[ks + 1, j][:, None], base=False)
         xfer = _transfer(c, ks, j, S - 1, r_all)                               # (nK, M)
         if bounded:
             last = np.where(last <= cap, last, np.inf)
@@ -390,17 +395,19 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         return np.where(sub, m, np.inf)
 
     compute = diff(space.compute_s)
-    params, acts, opt = (np.where(sub, diff(x), 0.0) for x in
-                         (space.parameter_bytes, space.activation_bytes,
-                          space.optimizer_state_bytes))
+    params, acts, opt, update = (np.where(sub, diff(x), 0.0) for x in
+                                 (space.parameter_bytes, space.activation_bytes,
+                                  space.optimizer_state_bytes, space.update_s))
     notes = list(space.notes)
     levels = topology.levels
     results = []
     inner = 1
     for li, level in enumerate(levels):
         final = li == len(levels) - 1
+        # an outer level's compute times already hold the inner stages' updates
         costs = _Costs(mode, objective, level.workers, level.bandwidth_Bps, inner, compute,
-                       params, acts, opt, space.cut_bytes, space.frontier_bytes,
+                       params, acts, opt, update if li == 0 else np.zeros_like(update),
+                       space.cut_bytes, space.frontier_bytes,
                        activation_compression_ratio, memory_bytes, straight, fewer_machines,
                        microbatches or 1)
         rows = 1 if final else S + 1
@@ -439,7 +446,7 @@ def _solve_sync(c: _Costs, sub, preds, max_caps: int):
     r_all = np.arange(1, M + 1, dtype=np.float64)
     finite = np.isfinite(c.compute)
     terms = _stage_time(c, c.compute[finite][:, None], c.params[finite][:, None],
-                        r_all[None, :], base=True).ravel()
+                        r_all[None, :], c.update[finite][:, None], base=True).ravel()
     terms = np.concatenate([terms, 2.0 * c.cut / (c.bandwidth_Bps * c.microbatches)])
     caps = np.unique(terms[np.isfinite(terms) & (terms >= floor * (1 - 1e-12))])
     note = None
@@ -468,7 +475,7 @@ def _segment_terms(c: _Costs, segs) -> list[float]:
     out = []
     for row, j, r in segs:
         out.append(float(_stage_time(c, c.compute[row, j], c.params[row, j], float(r),
-                                     base=True)))
+                                     c.update[row, j], base=True)))
         if row > 0:
             out.append(2.0 * c.cut[row - 1] / (c.bandwidth_Bps * c.microbatches))
     return out
@@ -504,7 +511,7 @@ def _stages(space: StateSpace, profile: LayerProfile, segments, levels, mode: st
     order = {x: i for i, x in enumerate(profile.topological_order())}
     inner = _Costs(mode, objective, levels[0].workers, levels[0].bandwidth_Bps, 1,
                    np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
-                   space.cut_bytes, space.frontier_bytes, None, None, False, False, microbatches)
+                   np.zeros((1, 1)), space.cut_bytes, space.frontier_bytes, None, None, False, False, microbatches)
     stages = []
     member: dict[str, int] = {}
     for i, (row, j, ranks, r_inner) in enumerate(segments):
@@ -518,7 +525,8 @@ def _stages(space: StateSpace, profile: LayerProfile, segments, levels, mode: st
         layer = [profile.node(x) for x in nodes if x not in space.attached]   # costed layers
         compute = sum(n.compute_s for n in layer)
         params = sum(n.parameter_bytes for n in layer)
-        t = float(_stage_time(inner, compute, params, float(r_inner), base=row == 0))
+        t = float(_stage_time(inner, compute, params, float(r_inner),
+                              sum(n.update_s for n in layer), base=row == 0))
         t /= len(ranks) / r_inner                 # outer replication shares the minibatches
         out = 0 if j == space.size - 1 else int(space.cut_bytes[j])
         stages.append(PlanStage(tuple(nodes), len(ranks), ranks, compute, t, params,
@@ -532,11 +540,12 @@ def _dp_time(space: StateSpace, topology: Topology, mode: str, objective: str,
     """Data parallelism over every worker, in the same cost mode."""
     t = float(space.compute_s[-1])
     P = float(space.parameter_bytes[-1])
+    U = float(space.update_s[-1])   # data parallelism: every worker updates every weight
     if objective == "sync":
         M = topology.workers
         ar = sum(2.0 * (lv.workers - 1) / lv.workers * P / lv.bandwidth_Bps
                  for lv in topology.levels)
-        return t / M + ar
+        return t / M + ar + U
     inner = 1
     for lv in topology.levels:
         M, B = lv.workers, lv.bandwidth_Bps
@@ -545,7 +554,7 @@ def _dp_time(space: StateSpace, topology: Topology, mode: str, objective: str,
         else:
             t = max(t, 2.0 * (M - 1) * P / B) / M
         inner = M
-    return t
+    return t if mode == "pipedream" else t + U
 
 
 def _why_infeasible(space: StateSpace, topology: Topology, memory_bytes, straight: bool,

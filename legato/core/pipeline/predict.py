@@ -15,6 +15,7 @@ its own update, so each "microbatch" costs the whole profile.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from legato.core.errors import ConfigError
 from legato.core.pipeline.ir import ActionKind
@@ -63,8 +64,20 @@ def schedule_for(plan: Plan, schedule: str, *, microbatches: int, **options):
 
 
 def stage_costs(profile: LayerProfile, plan: Plan, *, fraction: float,
-                optimizer_step_s: float = 0.0) -> list[StageCost]:
-    """Per-stage costs of one microbatch carrying `fraction` of the profiled minibatch."""
+                optimizer_step_s: float | Sequence[float] | None = None) -> list[StageCost]:
+    """Per-stage costs of one microbatch carrying `fraction` of the profiled minibatch (1.0
+    when the profile was taken at the microbatch size); `optimizer_step_s` is one time for
+    every stage or one per stage (default: the sum of the stage's layers' `update_s`)."""
+    if optimizer_step_s is None:
+        steps = [sum(profile.node(x).update_s for x in st.nodes if x not in plan.placeholders
+                     and x in _ids(profile)) for st in plan.stages]
+    elif isinstance(optimizer_step_s, (int, float)):
+        steps = [float(optimizer_step_s)] * len(plan.stages)
+    else:
+        steps = list(optimizer_step_s)
+    if len(steps) != len(plan.stages):
+        raise ConfigError(f"optimizer_step_s has {len(steps)} entries for "
+                          f"{len(plan.stages)} stages; give one per stage or one number")
     costs = []
     for i, st in enumerate(plan.stages):
         try:
@@ -80,12 +93,16 @@ def stage_costs(profile: LayerProfile, plan: Plan, *, fraction: float,
             else None,
             backward_weight_s=fraction * sum(n.backward_weight_s for n in layers) if split
             else None,
-            optimizer_step_s=optimizer_step_s,
+            optimizer_step_s=steps[i],
             output_bytes=int(fraction * st.output_bytes),
             activation_bytes=int(fraction * st.activation_bytes),
             parameter_bytes=st.parameter_bytes,
             optimizer_state_bytes=st.optimizer_state_bytes))
     return costs
+
+
+def _ids(profile: LayerProfile) -> set[str]:
+    return {n.id for n in profile.nodes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,15 +115,22 @@ class Prediction:
 
 
 def predict(profile: LayerProfile, plan: Plan, schedule: str = "1f1b", *, microbatches: int = 8,
-            link: Link | None = None, alpha_s: float = 0.0, **options) -> Prediction:
-    """Simulate `plan` under `schedule`; the link defaults to the topology's slowest level."""
+            link: Link | None = None, alpha_s: float = 0.0, fraction: float | None = None,
+            optimizer_step_s: float | Sequence[float] | None = None, **options) -> Prediction:
+    """Simulate `plan` under `schedule`; the link defaults to the topology's slowest level.
+
+    `fraction` is the share of the profile one microbatch carries (default
+    `batch_fraction(schedule, microbatches)`; pass 1.0 for a profile taken at the microbatch
+    size, which is more accurate: small batches run less efficiently than a 1/m share)."""
     sched = schedule_for(plan, schedule, microbatches=microbatches, **options)
-    fraction = batch_fraction(schedule, microbatches)
+    if fraction is None:
+        fraction = batch_fraction(schedule, microbatches)
     if link is None:
         bandwidth = min(level.bandwidth_Bps for level in plan.topology.levels)
         link = Link(alpha_s, bandwidth)
-    result = simulate(sched, stage_costs(profile, plan, fraction=fraction), link)
+    result = simulate(sched, stage_costs(profile, plan, fraction=fraction,
+                                         optimizer_step_s=optimizer_step_s), link)
     total_mbs = len({a.microbatch for acts in sched.actions.values() for a in acts
                      if a.kind is ActionKind.FORWARD})
-    minibatches = total_mbs * fraction
+    minibatches = total_mbs * batch_fraction(schedule, microbatches)
     return Prediction(result, minibatches, result.makespan_s / minibatches)

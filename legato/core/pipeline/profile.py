@@ -14,7 +14,7 @@ JSON (`LayerProfile.save` / `load`):
      "nodes": [{"id": "node1", "desc": "Conv2d(3, 64, ...)", "forward_s": 0.0013,
                 "backward_s": 0.0021, "backward_input_s": null, "backward_weight_s": null,
                 "activation_bytes": 822083584, "activation_outputs": [822083584],
-                "parameter_bytes": 7168, "optimizer_state_bytes": 0}, ...],
+                "parameter_bytes": 7168, "optimizer_state_bytes": 0, "update_s": 0.0}, ...],
      "edges": [["node1", "node2"], ...]}
 
 PipeDream's `graph.txt`: one line per node, `nodeK -- Description -- forward_compute_time=F,
@@ -49,6 +49,9 @@ class ProfileError(ConfigError):
 class LayerNode:
     """One layer: its costs for one minibatch (seconds, bytes).
 
+    `update_s` is the time of one optimizer step over the layer's parameters (0 when not
+    measured, as in PipeDream's profiles).
+
     `backward_input_s` and `backward_weight_s` split `backward_s` when the profiler measured
     them separately (zero-bubble schedules need the split); None when it did not.
     """
@@ -63,12 +66,13 @@ class LayerNode:
     activation_outputs: tuple[int, ...] = ()
     parameter_bytes: int = 0
     optimizer_state_bytes: int = 0
+    update_s: float = 0.0          # one optimizer step over the layer's parameters
 
     def __post_init__(self) -> None:
         if not self.id:
             raise ProfileError("a layer node needs a non-empty id")
         for name in ("forward_s", "backward_s", "activation_bytes", "parameter_bytes",
-                     "optimizer_state_bytes"):
+                     "optimizer_state_bytes", "update_s"):
             if getattr(self, name) < 0:
                 raise ProfileError(f"node {self.id!r}: {name}={getattr(self, name)} is "
                                    "negative")

@@ -252,3 +252,29 @@ def test_bad_arguments_say_what_to_do():
         profile_pipeline(cnn(), x, optimizer="adam", **FAST)
     with pytest.raises(ConfigError, match="not a torch.nn.Module"):
         profile_pipeline(lambda t: t, x)
+
+
+def test_calibration_scales_layers_to_whole_passes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    x = torch.randn(64, 256)
+    prof = profile_pipeline(model, x, repeats=3, warmup=1)
+    cal = prof.meta["calibration"]
+    assert sum(n.forward_s for n in prof.nodes) == pytest.approx(cal["forward_measured_s"])
+    assert sum(n.backward_s for n in prof.nodes) == pytest.approx(cal["backward_measured_s"])
+    raw = profile_pipeline(model, x, repeats=3, warmup=1, calibrate=False)
+    assert "calibration" not in raw.meta
+    for p in model.parameters():                     # whole passes left no gradients behind
+        assert p.grad is None
+
+
+def test_update_time_is_measured_with_an_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2048), nn.Linear(2048, 2048))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    prof = profile_pipeline(model, torch.randn(4, 8), optimizer=opt, repeats=3, warmup=1)
+    assert prof.node("1").update_s == 0.0                   # ReLU: no parameters
+    assert prof.node("3").update_s > 3 * prof.node("0").update_s > 0
+    assert all(n.update_s == 0.0 for n in profile_pipeline(model, torch.randn(4, 8),
+                                                             repeats=3, warmup=1).nodes)

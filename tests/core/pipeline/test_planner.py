@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from legato.core.pipeline import (
 )
 from legato.core.pipeline._states import build_states
 
+SEED = int(os.environ.get("LEGATO_TEST_SEED", "0"))   # other seeds: other random instances
 PROFILES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pipedream-profiles"
 if not PROFILES.is_dir():
     PROFILES = Path("/work/shared/data/pipedream-profiles")
@@ -95,7 +98,7 @@ def _random_profile(rng: random.Random, n: int, chain: bool) -> LayerProfile:
             id=f"l{i}", forward_s=rng.uniform(0.001, 0.02), backward_s=rng.uniform(0.001, 0.04),
             activation_bytes=rng.choice([1, 4, 16, 64]) * 2**18,
             parameter_bytes=rng.choice([0, 1, 8, 64]) * 2**18,
-            optimizer_state_bytes=rng.choice([0, 2**20])))
+            optimizer_state_bytes=rng.choice([0, 2**20]), update_s=rng.choice([0.0, 0.004])))
         if i:
             if chain:
                 edges.append((f"l{i - 1}", f"l{i}"))
@@ -110,8 +113,8 @@ def _brute_force(profile: LayerProfile, M: int, B: float, *, mode: str, objectiv
     """Every chain of ideals and every replica assignment, costed by the definitions."""
     space = build_states(profile, max_states=10_000)
     full = space.size - 1
-    C, P, A, O = (space.compute_s, space.parameter_bytes, space.activation_bytes,
-                  space.optimizer_state_bytes)
+    C, P, A, O, U = (space.compute_s, space.parameter_bytes, space.activation_bytes,
+                     space.optimizer_state_bytes, space.update_s)
     masks = space.masks
 
     def chains(j):            # lists of state indices ending at j, each a proper superset
@@ -136,10 +139,11 @@ def _brute_force(profile: LayerProfile, M: int, B: float, *, mode: str, objectiv
                 w = P[j] - (P[k] if k is not None else 0)
                 a = A[j] - (A[k] if k is not None else 0)
                 o = O[j] - (O[k] if k is not None else 0)
+                u = U[j] - (U[k] if k is not None else 0)
                 used += r
                 down = M - used
                 if objective == "sync":
-                    t = c / (mb * r) + 2 * (r - 1) / r * w / B / mb
+                    t = c / (mb * r) + (2 * (r - 1) / r * w / B + u) / mb
                     x = 2 * space.cut_bytes[k] / (B * mb) if k is not None else 0.0
                     need = w + o + a / mb * min(mb, down + 1)
                     terms += [t, x]
@@ -154,7 +158,7 @@ def _brute_force(profile: LayerProfile, M: int, B: float, *, mode: str, objectiv
                         if j != full:
                             terms.append(2 * space.frontier_bytes[j] / (B * r) / ratio)
                 else:
-                    t = max(c, 2 * (r - 1) * w / B) / r
+                    t = (max(c, 2 * (r - 1) * w / B) + u) / r
                     v = math.ceil((down + r) / r)
                     need = w * v + o + a * v
                     terms.append(t)
@@ -176,15 +180,15 @@ CASES = [dict(mode="pipedream"), dict(mode="pipedream", ratio=1.0),
          dict(mode="paper", fewer=True), dict(mode="paper", straight=True, fewer=True),
          dict(mode="pipedream", straight=True), dict(mode="paper", memory=40 * 2**20),
          dict(mode="pipedream", memory=24 * 2**20), dict(mode="paper", objective="sync", mb=4),
-         dict(mode="paper", objective="sync", mb=3, memory=20 * 2**20)]
+         dict(mode="paper", objective="sync", mb=3, memory=40 * 2**20)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("chain", [True, False], ids=["chain", "dag"])
 def test_equal_to_brute_force(case, chain):
-    rng = random.Random(hash((chain, tuple(sorted(case.items())))) & 0xFFFF)
+    rng = random.Random(zlib.crc32(repr((chain, sorted(case.items()), SEED)).encode()))
     checked = binding = 0
-    for trial in range(12):
+    for trial in range(16):
         profile = _random_profile(rng, rng.randint(3, 6), chain)
         M = rng.randint(1, 4)
         B = rng.choice([1e8, 1e9, 1e10])
