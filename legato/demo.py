@@ -101,10 +101,25 @@ def _scheduler(args: argparse.Namespace) -> bool:
     return trace.exists()
 
 
+def _pipeline(args: argparse.Namespace) -> bool:
+    """Profile a CNN, plan 2 stages, simulate 1F1B, run it, and compare."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        print("skipped: torch is not installed here (make setup puts it in .venv)")
+        return True
+    from legato._demo_pipeline import run_demo
+
+    print("a small CNN with fully connected layers, 2 gloo workers on 127.0.0.1: profile, "
+          "plan, simulate 1F1B, then train it with PipelineTrainer")
+    return run_demo()
+
+
 SECTIONS: dict[str, Section] = {
     "doctor": _doctor,
     "native-queue": _native_queue,
     "scheduler": _scheduler,
+    "pipeline": _pipeline,
 }
 
 
