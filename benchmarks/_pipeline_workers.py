@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 import weakref
@@ -110,17 +111,25 @@ def _timed(fn, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def _profile_under_load(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """Every rank profiles the model at once and rank 0's profile is shared.
+CORES = os.cpu_count() or 1
 
-    The ranks share this machine's 2 cores (and its memory bandwidth), as they will while the
-    pipeline runs; a profile taken with the other ranks idle came out about 1.5x too fast."""
+
+def _profile_under_load(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """As many ranks as there are cores profile the model at once (the others wait), and
+    rank 0's profile is shared.
+
+    Busy ranks share the memory bandwidth of this machine, as they will while the pipeline
+    runs (a profile taken with the other core idle came out about 1.5x too fast); more ranks
+    than cores are left to the simulator's processor sharing (`cores=`)."""
     from legato.adapters.torch import profile_pipeline
     from legato.core.pipeline import LayerProfile
 
     dist.barrier()
-    prof = profile_pipeline(model, x, loss_fn=lambda out: F.cross_entropy(out, y),
-                            optimizer=_sgd(model.parameters()), repeats=7, warmup=3)
+    prof = None
+    if dist.get_rank() < CORES:
+        prof = profile_pipeline(model, x, loss_fn=lambda out: F.cross_entropy(out, y),
+                                optimizer=_sgd(model.parameters()), repeats=7, warmup=3)
+    dist.barrier()
     box = [prof.to_json() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return LayerProfile.from_json(box[0])
@@ -297,7 +306,8 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
         this_plan = plan_v2 if inter else result_plan
         options = {"virtual_stages": 2} if inter else {}
         pred = predict(profile, this_plan, name, microbatches=m,
-                       link=Link(link.alpha_s, link.bandwidth_Bps), fraction=1.0, **options)
+                       link=Link(link.alpha_s, link.bandwidth_Bps), fraction=1.0, cores=CORES,
+                       **options)
         meter = ActivationMeter()
         trainer, step = _trainer(copy.deepcopy(model),
                                  [list(st.nodes) for st in this_plan.stages] if inter
@@ -346,7 +356,7 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
     for name in measured_costs:
         source = next((o for o in measured_costs if o != name), name)
         sim = simulate(schedule_for(result_plan, name, microbatches=m), measured_costs[source],
-                       Link(link.alpha_s, link.bandwidth_Bps))
+                       Link(link.alpha_s, link.bandwidth_Bps))   # measured costs hold sharing
         run = out["runs"][name]
         run.update(calibrated_from=source, calibrated_s=sim.makespan_s,
                    calibrated_error=sim.makespan_s / run["measured_s"] - 1,

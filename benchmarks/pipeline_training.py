@@ -3,9 +3,11 @@ planned pipeline against data parallelism on a shaped link (issue 4, item 8).
 
 (a) sim: a straight pipeline of an MLP (8 equal Linear+ReLU layers, batch 256) over 4 ranks
     and over 2 ranks, GPipe and 1F1B with 8 microbatches. The simulator gets the stage costs
-    of `profile_pipeline` (each layer timed alone) and a link fitted to gloo round trips; the
-    runtime's step time is the median of --steps steps. Target: makespan error <= 15%.
-    This machine has 2 cores: 4 ranks share them, which the simulator does not model.
+    of `profile_pipeline` (taken on as many ranks at once as there are cores, so that memory
+    bandwidth is shared as in the run), a link fitted to gloo round trips and, where ranks
+    outnumber cores, processor sharing (`simulate(..., cores=)`); the runtime's step time is
+    the median of --steps steps. Target: makespan error <= 15%. Also shown: the simulator given
+    the per-stage action times measured in the other schedule's run ("calibrated").
 (c) memory: from the same runs, the step time of 1F1B against GPipe and the peak activation
     bytes each rank held (tensors autograd saved for backward, weights excluded, measured with
     saved_tensors_hooks) next to the simulator's bound.

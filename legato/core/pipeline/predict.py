@@ -116,12 +116,14 @@ class Prediction:
 
 def predict(profile: LayerProfile, plan: Plan, schedule: str = "1f1b", *, microbatches: int = 8,
             link: Link | None = None, alpha_s: float = 0.0, fraction: float | None = None,
-            optimizer_step_s: float | Sequence[float] | None = None, **options) -> Prediction:
+            optimizer_step_s: float | Sequence[float] | None = None, cores: int | None = None,
+            **options) -> Prediction:
     """Simulate `plan` under `schedule`; the link defaults to the topology's slowest level.
 
     `fraction` is the share of the profile one microbatch carries (default
     `batch_fraction(schedule, microbatches)`; pass 1.0 for a profile taken at the microbatch
-    size, which is more accurate: small batches run less efficiently than a 1/m share)."""
+    size, which is more accurate: small batches run less efficiently than a 1/m share).
+    `cores`: processors the ranks share (see `simulate`)."""
     sched = schedule_for(plan, schedule, microbatches=microbatches, **options)
     if fraction is None:
         fraction = batch_fraction(schedule, microbatches)
@@ -129,7 +131,7 @@ def predict(profile: LayerProfile, plan: Plan, schedule: str = "1f1b", *, microb
         bandwidth = min(level.bandwidth_Bps for level in plan.topology.levels)
         link = Link(alpha_s, bandwidth)
     result = simulate(sched, stage_costs(profile, plan, fraction=fraction,
-                                         optimizer_step_s=optimizer_step_s), link)
+                                         optimizer_step_s=optimizer_step_s), link, cores=cores)
     total_mbs = len({a.microbatch for acts in sched.actions.values() for a in acts
                      if a.kind is ActionKind.FORWARD})
     minibatches = total_mbs * batch_fraction(schedule, microbatches)

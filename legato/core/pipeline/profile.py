@@ -39,6 +39,7 @@ __all__ = ["FORMAT", "LayerNode", "LayerProfile", "ProfileError"]
 
 FORMAT = "legato.pipeline.profile"
 VERSION = 1
+REQUIRED = ("forward_s", "backward_s", "activation_bytes", "parameter_bytes")
 
 
 class ProfileError(ConfigError):
@@ -214,6 +215,10 @@ class LayerProfile:
         for i, raw in enumerate(data.get("nodes") or []):
             if not isinstance(raw, dict) or "id" not in raw:
                 raise ProfileError(f"{where}: node #{i} is not an object with an \"id\"")
+            missing = [k for k in REQUIRED if k not in raw]
+            if missing:
+                raise ProfileError(f"{where}: node {raw['id']!r} lacks {missing}; every node "
+                                   f"needs {list(REQUIRED)} (times in seconds, sizes in bytes)")
             extra = sorted(set(raw) - fields)
             if extra:
                 raise ProfileError(f"{where}: node {raw['id']!r} has unknown fields {extra}; "

@@ -222,7 +222,8 @@ def _stage_costs(costs: StageCost | Sequence[StageCost], num_stages: int) -> lis
 
 
 def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
-             link: Link = Link(), *, allreduce_link: Link | None = None) -> SimResult:
+             link: Link = Link(), *, allreduce_link: Link | None = None,
+             cores: int | None = None) -> SimResult:
     """Run `schedule` in simulated time (see the module docstring for the model).
 
     Args:
@@ -230,6 +231,9 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
         costs: one `StageCost` per (virtual) stage, or one for every stage.
         link: the point-to-point link between any two ranks.
         allreduce_link: the link of the all-reduce within a replicated stage (default: link).
+        cores: processors the ranks share (None: one each). With k ranks computing at once on
+            fewer than k cores, each computes at cores/k of its speed (processor sharing), as
+            when more ranks than cores run on one CPU.
     Returns:
         A `SimResult`.
     Raises:
@@ -238,6 +242,12 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
     report = verify(schedule)
     stage_costs = _stage_costs(costs, schedule.num_stages)
     ar_link = allreduce_link or link
+    if cores is not None:
+        if not isinstance(cores, int) or cores < 1:
+            raise ConfigError(f"cores={cores!r} is invalid; pass an int >= 1, or None for one "
+                              "core per rank")
+        if cores < schedule.num_ranks:
+            return _simulate_shared(schedule, stage_costs, link, ar_link, cores, report)
     clock = {r: 0.0 for r in schedule.ranks}
     pc = {r: 0 for r in schedule.ranks}
     busy = {r: 0.0 for r in schedule.ranks}
@@ -300,6 +310,108 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
     bubble = 1.0 - work / (schedule.num_ranks * makespan) if makespan > 0 else 0.0
     return SimResult(schedule.name, makespan, busy, bubble,
                      _peak_memory(report, stage_costs), tuple(spans), report)
+
+
+def _message(rank: int, a: Action) -> tuple:
+    if a.kind is K.SEND_F:
+        return ("F", a.stage + 1, a.microbatch, rank, a.peer)
+    if a.kind is K.SEND_B:
+        return ("B", a.stage - 1, a.microbatch, rank, a.peer)
+    return ("F" if a.kind is K.RECV_F else "B", a.stage, a.microbatch, a.peer, rank)
+
+
+def _simulate_shared(schedule: Schedule, costs: list[StageCost], link: Link, ar_link: Link,
+                     cores: int, report: VerifyReport) -> SimResult:
+    """The same model with compute on `cores` shared processors: a global event loop in which
+    k computing ranks each progress at min(1, cores / k) of their speed."""
+    ranks = schedule.ranks
+    pc = {r: 0 for r in ranks}
+    busy = {r: 0.0 for r in ranks}
+    left: dict[int, float] = {}            # rank -> remaining dedicated-core seconds
+    began: dict[int, float] = {}           # rank -> start of its current action
+    wake: dict[int, float] = {}            # rank -> end of its current receive / all-reduce
+    link_free: dict[tuple[int, int], float] = collections.defaultdict(float)
+    arrival: dict[tuple, float] = {}
+    reached: dict[tuple[int, int], dict[int, float]] = collections.defaultdict(dict)
+    spans: list[Span] = []
+    now = 0.0
+
+    def work(a: Action) -> float:
+        c = costs[a.stage]
+        return {K.FORWARD: c.forward_s, K.BACKWARD: c.backward_s, K.BACKWARD_INPUT: c.input_s,
+                K.BACKWARD_WEIGHT: c.weight_s, K.STEP: c.optimizer_step_s}.get(a.kind, 0.0)
+
+    def finish(rank: int, end: float) -> None:
+        a = schedule.actions[rank][pc[rank]]
+        spans.append(Span(rank, a, began.pop(rank), end))
+        if a.kind.is_compute:
+            busy[rank] += spans[-1].end_s - spans[-1].start_s
+        pc[rank] += 1
+
+    while True:
+        moved = True
+        while moved:                       # start everything that can start at `now`
+            moved = False
+            for rank in ranks:
+                acts = schedule.actions[rank]
+                while rank not in left and rank not in wake and pc[rank] < len(acts):
+                    a = acts[pc[rank]]
+                    if a.kind.is_send:
+                        nbytes = costs[a.stage if a.kind is K.SEND_F else a.stage - 1
+                                       ].output_bytes
+                        start = max(now, link_free[(rank, a.peer)])
+                        link_free[(rank, a.peer)] = start + link.transfer_s(nbytes)
+                        arrival[_message(rank, a)] = link_free[(rank, a.peer)]
+                        spans.append(Span(rank, a, start, link_free[(rank, a.peer)]))
+                        pc[rank] += 1
+                    elif a.kind.is_recv:
+                        if _message(rank, a) not in arrival:
+                            break
+                        began[rank] = now
+                        wake[rank] = max(now, arrival[_message(rank, a)])
+                    elif a.kind is K.ALLREDUCE:
+                        group = reached[(a.stage, a.microbatch)]
+                        if rank not in group:
+                            group[rank] = now
+                        if len(group) < schedule.replicas(a.stage):
+                            break
+                        end = max(group.values()) + ar_link.allreduce_s(
+                            costs[a.stage].parameter_bytes, schedule.replicas(a.stage))
+                        for member in schedule.stage_ranks[a.stage]:
+                            if member not in wake:
+                                began[member] = group[member]
+                                wake[member] = end
+                        moved = True
+                    else:
+                        began[rank] = now
+                        if work(a) > 0:
+                            left[rank] = work(a)
+                        else:
+                            finish(rank, now)
+                    moved = True
+        due = [r for r, t in wake.items() if t <= now]
+        if due:                            # receives and all-reduces that end now
+            for rank in due:
+                del wake[rank]
+                finish(rank, now)
+            continue
+        if not left and not wake:
+            break                          # finished (or stalled: checked below)
+        rate = min(1.0, cores / len(left)) if left else 1.0
+        step = min([t - now for t in wake.values()] + [w / rate for w in left.values()])
+        now += step
+        for rank in list(left):
+            left[rank] -= step * rate
+            if left[rank] <= 1e-12:
+                del left[rank]
+                finish(rank, now)
+    if any(pc[r] < len(schedule.actions[r]) for r in ranks):
+        raise ScheduleError(f"simulation of {schedule.name!r} stalled at {pc}")
+    makespan = max((sp.end_s for sp in spans), default=0.0)
+    work_total = sum(busy.values())
+    bubble = 1.0 - work_total / (schedule.num_ranks * makespan) if makespan > 0 else 0.0
+    return SimResult(schedule.name, makespan, busy, bubble, _peak_memory(report, costs),
+                     tuple(sorted(spans, key=lambda sp: (sp.rank, sp.start_s))), report)
 
 
 def _peak_memory(report: VerifyReport, costs: list[StageCost]) -> dict[int, int]:

@@ -79,6 +79,8 @@ def test_bad_pipedream_lines_name_the_line(tmp_path):
         LayerProfile.from_pipedream(write(tmp_path, "\n"))
     with pytest.raises(ProfileError, match="cannot read"):
         LayerProfile.from_pipedream(tmp_path / "missing.txt")
+    with pytest.raises(ProfileError, match=r"graph.txt:1: node node1 lacks \['parameter_size'\]"):
+        LayerProfile.from_pipedream(write(tmp_path, good.replace(", parameter_size=0.000", "")))
 
 
 def test_cycles_duplicates_and_bad_json_are_clear_errors(tmp_path):
@@ -97,7 +99,13 @@ def test_cycles_duplicates_and_bad_json_are_clear_errors(tmp_path):
         LayerProfile.load(write(tmp_path, "{}", "p.json"))
     with pytest.raises(ProfileError, match="unknown fields"):
         LayerProfile.from_json({"format": "legato.pipeline.profile", "version": 1,
-                                "nodes": [{"id": "a", "fwd": 1}], "edges": []})
+                                "nodes": [{"id": "a", "fwd": 1, "forward_s": 1.0,
+                                           "backward_s": 1.0, "activation_bytes": 4,
+                                           "parameter_bytes": 0}], "edges": []})
+    with pytest.raises(ProfileError, match=r"node 'a' lacks \['backward_s', 'activation_bytes'"):
+        LayerProfile.from_json({"format": "legato.pipeline.profile", "version": 1,
+                                "nodes": [{"id": "a", "forward_s": 1.0, "parameter_bytes": 0}],
+                                "edges": []})
 
 
 def test_save_does_not_leave_partial_files(tmp_path):

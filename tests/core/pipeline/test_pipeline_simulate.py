@@ -21,7 +21,8 @@ from legato.core.pipeline.schedules import (
     pipedream_2bw,
 )
 from legato.core.pipeline.simulate import Link, StageCost, simulate
-from legato.core.pipeline.verify import DeadlockError
+from legato.core.pipeline.schedules import get_schedule
+from legato.core.pipeline.verify import DeadlockError, verify
 
 CASES = [(p, m) for p in (1, 2, 3, 4, 6) for m in (1, 2, 3, 4, 8, 13)]
 
@@ -187,3 +188,32 @@ def test_simulator_imports_no_matplotlib_until_drawing():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# -- ranks sharing fewer cores ------------------------------------------------------------------
+@pytest.mark.parametrize("name, p, m", [("gpipe", 4, 8), ("1f1b", 3, 6), ("pipedream", 4, 8),
+                                        ("2bw", 3, 6)])
+def test_shared_cores_path_equals_the_fixed_one_when_cores_suffice(name, p, m):
+    from legato.core.pipeline.simulate import _simulate_shared, _stage_costs
+
+    kw = {"num_steps": 2} if name == "2bw" else {}
+    sched = get_schedule(name)(p, m, **kw)
+    cost = StageCost(forward_s=1.0, backward_s=2.0, optimizer_step_s=0.5, output_bytes=1000,
+                     parameter_bytes=10)
+    link = Link(0.01, 1e5)
+    fixed = simulate(sched, cost, link)
+    shared = _simulate_shared(sched, _stage_costs(cost, sched.num_stages), link, link, 10**6,
+                              verify(sched))
+    assert shared.makespan_s == pytest.approx(fixed.makespan_s)
+    assert shared.bubble_fraction == pytest.approx(fixed.bubble_fraction)
+
+
+def test_one_core_runs_all_the_work_one_after_another():
+    sched = get_schedule("1f1b")(4, 8)
+    cost = StageCost(forward_s=1.0, backward_s=2.0, optimizer_step_s=0.5)
+    one = simulate(sched, cost, Link(), cores=1)
+    assert one.makespan_s == pytest.approx(4 * 8 * 3.0 + 4 * 0.5)
+    two = simulate(sched, cost, Link(), cores=2)
+    assert simulate(sched, cost, Link()).makespan_s < two.makespan_s < one.makespan_s
+    with pytest.raises(ConfigError, match="cores=0"):
+        simulate(sched, cost, Link(), cores=0)
