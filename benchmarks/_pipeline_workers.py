@@ -252,7 +252,6 @@ def vs_dp(model_name: str, batch: int, m: int, steps: int, warmup: int) -> None:
         opt.step()
 
     ddp_times = _timed(ddp_step, steps, warmup)
-    del ddp_model, opt
 
     big_x, big_y = x.repeat(m, *([1] * (x.dim() - 1))), y.repeat(m)   # m PipeDream minibatches
     pipelined = len(result_plan.stages) > 1
