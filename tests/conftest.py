@@ -12,10 +12,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _has(module: str) -> bool:
+    """Installed, not merely a test folder of that name (tests/adapters/mxnet is a namespace
+    package on sys.path while pytest collects tests/adapters)."""
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return False
+    return spec is not None and spec.origin is not None
 
 
 def _gloo() -> str | None:
