@@ -7,12 +7,12 @@ optimizer step). One process per rank (`pid` = rank), one thread row per lane.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from legato.core._files import atomic_json
 
 __all__ = ["Timeline"]
 
@@ -85,13 +85,4 @@ class Timeline:
                       "args": {"name": lane}} for lane, tid in LANES.items()]
         trace = {"traceEvents": meta + events, "displayTimeUnit": "ms",
                  "otherData": {"legato_dropped_events": self.dropped}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(trace, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_json(path, trace, indent=None)

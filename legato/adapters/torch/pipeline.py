@@ -30,7 +30,6 @@ import datetime
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,6 +57,7 @@ from legato.adapters.torch._pipeline_split import (
     split_model,
     tensors_of,
 )
+from legato.core._files import atomic_json, atomic_write
 from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.pipeline import Schedule, Span, VerifyReport, get_schedule, verify
 
@@ -318,10 +318,7 @@ class PipelineTrainer:
                         "stages": [{"nodes": list(n), "ranks": list(r), "file": f"stage-{s}.pt"}
                                    for s, (n, r) in enumerate(zip(self.stage_ids,
                                                                   self.schedule.stage_ranks))]}
-            fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=folder)
-            with os.fdopen(fd, "w") as f:
-                json.dump(manifest, f, indent=1)
-            os.replace(tmp, folder / "manifest.json")
+            atomic_json(folder / "manifest.json", manifest)
         dist.barrier(group=self._ctrl)
         return folder
 
@@ -452,11 +449,4 @@ def _release(modules: list[nn.Module], keep: Sequence[int]) -> None:
 
 
 def _atomic_save(obj: Any, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(target, lambda f: torch.save(obj, f), binary=True)

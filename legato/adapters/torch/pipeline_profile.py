@@ -32,6 +32,7 @@ from legato.adapters._pipeline_graph import (
     layer_node,
     time_layer,
 )
+from legato.adapters.torch._pipeline_split import map_tensors, tensors_of
 from legato.core.errors import ConfigError
 from legato.core.pipeline.profile import LayerProfile
 
@@ -179,28 +180,7 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
 
 
 # -- values --------------------------------------------------------------------------------------
-def _tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in a value (nested tuples, lists and dicts), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
-
-
-def _map(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """`value` with `fn` applied to each tensor in it (structure kept, namedtuples too)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_map(v, fn) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
-    return value
+_tensors, _map = tensors_of, map_tensors
 
 
 def _clone(value: Any) -> Any:

@@ -33,11 +33,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from legato.core._files import atomic_json
 from legato.core.errors import ConfigError
 from legato.core.pipeline._states import StateSpace, build_states
 from legato.core.pipeline.profile import LayerProfile
@@ -138,18 +138,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":

@@ -29,10 +29,10 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from legato.core._files import atomic_json
 from legato.core.errors import ConfigError
 
 __all__ = ["FORMAT", "LayerNode", "LayerProfile", "ProfileError"]
@@ -188,18 +188,7 @@ class LayerProfile:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (a temporary file renamed over the target)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_json(path, self.to_json())
 
     @classmethod
     def from_json(cls, data: dict, *, where: str = "profile") -> "LayerProfile":

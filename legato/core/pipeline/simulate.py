@@ -27,10 +27,10 @@ import collections
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from legato.core._files import atomic_write
 from legato.core.errors import ConfigError
 from legato.core.pipeline.ir import Action, ActionKind, Schedule, ScheduleError
 from legato.core.pipeline.verify import VerifyReport, verify
@@ -196,19 +196,11 @@ class SimResult:
         Returns:
             The path written.
         """
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         title = title or (f"{self.schedule}: makespan {self.makespan_s:.4g} s, bubble "
                           f"{self.bubble_fraction:.1%}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                _draw_gantt(f, self.timeline, self.stages, self.makespan_s, title, dpi)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write(path, lambda f: _draw_gantt(f, self.timeline, self.stages,
+                                                        self.makespan_s, title, dpi),
+                            binary=True, suffix=".png")
 
 
 def _stage_costs(costs: StageCost | Sequence[StageCost], num_stages: int) -> list[StageCost]:
