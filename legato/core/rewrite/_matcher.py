@@ -1,0 +1,296 @@
+"""Finding a rule's source pattern in an onnx-ir graph, and replacing it with the target.
+
+Matching starts at the first root: every graph node of that op type is tried, and the pattern
+is followed backwards through node inputs, binding pattern variables to graph values (a
+variable bound twice must be the same value) and `$` attributes to attribute values. Further
+roots are searched among the consumers of values already bound, so a multi-root rule only
+merges branches that share an input. A match is kept only if its interior nodes (not roots)
+feed nothing outside the match and are not graph outputs, and its preconditions hold.
+
+`apply` builds the target's nodes, points every use of each source root at the matching target
+root (graph outputs keep their names), removes the source nodes and restores topological order.
+Nodes in other domains, control flow and unknown operators are never touched: a pattern only
+names standard operators, and a node it does not name is left as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+import onnx
+import onnx_ir as ir
+
+from legato.core.rewrite.pattern import PNode, Rule, split_ref
+
+__all__ = ["Match", "apply", "find_matches"]
+
+
+@dataclasses.dataclass
+class Match:
+    """Where a rule's source sits in a graph."""
+
+    rule: Rule
+    values: dict[str, ir.Value]
+    nodes: dict[str, ir.Node]
+    attrs: dict[str, Any]
+
+    def key(self) -> tuple:
+        return (self.rule.name, tuple(sorted(id(n) for n in self.nodes.values())))
+
+
+@functools.lru_cache(maxsize=None)
+def _default(op_type: str, name: str) -> Any:
+    try:
+        schema = onnx.defs.get_schema(op_type, domain="")
+    except Exception:  # noqa: BLE001 (an unknown op has no defaults)
+        return None
+    attr = schema.attributes.get(name)
+    if attr is None or not attr.default_value.name:
+        return None
+    return onnx.helper.get_attribute_value(attr.default_value)
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value)
+    return value
+
+
+def _attr_value(node: ir.Node, name: str) -> Any:
+    attr = node.attributes.get(name)
+    if attr is None:
+        return _norm(_default(node.op_type, name))
+    return _norm(attr.value)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.values: dict[str, ir.Value] = {}
+        self.nodes: dict[str, ir.Node] = {}
+        self.attrs: dict[str, Any] = {}
+
+    def copy(self) -> "_State":
+        s = _State()
+        s.values, s.nodes, s.attrs = dict(self.values), dict(self.nodes), dict(self.attrs)
+        return s
+
+
+def _match_attrs(p: PNode, node: ir.Node, st: _State) -> bool:
+    wanted = p.attributes
+    for name, want in wanted.items():
+        got = _attr_value(node, name)
+        if isinstance(want, str) and want.startswith("$"):
+            if want in st.attrs and st.attrs[want] != got:
+                return False
+            st.attrs[want] = got
+        elif _norm(want) != got and not (isinstance(want, (int, float)) and got == want):
+            return False
+    for name in node.attributes:
+        if name not in wanted and _norm(node.attributes[name].value) != _norm(
+                _default(node.op_type, name)):
+            return False
+    return True
+
+
+def _match_node(rule: Rule, p: PNode, node: ir.Node, st: _State) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type != p.op:
+        return False
+    if len(node.outputs) != p.num_outputs or len(node.inputs) != len(p.inputs):
+        return False
+    if p.id in st.nodes:
+        return st.nodes[p.id] is node
+    if any(n is node for n in st.nodes.values()):
+        return False
+    st.nodes[p.id] = node
+    if not _match_attrs(p, node, st):
+        return False
+    source = rule.source
+    for ref, value in zip(p.inputs, node.inputs):
+        if value is None:
+            return False
+        name, index = split_ref(ref)
+        if name in source.inputs and ":" not in ref:
+            if name in st.values:
+                if st.values[name] is not value:
+                    return False
+            else:
+                st.values[name] = value
+            continue
+        producer = value.producer()
+        if producer is None or producer.outputs[index] is not value:
+            return False
+        if not _match_node(rule, source.node(name), producer, st):
+            return False
+    return True
+
+
+def _candidates(graph: ir.Graph, op: str, st: _State) -> Iterator[ir.Node]:
+    seen = set()
+    for value in st.values.values():
+        for use in value.uses():
+            node = use.node
+            if id(node) not in seen and node.op_type == op and node.graph is graph:
+                seen.add(id(node))
+                yield node
+
+
+def _match_roots(graph: ir.Graph, rule: Rule, roots: list[str], st: _State
+                 ) -> Iterator[_State]:
+    if not roots:
+        yield st
+        return
+    name, _ = split_ref(roots[0])
+    p = rule.source.node(name)
+    if name in st.nodes:                      # reached as an interior node of an earlier root
+        yield from _match_roots(graph, rule, roots[1:], st)
+        return
+    pool = list(graph) if not st.nodes else list(_candidates(graph, p.op, st))
+    for node in pool:
+        trial = st.copy()
+        if _match_node(rule, p, node, trial):
+            yield from _match_roots(graph, rule, roots[1:], trial)
+
+
+def _shape(value: ir.Value) -> tuple | None:
+    if value.shape is None:
+        return None
+    dims = tuple(value.shape)
+    return dims if all(isinstance(d, int) for d in dims) else None
+
+
+_NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+                           "RandomUniformLike", "Multinomial", "Bernoulli"})
+
+
+def is_constant(value: ir.Value, _depth: int = 0) -> bool:
+    """An initializer, a Constant, or computed from constants only (folded before running)."""
+    if value.const_value is not None:
+        return True
+    producer = value.producer()
+    if producer is None or _depth > 64:
+        return False
+    if producer.op_type == "Constant":
+        return True
+    if producer.domain not in ("", "ai.onnx") or producer.op_type in _NOT_FOLDABLE:
+        return False
+    ins = [v for v in producer.inputs if v is not None]
+    return bool(ins) and all(is_constant(v, _depth + 1) for v in ins)
+
+
+def _preconditions_hold(rule: Rule, st: _State) -> bool:
+    v = st.values
+    for kind, arg in rule.preconditions:
+        if kind == "constant" and not is_constant(v[arg]):
+            return False
+        if kind == "static_shape" and _shape(v[arg]) is None:
+            return False
+        if kind == "rank":
+            shape = v[arg[0]].shape
+            if shape is None or len(shape) != arg[1]:
+                return False
+        if kind == "same_shape":
+            shapes = [_shape(v[a]) for a in arg]
+            if None in shapes or len(set(shapes)) != 1:
+                return False
+        if kind == "dim_eq":
+            dims = []
+            for var, axis in arg:
+                shape = _shape(v[var])
+                if shape is None or not -len(shape) <= axis < len(shape):
+                    return False
+                dims.append(shape[axis])
+            if len(set(dims)) != 1:
+                return False
+        if kind == "dtype":
+            dtype = v[arg[0]].dtype
+            if dtype is None or dtype.name != arg[1]:
+                return False
+    return True
+
+
+def _self_contained(graph: ir.Graph, rule: Rule, st: _State) -> bool:
+    roots = {split_ref(r)[0] for r in rule.source.outputs}
+    inside = {id(n) for n in st.nodes.values()}
+    graph_outputs = {id(v) for v in graph.outputs}
+    for pid, node in st.nodes.items():
+        if pid in roots:
+            continue
+        for out in node.outputs:
+            if id(out) in graph_outputs:
+                return False
+            if any(id(use.node) not in inside for use in out.uses()):
+                return False
+    return True
+
+
+def find_matches(graph: ir.Graph, rule: Rule, *, limit: int | None = None) -> list[Match]:
+    """Every place in `graph` (top level) where `rule.source` matches (at most `limit`)."""
+    found: list[Match] = []
+    seen: set[tuple] = set()
+    for st in _match_roots(graph, rule, list(rule.source.outputs), _State()):
+        if len(st.nodes) != len(rule.source.nodes):
+            continue                          # a node of the pattern was not reached
+        if not _self_contained(graph, rule, st) or not _preconditions_hold(rule, st):
+            continue
+        m = Match(rule, st.values, st.nodes, st.attrs)
+        if m.key() in seen:
+            continue
+        seen.add(m.key())
+        found.append(m)
+        if limit is not None and len(found) >= limit:
+            break
+    return found
+
+
+def _resolve(value: Any, m: Match) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        return m.attrs[value]
+    if isinstance(value, dict) and "dim" in value:
+        var, axis = value["dim"]
+        return int(_shape(m.values[var])[axis])
+    if isinstance(value, list):
+        return [_resolve(v, m) for v in value]
+    return value
+
+
+def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
+    """Replace the match with the rule's target; returns the new nodes."""
+    target = m.rule.target
+    made: dict[str, ir.Node] = {}
+
+    def value_of(ref: str) -> ir.Value:
+        name, index = split_ref(ref)
+        if name in target.inputs and ":" not in ref:
+            return m.values[name]
+        return made[name].outputs[index]
+
+    new_nodes = []
+    for p in target.nodes:
+        attrs = {k: _resolve(v, m) for k, v in p.attributes.items()}
+        node = ir.Node("", p.op, inputs=[value_of(r) for r in p.inputs],
+                       attributes=ir.convenience.convert_attributes(attrs),
+                       num_outputs=p.num_outputs)
+        made[p.id] = node
+        new_nodes.append(node)
+    graph.extend(new_nodes)
+    old_roots = [m.nodes[split_ref(r)[0]].outputs[split_ref(r)[1]] for r in m.rule.source.outputs]
+    new_roots = [value_of(r) for r in target.outputs]
+    for old, new in zip(old_roots, new_roots):
+        if old.shape is not None and new.shape is None:
+            new.shape = old.shape
+        if old.dtype is not None and new.dtype is None:
+            new.dtype = old.dtype
+        for i, out in enumerate(graph.outputs):
+            if out is old:
+                name = old.name
+                old.name = None
+                new.name = name
+                graph.outputs[i] = new
+    ir.convenience.replace_all_uses_with(old_roots, new_roots)
+    graph.remove(list(m.nodes.values()), safe=True)
+    graph.sort()
+    return new_nodes

@@ -1,0 +1,254 @@
+"""What a graph costs: per-operator latency measured with onnxruntime, cached on disk, with an
+analytic fallback.
+
+`OrtCostModel.node_cost(node)` builds a one-node ONNX model with the node's operator,
+attributes and input shapes (constant inputs become initializers with their real values, others
+graph inputs filled with random data), times it in onnxruntime with the model's settings
+(optimization level, threads), and keeps the median. Results are cached in memory and in a JSON
+file keyed by operator, input shapes and dtypes, attributes, optimization level, threads and
+onnxruntime version (`~/.cache/legato/op_costs.json` by default; `LEGATO_COST_CACHE` moves it).
+A node whose shapes are not static, whose operator is not standard, or that fails alone gets
+the analytic estimate: multiply-accumulates at `flops_per_s` plus bytes moved at `bytes_per_s`
+plus a fixed per-operator overhead.
+
+A node all of whose inputs are constants costs nothing: it is folded before the model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from legato.core._files import atomic_json
+from legato.core.rewrite._matcher import is_constant
+
+__all__ = ["AnalyticCostModel", "CostModel", "OrtCostModel", "foldable", "graph_cost"]
+
+LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def _static(value: ir.Value) -> tuple[int, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = tuple(value.shape)
+    return dims if all(isinstance(d, int) for d in dims) else None
+
+
+class CostModel:
+    """Cost of one node, in seconds; subclasses implement `node_cost`."""
+
+    def node_cost(self, node: ir.Node) -> float:
+        raise NotImplementedError
+
+
+class AnalyticCostModel(CostModel):
+    """Multiply-accumulates and bytes moved, at rates typical of one CPU core."""
+
+    def __init__(self, flops_per_s: float = 2e10, bytes_per_s: float = 1e10,
+                 overhead_s: float = 2e-6) -> None:
+        self.flops_per_s, self.bytes_per_s, self.overhead_s = flops_per_s, bytes_per_s, overhead_s
+
+    def node_cost(self, node: ir.Node) -> float:
+        shapes = [_static(v) for v in node.inputs if v is not None]
+        outs = [_static(v) for v in node.outputs]
+        moved = sum(math.prod(s) for s in shapes + outs if s is not None) * 4
+        macs = 0
+        op = node.op_type
+        if op in ("MatMul", "Gemm") and len(shapes) >= 2 and None not in shapes[:2] and outs[0]:
+            a = shapes[0]
+            k = a[-1] if not (op == "Gemm" and _attr(node, "transA", 0)) else a[0]
+            macs = math.prod(outs[0]) * k
+        elif op == "Conv" and len(shapes) >= 2 and None not in shapes[:2] and outs[0]:
+            w = shapes[1]
+            macs = math.prod(outs[0]) * math.prod(w[1:])
+        return self.overhead_s + 2 * macs / self.flops_per_s + moved / self.bytes_per_s
+
+
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+class OrtCostModel(CostModel):
+    """Per-operator latency measured in onnxruntime (see the module docstring)."""
+
+    def __init__(self, *, level: str = "all", threads: int = 1, repeats: int = 20,
+                 cache_path: str | os.PathLike | None = None, opset: int = 17,
+                 fallback: CostModel | None = None) -> None:
+        import onnxruntime as ort
+
+        if level not in LEVELS:
+            raise ValueError(f"level={level!r}; use one of {list(LEVELS)}")
+        self.level, self.threads, self.repeats, self.opset = level, threads, repeats, opset
+        self.fallback = fallback or AnalyticCostModel()
+        self.version = ort.__version__
+        default = Path(os.environ.get("LEGATO_COST_CACHE",
+                                      Path.home() / ".cache" / "legato" / "op_costs.json"))
+        self.cache_path = Path(cache_path) if cache_path is not None else default
+        self._cache: dict[str, float] = {}
+        self._dirty = 0
+        self._lock = threading.Lock()
+        self.measured = self.cached = self.estimated = 0
+        try:
+            self._cache = json.loads(self.cache_path.read_text()).get("costs", {})
+        except (OSError, ValueError):
+            self._cache = {}
+
+    def _key(self, node: ir.Node, shapes: list, dtypes: list, consts: list) -> str:
+        attrs = {k: (repr(v.value) if not isinstance(v.value, (int, float, str, list))
+                     else v.value) for k, v in sorted(node.attributes.items())}
+        blob = json.dumps([node.op_type, shapes, dtypes, consts, attrs, self.level, self.threads,
+                           self.version], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def node_cost(self, node: ir.Node) -> float:
+        subgraphs = any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                        for a in node.attributes.values())
+        if node.domain not in ("", "ai.onnx") or subgraphs:
+            self.estimated += 1
+            return self.fallback.node_cost(node)
+        inputs = [v for v in node.inputs]
+        shapes = [_static(v) if v is not None else () for v in inputs]
+        outs = [_static(v) for v in node.outputs]
+        if any(s is None for s in shapes) or any(s is None for s in outs) or any(
+                v is not None and v.dtype is None for v in inputs):
+            self.estimated += 1
+            return self.fallback.node_cost(node)
+        consts = [_const_digest(v) if v is not None and is_constant(v) else None
+                  for v in inputs]
+        key = self._key(node, [list(s) for s in shapes],
+                        [v.dtype.name if v is not None else None for v in inputs], consts)
+        with self._lock:
+            if key in self._cache:
+                self.cached += 1
+                return self._cache[key]
+        try:
+            cost = self._measure(node)
+            self.measured += 1
+        except Exception:  # noqa: BLE001 (a node that cannot run alone gets the estimate)
+            self.estimated += 1
+            return self.fallback.node_cost(node)
+        with self._lock:
+            self._cache[key] = cost
+            self._dirty += 1
+        return cost
+
+    def _measure(self, node: ir.Node) -> float:
+        import onnxruntime as ort
+        from onnx import helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        g_inputs, inits, names, feed = [], [], [], {}
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                names.append("")
+                continue
+            name = f"in{i}"
+            names.append(name)
+            dtype = v.dtype.numpy()
+            if is_constant(v):       # folded before running: an initializer (ORT may prepack it)
+                arr = _known_array(v)
+                if arr is None:
+                    arr = rng.standard_normal(_static(v)).astype(dtype)
+                inits.append(numpy_helper.from_array(arr.astype(dtype, copy=False), name))
+            else:
+                arr = (rng.standard_normal(_static(v)) if np.issubdtype(dtype, np.floating)
+                       else np.ones(_static(v))).astype(dtype)
+                feed[name] = arr
+                g_inputs.append(helper.make_tensor_value_info(name, v.dtype.value, list(arr.shape)))
+        outs = [helper.make_tensor_value_info(f"out{i}", o.dtype.value if o.dtype else 1, None)
+                for i, o in enumerate(node.outputs)]
+        proto_node = ir.serde.serialize_node(node)
+        del proto_node.input[:]
+        proto_node.input.extend(names)
+        del proto_node.output[:]
+        proto_node.output.extend(o.name for o in outs)
+        model = helper.make_model(helper.make_graph([proto_node], "op", g_inputs, outs, inits),
+                                  opset_imports=[helper.make_opsetid("", self.opset)])
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def save(self) -> None:
+        """Write the cache file (atomically) if anything was measured."""
+        with self._lock:
+            if not self._dirty:
+                return
+            try:
+                merged = json.loads(self.cache_path.read_text()).get("costs", {})
+            except (OSError, ValueError):
+                merged = {}
+            merged.update(self._cache)
+            atomic_json(self.cache_path, {"format": "legato.rewrite.op_costs", "costs": merged},
+                        indent=None)
+            self._dirty = 0
+
+
+def _known_array(value: ir.Value) -> np.ndarray | None:
+    """The value of an initializer or Constant; None for a constant still to be computed."""
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is None or producer.op_type != "Constant":
+        return None
+    attrs = producer.attributes
+    if "value" in attrs:
+        return attrs["value"].value.numpy()
+    for name, dtype in (("value_ints", np.int64), ("value_int", np.int64),
+                        ("value_floats", np.float32), ("value_float", np.float32)):
+        if name in attrs:
+            return np.asarray(attrs[name].value, dtype=dtype)
+    raise ValueError(f"Constant {value.name} has no numeric value attribute")
+
+
+def _const_digest(value: ir.Value) -> str:
+    arr = _known_array(value)
+    if arr is None:
+        return f"computed{list(_static(value) or ())}"
+    if arr.size <= 16:                    # small constants (shapes, axes) change the op
+        return repr(arr.tolist())
+    return f"{arr.dtype}{list(arr.shape)}"
+
+
+def foldable(graph: ir.Graph) -> set[int]:
+    """ids of the nodes computed from constants only (folded before the model runs)."""
+    const_values: set[int] = set()
+    out: set[int] = set()
+    for node in graph:                      # topological order
+        ins = [v for v in node.inputs if v is not None]
+        if node.op_type == "Constant" or (ins and all(is_constant(v) or id(v) in const_values
+                                                      for v in ins)):
+            if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                       for a in node.attributes.values()):
+                out.add(id(node))
+                const_values.update(id(v) for v in node.outputs)
+    return out
+
+
+def graph_cost(graph: ir.Graph, model: CostModel) -> float:
+    """Sum of node costs, leaving out nodes computed from constants only (folded)."""
+    skip = foldable(graph)
+    return sum(model.node_cost(node) for node in graph if id(node) not in skip)

@@ -1,0 +1,249 @@
+"""Rewrite rules as data: source and target patterns over pattern variables, preconditions, and
+the record of how the rule was verified.
+
+A `Pattern` is a small operator DAG. Its `inputs` are pattern variables (tensors the rule does
+not look inside); each `PNode` is an ONNX operator whose inputs name variables or other nodes
+(`"n1"` for a node's first output, `"n1:2"` for its third); its `outputs` are the roots. A rule
+says: wherever `source` matches, its roots can be replaced by the roots of `target`, in order.
+Several roots let one rule merge parallel branches that share an input (two MatMuls of one `x`
+become one MatMul of `x` with concatenated weights, then a Split).
+
+Attribute values in a pattern:
+- a JSON value (`1`, `[1, 1]`, `"NOTSET"`): in a source, the graph's attribute must equal it;
+  in a target, it is set;
+- `"$name"`: in a source, binds the graph's value (equal wherever it recurs); in a target, uses it;
+- `{"dim": ["w", -1]}`: (target) a dimension of a bound variable's static shape; lists may mix
+  these (`[{"dim": ["w1", -1]}, {"dim": ["w2", -1]}]`).
+Attributes a source node does not list must be absent from the graph node (or at their ONNX
+default), so a rule never matches a variant it was not verified for.
+
+Preconditions (`{"constant": "w"}`, `{"rank": ["x", 4]}`, `{"static_shape": "x"}`,
+`{"same_shape": ["a", "b"]}`, `{"dim_eq": [["w1", 0], ["w2", 0]]}`, `{"dtype": ["x", "FLOAT"]}`)
+restrict where a rule applies. JSON form: `Rule.to_json()` / `Rule.from_json()`,
+`load_rules(path)` / `save_rules(path, rules)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from legato.core._files import atomic_json
+from legato.core.errors import ConfigError
+
+__all__ = ["PNode", "Pattern", "Rule", "RuleError", "load_rules", "save_rules"]
+
+RULES_FORMAT = "legato.rewrite.rules"
+PRECONDITIONS = ("constant", "rank", "static_shape", "same_shape", "dim_eq", "dtype")
+_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+class RuleError(ConfigError):
+    """A rule or rule file that cannot be used; the message names the rule and the fix."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _thaw_attr(value: Any) -> Any:
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and
+                                                  isinstance(v[0], str) for v in value) \
+            and value[0][0] == "dim":
+        return {k: _thaw_attr(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw_attr(v) for v in value]
+    return value
+
+
+def split_ref(ref: str) -> tuple[str, int]:
+    """`"n1:2"` -> ("n1", 2); `"n1"` -> ("n1", 0)."""
+    name, _, index = ref.partition(":")
+    return name, int(index) if index else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PNode:
+    """One operator of a pattern."""
+
+    id: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: tuple[tuple[str, Any], ...] = ()
+    num_outputs: int = 1
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return {k: _thaw_attr(v) for k, v in self.attrs}
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {"id": self.id, "op": self.op, "inputs": list(self.inputs)}
+        if self.attrs:
+            d["attrs"] = self.attributes
+        if self.num_outputs != 1:
+            d["outputs"] = self.num_outputs
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PNode":
+        return cls(str(d["id"]), str(d["op"]), tuple(d.get("inputs", ())),
+                   tuple(sorted((k, _freeze(v)) for k, v in (d.get("attrs") or {}).items())),
+                   int(d.get("outputs", 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """Pattern variables, operators in topological order, and the roots."""
+
+    inputs: tuple[str, ...]
+    nodes: tuple[PNode, ...]
+    outputs: tuple[str, ...]
+
+    def check(self, where: str) -> None:
+        """Raise RuleError unless every reference resolves, in order, and ids are unique."""
+        known = set(self.inputs)
+        if len(known) != len(self.inputs):
+            raise RuleError(f"{where}: repeated pattern variables in {list(self.inputs)}")
+        arity: dict[str, int] = {}
+        for n in self.nodes:
+            if n.id in known or n.id in arity:
+                raise RuleError(f"{where}: node id {n.id!r} is used twice")
+            for ref in n.inputs:
+                self._check_ref(ref, known, arity, f"{where}: node {n.id!r}")
+            arity[n.id] = n.num_outputs
+        if not self.outputs:
+            raise RuleError(f"{where}: a pattern needs at least one output (root)")
+        for ref in self.outputs:
+            name, _ = split_ref(ref)
+            if name not in arity:
+                raise RuleError(f"{where}: output {ref!r} is not a node of the pattern (a root "
+                                "must be an operator, not a bare variable)")
+            self._check_ref(ref, known, arity, f"{where}: outputs")
+
+    @staticmethod
+    def _check_ref(ref: str, known: set, arity: dict, where: str) -> None:
+        name, index = split_ref(ref)
+        if name in known and index == 0 and ":" not in ref:
+            return
+        if name not in arity:
+            raise RuleError(f"{where} reads {ref!r}, which is neither a pattern variable nor an "
+                            "earlier node (list nodes in topological order)")
+        if index >= arity[name]:
+            raise RuleError(f"{where} reads output {index} of {name!r}, which has "
+                            f"{arity[name]} outputs")
+
+    def node(self, node_id: str) -> PNode:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def to_json(self) -> dict:
+        return {"inputs": list(self.inputs), "nodes": [n.to_json() for n in self.nodes],
+                "outputs": list(self.outputs)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Pattern":
+        return cls(tuple(d.get("inputs", ())), tuple(PNode.from_json(n) for n in d["nodes"]),
+                   tuple(d["outputs"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`source` may be replaced by `target` (roots in order) where `preconditions` hold."""
+
+    name: str
+    source: Pattern
+    target: Pattern
+    preconditions: tuple[tuple[str, Any], ...] = ()
+    origin: str = "hand-written"            # or "generated"
+    verification: tuple[tuple[str, Any], ...] = ()   # e.g. (("z3", "proved"), ("numeric", ...))
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        where = f"rule {self.name!r}"
+        if not _NAME.match(self.name):
+            raise RuleError(f"{where}: names are kebab-case (fuse-conv-bn)")
+        self.source.check(f"{where} source")
+        self.target.check(f"{where} target")
+        if len(self.source.outputs) != len(self.target.outputs):
+            raise RuleError(f"{where}: source has {len(self.source.outputs)} roots, target "
+                            f"{len(self.target.outputs)}; they pair up in order")
+        extra = set(self.target.inputs) - set(self.source.inputs)
+        if extra:
+            raise RuleError(f"{where}: target variables {sorted(extra)} are not bound by the "
+                            "source")
+        for kind, _ in self.preconditions:
+            if kind not in PRECONDITIONS:
+                raise RuleError(f"{where}: unknown precondition {kind!r}; known: "
+                                f"{list(PRECONDITIONS)}")
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return dict(self.verification)
+
+    @property
+    def verified(self) -> bool:
+        s = self.status
+        return s.get("z3") == "proved" and s.get("numeric") == "passed"
+
+    def with_verification(self, **record: Any) -> "Rule":
+        merged = {**self.status, **record}
+        return dataclasses.replace(self, verification=tuple(sorted(merged.items())))
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "origin": self.origin, "source": self.source.to_json(),
+             "target": self.target.to_json(),
+             "preconditions": [{k: _thaw_attr(v)} for k, v in self.preconditions],
+             "verification": self.status}
+        if self.doc:
+            d["doc"] = self.doc
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict, *, where: str = "rule") -> "Rule":
+        try:
+            pre = []
+            for item in d.get("preconditions", ()):
+                (k, v), = item.items()
+                pre.append((k, _freeze(v)))
+            return cls(str(d["name"]), Pattern.from_json(d["source"]),
+                       Pattern.from_json(d["target"]), tuple(pre), d.get("origin", "hand-written"),
+                       tuple(sorted((d.get("verification") or {}).items())), d.get("doc", ""))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RuleError(f"{where}: malformed rule ({type(err).__name__}: {err}); see "
+                            "legato/core/rewrite/pattern.py for the format") from err
+
+
+def save_rules(path: str | os.PathLike, rules: Iterable[Rule], *, meta: dict | None = None
+               ) -> Path:
+    """Write rules as JSON, atomically."""
+    return atomic_json(path, {"format": RULES_FORMAT, "version": 1, "meta": meta or {},
+                              "rules": [r.to_json() for r in rules]})
+
+
+def load_rules(path: str | os.PathLike) -> list[Rule]:
+    """Read a rule file written by `save_rules` (or by hand)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except OSError as err:
+        raise RuleError(f"cannot read the rule file {p}: {err.strerror}") from err
+    except json.JSONDecodeError as err:
+        raise RuleError(f"{p} is not JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(data, dict) or data.get("format") != RULES_FORMAT:
+        raise RuleError(f"{p} is not a legato rule file (no \"format\": \"{RULES_FORMAT}\")")
+    rules = [Rule.from_json(r, where=f"{p} rule #{i}") for i, r in enumerate(data["rules"])]
+    names = [r.name for r in rules]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RuleError(f"{p}: rule names must be unique; repeated: {dupes[:5]}")
+    return rules

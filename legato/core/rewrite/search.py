@@ -1,0 +1,140 @@
+"""TASO's cost-based backtracking search over rewritten graphs (Jia et al., SOSP'19, §5).
+
+A priority queue holds candidate graphs by cost. The cheapest is taken out; every match of
+every rule is applied to a copy of it, and each new graph (deduplicated by a structural hash)
+whose cost is below `alpha` times the best cost so far joins the queue, so the search may pass
+through slightly worse graphs (alpha > 1) to reach better ones. It stops when the queue is
+empty, after `budget` graphs taken out, or at `time_limit_s`; `stop_reason` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import itertools
+import logging
+import time
+from typing import Callable, Sequence
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from legato.core.rewrite._matcher import apply, find_matches
+from legato.core.rewrite.cost import CostModel, graph_cost
+from legato.core.rewrite.pattern import Rule
+
+__all__ = ["SearchResult", "search", "structural_hash"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The best graph found and how the search went."""
+
+    model: ir.Model
+    cost: float
+    original_cost: float
+    applied: list[str]
+    explored: int
+    generated: int
+    stop_reason: str           # "exhausted", "budget" or "time-limit"
+    seconds: float
+
+
+def structural_hash(graph: ir.Graph) -> str:
+    """A hash of the computation: operators, attributes and how values flow (not names)."""
+    keys: dict[int, str] = {}
+    for i, v in enumerate(graph.inputs):
+        keys[id(v)] = f"in{i}"
+    for name, v in graph.initializers.items():
+        keys[id(v)] = f"init:{name}"
+    parts = []
+    for node in graph:
+        attrs = sorted((k, repr(a.value)) for k, a in node.attributes.items())
+        ins = tuple(keys.get(id(v), "?") if v is not None else "" for v in node.inputs)
+        h = hashlib.sha1(repr((node.domain, node.op_type, attrs, ins)).encode()).hexdigest()[:16]
+        for j, out in enumerate(node.outputs):
+            keys[id(out)] = f"{h}:{j}"
+        parts.append(h)
+    outs = tuple(keys.get(id(v), "?") for v in graph.outputs)
+    return hashlib.sha1(repr((sorted(parts), outs)).encode()).hexdigest()
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    common_passes.ShapeInferencePass(strict_mode=False)(model)
+
+
+def _rewrite(model: ir.Model, rule: Rule, index: int) -> ir.Model | None:
+    """A copy of `model` with the index-th match of `rule` applied."""
+    copy = model.clone()
+    matches = find_matches(copy.graph, rule, limit=index + 1)
+    if len(matches) <= index:
+        return None
+    apply(copy.graph, matches[index])
+    _infer_shapes(copy)
+    return copy
+
+
+def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
+           alpha: float = 1.05, budget: int = 200, time_limit_s: float = 60.0,
+           max_matches_per_rule: int = 64,
+           progress: Callable[[int, float], None] | None = None) -> SearchResult:
+    """Search for the cheapest graph reachable from `model` by `rules` (see the module doc).
+
+    Args:
+        model: the model to rewrite (not modified).
+        rules: the rules to apply.
+        cost_model: what a graph costs (`graph_cost`).
+        alpha: keep candidates up to alpha times the best cost (TASO: 1.05).
+        budget: graphs taken out of the queue before stopping.
+        time_limit_s: wall-clock limit.
+        max_matches_per_rule: matches of one rule tried per graph.
+        progress: called with (graphs explored, best cost) after each graph.
+    Returns:
+        A `SearchResult` with the best model (a copy) and the rules applied to reach it.
+    """
+    start = time.perf_counter()
+    root = model.clone()
+    _infer_shapes(root)
+    base = graph_cost(root.graph, cost_model)
+    counter = itertools.count()
+    queue = [(base, next(counter), root, [])]
+    seen = {structural_hash(root.graph)}
+    best_cost, best_model, best_applied = base, root, []
+    explored = generated = 0
+    stop = "exhausted"
+    while queue:
+        if explored >= budget:
+            stop = "budget"
+            break
+        if time.perf_counter() - start > time_limit_s:
+            stop = "time-limit"
+            break
+        cost, _, current, applied = heapq.heappop(queue)
+        explored += 1
+        for rule in rules:
+            count = len(find_matches(current.graph, rule, limit=max_matches_per_rule))
+            for index in range(count):
+                try:
+                    new = _rewrite(current, rule, index)
+                except Exception as err:  # noqa: BLE001 (a rule that cannot apply is skipped)
+                    log.debug("rule %s failed to apply: %s", rule.name, err)
+                    continue
+                if new is None:
+                    continue
+                key = structural_hash(new.graph)
+                if key in seen:
+                    continue
+                seen.add(key)
+                generated += 1
+                new_cost = graph_cost(new.graph, cost_model)
+                if new_cost < best_cost:
+                    best_cost, best_model, best_applied = new_cost, new, applied + [rule.name]
+                if new_cost < alpha * best_cost:
+                    heapq.heappush(queue, (new_cost, next(counter), new, applied + [rule.name]))
+        if progress is not None:
+            progress(explored, best_cost)
+    return SearchResult(best_model, best_cost, base, best_applied, explored, generated, stop,
+                        time.perf_counter() - start)
