@@ -121,6 +121,72 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from legato.core.errors import LegatoError
+    from legato.core.rewrite.pattern import load_rules, save_rules
+    from legato.core.rewrite.rules import RULES_DIR
+    from legato.core.rewrite.verify import verify_numeric
+
+    if args.action != "verify":
+        print(f"legato rules: unknown action {args.action!r}; use verify", file=sys.stderr)
+        return 2
+    files = [Path(f) for f in args.files] or sorted(RULES_DIR.glob("*.json"))
+    failed = 0
+    try:
+        for path in files:
+            rules = load_rules(path)
+            checked = []
+            for rule in rules:
+                record = verify_numeric(rule, trials=args.trials)
+                status = record.pop("numeric")
+                failed += status != "passed"
+                print(f"{path.name}: {rule.name}: numeric {status} ({record.get('detail', '')})")
+                checked.append(rule.with_verification(numeric=status,
+                                                      numeric_detail=record.get("detail", "")))
+            if args.write:
+                meta = json.loads(path.read_text()).get("meta", {})
+                save_rules(path, checked, meta=meta)
+    except LegatoError as err:
+        print(f"legato rules: {err}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+def _cmd_rewrite(args: argparse.Namespace) -> int:
+    import onnx
+
+    from legato.core.errors import LegatoError
+    from legato.core.rewrite.optimize import optimize
+
+    src, dst = Path(args.model), Path(args.output)
+    if src.resolve() == dst.resolve() and not args.overwrite:
+        print(f"legato rewrite: -o {dst} is the input model; pass --overwrite to replace it",
+              file=sys.stderr)
+        return 2
+    try:
+        model = onnx.load(str(src))
+    except FileNotFoundError:
+        print(f"legato rewrite: {src} does not exist", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 (any parse failure is the file's fault)
+        print(f"legato rewrite: {src} is not an ONNX model ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr)
+        return 2
+    try:
+        out, report = optimize(model, alpha=args.alpha, budget=args.budget,
+                               time_limit_s=args.time_limit, level=args.ort_level,
+                               threads=args.threads)
+    except LegatoError as err:
+        print(f"legato rewrite: {err}", file=sys.stderr)
+        return 2
+    from legato.core._files import atomic_write
+
+    atomic_write(dst, lambda f: f.write(out.SerializeToString()), binary=True)
+    print(report.explain() if args.explain else report.reason)
+    print(f"written: {dst}" + ("" if report.accepted else " (the original model)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="legato",
@@ -183,6 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 
+    p = sub.add_parser(
+        "rewrite", help="rewrite an ONNX model into a faster equivalent (TASO-style search)",
+        description="Search for a faster equivalent graph with verified rules, measured in "
+                    "onnxruntime; the result is written only if measured faster with equal "
+                    "outputs, otherwise the original is written and the reason printed.")
+    p.add_argument("model", metavar="in.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="out.onnx")
+    p.add_argument("--alpha", type=float, default=1.05,
+                   help="keep candidates up to alpha x the best cost (default 1.05)")
+    p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
+    p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+                   help="search wall-clock limit in seconds (default 60)")
+    p.add_argument("--ort-level", choices=["disabled", "basic", "extended", "all"],
+                   default="all", help="onnxruntime optimization level to measure under")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--explain", action="store_true",
+                   help="print the rules applied, costs and measurements")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow -o to be the input file")
+    p.set_defaults(func=_cmd_rewrite)
+
+    p = sub.add_parser("rules", help="verify the rewrite rule files",
+                       description="legato rules verify [FILE ...] [--write]: check every rule "
+                                   "numerically in float64 on its example shapes; --write "
+                                   "stores each rule's record in its file.")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("files", nargs="*", help="rule files (default: the shipped ones)")
+    p.add_argument("--trials", type=int, default=3, help="random inputs per example shape")
+    p.add_argument("--write", action="store_true", help="store the records in the files")
+    p.set_defaults(func=_cmd_rules)
+
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")
     p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' for every one)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -196,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print("legato: error: a command is required (doctor, demo, plan, bench)",
-              file=sys.stderr)
+        print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
+              "bench)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

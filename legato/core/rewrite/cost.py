@@ -7,6 +7,7 @@ graph inputs filled with random data), times it in onnxruntime with the model's 
 (optimization level, threads), and keeps the median. Results are cached in memory and in a JSON
 file keyed by operator, input shapes and dtypes, attributes, optimization level, threads and
 onnxruntime version (`~/.cache/legato/op_costs.json` by default; `LEGATO_COST_CACHE` moves it).
+The time of an empty session run is subtracted (a whole model pays it once, not per node).
 A node whose shapes are not static, whose operator is not standard, or that fails alone gets
 the analytic estimate: multiply-accumulates at `flops_per_s` plus bytes moved at `bytes_per_s`
 plus a fixed per-operator overhead.
@@ -101,6 +102,7 @@ class OrtCostModel(CostModel):
         self._dirty = 0
         self._lock = threading.Lock()
         self.measured = self.cached = self.estimated = 0
+        self._overhead: float | None = None
         try:
             self._cache = json.loads(self.cache_path.read_text()).get("costs", {})
         except (OSError, ValueError):
@@ -190,7 +192,32 @@ class OrtCostModel(CostModel):
             t0 = time.perf_counter()
             sess.run(None, feed)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        # a session run has a fixed cost (~10 us) that a whole model pays once, not per node
+        return max(statistics.median(times) - self._run_overhead(), 1e-7)
+
+    def _run_overhead(self) -> float:
+        if getattr(self, "_overhead", None) is None:
+            import onnxruntime as ort
+            from onnx import helper
+
+            x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+            y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+            m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])],
+                                                    "nop", [x], [y]),
+                                  opset_imports=[helper.make_opsetid("", self.opset)])
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            sess = ort.InferenceSession(m.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+            feed = {"x": np.zeros(1, np.float32)}
+            times = []
+            for i in range(self.repeats + 3):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            self._overhead = statistics.median(times)
+        return self._overhead
 
     def save(self) -> None:
         """Write the cache file (atomically) if anything was measured."""

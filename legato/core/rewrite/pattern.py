@@ -167,6 +167,7 @@ class Rule:
     origin: str = "hand-written"            # or "generated"
     verification: tuple[tuple[str, Any], ...] = ()   # e.g. (("z3", "proved"), ("numeric", ...))
     doc: str = ""
+    examples: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ()  # shapes to check on
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -181,6 +182,10 @@ class Rule:
         if extra:
             raise RuleError(f"{where}: target variables {sorted(extra)} are not bound by the "
                             "source")
+        for ex in self.examples:
+            missing = set(self.source.inputs) - {k for k, _ in ex}
+            if missing:
+                raise RuleError(f"{where}: example shapes lack variables {sorted(missing)}")
         for kind, _ in self.preconditions:
             if kind not in PRECONDITIONS:
                 raise RuleError(f"{where}: unknown precondition {kind!r}; known: "
@@ -206,6 +211,8 @@ class Rule:
              "verification": self.status}
         if self.doc:
             d["doc"] = self.doc
+        if self.examples:
+            d["examples"] = [{k: list(v) for k, v in ex} for ex in self.examples]
         return d
 
     @classmethod
@@ -217,7 +224,9 @@ class Rule:
                 pre.append((k, _freeze(v)))
             return cls(str(d["name"]), Pattern.from_json(d["source"]),
                        Pattern.from_json(d["target"]), tuple(pre), d.get("origin", "hand-written"),
-                       tuple(sorted((d.get("verification") or {}).items())), d.get("doc", ""))
+                       tuple(sorted((d.get("verification") or {}).items())), d.get("doc", ""),
+                       tuple(tuple(sorted((k, tuple(int(x) for x in v)) for k, v in ex.items()))
+                             for ex in d.get("examples", ())))
         except (KeyError, TypeError, ValueError) as err:
             raise RuleError(f"{where}: malformed rule ({type(err).__name__}: {err}); see "
                             "legato/core/rewrite/pattern.py for the format") from err

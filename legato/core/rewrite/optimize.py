@@ -1,0 +1,230 @@
+"""`optimize(model)`: search for a faster equivalent graph, and return it only if it is
+measured faster and computes the same outputs; otherwise the original, with the reason.
+
+Steps: check the model; TASO's search with the given rules and cost model (`search.py`); fold
+the constant subgraphs the rules produced (weights concatenated or scaled) into initializers
+with onnx's reference evaluator; then a whole-model A/B in onnxruntime with the same settings
+(interleaved rounds, medians) and an output comparison on random inputs. The returned model
+carries, in `metadata_props`, the rules applied and the costs and times measured
+(`legato.rewrite.*`; `Report.explain()` prints them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from legato.core.errors import ConfigError
+from legato.core.rewrite.cost import CostModel, OrtCostModel, foldable
+from legato.core.rewrite.measure import ab_time, compare_outputs, random_feed, session
+from legato.core.rewrite.pattern import Rule
+from legato.core.rewrite.search import search
+
+__all__ = ["Report", "RewriteError", "fold_constants", "optimize"]
+
+
+class RewriteError(ConfigError):
+    """A model that cannot be rewritten as given (malformed, unreadable)."""
+
+
+@dataclasses.dataclass
+class Report:
+    """What `optimize` did and measured."""
+
+    accepted: bool
+    reason: str
+    applied: list[str]
+    predicted_before_s: float
+    predicted_after_s: float
+    measured_before_s: float | None = None
+    measured_after_s: float | None = None
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    tolerance: dict[str, float] = dataclasses.field(default_factory=dict)
+    stop_reason: str = ""
+    search_s: float = 0.0
+    explored: int = 0
+    generated: int = 0
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.measured_before_s and self.measured_after_s:
+            return self.measured_before_s / self.measured_after_s
+        return None
+
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "speedup": self.speedup}
+
+    def explain(self) -> str:
+        lines = [f"{'accepted' if self.accepted else 'kept the original'}: {self.reason}"]
+        if self.applied:
+            lines.append("rules applied: " + ", ".join(self.applied))
+        lines.append(f"predicted cost: {self.predicted_before_s * 1e3:.3f} ms -> "
+                     f"{self.predicted_after_s * 1e3:.3f} ms")
+        if self.measured_before_s is not None and self.measured_after_s is not None:
+            lines.append(f"measured: {self.measured_before_s * 1e3:.3f} ms -> "
+                         f"{self.measured_after_s * 1e3:.3f} ms ({self.speedup:.3f}x)")
+        if self.max_abs_error is not None:
+            lines.append(f"max error: {self.max_abs_error:.3g} absolute, "
+                         f"{self.max_rel_error:.3g} relative (tolerance {self.tolerance})")
+        lines.append(f"search: {self.explored} graphs explored, {self.generated} generated, "
+                     f"{self.search_s:.2f} s, stopped: {self.stop_reason}")
+        return "\n".join(lines)
+
+
+def fold_constants(model: ir.Model) -> int:
+    """Replace nodes computed from constants only by initializers, with onnx's reference
+    evaluator, then drop what no longer feeds anything; returns how many nodes were folded."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    opset = model.opset_imports.get("", 17)
+    targets = [n for n in graph if id(n) in foldable(graph) and n.op_type != "Constant"]
+    for node in targets:
+        proto = ir.serde.serialize_node(node)
+        names, feed = [], {}
+        for i, v in enumerate(node.inputs):
+            names.append("" if v is None else f"i{i}")
+            if v is not None:
+                feed[f"i{i}"] = _value_array(v)
+        del proto.input[:]
+        proto.input.extend(names)
+        del proto.output[:]
+        proto.output.extend(f"o{j}" for j in range(len(node.outputs)))
+        outs = [onnx.helper.make_tensor_value_info(f"o{j}", 0, None)
+                for j in range(len(node.outputs))]
+        ev = ReferenceEvaluator(onnx.helper.make_model(
+            onnx.helper.make_graph([proto], "fold", [], outs),
+            opset_imports=[onnx.helper.make_opsetid("", opset)]))
+        for out, arr in zip(node.outputs, ev.run(None, feed)):
+            arr = np.asarray(arr)
+            init = ir.Value(name=_fresh(graph, out.name), shape=ir.Shape(arr.shape),
+                            type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)),
+                            const_value=ir.tensor(arr))
+            graph.register_initializer(init)
+            ir.convenience.replace_all_uses_with(out, init)
+            for i, gout in enumerate(graph.outputs):
+                if gout is out:
+                    graph.outputs[i] = init
+    _drop_unused(graph)
+    return len(targets)
+
+
+def _drop_unused(graph: ir.Graph) -> None:
+    """Remove nodes and initializers that feed nothing (repeatedly)."""
+    outputs = {id(v) for v in graph.outputs}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if all(not o.uses() and id(o) not in outputs for o in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    inputs = {id(v) for v in graph.inputs}
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and id(value) not in outputs and id(value) not in inputs:
+            del graph.initializers[name]
+
+
+def _fresh(graph: ir.Graph, base: str | None) -> str:
+    base = (base or "folded") + "_folded"
+    name, k = base, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
+def _value_array(v: ir.Value) -> np.ndarray:
+    if v.const_value is not None:
+        return v.const_value.numpy()
+    producer = v.producer()
+    attrs = producer.attributes
+    if "value" in attrs:
+        return attrs["value"].value.numpy()
+    for name, dtype in (("value_ints", np.int64), ("value_int", np.int64),
+                        ("value_floats", np.float32), ("value_float", np.float32)):
+        if name in attrs:
+            return np.asarray(attrs[name].value, dtype=dtype)
+    raise RewriteError(f"cannot read the constant {v.name!r}")
+
+
+def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
+             alpha: float = 1.05, budget: int = 200, time_limit_s: float = 60.0,
+             level: str = "all", threads: int = 1, rounds: int = 7, rtol: float = 1e-4,
+             atol: float = 1e-5, seed: int = 0, cost_model: CostModel | None = None,
+             progress: Callable[[int, float], None] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
+    """Rewrite `model` for onnxruntime on this CPU (see the module docstring).
+
+    Args:
+        model: the model (not modified).
+        rules: rules to search with (default: the shipped, verified rule set).
+        alpha, budget, time_limit_s: the search's threshold and limits.
+        level, threads: the onnxruntime settings to measure under ("all", 1).
+        rounds: A/B rounds of the final measurement.
+        rtol, atol: output tolerance against the original.
+        cost_model: per-operator costs (default: measured in onnxruntime, cached).
+    Returns:
+        (model, report): the rewritten model when accepted, else the original unchanged.
+    """
+    if rules is None:
+        from legato.core.rewrite.rules import shipped_rules
+
+        rules = shipped_rules()
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise RewriteError(f"the model is not valid ONNX: {str(err).splitlines()[0]}") from err
+    cost_model = cost_model or OrtCostModel(level=level, threads=threads)
+    result = search(ir.serde.deserialize_model(model), rules, cost_model, alpha=alpha,
+                    budget=budget, time_limit_s=time_limit_s, progress=progress)
+    if isinstance(cost_model, OrtCostModel):
+        cost_model.save()
+    settings = {"level": level, "threads": threads, "alpha": alpha, "budget": budget,
+                "time_limit_s": time_limit_s, "rounds": rounds}
+    report = Report(False, "", result.applied, result.original_cost, result.cost,
+                    stop_reason=result.stop_reason, search_s=result.seconds,
+                    explored=result.explored, generated=result.generated,
+                    tolerance={"rtol": rtol, "atol": atol}, settings=settings)
+    if not result.applied:
+        report.reason = "no rule lowered the predicted cost"
+        return model, report
+    fold_constants(result.model)
+    candidate = ir.serde.serialize_model(result.model)
+    try:
+        onnx.checker.check_model(candidate)
+        a, b = session(model, level=level, threads=threads), session(candidate, level=level,
+                                                                      threads=threads)
+    except Exception as err:  # noqa: BLE001 (a broken candidate must never come back)
+        report.reason = f"the rewritten model did not load ({type(err).__name__}: {err})"
+        return model, report
+    feeds = [random_feed(model, seed=seed + k) for k in range(3)]
+    same = compare_outputs(a, b, feeds, rtol=rtol, atol=atol)
+    report.max_abs_error, report.max_rel_error = same["max_abs"], same["max_rel"]
+    timed = ab_time({"original": a, "rewritten": b}, feeds[0], rounds=rounds)
+    report.measured_before_s = timed["original"]["median_s"]
+    report.measured_after_s = timed["rewritten"]["median_s"]
+    if not same["equal"]:
+        report.reason = (f"outputs differ beyond rtol={rtol}, atol={atol} (max abs error "
+                         f"{same['max_abs']:.3g}); the original is returned")
+        return model, report
+    if report.measured_after_s >= report.measured_before_s:
+        report.reason = (f"not measured faster ({report.measured_after_s * 1e3:.3f} ms against "
+                         f"{report.measured_before_s * 1e3:.3f} ms, median of {rounds} rounds)")
+        return model, report
+    report.accepted = True
+    report.reason = f"measured {report.speedup:.3f}x faster with equal outputs"
+    meta = dict((p.key, p.value) for p in candidate.metadata_props)
+    meta.update({"legato.rewrite.applied": json.dumps(result.applied),
+                 "legato.rewrite.report": json.dumps(report.to_json(), default=str)})
+    del candidate.metadata_props[:]
+    for k, v in meta.items():
+        candidate.metadata_props.add(key=k, value=v)
+    return candidate, report

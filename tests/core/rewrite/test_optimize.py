@@ -1,0 +1,115 @@
+"""optimize(): a rewritten model comes back only when measured faster with equal outputs;
+numeric verification rejects a planted wrong rule; the rewrite and rules commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from legato.core.rewrite.optimize import RewriteError, optimize
+from legato.core.rewrite.pattern import Rule
+from legato.core.rewrite.rules import all_rules, shipped_rules
+from legato.core.rewrite.verify import verify_numeric
+
+pytest.importorskip("onnxruntime")
+sys.path.insert(0, os.path.dirname(__file__))
+from test_search import MERGE, PerOp, _parallel  # noqa: E402
+
+# concatenating on the wrong axis: shapes still work out when K == N, values do not
+WRONG = Rule.from_json({**MERGE.to_json(), "name": "merge-parallel-matmul-wrong-axis",
+                        "target": {**MERGE.target.to_json(), "nodes": [
+                            {"id": "w", "op": "Concat", "inputs": ["w2", "w1"],
+                             "attrs": {"axis": 1}},
+                            *MERGE.target.to_json()["nodes"][1:]]},
+                        "examples": [{"x": [2, 3], "w1": [3, 3], "w2": [3, 3]}]})
+
+
+def test_shipped_rules_pass_numeric_verification_again():
+    rules = all_rules()
+    assert {r.name for r in rules} >= {"merge-parallel-matmul", "merge-parallel-gemm"}
+    for rule in rules:
+        assert verify_numeric(rule)["numeric"] == "passed", rule.name
+    assert [r.name for r in shipped_rules()] == [r.name for r in rules]
+
+
+def test_a_planted_wrong_rule_fails_verification():
+    record = verify_numeric(WRONG)
+    assert record["numeric"] == "failed" and "max abs error" in record["detail"]
+
+
+def test_a_wrong_rule_never_reaches_the_output():
+    proto = _parallel(2, k=16)
+    out, report = optimize(proto, rules=[WRONG], cost_model=PerOp(), rounds=2)
+    assert report.applied == ["merge-parallel-matmul-wrong-axis"]
+    assert not report.accepted and "outputs differ" in report.reason
+    assert out is proto and report.max_abs_error > 1e-3
+
+
+def test_a_correct_rewrite_is_returned_only_with_its_record():
+    proto = _parallel(3, k=16)
+    out, report = optimize(proto, rules=[MERGE], cost_model=PerOp(), rounds=3)
+    assert report.applied and report.max_abs_error <= 1e-5
+    if report.accepted:                      # measured faster: the record travels with it
+        meta = {p.key: p.value for p in out.metadata_props}
+        assert json.loads(meta["legato.rewrite.applied"]) == report.applied
+        onnx.checker.check_model(out)
+        assert [n.op_type for n in out.graph.node].count("MatMul") == 1
+        assert not any(n.op_type == "Concat" for n in out.graph.node)   # folded into weights
+    else:
+        assert out is proto and "not measured faster" in report.reason
+    assert "rules applied: merge-parallel-matmul" in report.explain()
+
+
+def test_nothing_to_do_returns_the_original():
+    proto = _parallel(1)
+    out, report = optimize(proto, rules=[MERGE], cost_model=PerOp())
+    assert out is proto and report.reason == "no rule lowered the predicted cost"
+
+
+def test_invalid_models_are_refused():
+    bad = onnx.ModelProto()
+    bad.graph.node.add(op_type="NoSuchOp")
+    with pytest.raises(RewriteError, match="not valid ONNX"):
+        optimize(bad, rules=[MERGE], cost_model=PerOp())
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "legato.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_rewrite_command_writes_a_model_and_protects_the_input(tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(_parallel(2, k=16), src)
+    before = src.read_bytes()
+    proc = _cli("rewrite", str(src), "-o", str(tmp_path / "out.onnx"), "--budget", "5",
+                "--explain")
+    assert proc.returncode == 0, proc.stderr
+    assert "search:" in proc.stdout and src.read_bytes() == before
+    onnx.checker.check_model(onnx.load(str(tmp_path / "out.onnx")))
+    proc = _cli("rewrite", str(src), "-o", str(src))
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    proc = _cli("rewrite", str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "x.onnx"))
+    assert proc.returncode == 2 and "is not an ONNX model" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_rules_verify_command_reports_and_fails_on_a_wrong_rule(tmp_path):
+    from legato.core.rewrite.pattern import save_rules
+
+    path = save_rules(tmp_path / "rules.json", [MERGE.__class__.from_json(
+        {**MERGE.to_json(), "examples": [{"x": [2, 3], "w1": [3, 4], "w2": [3, 5]}]}), WRONG])
+    proc = _cli("rules", "verify", str(path), "--write")
+    assert proc.returncode == 1
+    assert "merge-parallel-matmul: numeric passed" in proc.stdout
+    assert "merge-parallel-matmul-wrong-axis: numeric failed" in proc.stdout
+    stored = {r["name"]: r["verification"]["numeric"]
+              for r in json.loads(path.read_text())["rules"]}
+    assert stored == {"merge-parallel-matmul": "passed",
+                      "merge-parallel-matmul-wrong-axis": "failed"}
