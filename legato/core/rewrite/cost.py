@@ -183,6 +183,7 @@ class OrtCostModel(CostModel):
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
         for _ in range(3):
@@ -207,6 +208,7 @@ class OrtCostModel(CostModel):
                                   opset_imports=[helper.make_opsetid("", self.opset)])
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sess = ort.InferenceSession(m.SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
             feed = {"x": np.zeros(1, np.float32)}

@@ -29,6 +29,9 @@ def session(model: onnx.ModelProto | bytes, *, level: str = "all", threads: int 
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # idle sessions' spinning threads steal cores from the one being timed (A/B skew of up to
+    # 3x measured with three copies of one model at 2 threads); spin off, copies agree to 1%
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     data = model if isinstance(model, bytes) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
