@@ -257,6 +257,64 @@ def _resolve(value: Any, m: Match) -> Any:
     return value
 
 
+def _constant_list(value: ir.Value) -> list | None:
+    if value.const_value is not None:
+        return value.const_value.numpy().tolist()
+    producer = value.producer()
+    if producer is None or producer.op_type != "Constant":
+        return None
+    for name, attr in producer.attributes.items():
+        if name == "value":
+            return attr.value.numpy().tolist()
+        if name in ("value_ints", "value_floats", "value_int", "value_float"):
+            return attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+    return None
+
+
+def infer_shapes(nodes: list[ir.Node]) -> bool:
+    """Give the nodes' outputs shapes and dtypes from legato's operator semantics; False if
+    some node could not be inferred (then whole-graph shape inference must run)."""
+    from legato.core.rewrite.ops import OPS
+
+    complete = True
+    for node in nodes:
+        if node.op_type == "Constant":
+            arr = _constant_list(node.outputs[0])
+            if arr is not None and "value" not in node.attributes:
+                kind = next(iter(node.attributes))
+                node.outputs[0].shape = ir.Shape([len(arr)] if isinstance(arr, list) else [])
+                node.outputs[0].dtype = (ir.DataType.INT64 if "int" in kind
+                                         else ir.DataType.FLOAT)
+                continue
+        op = OPS.get(node.op_type)
+        if op is None or any(v is None or _shape(v) is None for v in node.inputs):
+            complete = False
+            continue
+        attr_inputs = dict(op.attr_inputs)
+        shapes, attrs = [], {k: a.value for k, a in node.attributes.items()}
+        for i, v in enumerate(node.inputs):
+            if i in attr_inputs:
+                values = _constant_list(v)
+                if values is None:
+                    complete = False
+                    break
+                attrs[attr_inputs[i]] = values
+            else:
+                shapes.append(_shape(v))
+        else:
+            try:
+                outs = op.infer(shapes, attrs)
+            except Exception:  # noqa: BLE001 (left to onnx's shape inference)
+                complete = False
+                continue
+            dtype = next((v.dtype for i, v in enumerate(node.inputs)
+                          if i not in attr_inputs and v.dtype is not None), None)
+            for value, shape in zip(node.outputs, outs):
+                value.shape = ir.Shape(list(shape))
+                value.dtype = dtype
+    return complete
+
+
 def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
     """Replace the match with the rule's target; returns the new nodes."""
     target = m.rule.target

@@ -50,7 +50,8 @@ def _static(value: ir.Value) -> tuple[int, ...] | None:
 class CostModel:
     """Cost of one node, in seconds; subclasses implement `node_cost`."""
 
-    def node_cost(self, node: ir.Node) -> float:
+    def node_cost(self, node: ir.Node, constants: set[int] | None = None) -> float:
+        """`constants`: ids of values known constant (graph_cost passes them)."""
         raise NotImplementedError
 
 
@@ -61,7 +62,7 @@ class AnalyticCostModel(CostModel):
                  overhead_s: float = 2e-6) -> None:
         self.flops_per_s, self.bytes_per_s, self.overhead_s = flops_per_s, bytes_per_s, overhead_s
 
-    def node_cost(self, node: ir.Node) -> float:
+    def node_cost(self, node: ir.Node, constants: set[int] | None = None) -> float:
         shapes = [_static(v) for v in node.inputs if v is not None]
         outs = [_static(v) for v in node.outputs]
         moved = sum(math.prod(s) for s in shapes + outs if s is not None) * 4
@@ -103,6 +104,8 @@ class OrtCostModel(CostModel):
         self._lock = threading.Lock()
         self.measured = self.cached = self.estimated = 0
         self._overhead: float | None = None
+        self._memo: dict[tuple, float] = {}
+        self._digests: dict[int, tuple] = {}
         try:
             self._cache = json.loads(self.cache_path.read_text()).get("costs", {})
         except (OSError, ValueError):
@@ -115,7 +118,7 @@ class OrtCostModel(CostModel):
                            self.version], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
-    def node_cost(self, node: ir.Node) -> float:
+    def node_cost(self, node: ir.Node, constants: set[int] | None = None) -> float:
         subgraphs = any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                         for a in node.attributes.values())
         if node.domain not in ("", "ai.onnx") or subgraphs:
@@ -128,13 +131,22 @@ class OrtCostModel(CostModel):
                 v is not None and v.dtype is None for v in inputs):
             self.estimated += 1
             return self.fallback.node_cost(node)
-        consts = [_const_digest(v) if v is not None and is_constant(v) else None
-                  for v in inputs]
-        key = self._key(node, [list(s) for s in shapes],
-                        [v.dtype.name if v is not None else None for v in inputs], consts)
+        def const(v: ir.Value) -> bool:
+            return id(v) in constants if constants is not None else is_constant(v)
+
+        consts = [self._digest(v) if v is not None and const(v) else None for v in inputs]
+        dtypes = [v.dtype.name if v is not None else None for v in inputs]
+        fast = (node.op_type, tuple(shapes), tuple(dtypes), tuple(consts),
+                tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items())))
+        with self._lock:
+            if fast in self._memo:
+                self.cached += 1
+                return self._memo[fast]
+        key = self._key(node, [list(s) for s in shapes], dtypes, consts)
         with self._lock:
             if key in self._cache:
                 self.cached += 1
+                self._memo[fast] = self._cache[key]
                 return self._cache[key]
         try:
             cost = self._measure(node)
@@ -144,8 +156,20 @@ class OrtCostModel(CostModel):
             return self.fallback.node_cost(node)
         with self._lock:
             self._cache[key] = cost
+            self._memo[fast] = cost
             self._dirty += 1
         return cost
+
+    def _digest(self, value: ir.Value) -> str:
+        """`_const_digest`, memoized per tensor object (clones share initializer tensors)."""
+        tensor = value.const_value
+        if tensor is None:
+            return _const_digest(value)
+        hit = self._digests.get(id(tensor))
+        if hit is None or hit[0] is not tensor:
+            hit = (tensor, _const_digest(value))      # the tensor kept alive: its id stays its
+            self._digests[id(tensor)] = hit
+        return hit[1]
 
     def _measure(self, node: ir.Node) -> float:
         import onnxruntime as ort
@@ -262,22 +286,27 @@ def _const_digest(value: ir.Value) -> str:
     return f"{arr.dtype}{list(arr.shape)}"
 
 
-def foldable(graph: ir.Graph) -> set[int]:
-    """ids of the nodes computed from constants only (folded before the model runs)."""
-    const_values: set[int] = set()
+def constant_values(graph: ir.Graph) -> tuple[set[int], set[int]]:
+    """(ids of constant values, ids of nodes computed from constants only), in one pass."""
+    const_values: set[int] = {id(v) for v in graph.initializers.values()}
     out: set[int] = set()
     for node in graph:                      # topological order
         ins = [v for v in node.inputs if v is not None]
-        if node.op_type == "Constant" or (ins and all(is_constant(v) or id(v) in const_values
+        if node.op_type == "Constant" or (ins and all(id(v) in const_values
                                                       for v in ins)):
             if not any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
                        for a in node.attributes.values()):
                 out.add(id(node))
                 const_values.update(id(v) for v in node.outputs)
-    return out
+    return const_values, out
+
+
+def foldable(graph: ir.Graph) -> set[int]:
+    """ids of the nodes computed from constants only (folded before the model runs)."""
+    return constant_values(graph)[1]
 
 
 def graph_cost(graph: ir.Graph, model: CostModel) -> float:
     """Sum of node costs, leaving out nodes computed from constants only (folded)."""
-    skip = foldable(graph)
-    return sum(model.node_cost(node) for node in graph if id(node) not in skip)
+    consts, skip = constant_values(graph)
+    return sum(model.node_cost(node, consts) for node in graph if id(node) not in skip)

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from legato.core.rewrite._matcher import apply, find_matches
+from legato.core.rewrite._matcher import Match, apply, find_matches, infer_shapes
 from legato.core.rewrite.cost import CostModel, graph_cost
 from legato.core.rewrite.pattern import Rule
 
@@ -66,14 +66,32 @@ def _infer_shapes(model: ir.Model) -> None:
     common_passes.ShapeInferencePass(strict_mode=False)(model)
 
 
-def _rewrite(model: ir.Model, rule: Rule, index: int) -> ir.Model | None:
-    """A copy of `model` with the index-th match of `rule` applied."""
+def _transfer(m: Match, source: ir.Graph, copy: ir.Graph) -> Match:
+    """The same match in a clone of its graph (nodes keep their order in a clone)."""
+    position = {id(n): i for i, n in enumerate(source)}
+    nodes = list(copy)
+    inputs = {id(v): i for i, v in enumerate(source.inputs)}
+    inits = {id(v): name for name, v in source.initializers.items()}
+
+    def value(v: ir.Value) -> ir.Value:
+        if id(v) in inputs:
+            return copy.inputs[inputs[id(v)]]
+        if id(v) in inits:
+            return copy.initializers[inits[id(v)]]
+        producer = v.producer()
+        return nodes[position[id(producer)]].outputs[v.index()]
+
+    return Match(m.rule, {k: value(v) for k, v in m.values.items()},
+                 {k: nodes[position[id(n)]] for k, n in m.nodes.items()}, dict(m.attrs))
+
+
+def _rewrite(model: ir.Model, m: Match) -> ir.Model:
+    """A copy of `model` with the match applied; shapes of new values from legato's operator
+    semantics (whole-graph inference only when those cannot)."""
     copy = model.clone()
-    matches = find_matches(copy.graph, rule, limit=index + 1)
-    if len(matches) <= index:
-        return None
-    apply(copy.graph, matches[index])
-    _infer_shapes(copy)
+    new_nodes = apply(copy.graph, _transfer(m, model.graph, copy.graph))
+    if not infer_shapes(new_nodes):
+        _infer_shapes(copy)
     return copy
 
 
@@ -115,14 +133,11 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
         cost, _, current, applied = heapq.heappop(queue)
         explored += 1
         for rule in rules:
-            count = len(find_matches(current.graph, rule, limit=max_matches_per_rule))
-            for index in range(count):
+            for m in find_matches(current.graph, rule, limit=max_matches_per_rule):
                 try:
-                    new = _rewrite(current, rule, index)
+                    new = _rewrite(current, m)
                 except Exception as err:  # noqa: BLE001 (a rule that cannot apply is skipped)
                     log.debug("rule %s failed to apply: %s", rule.name, err)
-                    continue
-                if new is None:
                     continue
                 key = structural_hash(new.graph)
                 if key in seen:

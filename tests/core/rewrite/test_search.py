@@ -57,7 +57,7 @@ def _run(proto, feed):
 class PerOp(AnalyticCostModel):
     """A launch-bound device: every MatMul costs 1, a Split 0.1, the rest nothing."""
 
-    def node_cost(self, node):
+    def node_cost(self, node, constants=None):
         return {"MatMul": 1.0, "Split": 0.1}.get(node.op_type, 0.0)
 
 
@@ -77,7 +77,7 @@ def test_search_merges_parallel_matmuls_when_it_pays():
 
 def test_search_keeps_the_original_when_nothing_is_cheaper():
     class Flat(AnalyticCostModel):       # every node costs the same: merging adds a Split
-        def node_cost(self, node):
+        def node_cost(self, node, constants=None):
             return 1.0 if node.op_type != "Split" else 5.0
 
     result = search(ir.serde.deserialize_model(_parallel(2)), [MERGE], Flat())
