@@ -17,6 +17,7 @@ BENCHMARKS = {
     "native-queue": "native_queue.py",
     "pipeline": "pipeline_training.py",
     "planner": "pipeline_planner.py",
+    "rewrite": "rewrite_zoo.py",
     "scheduler": "scheduler_step_time.py",
 }
 
