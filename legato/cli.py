@@ -126,6 +126,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     from legato.core.errors import LegatoError
     from legato.core.rewrite.pattern import load_rules, save_rules
     from legato.core.rewrite.rules import RULES_DIR
+    from legato.core.rewrite.prove import verify_formal
     from legato.core.rewrite.verify import verify_numeric
 
     if args.action != "verify":
@@ -140,10 +141,12 @@ def _cmd_rules(args: argparse.Namespace) -> int:
             for rule in rules:
                 record = verify_numeric(rule, trials=args.trials)
                 status = record.pop("numeric")
-                failed += status != "passed"
-                print(f"{path.name}: {rule.name}: numeric {status} ({record.get('detail', '')})")
-                checked.append(rule.with_verification(numeric=status,
-                                                      numeric_detail=record.get("detail", "")))
+                formal = verify_formal(rule)
+                failed += status != "passed" or formal["z3"] != "proved"
+                print(f"{path.name}: {rule.name}: numeric {status} ({record.get('detail', '')});"
+                      f" z3 {formal['z3']} ({formal.get('z3_detail', '')})")
+                checked.append(rule.with_verification(
+                    numeric=status, numeric_detail=record.get("detail", ""), **formal))
             if args.write:
                 meta = json.loads(path.read_text()).get("meta", {})
                 save_rules(path, checked, meta=meta)
@@ -272,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("rules", help="verify the rewrite rule files",
-                       description="legato rules verify [FILE ...] [--write]: check every rule "
+                       description="legato rules verify [FILE ...] [--write]: prove every rule "
+                                   "with Z3 against the operator axioms and check it "
                                    "numerically in float64 on its example shapes; --write "
-                                   "stores each rule's record in its file.")
+                                   "stores each rule's record in its file; exit 1 if any rule "
+                                   "is not both proved and passed.")
     p.add_argument("action", choices=["verify"])
     p.add_argument("files", nargs="*", help="rule files (default: the shipped ones)")
     p.add_argument("--trials", type=int, default=3, help="random inputs per example shape")

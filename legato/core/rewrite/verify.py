@@ -71,8 +71,18 @@ def verify_numeric(rule: Rule, *, trials: int = 3, seed: int = 0, rtol: float = 
         dst = ReferenceEvaluator(pattern_model(rule.target, shapes))
         for _ in range(trials):
             feed = {v: rng.standard_normal(shapes[v]) for v in rule.source.inputs}
-            got = dst.run(None, {v: feed[v] for v in rule.target.inputs})
-            want = src.run(None, feed)
+            try:
+                want = src.run(None, feed)
+            except Exception as err:  # noqa: BLE001 (the example does not fit the source)
+                return {"numeric": "failed", "max_abs": float("inf"),
+                        "detail": f"shapes {shapes}: the source does not run "
+                                  f"({type(err).__name__}: {err}); fix the example shapes"}
+            try:
+                got = dst.run(None, {v: feed[v] for v in rule.target.inputs})
+            except Exception as err:  # noqa: BLE001 (an ill-shaped target is a wrong rule)
+                return {"numeric": "failed", "max_abs": float("inf"),
+                        "detail": f"shapes {shapes}: the target does not run where the "
+                                  f"source does ({type(err).__name__}: {err})"}
             for w, g in zip(want, got):
                 if np.shape(w) != np.shape(g):
                     return {"numeric": "failed", "max_abs": float("inf"),
