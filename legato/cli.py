@@ -139,9 +139,13 @@ def _cmd_rules(args: argparse.Namespace) -> int:
             rules = load_rules(path)
             checked = []
             for rule in rules:
-                record = verify_numeric(rule, trials=args.trials)
-                status = record.pop("numeric")
-                formal = verify_formal(rule)
+                try:
+                    record = verify_numeric(rule, trials=args.trials)
+                    status = record.pop("numeric")
+                    formal = verify_formal(rule)
+                except Exception as err:  # noqa: BLE001 (one broken rule must not stop the rest)
+                    record, status = {"detail": f"{type(err).__name__}: {err}"}, "error"
+                    formal = {"z3": "not run"}
                 failed += status != "passed" or formal["z3"] != "proved"
                 print(f"{path.name}: {rule.name}: numeric {status} ({record.get('detail', '')});"
                       f" z3 {formal['z3']} ({formal.get('z3_detail', '')})")

@@ -329,6 +329,7 @@ def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
     new_nodes = []
     for p in target.nodes:
         attrs = {k: _resolve(v, m) for k, v in p.attributes.items()}
+        attrs = {k: v for k, v in attrs.items() if v is not None}   # bound to "absent"
         node = ir.Node("", p.op, inputs=[value_of(r) for r in p.inputs],
                        attributes=ir.convenience.convert_attributes(attrs),
                        num_outputs=p.num_outputs)

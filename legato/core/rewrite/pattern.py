@@ -57,7 +57,7 @@ def _freeze(value: Any) -> Any:
 def _thaw_attr(value: Any) -> Any:
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and
                                                   isinstance(v[0], str) for v in value) \
-            and value[0][0] == "dim":
+            and value[0][0] in ("dim", "value"):
         return {k: _thaw_attr(v) for k, v in value}
     if isinstance(value, tuple):
         return [_thaw_attr(v) for v in value]
@@ -167,7 +167,8 @@ class Rule:
     origin: str = "hand-written"            # or "generated"
     verification: tuple[tuple[str, Any], ...] = ()   # e.g. (("z3", "proved"), ("numeric", ...))
     doc: str = ""
-    examples: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...] = ()  # shapes to check on
+    # shapes (variable -> dims) and attribute values ("$name" -> value) to check the rule on
+    examples: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -182,10 +183,13 @@ class Rule:
         if extra:
             raise RuleError(f"{where}: target variables {sorted(extra)} are not bound by the "
                             "source")
+        bound = {v for n in self.source.nodes for v in n.attributes.values()
+                 if isinstance(v, str) and v.startswith("$")}
         for ex in self.examples:
-            missing = set(self.source.inputs) - {k for k, _ in ex}
+            missing = (set(self.source.inputs) | bound) - {k for k, _ in ex}
             if missing:
-                raise RuleError(f"{where}: example shapes lack variables {sorted(missing)}")
+                raise RuleError(f"{where}: an example lacks {sorted(missing)} (give a shape "
+                                "per variable and a value per $attribute)")
         for kind, _ in self.preconditions:
             if kind not in PRECONDITIONS:
                 raise RuleError(f"{where}: unknown precondition {kind!r}; known: "
@@ -212,7 +216,7 @@ class Rule:
         if self.doc:
             d["doc"] = self.doc
         if self.examples:
-            d["examples"] = [{k: list(v) for k, v in ex} for ex in self.examples]
+            d["examples"] = [{k: _thaw_attr(v) for k, v in ex} for ex in self.examples]
         return d
 
     @classmethod
@@ -225,7 +229,7 @@ class Rule:
             return cls(str(d["name"]), Pattern.from_json(d["source"]),
                        Pattern.from_json(d["target"]), tuple(pre), d.get("origin", "hand-written"),
                        tuple(sorted((d.get("verification") or {}).items())), d.get("doc", ""),
-                       tuple(tuple(sorted((k, tuple(int(x) for x in v)) for k, v in ex.items()))
+                       tuple(tuple(sorted((k, _freeze(v)) for k, v in ex.items()))
                              for ex in d.get("examples", ())))
         except (KeyError, TypeError, ValueError) as err:
             raise RuleError(f"{where}: malformed rule ({type(err).__name__}: {err}); see "

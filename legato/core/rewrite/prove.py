@@ -416,7 +416,14 @@ def _counterexample(rule: Rule, src: list[E], dst: list[E], facts: list[E], seed
     axioms, as `validate_axioms` checks) satisfy the facts and give different roots."""
     rng = np.random.default_rng(seed)
     for example in rule.examples:
-        env = {v: rng.standard_normal(shape) for v, shape in example}
+        env = {}
+        for v, given in example:
+            if v.startswith("$"):
+                continue                 # attribute values: the terms hold them symbolically
+            if isinstance(given, tuple) and given and isinstance(given[0], tuple):
+                env[v] = np.asarray(dict(given).get("value", ()), dtype=np.int64)
+            else:
+                env[v] = rng.standard_normal(given)
         try:
             if not all(evaluate(f, env) for f in facts):
                 continue

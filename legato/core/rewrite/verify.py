@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from legato.core.rewrite.pattern import Pattern, Rule, split_ref
+from legato.core.rewrite.pattern import Pattern, Rule, _thaw_attr, split_ref
 
 __all__ = ["pattern_model", "verify_numeric"]
 
@@ -30,8 +30,10 @@ def _resolve(value: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
 
 
 def pattern_model(pattern: Pattern, shapes: dict[str, tuple[int, ...]],
-                  attrs: dict[str, Any] | None = None, opset: int = 17) -> onnx.ModelProto:
-    """The pattern as a float64 ONNX model: variables are inputs, roots are outputs."""
+                  attrs: dict[str, Any] | None = None, opset: int = 17,
+                  int_inputs: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """The pattern as a float64 ONNX model: variables are inputs (int64 for `int_inputs`,
+    such as split sizes), roots are outputs."""
     attrs = attrs or {}
 
     def ref(r: str) -> str:
@@ -46,12 +48,19 @@ def pattern_model(pattern: Pattern, shapes: dict[str, tuple[int, ...]],
             values[k] = v
         nodes.append(helper.make_node(p.op, [ref(r) for r in p.inputs],
                                       [f"{p.id}__{j}" for j in range(p.num_outputs)], **values))
-    inputs = [helper.make_tensor_value_info(v, TensorProto.DOUBLE, list(shapes[v]))
-              for v in pattern.inputs]
+    inputs = [helper.make_tensor_value_info(
+        v, TensorProto.INT64 if v in int_inputs else TensorProto.DOUBLE, list(shapes[v]))
+        for v in pattern.inputs]
     outputs = [helper.make_tensor_value_info(ref(r), TensorProto.DOUBLE, None)
                for r in pattern.outputs]
     g = helper.make_graph(nodes, "pattern", inputs, outputs)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def verify_numeric(rule: Rule, *, trials: int = 3, seed: int = 0, rtol: float = 1e-9,
@@ -66,11 +75,19 @@ def verify_numeric(rule: Rule, *, trials: int = 3, seed: int = 0, rtol: float = 
     rng = np.random.default_rng(seed)
     worst = 0.0
     for ex in rule.examples:
-        shapes = dict(ex)
-        src = ReferenceEvaluator(pattern_model(rule.source, shapes))
-        dst = ReferenceEvaluator(pattern_model(rule.target, shapes))
+        given = {k: _plain(_thaw_attr(v)) for k, v in ex}
+        # a variable given as {"value": [...]} is that int64 tensor (split sizes, shapes, axes)
+        fixed = {k: np.asarray(v["value"], dtype=np.int64) for k, v in given.items()
+                 if isinstance(v, dict)}
+        shapes = {k: (fixed[k].shape if k in fixed else tuple(v)) for k, v in given.items()
+                  if not k.startswith("$")}
+        attrs = {k: v for k, v in given.items() if k.startswith("$")}
+        ints = frozenset(fixed)
+        src = ReferenceEvaluator(pattern_model(rule.source, shapes, attrs, int_inputs=ints))
+        dst = ReferenceEvaluator(pattern_model(rule.target, shapes, attrs, int_inputs=ints))
         for _ in range(trials):
-            feed = {v: rng.standard_normal(shapes[v]) for v in rule.source.inputs}
+            feed = {v: fixed[v] if v in fixed else rng.standard_normal(shapes[v])
+                    for v in rule.source.inputs}
             try:
                 want = src.run(None, feed)
             except Exception as err:  # noqa: BLE001 (the example does not fit the source)
