@@ -1,9 +1,17 @@
-"""legato's mxnet adapter: the pipeline profiler."""
+"""legato's mxnet adapter: the pipeline profiler, and graph rewriting of Gluon blocks
+(mx.onnx export, legato's optimizer, onnxruntime)."""
 
 from legato.adapters._require import require_framework
 
 require_framework("mxnet")
 
+from legato.adapters.mxnet.compile import (  # noqa: E402
+    OptimizedBlock,
+    last_compiles,
+    last_reports,
+    optimize_block,
+)
 from legato.adapters.mxnet.pipeline_profile import profile_pipeline  # noqa: E402
 
-__all__ = ["profile_pipeline"]
+__all__ = ["OptimizedBlock", "last_compiles", "last_reports", "optimize_block",
+           "profile_pipeline"]

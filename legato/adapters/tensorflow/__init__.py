@@ -1,9 +1,18 @@
-"""legato's tensorflow adapter: the pipeline profiler."""
+"""legato's tensorflow adapter: the pipeline profiler, and graph rewriting of functions and
+SavedModels (tf2onnx, legato's optimizer, onnxruntime)."""
 
 from legato.adapters._require import require_framework
 
 require_framework("tensorflow")
 
+from legato.adapters.tensorflow.compile import (  # noqa: E402
+    OptimizedFunction,
+    last_compiles,
+    last_reports,
+    optimize_function,
+    optimize_saved_model,
+)
 from legato.adapters.tensorflow.pipeline_profile import profile_pipeline  # noqa: E402
 
-__all__ = ["profile_pipeline"]
+__all__ = ["OptimizedFunction", "last_compiles", "last_reports", "optimize_function",
+           "optimize_saved_model", "profile_pipeline"]

@@ -1,10 +1,17 @@
 """legato's torch adapter: ScheduledOptimizer and its communication backends, the pipeline
-profiler and the pipeline-parallel trainer."""
+profiler, the pipeline-parallel trainer, and the `torch.compile(backend="legato")` graph
+rewriter (registered on import)."""
 
 from legato.adapters._require import require_framework
 
 require_framework("torch")
 
+# importing compile registers the backend; its configure() is legato.adapters.torch.compile's
+from legato.adapters.torch.compile import (  # noqa: E402
+    last_compiles,
+    last_reports,
+    legato_backend,
+)
 from legato.adapters.torch.ddp_hook import (  # noqa: E402
     ScheduledCommHook,
     register_scheduled_hook,
@@ -22,5 +29,6 @@ from legato.adapters.torch.pipeline import (  # noqa: E402
 from legato.adapters.torch.pipeline_profile import profile_pipeline  # noqa: E402
 
 __all__ = ["PipelineCommError", "PipelineTrainer", "ScheduledCommHook", "ScheduledOptimizer",
-           "VersionRecord", "layer_ids", "microbatch_rng", "microbatch_seed",
-           "profile_pipeline", "register_scheduled_hook", "split_model"]
+           "VersionRecord", "last_compiles", "last_reports", "layer_ids", "legato_backend",
+           "microbatch_rng", "microbatch_seed", "profile_pipeline", "register_scheduled_hook",
+           "split_model"]
