@@ -123,6 +123,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules(args: argparse.Namespace) -> int:
+    if args.action == "generate":
+        return _cmd_rules_generate(args)
     from legato.core.errors import LegatoError
     from legato.core.rewrite.pattern import load_rules, save_rules
     from legato.core.rewrite.rules import RULES_DIR
@@ -158,6 +160,58 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         print(f"legato rules: {err}", file=sys.stderr)
         return 2
     return 1 if failed else 0
+
+
+def _cmd_rules_generate(args: argparse.Namespace) -> int:
+    from legato.core.errors import LegatoError
+    from legato.core.rewrite.generate import generate_rules, parse_shapes
+    from legato.core.rewrite.pattern import save_rules
+
+    if args.files:
+        print(f"legato rules generate: takes no rule files ({' '.join(args.files)}); name the "
+              "output with -o rules.json", file=sys.stderr)
+        return 2
+    if not args.output:
+        print("legato rules generate: -o rules.json is required", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        print(f"legato rules generate: {out} exists; pass --overwrite to replace it",
+              file=sys.stderr)
+        return 2
+    bars: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            for old in bars.values():
+                old.close()
+            bar = bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        result = generate_rules(
+            args.max_ops, ops=args.ops.split(",") if args.ops else None, seed=args.seed,
+            envs=parse_shapes(args.shapes) if args.shapes else None, max_vars=args.max_vars,
+            time_limit_s=args.time_limit, verify=not args.no_verify, formal=args.z3,
+            progress=progress)
+    except LegatoError as err:
+        print(f"legato rules generate: {err}", file=sys.stderr)
+        return 2
+    finally:
+        for bar in bars.values():
+            bar.close()
+    save_rules(out, result.rules, meta=result.meta())
+    print(result.summary())
+    for rule, record in result.failed:
+        print(f"dropped by numeric verification: {rule.name}: {rule.doc} "
+              f"({record.get('detail', '')})", file=sys.stderr)
+    print(f"{len(result.rules)} rules written to {out}")
+    return 0
 
 
 def _cmd_rewrite(args: argparse.Namespace) -> int:
@@ -278,16 +332,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow -o to be the input file")
     p.set_defaults(func=_cmd_rewrite)
 
-    p = sub.add_parser("rules", help="verify the rewrite rule files",
+    p = sub.add_parser("rules", help="verify or generate rewrite rule files",
                        description="legato rules verify [FILE ...] [--write]: prove every rule "
                                    "with Z3 against the operator axioms and check it "
                                    "numerically in float64 on its example shapes; --write "
                                    "stores each rule's record in its file; exit 1 if any rule "
-                                   "is not both proved and passed.")
-    p.add_argument("action", choices=["verify"])
-    p.add_argument("files", nargs="*", help="rule files (default: the shipped ones)")
-    p.add_argument("--trials", type=int, default=3, help="random inputs per example shape")
-    p.add_argument("--write", action="store_true", help="store the records in the files")
+                                   "is not both proved and passed. legato rules generate "
+                                   "--max-ops N -o rules.json: enumerate graphs of up to N "
+                                   "operators, pair equal ones by fingerprint, prune, verify "
+                                   "and write the rules (TASO section 3).")
+    p.add_argument("action", choices=["verify", "generate"])
+    p.add_argument("files", nargs="*", help="verify: rule files (default: the shipped ones)")
+    p.add_argument("--trials", type=int, default=3,
+                   help="verify: random inputs per example shape")
+    p.add_argument("--write", action="store_true", help="verify: store the records in the files")
+    g = p.add_argument_group("generate")
+    g.add_argument("--max-ops", type=int, default=3, metavar="N",
+                   help="largest graph in operators (default 3)")
+    g.add_argument("--ops", metavar="OP,OP,...", help="operators (default: all of them)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the fingerprints (default 0)")
+    g.add_argument("--shapes", metavar="SPEC",
+                   help="shape environments, 'a=2,b=4,c=6,d=3,n=2,k=4,h=3,w=5;...'")
+    g.add_argument("--max-vars", type=int, default=4, metavar="N",
+                   help="most distinct variables per graph (default 4)")
+    g.add_argument("--time-limit", type=float, metavar="S",
+                   help="stop enumerating after S seconds and keep what was found")
+    g.add_argument("--no-verify", action="store_true",
+                   help="skip float64 verification of the generated rules")
+    g.add_argument("--z3", action="store_true",
+                   help="also record a Z3 proof attempt per rule (slow)")
+    g.add_argument("-o", "--output", metavar="rules.json", help="the rule file to write")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.set_defaults(func=_cmd_rules)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")

@@ -2,12 +2,14 @@
 measured costs, cost-based search, and `optimize(model)`, which returns a rewritten ONNX model
 only when it is measured faster with equal outputs."""
 
+from legato.core.rewrite.generate import GenerateResult, GenerationError, generate_rules
 from legato.core.rewrite.ops import OPS, OpDef, ShapeError, get_op
 from legato.core.rewrite.optimize import Report, RewriteError, fold_constants, optimize
 from legato.core.rewrite.pattern import PNode, Pattern, Rule, RuleError, load_rules, save_rules
 from legato.core.rewrite.rules import all_rules, shipped_rules
 from legato.core.rewrite.verify import verify_numeric
 
-__all__ = ["OPS", "OpDef", "PNode", "Pattern", "Report", "RewriteError", "Rule", "RuleError",
-           "ShapeError", "all_rules", "fold_constants", "get_op", "load_rules", "optimize",
+__all__ = ["GenerateResult", "GenerationError", "OPS", "OpDef", "PNode", "Pattern", "Report", "RewriteError", "Rule", "RuleError",
+           "ShapeError", "all_rules", "fold_constants", "generate_rules", "get_op", "load_rules",
+           "optimize",
            "save_rules", "shipped_rules", "verify_numeric"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -56,6 +55,7 @@ class Kind:
     dims: tuple[str | int, ...]   # a symbol, "sym/2" (half of it) or a fixed size
     copies: int
     slot: tuple[str, int] | None = None   # only this (op, input index) takes it
+    weight: bool = False                  # a conv weight: never the data input of Conv/pools
 
     def shape(self, env: Mapping[str, int]) -> Shape:
         out = []
@@ -85,6 +85,7 @@ class Instance:
     consts: tuple[tuple[int, tuple[int, ...]], ...] = ()   # (ONNX input index, value_ints)
     slots: tuple[str | None, ...] = ()                     # per input: a required kind
     guard: Callable[[list[Shape]], bool] | None = None      # a menu restriction on shapes
+    data: tuple[int, ...] = ()       # inputs that must depend on a non-weight variable
 
     def slot(self, i: int) -> str | None:
         return self.slots[i] if i < len(self.slots) else None
@@ -128,12 +129,13 @@ def menu(name: str) -> list[Instance]:
             attrs = {**_window(kernel, pad), "dilations": [1, 1], "group": group}
             for bias in (0, 1):
                 out.append(_inst(name, f"Conv{{kernel={kernel},group={group}"
-                                       f"{',bias' if bias else ''}}}", 2 + bias, attrs))
+                                       f"{',bias' if bias else ''}}}", 2 + bias, attrs,
+                                 data=(0,)))
         return out
     if name in ("MaxPool", "AveragePool"):
-        return [_inst(name, f"{name}{{kernel=3}}", 1, _window(3, 1))]
+        return [_inst(name, f"{name}{{kernel=3}}", 1, _window(3, 1), data=(0,))]
     if name == "BatchNormalization":
-        return [_inst(name, name, 5, slots=(None, "scale", "bias", "mean", "var"))]
+        return [_inst(name, name, 5, slots=(None, "scale", "bias", "mean", "var"), data=(0,))]
     if name == "Concat":
         return [_inst(name, f"Concat{{axis={a}}}", 2, {"axis": a}) for a in (0, 1)]
     if name == "Split":
@@ -188,6 +190,7 @@ class Space:
         self.slot_vars: dict[str, list[int]] = {}
         self.var_kind: list[Kind] = []
         self.counted = 0                 # mask of variables that count against max_vars
+        self.data_mask = 0               # mask of variables that are not conv weights
         self._valid: dict[tuple, tuple[int, ...] | None] = {}
         self.graphs = 0
         self.invalid = 0
@@ -212,6 +215,8 @@ class Space:
                           for rng, s in zip(rngs, shapes)]
                 self._new_term(-1, 0, 0, 1 << vid, self._sig(shapes), values)
                 self.var_kind.append(kind)
+                if not kind.weight:
+                    self.data_mask |= 1 << vid
                 if kind.slot is None:
                     self.counted |= 1 << vid
                     self._pool_add(vid)
@@ -312,7 +317,7 @@ class Space:
                   ) -> Iterator[tuple[int, ...]]:
         """Distinct child terms of the given signatures whose node sets hold u nodes together."""
         k, counted, limit = inst.arity, self.counted, self.max_vars
-        t_sig, t_vars, nodes_of = self.t_sig, self.t_vars, self.nodes_of
+        t_sig, t_vars, nodes_of, data_mask = self.t_sig, self.t_vars, self.nodes_of, self.data_mask
 
         def rec(pos: int, chosen: tuple[int, ...], union: frozenset[int], mask: int
                 ) -> Iterator[tuple[int, ...]]:
@@ -329,9 +334,10 @@ class Space:
                             yield from rec(pos + 1, chosen + (v,), union, mask | t_vars[v])
                 return
             by_size = self.pool.get(sig, {})
+            data = pos in inst.data
             if not (last and need):
                 for v in by_size.get(0, ()):
-                    if v in chosen:
+                    if v in chosen or (data and not t_vars[v] & data_mask):
                         continue
                     m = mask | t_vars[v]
                     if (m & counted).bit_count() <= limit:
@@ -339,7 +345,8 @@ class Space:
             seen: set[int] = set()
             for n in sorted(union):                      # terms sharing a node with the union
                 for t in self.contain.get(n, ()):
-                    if t in seen or t_sig[t] != sig or t in chosen:
+                    if t in seen or t_sig[t] != sig or t in chosen or \
+                            (data and not t_vars[t] & data_mask):
                         continue
                     seen.add(t)
                     grown = union | nodes_of[t]
@@ -353,7 +360,7 @@ class Space:
                     continue
                 for t in by_size.get(size, ()):
                     ns = nodes_of[t]
-                    if union and not union.isdisjoint(ns):
+                    if (union and not union.isdisjoint(ns)) or (data and not t_vars[t] & data_mask):
                         continue
                     m = mask | t_vars[t]
                     if (m & counted).bit_count() <= limit:
@@ -413,12 +420,3 @@ class Space:
             for tid in fresh:
                 self._pool_add(tid)
         return "done"
-
-    def describe_env(self, tid_vars: int) -> list[dict[int, Shape]]:
-        """Per environment: variable id -> shape, for the variables in a mask."""
-        ids = [v for v in range(len(self.var_kind)) if tid_vars >> v & 1]
-        return [{v: self.sigs[self.t_sig[v]][e] for v in ids} for e in range(len(self.envs))]
-
-
-def prod(shape: Shape) -> int:
-    return math.prod(shape)
