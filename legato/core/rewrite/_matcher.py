@@ -257,18 +257,29 @@ def _resolve(value: Any, m: Match) -> Any:
     return value
 
 
-def _constant_list(value: ir.Value) -> list | None:
+def constant_array(value: ir.Value):
+    """The value of an initializer or Constant node as a numpy array; None for anything else
+    (including constants still to be computed by folding)."""
+    import numpy as np
+
     if value.const_value is not None:
-        return value.const_value.numpy().tolist()
+        return value.const_value.numpy()
     producer = value.producer()
     if producer is None or producer.op_type != "Constant":
         return None
-    for name, attr in producer.attributes.items():
-        if name == "value":
-            return attr.value.numpy().tolist()
-        if name in ("value_ints", "value_floats", "value_int", "value_float"):
-            return attr.value if isinstance(attr.value, (list, tuple)) else [attr.value]
+    attrs = producer.attributes
+    if "value" in attrs:
+        return attrs["value"].value.numpy()
+    for name, dtype in (("value_ints", np.int64), ("value_int", np.int64),
+                        ("value_floats", np.float32), ("value_float", np.float32)):
+        if name in attrs:
+            return np.asarray(attrs[name].value, dtype=dtype)
     return None
+
+
+def _constant_list(value: ir.Value) -> list | None:
+    arr = constant_array(value)
+    return None if arr is None else arr.tolist()
 
 
 def infer_shapes(nodes: list[ir.Node]) -> bool:

@@ -32,7 +32,7 @@ import onnx
 import onnx_ir as ir
 
 from legato.core._files import atomic_json
-from legato.core.rewrite._matcher import is_constant
+from legato.core.rewrite._matcher import constant_array, is_constant
 
 __all__ = ["AnalyticCostModel", "CostModel", "OrtCostModel", "foldable", "graph_cost"]
 
@@ -260,21 +260,7 @@ class OrtCostModel(CostModel):
             self._dirty = 0
 
 
-def _known_array(value: ir.Value) -> np.ndarray | None:
-    """The value of an initializer or Constant; None for a constant still to be computed."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is None or producer.op_type != "Constant":
-        return None
-    attrs = producer.attributes
-    if "value" in attrs:
-        return attrs["value"].value.numpy()
-    for name, dtype in (("value_ints", np.int64), ("value_int", np.int64),
-                        ("value_floats", np.float32), ("value_float", np.float32)):
-        if name in attrs:
-            return np.asarray(attrs[name].value, dtype=dtype)
-    raise ValueError(f"Constant {value.name} has no numeric value attribute")
+_known_array = constant_array
 
 
 def _const_digest(value: ir.Value) -> str:

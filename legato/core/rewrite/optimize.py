@@ -20,6 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from legato.core.errors import ConfigError
+from legato.core.rewrite._matcher import constant_array
 from legato.core.rewrite.cost import CostModel, OrtCostModel, foldable
 from legato.core.rewrite.measure import ab_time, compare_outputs, random_feed, session
 from legato.core.rewrite.pattern import Rule
@@ -142,17 +143,10 @@ def _fresh(graph: ir.Graph, base: str | None) -> str:
 
 
 def _value_array(v: ir.Value) -> np.ndarray:
-    if v.const_value is not None:
-        return v.const_value.numpy()
-    producer = v.producer()
-    attrs = producer.attributes
-    if "value" in attrs:
-        return attrs["value"].value.numpy()
-    for name, dtype in (("value_ints", np.int64), ("value_int", np.int64),
-                        ("value_floats", np.float32), ("value_float", np.float32)):
-        if name in attrs:
-            return np.asarray(attrs[name].value, dtype=dtype)
-    raise RewriteError(f"cannot read the constant {v.name!r}")
+    arr = constant_array(v)
+    if arr is None:
+        raise RewriteError(f"cannot read the constant {v.name!r}")
+    return arr
 
 
 def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
