@@ -237,7 +237,7 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     try:
         out, report = optimize(model, alpha=args.alpha, budget=args.budget,
                                time_limit_s=args.time_limit, level=args.ort_level,
-                               threads=args.threads)
+                               threads=args.threads, min_speedup=args.min_speedup)
     except LegatoError as err:
         print(f"legato rewrite: {err}", file=sys.stderr)
         return 2
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-level", choices=["disabled", "basic", "extended", "all"],
                    default="all", help="onnxruntime optimization level to measure under")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--min-speedup", type=float, default=1.03, metavar="X",
+                   help="keep the rewrite only if two A/B runs both measure it X times faster "
+                        "(default 1.03)")
     p.add_argument("--explain", action="store_true",
                    help="print the rules applied, costs and measurements")
     p.add_argument("--overwrite", action="store_true",
