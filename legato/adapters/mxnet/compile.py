@@ -37,6 +37,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon, nd
 
+from legato.adapters._compiled import CompiledWithFallback
 from legato.core.errors import BackendUnavailable, ConfigError
 
 __all__ = ["OptimizedBlock", "last_compiles", "last_reports", "optimize_block"]
@@ -175,8 +176,11 @@ def _export(block: gluon.HybridBlock, inputs: list[nd.NDArray]) -> Any:
     return model
 
 
-class OptimizedBlock:
+class OptimizedBlock(CompiledWithFallback):
     """A Gluon block running in onnxruntime (or in MXNet after a fallback)."""
+
+    framework, label = "mxnet", "MXNet"
+    _log = logger
 
     def __init__(self, block: gluon.HybridBlock, inputs: list[nd.NDArray],
                  options: dict[str, Any]) -> None:
@@ -191,28 +195,6 @@ class OptimizedBlock:
         reason = self._build(inputs)
         if reason is not None:
             self._fall_back(reason)
-
-    @property
-    def runs_on(self) -> str:
-        return self.record.runs_on
-
-    @property
-    def reason(self) -> str:
-        return self.record.reason
-
-    @property
-    def report(self) -> Any:
-        return self.record.report
-
-    @property
-    def model(self) -> Any:
-        """The ONNX model onnxruntime runs (None after a fallback)."""
-        return self.record.model if self.runner is not None else None
-
-    def _fall_back(self, reason: str) -> None:
-        self.runner = None
-        self.record.runs_on, self.record.reason = "mxnet", reason
-        logger.warning("[legato %s] runs in MXNet: %s", self.record.name, reason)
 
     def _build(self, inputs: list[nd.NDArray]) -> str | None:
         helpers = _onnx()

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from legato.adapters._compiled import CompiledWithFallback
 from legato.core.errors import BackendUnavailable, ConfigError
 
 __all__ = ["OptimizedFunction", "last_compiles", "last_reports", "optimize_function",
@@ -142,8 +143,11 @@ def optimize_saved_model(path: str | os.PathLike, signature_key: str = "serving_
     return OptimizedFunction(call, specs, opts, keep=loaded)
 
 
-class OptimizedFunction:
+class OptimizedFunction(CompiledWithFallback):
     """A TensorFlow function running in onnxruntime (or in TensorFlow after a fallback)."""
+
+    framework, label = "tensorflow", "TensorFlow"
+    _log = logger
 
     def __init__(self, fn: Callable[..., Any], specs: list[tf.TensorSpec],
                  options: dict[str, Any], *, keep: Any = None) -> None:
@@ -159,28 +163,6 @@ class OptimizedFunction:
         reason = self._build()
         if reason is not None:
             self._fall_back(reason)
-
-    @property
-    def runs_on(self) -> str:
-        return self.record.runs_on
-
-    @property
-    def reason(self) -> str:
-        return self.record.reason
-
-    @property
-    def report(self) -> Any:
-        return self.record.report
-
-    @property
-    def model(self) -> Any:
-        """The ONNX model onnxruntime runs (None after a fallback)."""
-        return self.record.model if self.runner is not None else None
-
-    def _fall_back(self, reason: str) -> None:
-        self.runner = None
-        self.record.runs_on, self.record.reason = "tensorflow", reason
-        logger.warning("[legato %s] runs in TensorFlow: %s", self.record.name, reason)
 
     def _build(self) -> str | None:
         import tf2onnx
