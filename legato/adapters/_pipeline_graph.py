@@ -146,6 +146,20 @@ def time_layer(step: Callable[[str], tuple[float, float]], modes: Sequence[str],
     return statistics.median(forward), {m: statistics.median(v) for m, v in backward.items()}
 
 
+
+def time_loss(step: Callable[[str], tuple[float, float]], label: str, expects: str, *,
+              warmup: int, repeats: int) -> dict:
+    """Time the loss on the model's output like a layer; a failing loss_fn becomes a
+    ConfigError saying what it must return (`expects`)."""
+    try:
+        fwd, bwd = time_layer(step, ("full",), warmup=warmup, repeats=repeats)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"loss_fn(output) failed: {first_line(err)}; pass loss_fn(output) "
+                          f"-> {expects}") from err
+    return {"loss": label, "loss_forward_s": fwd, "loss_backward_s": bwd["full"]}
+
 def layer_node(node_id: str, desc: str, forward_s: float, backward_s: dict[str, float],
                activation_outputs: Sequence[int], parameter_bytes: int,
                optimizer_state_bytes: int, *, split_backward: bool) -> LayerNode:

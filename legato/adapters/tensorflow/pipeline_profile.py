@@ -29,6 +29,7 @@ from legato.adapters._pipeline_graph import (
     group_ops,
     layer_node,
     time_layer,
+    time_loss,
 )
 from legato.core.errors import ConfigError
 from legato.core.pipeline.profile import LayerProfile
@@ -466,12 +467,5 @@ def _time_loss(loss_fn: Callable | None, output: list, sync: Callable[[], None],
         t3 = time.perf_counter()
         return t1 - t0, t3 - t2
 
-    try:
-        fwd, bwd = time_layer(step, ("full",), warmup=warmup, repeats=repeats)
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(f"loss_fn(output) failed: {first_line(err)}; pass loss_fn(output) "
-                          "-> scalar, taking the model's output (a list for several outputs) "
-                          "as its one argument") from err
-    return {"loss": label, "loss_forward_s": fwd, "loss_backward_s": bwd["full"]}
+    return time_loss(step, label, "scalar, taking the model's output (a list for several outputs) as its one argument",
+                     warmup=warmup, repeats=repeats)

@@ -31,6 +31,7 @@ from legato.adapters._pipeline_graph import (
     group_ops,
     layer_node,
     time_layer,
+    time_loss,
 )
 from legato.adapters.torch._pipeline_split import map_tensors, tensors_of
 from legato.core.errors import ConfigError
@@ -603,12 +604,5 @@ def _time_loss(loss_fn: Callable | None, output: Any, sync: Callable[[], None], 
             t3 = time.perf_counter()
         return t1 - t0, t3 - t2
 
-    try:
-        fwd, bwd = time_layer(step, ("full",), warmup=warmup, repeats=repeats)
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(f"loss_fn(output) failed: {first_line(err)}; pass loss_fn(output) "
-                          "-> scalar tensor, taking the model's output as its one argument"
-                          ) from err
-    return {"loss": label, "loss_forward_s": fwd, "loss_backward_s": bwd["full"]}
+    return time_loss(step, label, "scalar tensor, taking the model's output as its one argument",
+                     warmup=warmup, repeats=repeats)
