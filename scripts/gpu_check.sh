@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # Check legato._native's NCCL all-reduce on a GPU machine, in one short command:
 #   scripts/gpu_check.sh            (from the repository root; uses .venv if present)
-# Builds the module, prints nccl_status(), runs tests/native/test_nccl.py, then times one
+# Builds the module, prints nccl_status(), runs tests/native/test_nccl.py and every test marked
+# gpu (ScheduledOptimizer over torch's and legato's NCCL, the pipeline runtime), then times one
 # all-reduce of a 64 MiB float32 gradient on one GPU (world=1), median of 20:
 # torch.distributed NCCL (TorchCommBackend) against NativeNcclCommBackend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 echo "== build"
 "$PY" setup.py build_ext --inplace -q 2>&1 | grep -vE "^(running|copying)" || true
 echo "== nccl_status (after import torch, which loads its own NCCL and CUDA runtime)"
 "$PY" -c "import torch, pprint, legato._native as n; pprint.pprint(n.nccl_status())"
 echo "== tests"
-timeout 600 "$PY" -m pytest tests/native/test_nccl.py -q -rs
+failed=0
+timeout 600 "$PY" -m pytest -q -rs -p no:cacheprovider tests/native/test_nccl.py \
+    tests/adapters/torch/test_optimizer.py tests/adapters/torch/test_pipeline_runtime.py \
+    -k "gpu or cuda or native or nccl" -m "gpu or not distributed" || failed=1
 echo "== timing"
 timeout 300 "$PY" - <<'EOF'
 import os, statistics, sys, threading, time
@@ -50,3 +55,4 @@ print(f"ratio native/torch {ours / base:.2f} on {torch.cuda.get_device_name(0)},
 backends["legato native nccl"].close()
 dist.destroy_process_group()
 EOF
+exit $failed

@@ -131,3 +131,14 @@ def test_transformer_parameters_used_outside_their_module_are_gated():
     result = run_torch_job(f"{WORKERS}:transformer_matches_ddp", 2, args=[6], timeout_s=150)
     for r in range(2):
         assert "transformer matches DDP after 6 steps (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_one_gpu_bytescheduler_matches_ddp_over_nccl(native):
+    """On a GPU: the scheduler over torch's NCCL, and (LEGATO_NATIVE_NCCL=1) over legato's own
+    NCCL communicator, against DDP, bit-identical."""
+    result = run_torch_job(f"{WORKERS}:gpu_matches_ddp", 1, args=["adam", 4], timeout_s=200,
+                           env={"LEGATO_NATIVE_NCCL": native})
+    assert "matches DDP after 4 steps (bit-exact)" in result.rank(0).stdout
