@@ -9,7 +9,7 @@ from legato.core.rewrite.pattern import PNode, Pattern, Rule, RuleError, load_ru
 from legato.core.rewrite.rules import all_rules, shipped_rules
 from legato.core.rewrite.verify import verify_numeric
 
-__all__ = ["GenerateResult", "GenerationError", "OPS", "OpDef", "PNode", "Pattern", "Report", "RewriteError", "Rule", "RuleError",
-           "ShapeError", "all_rules", "fold_constants", "generate_rules", "get_op", "load_rules",
-           "optimize",
-           "save_rules", "shipped_rules", "verify_numeric"]
+__all__ = ["GenerateResult", "GenerationError", "OPS", "OpDef", "PNode", "Pattern", "Report",
+           "RewriteError", "Rule", "RuleError", "ShapeError", "all_rules", "fold_constants",
+           "generate_rules", "get_op", "load_rules", "optimize", "save_rules", "shipped_rules",
+           "verify_numeric"]

@@ -3,9 +3,10 @@
 Matching starts at the first root: every graph node of that op type is tried, and the pattern
 is followed backwards through node inputs, binding pattern variables to graph values (a
 variable bound twice must be the same value) and `$` attributes to attribute values. Further
-roots are searched among the consumers of values already bound, so a multi-root rule only
-merges branches that share an input. A match is kept only if its interior nodes (not roots)
-feed nothing outside the match and are not graph outputs, and its preconditions hold.
+roots are searched among the consumers of values already bound and of matched nodes' outputs,
+so a multi-root rule only merges branches that share an input. A match is kept only if its
+interior nodes (not roots) feed nothing outside the match and are not graph outputs, and its
+preconditions hold.
 
 `apply` builds the target's nodes, points every use of each source root at the matching target
 root (graph outputs keep their names), removes the source nodes and restores topological order.
@@ -38,6 +39,9 @@ class Match:
 
     def key(self) -> tuple:
         return (self.rule.name, tuple(sorted(id(n) for n in self.nodes.values())))
+
+    def root_nodes(self) -> list[ir.Node]:
+        return [self.nodes[split_ref(r)[0]] for r in self.rule.source.outputs]
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,7 +125,7 @@ def _match_node(rule: Rule, p: PNode, node: ir.Node, st: _State) -> bool:
                 st.values[name] = value
             continue
         producer = value.producer()
-        if producer is None or producer.outputs[index] is not value:
+        if producer is None or value.index() != index:
             return False
         if not _match_node(rule, source.node(name), producer, st):
             return False
@@ -129,8 +133,10 @@ def _match_node(rule: Rule, p: PNode, node: ir.Node, st: _State) -> bool:
 
 
 def _candidates(graph: ir.Graph, op: str, st: _State) -> Iterator[ir.Node]:
+    """Nodes of type `op` that read a bound variable or an output of a matched node."""
     seen = set()
-    for value in st.values.values():
+    values = [*st.values.values(), *(o for n in st.nodes.values() for o in n.outputs)]
+    for value in values:
         for use in value.uses():
             node = use.node
             if id(node) not in seen and node.op_type == op and node.graph is graph:
@@ -138,21 +144,32 @@ def _candidates(graph: ir.Graph, op: str, st: _State) -> Iterator[ir.Node]:
                 yield node
 
 
-def _match_roots(graph: ir.Graph, rule: Rule, roots: list[str], st: _State
-                 ) -> Iterator[_State]:
+def _match_roots(graph: ir.Graph, rule: Rule, roots: list[str], st: _State,
+                 order: dict[int, int] | None = None, after: int = -1,
+                 exclude: frozenset = frozenset()) -> Iterator[_State]:
+    """Match `roots` in turn. With `order` (node -> graph position; rules with ordered_roots)
+    each root's node comes after the previous root's (`after`); nodes in `exclude` are not
+    taken as roots."""
     if not roots:
         yield st
         return
     name, _ = split_ref(roots[0])
     p = rule.source.node(name)
     if name in st.nodes:                      # reached as an interior node of an earlier root
-        yield from _match_roots(graph, rule, roots[1:], st)
+        yield from _match_roots(graph, rule, roots[1:], st, order, after, exclude)
         return
     pool = list(graph) if not st.nodes else list(_candidates(graph, p.op, st))
     for node in pool:
+        if id(node) in exclude:
+            continue
+        position = -1
+        if order is not None:
+            position = order[id(node)]
+            if position <= after:
+                continue
         trial = st.copy()
         if _match_node(rule, p, node, trial):
-            yield from _match_roots(graph, rule, roots[1:], trial)
+            yield from _match_roots(graph, rule, roots[1:], trial, order, position, exclude)
 
 
 def _shape(value: ir.Value) -> tuple | None:
@@ -227,11 +244,15 @@ def _self_contained(graph: ir.Graph, rule: Rule, st: _State) -> bool:
     return True
 
 
-def find_matches(graph: ir.Graph, rule: Rule, *, limit: int | None = None) -> list[Match]:
-    """Every place in `graph` (top level) where `rule.source` matches (at most `limit`)."""
+def find_matches(graph: ir.Graph, rule: Rule, *, limit: int | None = None,
+                 exclude_roots: frozenset = frozenset()) -> list[Match]:
+    """Every place in `graph` (top level) where `rule.source` matches (at most `limit`);
+    nodes whose id is in `exclude_roots` are not taken as roots."""
     found: list[Match] = []
     seen: set[tuple] = set()
-    for st in _match_roots(graph, rule, list(rule.source.outputs), _State()):
+    order = {id(n): i for i, n in enumerate(graph)} if rule.ordered_roots else None
+    for st in _match_roots(graph, rule, list(rule.source.outputs), _State(), order,
+                           exclude=exclude_roots):
         if len(st.nodes) != len(rule.source.nodes):
             continue                          # a node of the pattern was not reached
         if not _self_contained(graph, rule, st) or not _preconditions_hold(rule, st):

@@ -261,6 +261,18 @@ def _concat_split() -> list[Axiom]:
                   when=ok_split(k, n0, n1, t),
                   examples=[{"k": 1, "n0": 1, "n1": 2, "t": (2, 3)},
                             {"k": 0, "n0": 2, "n1": 2, "t": (4, 3)}]) for n, f, _, _ in parts]
+    out += [axiom(f"{op}-split-{n}", f(k, n0, n1, e(a, b)), e(f(k, n0, n1, a), f(k, n0, n1, b)),
+                  when=[eq(shp(a), shp(b)), *ok_split(k, n0, n1, a)],
+                  examples=[{"k": 1, "n0": 1, "n1": 2, "a": (2, 3), "b": (2, 3)},
+                            {"k": 0, "n0": 3, "n1": 1, "a": (4, 2, 2), "b": (4, 2, 2)}])
+            for op, e in (("add", add), ("mul", mul)) for n, f, _, _ in parts]
+    # parts of equally shaped tensors split alike are equally shaped (k-way splits nest)
+    out += [axiom(f"shp-split-{n}", shp(f(k, n0, n1, a)), shp(f(k, n0, n1, b)),
+                  when=[eq(shp(a), shp(b)), *ok_split(k, n0, n1, a)],
+                  trigger=[f(k, n0, n1, a), f(k, n0, n1, b)],
+                  examples=[{"k": 1, "n0": 1, "n1": 2, "a": (2, 3), "b": (2, 3)},
+                            {"k": 0, "n0": 3, "n1": 1, "a": (4, 2), "b": (4, 2)}])
+            for n, f, _, _ in parts]
     cases = ({"k": 0, "k1": 0, "k2": 0, "n0": 1, "n1": 2, "m0": 1, "m1": 2, "t": (3, 2)},
              {"k": 1, "k1": 1, "k2": 1, "n0": 3, "n1": 1, "m0": 3, "m1": 1, "t": (2, 4, 3)})
     out += [

@@ -19,7 +19,17 @@ default), so a rule never matches a variant it was not verified for.
 
 Preconditions (`{"constant": "w"}`, `{"rank": ["x", 4]}`, `{"static_shape": "x"}`,
 `{"same_shape": ["a", "b"]}`, `{"dim_eq": [["w1", 0], ["w2", 0]]}`, `{"dtype": ["x", "FLOAT"]}`)
-restrict where a rule applies. JSON form: `Rule.to_json()` / `Rule.from_json()`,
+restrict where a rule applies.
+
+Two optional fields serve rules that merge k interchangeable branches:
+- `"ordered_roots": true`: the matcher takes the roots' nodes in graph order, so a set of k
+  branches is matched once instead of k! times (a match is a correct instance either way; this
+  only prunes repeats);
+- `"family": "merge-parallel-matmul"`: rules of one family with different numbers of roots; the
+  search tries the largest first and skips a smaller member's match whose roots a larger match
+  already covers, so k branches are merged in one step instead of k - 1 (`search.py`).
+
+JSON form: `Rule.to_json()` / `Rule.from_json()`,
 `load_rules(path)` / `save_rules(path, rules)`.
 """
 
@@ -169,6 +179,8 @@ class Rule:
     doc: str = ""
     # shapes (variable -> dims) and attribute values ("$name" -> value) to check the rule on
     examples: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    family: str = ""
+    ordered_roots: bool = False
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -213,6 +225,10 @@ class Rule:
              "target": self.target.to_json(),
              "preconditions": [{k: _thaw_attr(v)} for k, v in self.preconditions],
              "verification": self.status}
+        if self.family:
+            d["family"] = self.family
+        if self.ordered_roots:
+            d["ordered_roots"] = True
         if self.doc:
             d["doc"] = self.doc
         if self.examples:
@@ -230,7 +246,8 @@ class Rule:
                        Pattern.from_json(d["target"]), tuple(pre), d.get("origin", "hand-written"),
                        tuple(sorted((d.get("verification") or {}).items())), d.get("doc", ""),
                        tuple(tuple(sorted((k, _freeze(v)) for k, v in ex.items()))
-                             for ex in d.get("examples", ())))
+                             for ex in d.get("examples", ())),
+                       str(d.get("family", "")), bool(d.get("ordered_roots", False)))
         except (KeyError, TypeError, ValueError) as err:
             raise RuleError(f"{where}: malformed rule ({type(err).__name__}: {err}); see "
                             "legato/core/rewrite/pattern.py for the format") from err

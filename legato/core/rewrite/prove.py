@@ -280,9 +280,10 @@ def rule_terms(rule: Rule) -> tuple[list[E], list[E], list[E], set[str], set[str
         if kind == "rank":
             facts.append(mk("==", mk("rank", var(arg[0])), int(arg[1])))
         elif kind == "dim_eq":
-            (v1, a1), (v2, a2) = arg
-            facts.append(mk("==", mk("dim", var(v1), src.axis(a1, var(v1))),
-                            mk("dim", var(v2), src.axis(a2, var(v2)))))
+            (v1, a1), *others = arg
+            for v2, a2 in others:
+                facts.append(mk("==", mk("dim", var(v1), src.axis(a1, var(v1))),
+                                mk("dim", var(v2), src.axis(a2, var(v2)))))
         elif kind == "same_shape":
             first = var(arg[0])
             for other in arg[1:]:

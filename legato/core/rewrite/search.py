@@ -24,7 +24,7 @@ from legato.core.rewrite._matcher import Match, apply, find_matches, infer_shape
 from legato.core.rewrite.cost import CostModel, graph_cost
 from legato.core.rewrite.pattern import Rule
 
-__all__ = ["SearchResult", "search", "structural_hash"]
+__all__ = ["SearchResult", "all_matches", "search", "structural_hash"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,39 @@ def _rewrite(model: ir.Model, m: Match) -> ir.Model:
     return copy
 
 
+def _ordered_rules(rules: Sequence[Rule]) -> list[Rule]:
+    """Rules in the order the search tries them: each family's members by falling arity, at
+    the place of the family's first member; other rules where they are."""
+    out: list[Rule] = []
+    placed: set[str] = set()
+    for rule in rules:
+        if not rule.family:
+            out.append(rule)
+        elif rule.family not in placed:
+            placed.add(rule.family)
+            out += sorted((r for r in rules if r.family == rule.family),
+                          key=lambda r: -len(r.source.outputs))
+    return out
+
+
+def all_matches(graph: ir.Graph, rules: Sequence[Rule], *, limit: int | None = None
+                ) -> list[Match]:
+    """The matches the search expands: every rule's (at most `limit` each), except that within
+    a family a member's match is dropped when a larger member's match already took any of
+    its roots (k branches merge in one step, not through k - 2 partial merges)."""
+    found: list[Match] = []
+    taken: dict[str, set[int]] = {}
+    for rule in _ordered_rules(rules):
+        exclude = frozenset(taken.get(rule.family, ())) if rule.family else frozenset()
+        matches = find_matches(graph, rule, limit=limit, exclude_roots=exclude)
+        if rule.family:
+            roots = taken.setdefault(rule.family, set())
+            for m in matches:
+                roots.update(id(n) for n in m.root_nodes())
+        found += matches
+    return found
+
+
 def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
            alpha: float = 1.05, budget: int = 200, time_limit_s: float = 60.0,
            max_matches_per_rule: int = 64,
@@ -132,23 +165,23 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
             break
         cost, _, current, applied = heapq.heappop(queue)
         explored += 1
-        for rule in rules:
-            for m in find_matches(current.graph, rule, limit=max_matches_per_rule):
-                try:
-                    new = _rewrite(current, m)
-                except Exception as err:  # noqa: BLE001 (a rule that cannot apply is skipped)
-                    log.debug("rule %s failed to apply: %s", rule.name, err)
-                    continue
-                key = structural_hash(new.graph)
-                if key in seen:
-                    continue
-                seen.add(key)
-                generated += 1
-                new_cost = graph_cost(new.graph, cost_model)
-                if new_cost < best_cost:
-                    best_cost, best_model, best_applied = new_cost, new, applied + [rule.name]
-                if new_cost < alpha * best_cost:
-                    heapq.heappush(queue, (new_cost, next(counter), new, applied + [rule.name]))
+        for m in all_matches(current.graph, rules, limit=max_matches_per_rule):
+            rule = m.rule
+            try:
+                new = _rewrite(current, m)
+            except Exception as err:  # noqa: BLE001 (a rule that cannot apply is skipped)
+                log.debug("rule %s failed to apply: %s", rule.name, err)
+                continue
+            key = structural_hash(new.graph)
+            if key in seen:
+                continue
+            seen.add(key)
+            generated += 1
+            new_cost = graph_cost(new.graph, cost_model)
+            if new_cost < alpha * best_cost:      # against the best before it (TASO's order)
+                heapq.heappush(queue, (new_cost, next(counter), new, applied + [rule.name]))
+            if new_cost < best_cost:
+                best_cost, best_model, best_applied = new_cost, new, applied + [rule.name]
         if progress is not None:
             progress(explored, best_cost)
     return SearchResult(best_model, best_cost, base, best_applied, explored, generated, stop,

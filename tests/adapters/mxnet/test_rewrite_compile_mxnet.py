@@ -79,7 +79,7 @@ def test_block_runs_in_onnxruntime_with_mxnet_outputs():
             np.testing.assert_allclose(g.asnumpy(), w.asnumpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast(x.asnumpy())[0].asnumpy(), want[0].asnumpy(), rtol=1e-4,
                                atol=1e-5)                       # numpy inputs work too
-    assert "merge-parallel-gemm" in fast.report.applied
+    assert any(r.startswith("merge-parallel-gemm") for r in fast.report.applied)
     assert last_reports()[-1] is fast.report and last_compiles()[-1] is fast.record
     ops = [n.op_type for n in fast.model.graph.node]
     assert "Flatten" in ops and ops.count("Flatten") == 1       # one per shared input

@@ -69,7 +69,7 @@ def test_keras_model_runs_in_onnxruntime_with_tf_outputs():
     for seed in (1, 2):
         _close(fast(_x(seed)), model(_x(seed)))
     _close(fast(x=tf.constant(_x())), model(_x()))          # tensors and keywords work too
-    assert "merge-parallel-matmul" in fast.report.applied
+    assert any(r.startswith("merge-parallel-matmul") for r in fast.report.applied)
     assert last_reports()[-1] is fast.report and last_compiles()[-1] is fast.record
     if fast.report.accepted:
         ops = [n.op_type for n in fast.model.graph.node]

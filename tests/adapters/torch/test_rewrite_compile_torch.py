@@ -74,7 +74,7 @@ def test_runs_in_onnxruntime_with_torch_outputs(caplog):
     assert record.runs_on == "onnxruntime" and record.model is not None
     report = lc.last_reports()[-1]
     assert report is record.report
-    assert "merge-parallel-gemm" in report.applied
+    assert any(r.startswith("merge-parallel-gemm") for r in report.applied)
     if report.accepted:                           # measured faster: the rewritten graph runs
         ops = [n.op_type for n in record.model.graph.node]
         assert ops.count("Gemm") < len(model.branches)
