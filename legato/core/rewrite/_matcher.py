@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from legato.core.rewrite.pattern import PNode, Rule, split_ref
 
-__all__ = ["Match", "apply", "find_matches"]
+__all__ = ["Match", "apply", "compose_perms", "find_matches"]
 
 
 @dataclasses.dataclass
@@ -273,9 +273,19 @@ def _resolve(value: Any, m: Match) -> Any:
     if isinstance(value, dict) and "dim" in value:
         var, axis = value["dim"]
         return int(_shape(m.values[var])[axis])
+    if isinstance(value, dict) and "compose" in value:
+        return compose_perms(*(_resolve(v, m) for v in value["compose"]))
     if isinstance(value, list):
         return [_resolve(v, m) for v in value]
     return value
+
+
+def compose_perms(p: Any, q: Any) -> list[int]:
+    """The perm of Transpose(Transpose(x, p), q): [p[i] for i in q]."""
+    if p is None or q is None or len(p) != len(q):
+        raise ValueError(f"cannot compose the permutations {p} and {q} (a Transpose without "
+                         "perm, or ranks that differ)")
+    return [int(p[i]) for i in q]
 
 
 def constant_array(value: ir.Value):

@@ -13,7 +13,8 @@ Attribute values in a pattern:
   in a target, it is set;
 - `"$name"`: in a source, binds the graph's value (equal wherever it recurs); in a target, uses it;
 - `{"dim": ["w", -1]}`: (target) a dimension of a bound variable's static shape; lists may mix
-  these (`[{"dim": ["w1", -1]}, {"dim": ["w2", -1]}]`).
+  these (`[{"dim": ["w1", -1]}, {"dim": ["w2", -1]}]`);
+- `{"compose": ["$p", "$q"]}`: (target) the perm of Transpose(Transpose(x, $p), $q).
 Attributes a source node does not list must be absent from the graph node (or at their ONNX
 default), so a rule never matches a variant it was not verified for.
 
@@ -67,7 +68,7 @@ def _freeze(value: Any) -> Any:
 def _thaw_attr(value: Any) -> Any:
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and
                                                   isinstance(v[0], str) for v in value) \
-            and value[0][0] in ("dim", "value"):
+            and value[0][0] in ("compose", "dim", "value"):
         return {k: _thaw_attr(v) for k, v in value}
     if isinstance(value, tuple):
         return [_thaw_attr(v) for v in value]

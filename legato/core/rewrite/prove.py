@@ -154,6 +154,9 @@ class _Side:
             return mk("prev", mk("rank", t))
         if isinstance(value, str) and value.startswith("$"):
             return var(value, "Perm")
+        if isinstance(value, dict) and set(value) == {"compose"} and len(value["compose"]) == 2:
+            inner, outer = (self._perm(v, t) for v in value["compose"])
+            return mk("pcomp", inner, outer)
         if isinstance(value, list) and sorted(value) == list(range(len(value))):
             return const(tuple(value), "Perm")
         raise _Unsupported(f"perm {value!r} is not a permutation")

@@ -15,17 +15,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from legato.core.rewrite._matcher import compose_perms
 from legato.core.rewrite.pattern import Pattern, Rule, _thaw_attr, split_ref
 
 __all__ = ["pattern_model", "verify_numeric"]
 
 
-def _resolve(value: Any, shapes: dict[str, tuple[int, ...]]) -> Any:
+def _resolve(value: Any, shapes: dict[str, tuple[int, ...]], attrs: dict[str, Any]) -> Any:
+    if isinstance(value, str) and value.startswith("$"):
+        return attrs[value]
     if isinstance(value, dict) and "dim" in value:
         var, axis = value["dim"]
         return int(shapes[var][axis])
+    if isinstance(value, dict) and "compose" in value:
+        return compose_perms(*(_resolve(v, shapes, attrs) for v in value["compose"]))
     if isinstance(value, list):
-        return [_resolve(v, shapes) for v in value]
+        return [_resolve(v, shapes, attrs) for v in value]
     return value
 
 
@@ -44,8 +49,7 @@ def pattern_model(pattern: Pattern, shapes: dict[str, tuple[int, ...]],
     for p in pattern.nodes:
         values = {}
         for k, v in p.attributes.items():
-            v = attrs[v] if isinstance(v, str) and v.startswith("$") else _resolve(v, shapes)
-            values[k] = v
+            values[k] = _resolve(v, shapes, attrs)
         nodes.append(helper.make_node(p.op, [ref(r) for r in p.inputs],
                                       [f"{p.id}__{j}" for j in range(p.num_outputs)], **values))
     inputs = [helper.make_tensor_value_info(
