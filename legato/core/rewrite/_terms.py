@@ -90,6 +90,13 @@ def _run(op: str, xs: Sequence[np.ndarray], out: int = 0, **attrs: Any) -> np.nd
         raise Undefined(str(err)) from None
 
 
+def _chan(v: np.ndarray, n: int) -> np.ndarray:
+    """A per-channel vector shaped to broadcast over axis 1 of a tensor with n more axes."""
+    if np.ndim(v) != 1 or n < 0:
+        raise Undefined(f"chan takes a vector and n >= 0, not shape {np.shape(v)} and {n}")
+    return np.reshape(v, (-1,) + (1,) * n)
+
+
 def _trans(p: tuple) -> int:
     if tuple(p) not in ((0, 1), (1, 0)):
         raise Undefined(f"Gemm takes the 2-d permutations (0, 1) or (1, 0), not {p}")
@@ -140,6 +147,11 @@ OPS: dict[str, _Spec] = {
                     lambda al, pa, pb, a, b: _run("Gemm", [a, b], alpha=al, transA=_trans(pa),
                                                   transB=_trans(pb))),
     "sc": _Spec(("Real",), "T", lambda v: np.array(float(v))),
+    "tdiv": _Spec(_T2, "T", lambda a, b: _run("Div", [a, b])),
+    "sqrt": _Spec(("T",), "T", lambda a: _run("Sqrt", [a])),
+    "bn": _Spec(("Real", "T", "T", "T", "T", "T"), "T",
+                lambda e, y, s, b, m, v: _run("BatchNormalization", [y, s, b, m, v], epsilon=e)),
+    "chan": _Spec(("T", "Int"), "T", lambda v, n: _chan(v, n)),
     # shapes and permutations (uninterpreted in Z3)
     "rank": _Spec(("T",), "Int", lambda t: int(np.ndim(t))),
     "dim": _Spec(("T", "Int"), "Int", _dim),

@@ -114,12 +114,14 @@ transpose, concat, split0, split1 = map(_fn, ("transpose", "concat", "split0", "
 conv, convb, gemm, gemmnc, sc = map(_fn, ("conv", "convb", "gemm", "gemmnc", "sc"))
 rank, dim, shp, pat, pinv, plen = map(_fn, ("rank", "dim", "shp", "pat", "pinv", "plen"))
 pcomp, isid, isswap, imax = map(_fn, ("pcomp", "isid", "isswap", "max"))
+tdiv, sqrt, bn, chan = map(_fn, ("tdiv", "sqrt", "bn", "chan"))
 eq, le, lt, ite, and_, or_, not_ = map(_fn, ("==", "<=", "<", "ite", "and", "or", "not"))
 
 a, b, c, t, x, w, w1, w2 = (_var(n) for n in ("a", "b", "c", "t", "x", "w", "w1", "w2"))
 a1, a2, b1, b2, s, x1, x2 = (_var(n) for n in ("a1", "a2", "b1", "b2", "s", "x1", "x2"))
 k, k1, k2, j, n0, n1, m0, m1, g = (_var(n, "Int")
                                    for n in ("k", "k1", "k2", "j", "n0", "n1", "m0", "m1", "g"))
+m, vv = _var("m"), _var("vv")
 p, q, pa, pb = (_var(n, "Perm") for n in ("p", "q", "pa", "pb"))
 _ZERO = const(0, "Int")
 ca, al, be, v = _var("ca", "Conv"), _var("al", "Real"), _var("be", "Real"), _var("v", "Real")
@@ -340,6 +342,46 @@ def _conv() -> list[Axiom]:
     ]
 
 
+def _batchnorm() -> list[Axiom]:
+    """BatchNormalization (inference) spelled out per channel, and a Conv's output channels
+    shifted or scaled per channel (what folding a BatchNormalization into a Conv needs).
+    `chan(v, n)` is the vector v shaped [C, 1, ..., 1] (n ones) to broadcast over axis 1."""
+    def vec(e: E, like: E, axis: int) -> list[E]:   # e is a vector of like's dim `axis`
+        return [eq(rank(e), 1), eq(dim(e, 0), dim(like, axis))]
+
+    n = rank(x) - 2
+    out = [axiom("bn-def", bn(v, x, s, b, m, vv),
+                 add(mul(sub(x, chan(m, n)), chan(tdiv(s, sqrt(add(vv, sc(v)))), n)),
+                     chan(b, n)),
+                 when=[le(2, rank(x)), *vec(s, x, 1), *vec(b, x, 1),
+                       *vec(m, x, 1), *vec(vv, x, 1)],
+                 examples=[{"v": 1e-5, "x": (2, 3, 4, 4), "s": (3,), "b": (3,), "m": (3,),
+                            "vv": {"positive": (3,)}},
+                           {"v": 1e-3, "x": (5, 2), "s": (2,), "b": (2,), "m": (2,),
+                            "vv": {"positive": (2,)}}])]
+    conv_ex = [{"ca": {"pads": (1, 1, 1, 1)}, "g": 1, "x": (1, 3, 5, 5), "w": (2, 3, 3, 3),
+                "c": (2,), "m": (2,)},
+               {"ca": {}, "g": 2, "x": (2, 4, 6), "w": (4, 2, 3), "c": (4,), "m": (4,)}]
+    nobias = [{k_: v_ for k_, v_ in ex.items() if k_ != "c"} for ex in conv_ex]
+    for name, f in (("add", add), ("sub", sub)):
+        out.append(axiom(f"convb-{name}-chan", f(convb(ca, g, x, w, c), chan(m, n)),
+                         convb(ca, g, x, w, f(c, m)),
+                         when=[*ok_conv(g, x, w), *vec(c, w, 0),
+                               *vec(m, w, 0)],
+                         examples=conv_ex))
+    out += [
+        axiom("conv-add-chan", add(conv(ca, g, x, w), chan(m, n)), convb(ca, g, x, w, m),
+              when=[*ok_conv(g, x, w), *vec(m, w, 0)], examples=nobias),
+        axiom("conv-sub-chan", sub(conv(ca, g, x, w), chan(m, n)), convb(ca, g, x, w, neg(m)),
+              when=[*ok_conv(g, x, w), *vec(m, w, 0)], examples=nobias),
+        axiom("convb-mul-chan", mul(convb(ca, g, x, w, c), chan(m, n)),
+              convb(ca, g, x, mul(w, chan(m, n + 1)), mul(c, m)),
+              when=[*ok_conv(g, x, w), *vec(c, w, 0), *vec(m, w, 0)],
+              examples=conv_ex),
+    ]
+    return out
+
+
 def _gemm() -> list[Axiom]:
     prod = matmul(transpose(pa, a), transpose(pb, b))
     two_d = [eq(rank(a), 2), eq(rank(b), 2), eq(plen(pa), 2), eq(plen(pb), 2)]
@@ -403,7 +445,7 @@ def _shapes() -> list[Axiom]:
               examples=[{"ca": {}, "g": 1, "x": (2, 3, 5), "w": (4, 3, 3), "b": (4,)},
                         {"ca": {}, "g": 1, "x": (1, 3, 4, 4), "w": (2, 3, 1, 1), "b": (2,)}]),
     ]
-    for name, f in (("add", add), ("mul", mul)):
+    for name, f in (("add", add), ("mul", mul), ("tdiv", tdiv)):
         rest = k - ra + rb
         out += [
             axiom(f"rank-{name}", rank(f(a, b)), imax(ra, rb),
@@ -414,10 +456,11 @@ def _shapes() -> list[Axiom]:
                   examples=[{"a": (2, 3), "b": (3,), "k": 1}, {"a": (2, 3), "b": (3,), "k": 0},
                             {"a": (2, 3), "b": (1, 1), "k": 0},
                             {"a": (2, 3), "b": (2, 3), "k": 1}])]
-    for name, f in (("relu", relu), ("neg", neg)):
-        out += [axiom(f"rank-{name}", rank(f(t)), rank(t), examples=[{"t": (2, 3)}, {"t": ()}]),
+    for name, f in (("relu", relu), ("neg", neg), ("sqrt", sqrt)):
+        pos = {"positive": (2, 3)} if name == "sqrt" else (2, 3)
+        out += [axiom(f"rank-{name}", rank(f(t)), rank(t), examples=[{"t": pos}, {"t": ()}]),
                 axiom(f"dim-{name}", dim(f(t), j), dim(t, j), when=[ax(j, t)],
-                      examples=[{"t": (2, 3), "j": 1}, {"t": (4,), "j": 0}])]
+                      examples=[{"t": pos, "j": 1}, {"t": (4,), "j": 0}])]
     for name, e, ok in (("transpose", transpose(p, t), ok_transpose(p, t)),
                         ("split-first", split0(k, n0, n1, t), ok_split(k, n0, n1, t)),
                         ("split-second", split1(k, n0, n1, t), ok_split(k, n0, n1, t))):
@@ -438,8 +481,8 @@ def _shapes() -> list[Axiom]:
 
 def build_axioms() -> tuple[Axiom, ...]:
     """Every axiom, in a fixed order (names are unique)."""
-    axioms = (*_elementwise(), *_matmul(), *_transpose(), *_concat_split(), *_conv(), *_gemm(),
-              *_shapes())
+    axioms = (*_elementwise(), *_matmul(), *_transpose(), *_concat_split(), *_conv(),
+              *_batchnorm(), *_gemm(), *_shapes())
     names = [ax.name for ax in axioms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -467,7 +510,9 @@ def _bind(ax: Axiom, example: Mapping[str, Any], rng: np.random.Generator) -> di
             raise AxiomError(f"axiom {ax.name!r}: example {dict(example)} does not bind "
                              f"{name!r} ({sort})")
         value = example[name]
-        if sort == "T":
+        if sort == "T" and isinstance(value, Mapping):     # {"positive": shape}: a variance
+            env[name] = rng.uniform(0.5, 2.0, tuple(value["positive"]))
+        elif sort == "T":
             env[name] = rng.standard_normal(tuple(value))
         elif sort == "Perm":
             env[name] = tuple(value)

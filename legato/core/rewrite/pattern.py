@@ -68,7 +68,7 @@ def _freeze(value: Any) -> Any:
 def _thaw_attr(value: Any) -> Any:
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and
                                                   isinstance(v[0], str) for v in value) \
-            and value[0][0] in ("compose", "dim", "value"):
+            and value[0][0] in ("compose", "dim", "positive", "value"):
         return {k: _thaw_attr(v) for k, v in value}
     if isinstance(value, tuple):
         return [_thaw_attr(v) for v in value]

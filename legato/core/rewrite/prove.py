@@ -7,8 +7,9 @@ Each root of a rule's source and target becomes a term (`_terms.E`): pattern var
 tensor constants, ONNX operators map to the axioms' operators (Gemm -> `gemm`, Conv ->
 `conv`/`convb`, n-ary Concat and Split -> nested binary ones, Identity -> its input), negative
 axes become `rank(t) + axis`, `"$name"` attributes become symbolic constants and
-`{"dim": [v, axis]}` becomes `dim(v, axis)`. Operators without axioms (Sigmoid, Reshape,
-BatchNormalization, ...) and known operators with attributes the translation does not read
+`{"dim": [v, axis]}` becomes `dim(v, axis)`, BatchNormalization -> `bn`, Div -> `tdiv`, a
+Reshape of a vector to [-1, 1, ..., 1] -> `chan`. Operators without axioms (Sigmoid, other
+Reshapes, ...) and known operators with attributes the translation does not read
 become uninterpreted functions named by op and attributes: that is sound (only congruence is
 known about them), and the detail lists them when the proof fails.
 
@@ -141,7 +142,32 @@ class _Side:
         return [mk(node.op.lower(), *ins)]
 
     _op_add = _op_mul = _op_sub = lambda self, n, ins, a: self._elementwise(n, ins, 2)
-    _op_neg = _op_relu = lambda self, n, ins, a: self._elementwise(n, ins, 1)
+    _op_neg = _op_relu = _op_sqrt = lambda self, n, ins, a: self._elementwise(n, ins, 1)
+
+    def _op_div(self, node, ins, attrs):
+        self._need(node, ins, (), (2,))
+        return [mk("tdiv", *ins)]
+
+    def _op_batchnormalization(self, node, ins, attrs):
+        """Inference BatchNormalization (momentum only matters in training)."""
+        self._need(node, ins, ("epsilon", "momentum"), (5,))
+        y = ins[0]
+        self.facts.append(mk("<=", 2, mk("rank", y)))
+        for v in ins[1:]:       # scale, bias, mean, variance: one value per channel (axis 1)
+            self.facts += [mk("==", mk("rank", v), 1),
+                           mk("==", mk("dim", v, 0), mk("dim", y, 1))]
+        return [mk("bn", self.real_value(attrs.get("epsilon", 1e-5)), *ins)]
+
+    def _op_reshape(self, node, ins, attrs):
+        """Only the per-channel shaping of a vector, Reshape(v, [-1, 1, ..., 1])."""
+        self._need(node, ins, (), (2,))
+        shape = self.ints.get(split_ref(node.inputs[1])[0])
+        if not isinstance(shape, list) or not shape:
+            raise _Unsupported("the shape is not a Constant with value_ints")
+        values = [s.args[0] if s.op == "const" else None for s in shape]
+        if values[0] != -1 or any(v != 1 for v in values[1:]):
+            raise _Unsupported(f"shape {values} is not [-1, 1, ..., 1]")
+        return [mk("chan", ins[0], len(values) - 1)]
 
     def _op_matmul(self, node, ins, attrs):
         self._need(node, ins, (), (2,))
@@ -179,6 +205,8 @@ class _Side:
         return [out]
 
     def _op_constant(self, node, ins, attrs):
+        if set(attrs) == {"value_float"}:
+            return [mk("sc", self.real_value(attrs["value_float"]))]
         if set(attrs) == {"value_ints"} and isinstance(attrs["value_ints"], list):
             self.ints[node.id] = [self.int_value(v) for v in attrs["value_ints"]]
         elif set(attrs) == {"value_ints"} and isinstance(attrs["value_ints"], str):

@@ -124,3 +124,48 @@ def test_wrong_variants_are_rejected_by_both_checks():
                  _variant("scalar-before-matmul-into-weight", drop_scalar_precondition)):
         assert prove_rule(rule)["z3"] in ("refuted", "unknown"), rule.name
         assert verify_numeric(rule)["numeric"] == "failed", rule.name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_folds_into_the_conv_before_it(bias):
+    rng = np.random.default_rng(0)
+    c = 4
+    inits = [numpy_helper.from_array(rng.normal(size=(c, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "s"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "m"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, size=c).astype(np.float32), "v")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "c"))
+    nodes = [helper.make_node("Conv", ["x", "w", "c"] if bias else ["x", "w"], ["y0"],
+                              pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("BatchNormalization", ["y0", "s", "b", "m", "v"], ["y"],
+                              epsilon=1e-3, momentum=0.9)]
+    proto = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 9])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    feed = {"x": rng.normal(size=(2, 3, 9, 9)).astype(np.float32)}
+    result, ops = _rewrite_and_compare(proto, feed)
+    assert ops == ["Conv"], ops
+    assert result.applied == ["fold-conv-batchnorm" + ("" if bias else "-nobias")]
+
+
+def test_a_wrong_batchnorm_fold_and_a_wrong_axiom_are_rejected():
+    from legato.core.rewrite import axioms as A
+
+    def mean_minus_bias(d):
+        for nd in d["target"]["nodes"]:
+            if nd["op"] == "Sub":
+                nd["inputs"] = ["m", "c"]
+
+    wrong = _variant("fold-conv-batchnorm", mean_minus_bias)
+    assert prove_rule(wrong)["z3"] in ("refuted", "unknown")
+    assert verify_numeric(wrong)["numeric"] == "failed"
+    good = A.get_axiom("convb-mul-chan")
+    lhs, rhs = good.concl.args
+    # the weights scaled by a vector shaped for the output (one axis short) are wrong
+    bad_rhs = A.mk(rhs.op, *rhs.args[:3], A.mul(rhs.args[3].args[0],
+                                                A.chan(rhs.args[3].args[1].args[0],
+                                                       A.rank(A.x) - 2)), rhs.args[4])
+    bad = A.Axiom("convb-mul-chan-short", A.mk("==", lhs, bad_rhs), good.hyps, good.trigger,
+                  good.examples)
+    assert not A.validate_axiom(bad)["ok"]
