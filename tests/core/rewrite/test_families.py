@@ -31,7 +31,7 @@ def test_the_shipped_file_is_what_the_builder_makes_and_every_member_is_verified
         "legato rules verify legato/core/rewrite/rules/merges.json --write"
     for r in stored:
         assert r.verified, (r.name, r.status)
-    assert len(stored) == 4 * (MAX_ARITY - 1)
+    assert len(stored) == 5 * (MAX_ARITY - 1)
 
 
 def _affine(n: int, k: int = 8, batch: int = 1, extra_consumer: bool = False) -> onnx.ModelProto:
@@ -105,3 +105,32 @@ def test_a_branch_that_does_not_fit_is_left_alone():
     out = ir.serde.serialize_model(result.model)
     odd = [nd for nd in out.graph.node if nd.op_type == "MatMul" and "odd" in nd.input]
     assert len(odd) == 1 and "merge-parallel-matmul-3" in result.applied
+
+
+def test_merged_convs_keep_one_relu_for_onnxruntime_to_fuse():
+    """Three Conv+Relu branches of one input: merged, then relu-split puts one Relu right after
+    the merged Conv (where onnxruntime fuses it) instead of three after the Split."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+    for i, c in enumerate((4, 2, 3)):
+        w = rng.normal(size=(c, 3, 1, 1)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.normal(size=c).astype(np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", ["x", f"w{i}", f"b{i}"], [f"c{i}"]),
+                  helper.make_node("Relu", [f"c{i}"], [f"y{i}"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                           for i in range(3)], inits)
+    proto = onnx.shape_inference.infer_shapes(
+        helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    result = search(ir.serde.deserialize_model(proto), shipped_rules(), PerOp(), alpha=1.0)
+    assert sorted(result.applied) == ["merge-parallel-conv-3", "relu-split-3"]
+    out = ir.serde.serialize_model(result.model)
+    assert [nd.op_type for nd in out.graph.node if nd.op_type != "Constant"] == \
+        ["Concat", "Concat", "Conv", "Relu", "Split"]
+    feed = {"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32)}
+    run = lambda p: ort.InferenceSession(  # noqa: E731
+        p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(run(proto), run(out)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -16,9 +16,11 @@ Families:
   Split(Conv(x, Concat(W), Concat(b)), axis=1).
 - `add-split`: k Add(Split(x)_i, Split(y)_i), where x and y have one shape and are split alike
   -> Split(Add(x, y)): after merging the MatMuls of x and of h in `x W_i + h U_i`, one Add.
+- `relu-split`: k Relu(Split(x)_i) -> Split(Relu(x)): after a merge, one Relu that onnxruntime
+  fuses into the merged Conv again (k Conv+Relu fusions were lost to the Split otherwise).
 
 The k = 2 members keep the names the first hand-written rules had (`merge-parallel-matmul`);
-larger ones end in their arity (`merge-parallel-matmul-8`). All but `add-split` have
+larger ones end in their arity (`merge-parallel-matmul-8`). The merges have
 interchangeable roots, so they set `ordered_roots` (the matcher tries each set of k branches
 once, not k! times); all set `family`, so the search merges k branches in one step.
 """
@@ -175,8 +177,30 @@ def add_split(k: int) -> dict:
     }
 
 
+def relu_split(k: int) -> dict:
+    sizes = {"op": "Constant", "inputs": [], "attrs": {"value_ints": "$sizes"}}
+    split = {"op": "Split", "attrs": {"axis": "$axis"}, "outputs": k}
+    return {
+        "name": _name("relu-split", k), "family": "relu-split", "origin": "hand-written",
+        "source": {"inputs": ["x"],
+                   "nodes": [{"id": "cx", **sizes}, {"id": "sx", "inputs": ["x", "cx"], **split},
+                             *({"id": f"r{i}", "op": "Relu", "inputs": [f"sx:{i}"]}
+                               for i in range(k))],
+                   "outputs": [f"r{i}" for i in range(k)]},
+        "target": {"inputs": ["x"],
+                   "nodes": [{"id": "t", "op": "Relu", "inputs": ["x"]},
+                             {"id": "sizes", **sizes},
+                             {"id": "s", "inputs": ["t", "sizes"], **split}],
+                   "outputs": [f"s:{i}" for i in range(k)]},
+        "doc": f"{k} Relu(Split(x)_i) -> Split(Relu(x)): one Relu, which onnxruntime fuses "
+               "into the merged Conv or Gemm before it",
+        "examples": [{"x": [2, 3 * k], "$axis": -1, "$sizes": [3] * k},
+                     {"x": [1, 2 * k, 3, 3], "$axis": 1, "$sizes": [1] * (k - 1) + [k + 1]}],
+    }
+
+
 FAMILIES = {"merge-parallel-matmul": merge_matmul, "merge-parallel-gemm": merge_gemm,
-            "merge-parallel-conv": merge_conv, "add-split": add_split}
+            "merge-parallel-conv": merge_conv, "add-split": add_split, "relu-split": relu_split}
 
 
 def family_rules(max_arity: int = MAX_ARITY) -> list[Rule]:
