@@ -174,6 +174,10 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
     if not args.output:
         print("legato rules generate: -o rules.json is required", file=sys.stderr)
         return 2
+    if args.ship and args.no_verify:
+        print("legato rules generate: --ship keeps rules that passed the float64 check; drop "
+              "--no-verify", file=sys.stderr)
+        return 2
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         print(f"legato rules generate: {out} exists; pass --overwrite to replace it",
@@ -197,8 +201,10 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
         result = generate_rules(
             args.max_ops, ops=args.ops.split(",") if args.ops else None, seed=args.seed,
             envs=parse_shapes(args.shapes) if args.shapes else None, max_vars=args.max_vars,
-            time_limit_s=args.time_limit, verify=not args.no_verify, formal=args.z3,
-            progress=progress)
+            time_limit_s=args.time_limit, verify=not args.no_verify,
+            formal=args.z3 or args.ship, progress=progress)
+        if args.ship:
+            result.keep_shippable()
     except LegatoError as err:
         print(f"legato rules generate: {err}", file=sys.stderr)
         return 2
@@ -364,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip float64 verification of the generated rules")
     g.add_argument("--z3", action="store_true",
                    help="also record a Z3 proof attempt per rule (slow)")
+    g.add_argument("--ship", action="store_true",
+                   help="keep only rules proved with Z3 (implies --z3), passed in float64 and "
+                        "shrinking the graph: how rules/generated.json is made")
     g.add_argument("-o", "--output", metavar="rules.json", help="the rule file to write")
     g.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.set_defaults(func=_cmd_rules)

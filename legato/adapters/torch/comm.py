@@ -314,9 +314,9 @@ class TorchDistTransport:
 
         CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
         LEGATO_NATIVE_NCCL=1 on every rank and every rank can load NCCL (opt-in: that path has
-        run on one GPU in legato's own tests, not yet across several); otherwise, and on CPU, through
-        torch.distributed on the comm group (gloo, or NCCL through torch). The first call
-        agrees the choice across ranks; the native communicator is kept across plans.
+        run on one GPU in legato's own tests, not yet across several); otherwise, and on CPU,
+        through torch.distributed on the comm group (gloo, or NCCL through torch). The first
+        call agrees the choice across ranks; the native communicator is kept across plans.
         """
         import os
 

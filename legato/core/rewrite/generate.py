@@ -178,6 +178,14 @@ class GenerateResult:
                 return n
         raise KeyError(f"no stage {stage!r}; stages: {[s for s, _, _ in self.stages]}")
 
+    def keep_shippable(self) -> None:
+        """Keep only the rules legato ships: proved with Z3, passed in float64, and never
+        growing a graph (fewer operators in the target, Identity not counted), so that they
+        can only simplify what the search explores; adds a "shippable" stage."""
+        self.rules = [r for r in self.rules if r.verified and shrinks(r)]
+        self.stages.append(("shippable", len(self.rules),
+                            "proved with Z3, passed in float64, fewer operators in the target"))
+
     def summary(self) -> str:
         width = max(len(s) for s, _, _ in self.stages)
         lines = [f"{name:<{width}}  {n:>9}  {what}" for name, n, what in self.stages]
@@ -192,6 +200,12 @@ class GenerateResult:
                 "config": self.config, "stop_reason": self.stop_reason,
                 "stages": {name: n for name, n, _ in self.stages},
                 "numeric_failures": [r.name for r, _ in self.failed]}
+
+
+def shrinks(rule: Rule) -> bool:
+    """The target has fewer operators than the source (an Identity counts as none)."""
+    return (sum(n.op != "Identity" for n in rule.target.nodes)
+            < sum(n.op != "Identity" for n in rule.source.nodes))
 
 
 def generate_rules(max_ops: int = 3, *, ops: Sequence[str] | None = None, seed: int = 0,

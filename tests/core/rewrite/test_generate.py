@@ -192,3 +192,32 @@ def test_formal_records_z3_status_when_asked():
     proved = generate_rules(1, ops=["Add"], formal=True)
     assert [r.name for r in proved.rules] == [r.name for r in plain.rules]
     assert all(r.status["z3"] == "proved" for r in proved.rules)
+
+
+def test_ship_keeps_proved_rules_that_shrink_the_graph(tmp_path, capsys):
+    pytest.importorskip("z3")
+    out = tmp_path / "ship.json"
+    argv = ["rules", "generate", "--max-ops", "2", "--ops", "Add,Neg,Transpose", "--ship",
+            "-o", str(out)]
+    assert main(argv) == 0
+    assert "shippable" in capsys.readouterr().out
+    rules = load_rules(out)
+    docs = {r.doc for r in rules}
+    assert "Add(x0,Neg(x1)) -> Sub(x0,x1)" not in docs          # Sub is not among the ops
+    assert "Transpose{perm=10}(Transpose{perm=10}(x0)) -> Identity(x0)" in docs
+    assert rules and all(r.verified for r in rules)
+    assert all(sum(n.op != "Identity" for n in r.target.nodes) < len(r.source.nodes)
+               for r in rules)
+    assert main([*argv[:-2], "--no-verify", "-o", str(tmp_path / "x.json")]) == 2
+    assert "--no-verify" in capsys.readouterr().err
+
+
+def test_the_shipped_generated_rules_are_proved_shrinking_and_from_a_recorded_run():
+    from legato.core.rewrite.generate import shrinks
+    from legato.core.rewrite.rules import RULES_DIR
+
+    path = RULES_DIR / "generated.json"
+    rules = load_rules(path)
+    assert len(rules) >= 20 and all(r.verified and shrinks(r) for r in rules)
+    meta = json.loads(path.read_text())["meta"]
+    assert meta["config"]["max_ops"] == 2 and meta["stages"]["shippable"] == len(rules)
