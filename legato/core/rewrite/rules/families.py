@@ -77,36 +77,48 @@ def merge_matmul(k: int) -> dict:
     }
 
 
-def merge_gemm(k: int) -> dict:
+def _merge_with_bias(family: str, op: str, attrs: dict, k: int, rank: int,
+                     same_dims: tuple[int, ...], doc: str, examples: list[dict]) -> dict:
+    """k `op`(x, W_i, b_i) -> Split(`op`(x, Concat(W), Concat(b)), axis=1): Gemm with transB=1
+    and Conv both put output channels on W's axis 0 and the output's axis 1."""
     ws = [f"w{i}" for i in range(1, k + 1)]
     bs = [f"b{i}" for i in range(1, k + 1)]
     inputs = ["x", *(v for pair in zip(ws, bs) for v in pair)]
     return {
-        "name": _name("merge-parallel-gemm", k), "family": "merge-parallel-gemm",
-        "ordered_roots": True, "origin": "hand-written",
+        "name": _name(family, k), "family": family, "ordered_roots": True,
+        "origin": "hand-written",
         "source": {"inputs": inputs,
-                   "nodes": [{"id": _IDS[i], "op": "Gemm", "inputs": ["x", w, b],
-                              "attrs": {"transB": 1}}
+                   "nodes": [{"id": _IDS[i], "op": op, "inputs": ["x", w, b],
+                              "attrs": dict(attrs)}
                              for i, (w, b) in enumerate(zip(ws, bs))],
                    "outputs": list(_IDS[:k])},
         "target": {"inputs": inputs,
                    "nodes": [{"id": "w", "op": "Concat", "inputs": ws, "attrs": {"axis": 0}},
                              {"id": "c", "op": "Concat", "inputs": bs, "attrs": {"axis": 0}},
-                             {"id": "g", "op": "Gemm", "inputs": ["x", "w", "c"],
-                              "attrs": {"transB": 1}},
+                             {"id": "g", "op": op, "inputs": ["x", "w", "c"],
+                              "attrs": dict(attrs)},
                              _sizes(ws, 0), _split("g", k, 1)],
                    "outputs": [f"s:{i}" for i in range(k)]},
-        "preconditions": [*({"constant": v} for v in ws + bs), *({"rank": [w, 2]} for w in ws),
-                          *({"rank": [b, 1]} for b in bs), {"dim_eq": [[w, 1] for w in ws]},
+        "preconditions": [*({"constant": v} for v in ws + bs),
+                          *({"rank": [w, rank]} for w in ws), *({"rank": [b, 1]} for b in bs),
+                          *({"dim_eq": [[w, axis] for w in ws]} for axis in same_dims),
                           *({"dim_eq": [[b, 0], [w, 0]]} for w, b in zip(ws, bs))],
-        "doc": (f"{k} Gemm(x, W_i, b_i, transB=1) -> Split(Gemm(x, Concat(W_1..W_{k}), "
-                f"Concat(b_1..b_{k}), transB=1))" if k > 2 else
-                "Gemm(x, W1, b1, transB=1), Gemm(x, W2, b2, transB=1) -> Split(Gemm(x, "
-                "Concat(W1, W2), Concat(b1, b2), transB=1))"),
-        "examples": [{"x": [2, 3], **{w: [3 + i, 3] for i, w in enumerate(ws, 1)},
-                      **{b: [3 + i] for i, b in enumerate(bs, 1)}},
-                     {"x": [1, 6], **{w: [2, 6] for w in ws}, **{b: [2] for b in bs}}],
+        "doc": doc,
+        "examples": [{"x": ex["x"], **{w: ex["w"](i) for i, w in enumerate(ws, 1)},
+                      **{b: ex["w"](i)[:1] for i, b in enumerate(bs, 1)},
+                      **{a: v for a, v in ex.items() if a.startswith("$")}}
+                     for ex in examples],
     }
+
+
+def merge_gemm(k: int) -> dict:
+    doc = (f"{k} Gemm(x, W_i, b_i, transB=1) -> Split(Gemm(x, Concat(W_1..W_{k}), "
+           f"Concat(b_1..b_{k}), transB=1))" if k > 2 else
+           "Gemm(x, W1, b1, transB=1), Gemm(x, W2, b2, transB=1) -> Split(Gemm(x, "
+           "Concat(W1, W2), Concat(b1, b2), transB=1))")
+    return _merge_with_bias("merge-parallel-gemm", "Gemm", {"transB": 1}, k, 2, (1,), doc,
+                            [{"x": [2, 3], "w": lambda i: [3 + i, 3]},
+                             {"x": [1, 6], "w": lambda i: [2, 6]}])
 
 
 _CONV_ATTRS = {"dilations": "$d", "group": 1, "kernel_shape": "$k", "pads": "$p",
@@ -114,40 +126,16 @@ _CONV_ATTRS = {"dilations": "$d", "group": 1, "kernel_shape": "$k", "pads": "$p"
 
 
 def merge_conv(k: int) -> dict:
-    ws = [f"w{i}" for i in range(1, k + 1)]
-    bs = [f"b{i}" for i in range(1, k + 1)]
-    inputs = ["x", *(v for pair in zip(ws, bs) for v in pair)]
-    return {
-        "name": _name("merge-parallel-conv", k), "family": "merge-parallel-conv",
-        "ordered_roots": True, "origin": "hand-written",
-        "source": {"inputs": inputs,
-                   "nodes": [{"id": _IDS[i], "op": "Conv", "inputs": ["x", w, b],
-                              "attrs": dict(_CONV_ATTRS)}
-                             for i, (w, b) in enumerate(zip(ws, bs))],
-                   "outputs": list(_IDS[:k])},
-        "target": {"inputs": inputs,
-                   "nodes": [{"id": "w", "op": "Concat", "inputs": ws, "attrs": {"axis": 0}},
-                             {"id": "c", "op": "Concat", "inputs": bs, "attrs": {"axis": 0}},
-                             {"id": "g", "op": "Conv", "inputs": ["x", "w", "c"],
-                              "attrs": dict(_CONV_ATTRS)},
-                             _sizes(ws, 0), _split("g", k, 1)],
-                   "outputs": [f"s:{i}" for i in range(k)]},
-        "preconditions": [*({"constant": v} for v in ws + bs), *({"rank": [w, 4]} for w in ws),
-                          *({"rank": [b, 1]} for b in bs),
-                          *({"dim_eq": [[w, axis] for w in ws]} for axis in (1, 2, 3)),
-                          *({"dim_eq": [[b, 0], [w, 0]]} for w, b in zip(ws, bs))],
-        "doc": (f"{k} Conv(x, W_i, b_i) with one configuration -> Split(Conv(x, "
-                f"Concat(W_1..W_{k}), Concat(b_1..b_{k})), axis=1)" if k > 2 else
-                "Conv(x, W1, b1), Conv(x, W2, b2) with one configuration -> Split(Conv(x, "
-                "Concat(W1, W2), Concat(b1, b2)), axis=1)"),
-        "examples": [{"$d": [1, 1], "$k": [1, 1], "$p": [0, 0, 0, 0], "$s": [1, 1],
-                      "x": [1, 3, 6, 6], **{w: [4 if i == 1 else 2, 3, 1, 1]
-                                            for i, w in enumerate(ws, 1)},
-                      **{b: [4 if i == 1 else 2] for i, b in enumerate(bs, 1)}},
-                     {"$d": [1, 1], "$k": [3, 3], "$p": [1, 1, 1, 1], "$s": [2, 2],
-                      "x": [2, 2, 7, 7], **{w: [3, 2, 3, 3] for w in ws},
-                      **{b: [3] for b in bs}}],
-    }
+    doc = (f"{k} Conv(x, W_i, b_i) with one configuration -> Split(Conv(x, "
+           f"Concat(W_1..W_{k}), Concat(b_1..b_{k})), axis=1)" if k > 2 else
+           "Conv(x, W1, b1), Conv(x, W2, b2) with one configuration -> Split(Conv(x, "
+           "Concat(W1, W2), Concat(b1, b2)), axis=1)")
+    return _merge_with_bias(
+        "merge-parallel-conv", "Conv", _CONV_ATTRS, k, 4, (1, 2, 3), doc,
+        [{"$d": [1, 1], "$k": [1, 1], "$p": [0, 0, 0, 0], "$s": [1, 1], "x": [1, 3, 6, 6],
+          "w": lambda i: [4 if i == 1 else 2, 3, 1, 1]},
+         {"$d": [1, 1], "$k": [3, 3], "$p": [1, 1, 1, 1], "$s": [2, 2], "x": [2, 2, 7, 7],
+          "w": lambda i: [3, 2, 3, 3]}])
 
 
 def add_split(k: int) -> dict:
