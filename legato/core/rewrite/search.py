@@ -1,7 +1,8 @@
 """TASO's cost-based backtracking search over rewritten graphs (Jia et al., SOSP'19, §5).
 
 A priority queue holds candidate graphs by cost. The cheapest is taken out; every match of
-every rule is applied to a copy of it, and each new graph (deduplicated by a structural hash)
+every rule is applied to a copy of it (within a rule family, only matches no larger member
+covers: `all_matches`), and each new graph (deduplicated by a structural hash)
 whose cost is below `alpha` times the best cost so far joins the queue, so the search may pass
 through slightly worse graphs (alpha > 1) to reach better ones. It stops when the queue is
 empty, after `budget` graphs taken out, or at `time_limit_s`; `stop_reason` says which.
