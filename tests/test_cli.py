@@ -43,7 +43,7 @@ def test_wrong_command_prints_usage_and_exits_2():
 def test_help_lists_the_commands():
     proc = run("--help")
     assert proc.returncode == 0
-    for command in ("doctor", "demo", "bench"):
+    for command in ("doctor", "demo", "plan", "rewrite", "rules", "parity", "bench"):
         assert command in proc.stdout
 
 
