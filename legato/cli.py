@@ -251,6 +251,28 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from legato.core.errors import LegatoError
+    from legato.core.parity.faults import FaultSpec
+    from legato.core.parity.worker import serve
+
+    if not Path(args.model).is_file():
+        print(f"legato worker: {args.model} does not exist", file=sys.stderr)
+        return 2
+    try:
+        FaultSpec.parse(args.inject)
+        serve(args.model, host=args.host, port=args.port, threads=args.threads,
+              inject=args.inject,
+              ready=lambda port: print(f"legato worker: serving {args.model} on "
+                                       f"{args.host}:{port}", flush=True))
+    except LegatoError as err:
+        print(f"legato worker: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     import onnx
 
@@ -430,6 +452,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace files already in the output folder")
     p.set_defaults(func=_cmd_parity)
 
+    p = sub.add_parser("worker", help="serve one ONNX model to a coded-inference frontend",
+                       description="legato worker --model M.onnx --port P: run the model in "
+                                   "onnxruntime behind legato's frame protocol on 127.0.0.1, "
+                                   "one request at a time, cancellable while queued; "
+                                   "--inject adds seeded faults (docs/parity.md).")
+    p.add_argument("--model", required=True, help="the .onnx model to serve")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: any free one, printed)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--inject", metavar="SPEC",
+                   help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
+    p.set_defaults(func=_cmd_worker)
+
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")
     p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' for every one)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -444,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
-              "parity, bench)", file=sys.stderr)
+              "parity, worker, bench)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

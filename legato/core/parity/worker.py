@@ -1,0 +1,170 @@
+"""A model worker: one ONNX model in onnxruntime behind the frame protocol (`wire.py`).
+
+    legato worker --model base.onnx --port 7001 [--threads 1] [--inject pause=0.03,seed=1]
+
+Requests run one at a time in arrival order (FCFS, like one model replica). A request still
+queued can be cancelled (`{"op": "cancel", "ids": [...]}`): the frontend does so when a
+reconstruction made it useless. Every request gets exactly one reply: `{"op": "reply", "id",
+"ms"}` with the output array, or `{"op": "error", "id", "error"}` (a bad input, or
+"cancelled"). Injected faults (`faults.py`) delay a request before it runs.
+A connection that sends a malformed frame gets an error frame and is closed; the worker goes
+on serving its other connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from legato.core.errors import ConfigError
+from legato.core.parity.faults import Faults, FaultSpec
+from legato.core.parity.wire import WireError, read_frame, write_frame
+
+__all__ = ["ModelWorker", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Job:
+    rid: Any
+    x: np.ndarray
+    writer: asyncio.StreamWriter
+    lock: asyncio.Lock
+
+
+class ModelWorker:
+    """Serve `model_path` on host:port (port 0: any free port, see `port` after `start`)."""
+
+    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0,
+                 threads: int = 1, faults: FaultSpec | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(model_path, opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 (any load failure is the file's fault)
+            raise ConfigError(f"cannot load the model {model_path} in onnxruntime: "
+                              f"{str(err).splitlines()[0]}") from err
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
+        self.host, self.port = host, port
+        self.faults = Faults(faults or FaultSpec())
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.served = 0
+        self._wake = asyncio.Event()
+        self._server: asyncio.base_events.Server | None = None
+        self._runner: asyncio.Task | None = None
+
+    def health(self) -> dict:
+        return {"op": "health", "ok": True, "queued": len(self.queue), "served": self.served,
+                "input": self.input_name, "shape": self.input_shape}
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._runner = asyncio.create_task(self._run())
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        async with self._server:
+            await self._server.serve_forever()
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        lock = asyncio.Lock()
+        try:
+            while True:
+                try:
+                    frame = await read_frame(reader)
+                except WireError as err:
+                    async with lock:
+                        await write_frame(writer, {"op": "error", "id": None, "error": str(err)})
+                    return
+                if frame is None:
+                    return
+                header, arrays = frame
+                await self._handle(header, arrays, writer, lock)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _handle(self, header: dict, arrays: list, writer, lock) -> None:
+        op, rid = header.get("op"), header.get("id")
+        if op == "health":
+            async with lock:
+                await write_frame(writer, {**self.health(), "id": rid})
+        elif op == "cancel":
+            ids = set(header.get("ids", []))
+            kept = collections.deque()
+            for job in self.queue:
+                if job.rid in ids and job.writer is writer:
+                    async with job.lock:
+                        await write_frame(writer, {"op": "error", "id": job.rid,
+                                                   "error": "cancelled"})
+                else:
+                    kept.append(job)
+            self.queue = kept
+        elif op == "predict" and len(arrays) == 1:
+            self.queue.append(_Job(rid, arrays[0], writer, lock))
+            self._wake.set()
+        else:
+            async with lock:
+                await write_frame(writer, {"op": "error", "id": rid,
+                                           "error": f"unknown op {op!r} or wrong number of "
+                                                    "arrays (predict takes one)"})
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            job = self.queue.popleft()
+            delay = self.faults.next_delay_s()
+            t0 = time.perf_counter()
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                out = await loop.run_in_executor(None, self._predict, job.x)
+                header, arrays = {"op": "reply", "id": job.rid}, [out]
+            except Exception as err:  # noqa: BLE001 (a bad input answers that request only)
+                header, arrays = {"op": "error", "id": job.rid,
+                                  "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}, []
+            header["ms"] = (time.perf_counter() - t0) * 1e3
+            self.served += 1
+            try:
+                async with job.lock:
+                    await write_frame(job.writer, header, arrays)
+            except (ConnectionError, RuntimeError):
+                pass                              # the client went away
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
+          inject: str | None = None, ready=None) -> None:
+    """Run a worker until killed; `ready(port)` is called once it listens."""
+    async def main() -> None:
+        worker = ModelWorker(model_path, host=host, port=port, threads=threads,
+                             faults=FaultSpec.parse(inject))
+        await worker.start()
+        if ready is not None:
+            ready(worker.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
