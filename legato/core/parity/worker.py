@@ -109,15 +109,12 @@ class ModelWorker:
                 await write_frame(writer, {**self.health(), "id": rid})
         elif op == "cancel":
             ids = set(header.get("ids", []))
-            kept = collections.deque()
-            for job in self.queue:
-                if job.rid in ids and job.writer is writer:
-                    async with job.lock:
-                        await write_frame(writer, {"op": "error", "id": job.rid,
-                                                   "error": "cancelled"})
-                else:
-                    kept.append(job)
-            self.queue = kept
+            dropped = [j for j in self.queue if j.rid in ids and j.writer is writer]
+            self.queue = collections.deque(j for j in self.queue if j not in dropped)
+            for job in dropped:                  # the queue is settled before any await
+                async with lock:
+                    await write_frame(writer, {"op": "error", "id": job.rid,
+                                               "error": "cancelled"})
         elif op == "predict" and len(arrays) == 1:
             self.queue.append(_Job(rid, arrays[0], writer, lock))
             self._wake.set()
