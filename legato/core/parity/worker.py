@@ -31,7 +31,7 @@ __all__ = ["ModelWorker", "serve"]
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)             # jobs compare by identity
 class _Job:
     rid: Any
     x: np.ndarray
@@ -110,7 +110,8 @@ class ModelWorker:
         elif op == "cancel":
             ids = set(header.get("ids", []))
             dropped = [j for j in self.queue if j.rid in ids and j.writer is writer]
-            self.queue = collections.deque(j for j in self.queue if j not in dropped)
+            gone = {id(j) for j in dropped}
+            self.queue = collections.deque(j for j in self.queue if id(j) not in gone)
             for job in dropped:                  # the queue is settled before any await
                 async with lock:
                     await write_frame(writer, {"op": "error", "id": job.rid,
