@@ -273,6 +273,40 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_loadgen(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from legato.core.errors import LegatoError
+    from legato.core.parity import datasets
+    from legato.core.parity.loadgen import run_load
+
+    if args.rate <= 0 or args.queries < 1 or args.timeout_s <= 0:
+        print("legato loadgen: --rate and --timeout-s must be > 0, --queries >= 1",
+              file=sys.stderr)
+        return 2
+    if not args.url.startswith(("http://", "https://")):
+        print(f"legato loadgen: --url {args.url!r} is not an http:// URL", file=sys.stderr)
+        return 2
+    try:
+        ds = datasets.load(args.dataset, seed=args.seed)
+        report = asyncio.run(run_load(args.url, [x[None] for x in ds.x_test], args.rate,
+                                      n=args.queries, seed=args.seed,
+                                      deadline_ms=args.deadline_ms, timeout_s=args.timeout_s))
+    except LegatoError as err:
+        print(f"legato loadgen: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"{report['queries_sent']} sent, {report['replies']} replies, errors "
+              f"{report['errors'] or 'none'}; p50 {fmt(report['p50_ms'])} ms, p99 "
+              f"{fmt(report['p99_ms'])} ms, p99.9 {fmt(report['p99.9_ms'])} ms; by source "
+              f"{report['by_source']}; goodput {fmt(report['goodput_qps'])} qps")
+    return 0 if report["replies"] == report["queries_sent"] else 1
+
+
 def _cmd_rewrite(args: argparse.Namespace) -> int:
     import onnx
 
@@ -465,6 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
     p.set_defaults(func=_cmd_worker)
 
+    p = sub.add_parser("loadgen", help="open-loop Poisson load on a prediction service",
+                       description="legato loadgen --url http://127.0.0.1:P --rate QPS "
+                                   "--queries N --dataset digits: POST test images to "
+                                   "URL/v1/predict on an absolute Poisson schedule (no "
+                                   "coordinated omission) and report latency percentiles "
+                                   "measured at the client, replies by source and goodput.")
+    p.add_argument("--url", required=True)
+    p.add_argument("--rate", type=float, required=True, help="queries per second (Poisson)")
+    p.add_argument("--queries", type=int, required=True, metavar="N")
+    p.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--deadline-ms", type=float, help="what counts toward goodput")
+    p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_loadgen)
+
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")
     p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' for every one)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
@@ -479,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
-              "parity, worker, bench)", file=sys.stderr)
+              "parity, worker, loadgen, bench)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
