@@ -273,6 +273,27 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from legato.core.errors import LegatoError
+    from legato.core.parity.frontend import ServeConfig, serve
+
+    config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
+                         args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
+                         args.port, args.inject, args.max_inflight, args.threads)
+    try:
+        config.check()
+        serve(config, ready=lambda port: print(
+            f"legato serve: {config.policy} policy, {config.workers} workers (+{config.extra} "
+            f"extra), k={config.k}, deadline {config.deadline_ms:g} ms, listening on "
+            f"http://{config.host}:{port}", flush=True))
+    except LegatoError as err:
+        print(f"legato serve: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def _cmd_loadgen(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -499,6 +520,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
     p.set_defaults(func=_cmd_worker)
 
+    p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",
+                       description="legato serve --model base.onnx --parity-model parity.onnx "
+                                   "--k K --workers N --policy none|replicate|parity "
+                                   "--deadline-ms D --port P: start N model workers (plus "
+                                   "ceil(N/k) extra for replicate and parity) and serve "
+                                   "POST /v1/predict, GET /v1/health and GET /metrics "
+                                   "(docs/parity.md).")
+    p.add_argument("--model", required=True, help="the base model (.onnx)")
+    p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
+    p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
+    p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
+    p.add_argument("--policy", choices=["none", "replicate", "parity"], default="parity")
+    p.add_argument("--deadline-ms", type=float, default=100.0)
+    p.add_argument("--group-timeout-ms", type=float, default=10.0,
+                   help="how long a partial coding group waits before it is padded")
+    p.add_argument("--encoder", choices=["addition", "concat"], default="addition")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free one)")
+    p.add_argument("--max-inflight", type=int, default=1000,
+                   help="open queries beyond which requests get 503 with Retry-After")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per worker")
+    p.add_argument("--inject", metavar="SPEC",
+                   help="faults per base worker, e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("loadgen", help="open-loop Poisson load on a prediction service",
                        description="legato loadgen --url http://127.0.0.1:P --rate QPS "
                                    "--queries N --dataset digits: POST test images to "
@@ -529,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
-              "parity, worker, loadgen, bench)", file=sys.stderr)
+              "parity, worker, serve, loadgen, bench)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,451 @@
+"""The coded-inference serving frontend (`legato serve`): HTTP in front of model workers.
+
+    legato serve --model DIR/base.onnx --parity-model DIR/parity.onnx --k 2 --workers 4 \\
+                 --policy parity --deadline-ms 100 --port 8000
+
+The frontend starts its model workers (`legato worker` processes on 127.0.0.1), restarts any that
+dies, and answers:
+- `POST /v1/predict`: one query, as an npy body (`application/x-npy`) or JSON
+  `{"inputs": [...]}`, shaped like one model input (a leading batch of 1 is accepted);
+- `GET /v1/health`: the workers, alive or not, and their pids;
+- `GET /metrics`: Prometheus text.
+
+Every query gets exactly one reply, `{"outputs", "class", "source", "reason", "ms"}`, with
+`source` one of:
+- `original`: a worker answered;
+- `reconstructed`: decoded from its coding group;
+- `default`: nothing came in time, and the reply carries the default output (zeros) with the
+  reason.
+
+Policies:
+- `none`: `workers` base workers, round robin, no redundancy;
+- `replicate`: the extra servers parity would use (ceil(workers / k)) run more base replicas
+  (equal resources);
+- `parity`: the extra servers run the parity model.
+  - Queries from different users form coding groups of k, closing at k queries or after
+    `group_timeout_ms` (padded).
+  - Each query goes to its worker at once; the parity query goes to a parity worker.
+  - As soon as any k of the k + 1 outputs are in, the missing one is decoded, and the work that
+    became useless is cancelled where still queued.
+
+A request whose worker failed is retried on another worker while its deadline allows.
+Bad input gets a 4xx naming the problem. When more than `max_inflight` queries are open, a 503
+with Retry-After is returned rather than queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from legato.core.errors import ConfigError
+from legato.core.parity.client import WorkerClient, WorkerError
+from legato.core.parity.codes import make_encoder
+from legato.core.parity.faults import FaultSpec
+from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
+
+__all__ = ["Frontend", "ServeConfig", "parse_inject"]
+
+POLICIES = ("none", "replicate", "parity")
+
+
+def parse_inject(text: str | None) -> dict[str, str]:
+    """`"0:delay_ms=500;*:pause=0.01,seed=3"` -> {"0": ..., "*": ...}: faults per base worker
+    index ("*": every base worker; a worker's own entry wins)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (text or "").split(";")):
+        key, sep, spec = item.partition(":")
+        key = key.strip()
+        if not sep or not (key == "*" or key.isdigit()):
+            raise ConfigError(f"--inject item {item!r} is not INDEX:SPEC or *:SPEC (e.g. "
+                              "0:delay_ms=500;*:pause=0.01,seed=1)")
+        FaultSpec.parse(spec)
+        out[key] = spec
+    return out
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    model: str
+    parity_model: str | None = None
+    k: int = 2
+    workers: int = 4
+    policy: str = "parity"
+    deadline_ms: float = 100.0
+    group_timeout_ms: float = 10.0
+    encoder: str = "addition"
+    host: str = "127.0.0.1"
+    port: int = 0
+    inject: str | None = None
+    max_inflight: int = 1000
+    threads: int = 1
+
+    def check(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy {self.policy!r} is unknown; known: {', '.join(POLICIES)}")
+        if self.workers < 1 or self.k < 2 or self.deadline_ms <= 0 or self.max_inflight < 1:
+            raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0 and "
+                              "--max-inflight >= 1")
+        for path in (self.model, self.parity_model):
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{path} does not exist")
+        if self.policy == "parity" and self.parity_model is None:
+            raise ConfigError("--policy parity needs --parity-model (legato parity train "
+                              "writes one)")
+        parse_inject(self.inject)
+
+    @property
+    def extra(self) -> int:
+        return math.ceil(self.workers / self.k) if self.policy != "none" else 0
+
+
+class _Worker:
+    """One worker process and the frontend's connection to it; restarted when it dies."""
+
+    def __init__(self, index: int, model: str, inject: str | None, threads: int,
+                 parity: bool) -> None:
+        self.index, self.model, self.inject, self.threads = index, model, inject, threads
+        self.parity = parity
+        self.proc: subprocess.Popen | None = None
+        self.client: WorkerClient | None = None
+        self.restarts = 0
+        self.outstanding = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.client is not None and not self.client.closed
+
+    async def start(self) -> None:
+        argv = [sys.executable, "-m", "legato.cli", "worker", "--model", self.model,
+                "--threads", str(self.threads)]
+        if self.inject:
+            argv += ["--inject", self.inject]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True)
+        loop = asyncio.get_running_loop()
+        line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), 60)
+        if "serving" not in line:
+            err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+            raise ConfigError(f"worker {self.index} ({self.model}) did not start: "
+                              f"{(line + err).strip()[-500:]}")
+        port = int(line.rsplit(":", 1)[1])
+        self.client = await WorkerClient.connect("127.0.0.1", port)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 10)
+
+
+@dataclasses.dataclass
+class _Query:
+    qid: int
+    x: np.ndarray
+    reply: asyncio.Future
+    start: float
+    rid: Any = None
+    original: np.ndarray | None = None      # the worker's answer, once it came
+    worker: _Worker | None = None
+    group: CodingGroup | None = None
+    position: int = -1
+
+
+class Frontend:
+    def __init__(self, config: ServeConfig) -> None:
+        config.check()
+        self.config = config
+        self.base: list[_Worker] = []
+        self.parity: list[_Worker] = []
+        self.input_shape: list | None = None
+        self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "default": 0}
+        self.rejected = {"bad_request": 0, "overload": 0}
+        self.latency_ms: list[float] = []
+        self.inflight = 0
+        self._ids = itertools.count()
+        self._rr = itertools.count()
+        self._prr = itertools.count()
+        self._former: GroupFormer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._runner = None
+        self.port = config.port
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        from aiohttp import web
+
+        c = self.config
+        inject = parse_inject(c.inject)
+        n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
+        self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), c.threads, False)
+                     for i in range(n_base)]
+        if c.policy == "parity":
+            self.parity = [_Worker(n_base + i, c.parity_model, None, c.threads, True)
+                           for i in range(c.extra)]
+        await asyncio.gather(*(w.start() for w in self.base + self.parity))
+        health = await self.base[0].client.health()
+        self.input_shape = health["shape"]
+        shape = list(self.input_shape[1:])
+        if None in shape:
+            raise ConfigError(f"the model's input shape {self.input_shape} has dynamic dims "
+                              "beyond the batch; export it with a fixed query shape")
+        pad = (await self.base[0].client.submit(np.zeros([1, *shape], np.float32)))[0]
+        self._out = tuple(pad.shape)            # the default answer's shape: zeros
+        if c.policy == "parity":
+            encoder = make_encoder(c.encoder, c.k, shape)
+            self._former = GroupFormer(encoder, c.group_timeout_ms / 1e3, pad_output=pad)
+            self._tasks.append(asyncio.create_task(self._close_partial_groups()))
+        self._tasks.append(asyncio.create_task(self._watch_workers()))
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_post("/v1/predict", self._predict)
+        app.router.add_get("/v1/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c.host, c.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await asyncio.gather(*(w.stop() for w in self.base + self.parity))
+
+    async def _watch_workers(self) -> None:
+        """Restart a worker whose process died or whose connection was lost."""
+        while True:
+            await asyncio.sleep(0.05)
+            for w in self.base + self.parity:
+                if w.alive and w.proc is not None and w.proc.poll() is None:
+                    continue
+                await w.stop()
+                try:
+                    await w.start()
+                    w.restarts += 1
+                except (ConfigError, OSError, asyncio.TimeoutError):
+                    pass                       # tried again on the next round
+
+    async def _close_partial_groups(self) -> None:
+        assert self._former is not None
+        while True:
+            deadline = self._former.deadline()
+            wait = (self.config.group_timeout_ms / 1e3 if deadline is None
+                    else max(deadline - time.monotonic(), 0.0005))
+            await asyncio.sleep(wait)
+            group = self._former.poll()
+            if group is not None:
+                self._start_group(group)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+    async def _predict(self, request):
+        from aiohttp import web
+
+        start = time.monotonic()
+        try:
+            x = await self._parse(request)
+        except ConfigError as err:
+            self.rejected["bad_request"] += 1
+            return web.json_response({"error": str(err)}, status=400)
+        if self.inflight >= self.config.max_inflight:
+            self.rejected["overload"] += 1
+            return web.json_response({"error": f"overloaded: {self.inflight} queries open"},
+                                     status=503, headers={"Retry-After": "1"})
+        self.inflight += 1
+        try:
+            q = _Query(next(self._ids), x, asyncio.get_running_loop().create_future(), start)
+            self._dispatch(q)
+            remaining = self.config.deadline_ms / 1e3 - (time.monotonic() - start)
+            try:
+                out, source, reason = await asyncio.wait_for(asyncio.shield(q.reply),
+                                                             max(remaining, 0))
+            except asyncio.TimeoutError:
+                out = np.zeros(self._out_shape(), np.float32)
+                source, reason = "default", (f"no answer within the {self.config.deadline_ms:g} "
+                                             "ms deadline")
+                self._give_up(q)
+            self.counts[source] += 1
+            ms = (time.monotonic() - start) * 1e3
+            self.latency_ms.append(ms)
+            if len(self.latency_ms) > 100000:
+                del self.latency_ms[:50000]
+            out = np.asarray(out).reshape(-1)
+            return web.json_response({"outputs": out.tolist(), "class": int(out.argmax()),
+                                      "source": source, "reason": reason, "ms": ms})
+        finally:
+            self.inflight -= 1
+
+    async def _parse(self, request) -> np.ndarray:
+        body = await request.read()
+        ctype = request.headers.get("Content-Type", "")
+        try:
+            if "npy" in ctype or body[:6] == b"\x93NUMPY":
+                x = np.load(io.BytesIO(body), allow_pickle=False)
+            else:
+                data = json.loads(body)
+                if not isinstance(data, dict) or "inputs" not in data:
+                    raise ConfigError('a JSON body needs {"inputs": [...]}')
+                x = np.asarray(data["inputs"], dtype=np.float32)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 (whatever is wrong is the body's fault)
+            raise ConfigError(f"the body is neither an npy array nor JSON with \"inputs\" "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
+        if x.dtype.kind not in "fiu":
+            raise ConfigError(f"inputs of dtype {x.dtype} are not numbers")
+        if x.dtype.kind == "f" and x.dtype != np.float32 and "npy" in ctype:
+            raise ConfigError(f"npy inputs must be float32, not {x.dtype}")
+        want = list(self.input_shape[1:])
+        if list(x.shape) == want:
+            x = x[None]
+        if list(x.shape) != [1, *want]:
+            raise ConfigError(f"a query has shape {want} (or [1, ...]); got {list(x.shape)}")
+        if not np.all(np.isfinite(x)):
+            raise ConfigError("inputs contain NaN or infinity")
+        return x.astype(np.float32, copy=False)
+
+    async def _health(self, request):
+        from aiohttp import web
+
+        workers = [{"index": w.index, "parity": w.parity, "alive": w.alive,
+                    "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
+                    "outstanding": w.outstanding} for w in self.base + self.parity]
+        return web.json_response({"ok": any(w.alive for w in self.base), "policy":
+                                  self.config.policy, "k": self.config.k, "workers": workers,
+                                  "inflight": self.inflight})
+
+    async def _metrics(self, request):
+        from aiohttp import web
+
+        lines = ["# TYPE legato_queries_total counter"]
+        lines += [f'legato_queries_total{{source="{s}"}} {n}' for s, n in self.counts.items()]
+        lines += ["# TYPE legato_rejected_total counter"]
+        lines += [f'legato_rejected_total{{reason="{r}"}} {n}' for r, n in self.rejected.items()]
+        restarts = sum(w.restarts for w in self.base + self.parity)
+        lines += ["# TYPE legato_inflight gauge", f"legato_inflight {self.inflight}",
+                  "# TYPE legato_worker_restarts_total counter",
+                  f"legato_worker_restarts_total {restarts}"]
+        if self.latency_ms:
+            lat = np.asarray(self.latency_ms)
+            lines.append("# TYPE legato_latency_ms summary")
+            lines += [f'legato_latency_ms{{quantile="{q}"}} {np.quantile(lat, q):.3f}'
+                      for q in (0.5, 0.99, 0.999)]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def _out_shape(self) -> tuple:
+        return self._out
+
+    def _pick(self, pool: list[_Worker], avoid: _Worker | None = None) -> _Worker | None:
+        alive = [w for w in pool if w.alive and w is not avoid] or [w for w in pool if w.alive]
+        if not alive:
+            return None
+        return min(alive, key=lambda w: (w.outstanding, next(self._rr) % len(alive)))
+
+    def _dispatch(self, q: _Query) -> None:
+        self._send(q)
+        if self._former is not None:
+            group = self._former.add(q.x[0], q)
+            if group is not None:
+                self._start_group(group)
+
+    def _send(self, q: _Query, avoid: _Worker | None = None) -> None:
+        w = self._pick(self.base, avoid)
+        if w is None:
+            return                              # no worker now: the deadline gives a default
+        q.worker = w
+        w.outstanding += 1
+        fut = w.client.submit(q.x)
+        q.rid = fut.rid
+        fut.add_done_callback(lambda f, w=w: self._original_done(q, w, f))
+
+    def _original_done(self, q: _Query, w: _Worker, fut: asyncio.Future) -> None:
+        w.outstanding -= 1
+        if fut.cancelled():
+            return
+        err = fut.exception()
+        if err is None:
+            out = q.original = fut.result()[0]
+            if q.group is not None:
+                q.group.answer(q.position, out)
+                self._after_group_update(q.group)
+            self._resolve(q, out, "original", "")
+            return
+        if q.reply.done() or (isinstance(err, WorkerError) and "cancelled" in str(err)):
+            return
+        # the worker failed: another worker, while the deadline allows (parity may also decode)
+        if time.monotonic() - q.start < self.config.deadline_ms / 1e3:
+            self._send(q, avoid=w)
+
+    def _start_group(self, group: CodingGroup) -> None:
+        for pos, member in enumerate(group.members):
+            if member.tag is not None:
+                member.tag.group, member.tag.position = group, pos
+                if member.tag.original is not None:           # answered before the group closed
+                    group.answer(pos, member.tag.original)
+        w = self._pick(self.parity)
+        if w is None:
+            return
+        w.outstanding += 1
+        fut = w.client.submit(group.parity_query[None].astype(np.float32))
+        group.parity_rid, group.parity_worker = fut.rid, w  # type: ignore[attr-defined]
+
+        def done(f: asyncio.Future) -> None:
+            w.outstanding -= 1
+            if not f.cancelled() and f.exception() is None:
+                group.answer_parity(f.result()[0])
+                self._after_group_update(group)
+
+        fut.add_done_callback(done)
+        self._after_group_update(group)
+
+    def _after_group_update(self, group: CodingGroup) -> None:
+        while group.decodable() is not None:
+            i, out = group.decode()
+            q = group.members[i].tag
+            if q is not None:
+                self._resolve(q, out, "reconstructed",
+                              f"rebuilt from coding group {group.gid} (k={group.k})")
+                if q.worker is not None and q.worker.alive:
+                    asyncio.ensure_future(q.worker.client.cancel([q.rid]))
+        if PARITY in group.useless() and getattr(group, "parity_worker", None) is not None:
+            w = group.parity_worker
+            if w.alive:
+                asyncio.ensure_future(w.client.cancel([group.parity_rid]))
+
+    def _resolve(self, q: _Query, out: np.ndarray, source: str, reason: str) -> None:
+        if not q.reply.done():
+            q.reply.set_result((out, source, reason))
+
+    def _give_up(self, q: _Query) -> None:
+        """The deadline passed: drop the query's work where it is still queued."""
+        if q.worker is not None and q.worker.alive and q.rid is not None:
+            asyncio.ensure_future(q.worker.client.cancel([q.rid]))
+
+
+def serve(config: ServeConfig, ready=None) -> None:
+    """Run the frontend until interrupted; `ready(port)` once it listens."""
+    async def main() -> None:
+        fe = Frontend(config)
+        try:
+            await fe.start()
+            if ready is not None:
+                ready(fe.port)
+            await asyncio.Event().wait()
+        finally:
+            await fe.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,199 @@
+"""The serving frontend (`legato serve`, legato/core/parity/frontend.py) as a real process in
+front of real worker processes on 127.0.0.1: exact reconstruction around a straggler, defaults
+at the deadline without parity, a SIGKILLed worker restarted with every query answered once,
+4xx for bad bodies, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("onnxruntime")
+import aiohttp  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+W = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def linear(tmp_path_factory):
+    """F(x) = flatten(x) @ W for 1x8x8 images; linear, so P = F rebuilds answers exactly."""
+    path = tmp_path_factory.mktemp("serve") / "linear.onnx"
+    shape = numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["f"]),
+                           helper.make_node("MatMul", ["f", "w"], ["y"])], "linear",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 10])],
+                          [numpy_helper.from_array(W, "w"), shape])
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
+class Server:
+    def __init__(self, *argv):
+        self.proc = subprocess.Popen([sys.executable, "-m", "legato.cli", "serve", "--port", "0",
+                                      *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        assert "listening on" in line, (line, self.proc.stderr.read()
+                                        if self.proc.poll() is not None else "")
+        self.url = line.strip().rsplit(" ", 1)[1]
+
+    def close(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def npy(x):
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+async def ask(session, url, x):
+    async with session.post(url + "/v1/predict", data=npy(x),
+                            headers={"Content-Type": "application/x-npy"}) as r:
+        return r.status, await r.json()
+
+
+def queries(n, seed=0):
+    return np.random.default_rng(seed).random((n, 1, 1, 8, 8), dtype=np.float32)
+
+
+def test_parity_rebuilds_a_stragglers_answers_exactly_before_the_deadline(linear):
+    srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
+                 "--policy", "parity", "--deadline-ms", "400", "--group-timeout-ms", "20",
+                 "--inject", "0:delay_ms=1500")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                xs = queries(8)
+                replies = []
+                for i in range(0, 8, 2):             # pairs arrive together: one group each
+                    replies += await asyncio.gather(ask(s, srv.url, xs[i]),
+                                                    ask(s, srv.url, xs[i + 1]))
+                async with s.get(srv.url + "/metrics") as r:
+                    metrics = await r.text()
+                return xs, replies, metrics
+
+        xs, replies, metrics = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        srv.close()
+    sources = [r["source"] for _, r in replies]
+    assert all(status == 200 for status, _ in replies)
+    assert "reconstructed" in sources and "default" not in sources, sources
+    for x, (_, r) in zip(xs, replies):
+        want = x.reshape(1, 64) @ W
+        np.testing.assert_allclose(r["outputs"], want[0], rtol=1e-4, atol=1e-4)
+        assert r["class"] == int(want.argmax()) and r["ms"] < 400
+    assert 'legato_queries_total{source="reconstructed"}' in metrics
+
+
+def test_without_redundancy_a_straggler_gives_defaults_at_the_deadline(linear):
+    srv = Server("--model", linear, "--workers", "1", "--policy", "none", "--deadline-ms",
+                 "150", "--inject", "0:delay_ms=1000")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                return await ask(s, srv.url, queries(1)[0])
+
+        status, r = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        srv.close()
+    assert status == 200 and r["source"] == "default" and "150 ms deadline" in r["reason"]
+    assert r["outputs"] == [0.0] * 10
+
+
+def test_a_killed_worker_is_restarted_and_every_query_answered_once(linear):
+    srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
+                 "--policy", "parity", "--deadline-ms", "1000")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                async with s.get(srv.url + "/v1/health") as r:
+                    before = await r.json()
+                victim = before["workers"][0]["pid"]
+                xs = queries(60, seed=1)
+                tasks = []
+                for i, x in enumerate(xs):
+                    tasks.append(asyncio.create_task(ask(s, srv.url, x)))
+                    await asyncio.sleep(0.01)
+                    if i == 20:
+                        os.kill(victim, signal.SIGKILL)
+                replies = await asyncio.gather(*tasks)
+                for _ in range(100):                     # the frontend restarts it
+                    async with s.get(srv.url + "/v1/health") as r:
+                        after = await r.json()
+                    if after["workers"][0]["alive"] and after["workers"][0]["restarts"]:
+                        break
+                    await asyncio.sleep(0.1)
+                return xs, replies, after
+
+        xs, replies, after = asyncio.run(asyncio.wait_for(main(), 150))
+    finally:
+        srv.close()
+    assert len(replies) == 60 and all(status == 200 for status, _ in replies)
+    assert after["workers"][0]["restarts"] >= 1 and after["workers"][0]["alive"]
+    for x, (_, r) in zip(xs, replies):
+        if r["source"] != "default":
+            np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
+                                       atol=1e-4)
+    assert sum(r["source"] == "default" for _, r in replies) <= 2
+
+
+def test_bad_bodies_get_4xx_with_a_message(linear):
+    srv = Server("--model", linear, "--workers", "1", "--policy", "none")
+    try:
+        async def main():
+            out = []
+            async with aiohttp.ClientSession() as s:
+                for data, ctype in ((npy(np.zeros((1, 1, 4, 4), np.float32)),
+                                     "application/x-npy"),
+                                    (npy(np.zeros((1, 1, 8, 8), np.float64)),
+                                     "application/x-npy"),
+                                    (b"{not json", "application/json"),
+                                    (json.dumps({"x": 1}).encode(), "application/json"),
+                                    (b"\0" * (5 << 20), "application/x-npy")):
+                    async with s.post(srv.url + "/v1/predict", data=data,
+                                      headers={"Content-Type": ctype}) as r:
+                        out.append((r.status, await r.text()))
+                ok = await ask(s, srv.url, np.ones((1, 8, 8), np.float32))
+                js = await s.post(srv.url + "/v1/predict",
+                                  json={"inputs": np.ones((1, 8, 8)).tolist()})
+                out.append((js.status, await js.text()))
+            return out, ok
+
+        out, ok = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        srv.close()
+    assert [s for s, _ in out[:5]] == [400, 400, 400, 400, 413]
+    assert "a query has shape [1, 8, 8]" in out[0][1] and "float32" in out[1][1]
+    assert "inputs" in out[3][1]
+    assert ok[0] == 200 and ok[1]["source"] == "original" and out[5][0] == 200
+
+
+def test_bad_command_lines_exit_2(linear, tmp_path):
+    for argv, msg in ((["--model", linear, "--policy", "parity"], "needs --parity-model"),
+                      (["--model", str(tmp_path / "none.onnx")], "does not exist"),
+                      (["--model", linear, "--policy", "none", "--inject", "x:1"], "INDEX:SPEC")):
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "legato.cli", "serve", *argv],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
+        assert time.monotonic() - t0 < 60
