@@ -197,3 +197,23 @@ def test_bad_command_lines_exit_2(linear, tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
         assert time.monotonic() - t0 < 60
+
+
+def test_overload_gets_503_with_retry_after_not_an_unbounded_queue(linear):
+    srv = Server("--model", linear, "--workers", "1", "--policy", "none", "--max-inflight", "2",
+                 "--deadline-ms", "2000", "--inject", "0:delay_ms=300")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                async def one(x):
+                    async with s.post(srv.url + "/v1/predict", data=npy(x),
+                                      headers={"Content-Type": "application/x-npy"}) as r:
+                        return r.status, r.headers.get("Retry-After")
+                return await asyncio.gather(*(one(x) for x in queries(6, seed=3)))
+
+        results = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        srv.close()
+    statuses = sorted(s for s, _ in results)
+    assert statuses == [200, 200, 503, 503, 503, 503], results
+    assert all(ra == "1" for s, ra in results if s == 503)
