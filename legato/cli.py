@@ -262,7 +262,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     try:
         FaultSpec.parse(args.inject)
         serve(args.model, host=args.host, port=args.port, threads=args.threads,
-              inject=args.inject,
+              inject=args.inject, exit_with_parent=args.exit_with_parent,
               ready=lambda port: print(f"legato worker: serving {args.model} on "
                                        f"{args.host}:{port}", flush=True))
     except LegatoError as err:
@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--inject", metavar="SPEC",
                    help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the process that started this worker is gone")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",

@@ -128,7 +128,7 @@ class _Worker:
 
     async def start(self) -> None:
         argv = [sys.executable, "-m", "legato.cli", "worker", "--model", self.model,
-                "--threads", str(self.threads)]
+                "--threads", str(self.threads), "--exit-with-parent"]
         if self.inject:
             argv += ["--inject", self.inject]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -437,14 +437,21 @@ class Frontend:
 
 
 def serve(config: ServeConfig, ready=None) -> None:
-    """Run the frontend until interrupted; `ready(port)` once it listens."""
+    """Run the frontend until SIGINT or SIGTERM, then stop its workers; `ready(port)` once it
+    listens."""
+    import signal
+
     async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         fe = Frontend(config)
         try:
             await fe.start()
             if ready is not None:
                 ready(fe.port)
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await fe.stop()
 

@@ -155,14 +155,22 @@ class ModelWorker:
 
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
-          inject: str | None = None, ready=None) -> None:
-    """Run a worker until killed; `ready(port)` is called once it listens."""
+          inject: str | None = None, ready=None, exit_with_parent: bool = False) -> None:
+    """Run a worker until killed; `ready(port)` is called once it listens. With
+    `exit_with_parent` it also exits when the process that started it is gone (a frontend
+    killed with SIGKILL leaves no orphan workers)."""
+    import os
+
     async def main() -> None:
+        parent = os.getppid()
         worker = ModelWorker(model_path, host=host, port=port, threads=threads,
                              faults=FaultSpec.parse(inject))
         await worker.start()
         if ready is not None:
             ready(worker.port)
-        await asyncio.Event().wait()
+        while True:
+            await asyncio.sleep(0.5)
+            if exit_with_parent and os.getppid() != parent:
+                return
 
     asyncio.run(main())

@@ -217,3 +217,35 @@ def test_overload_gets_503_with_retry_after_not_an_unbounded_queue(linear):
     statuses = sorted(s for s, _ in results)
     assert statuses == [200, 200, 503, 503, 503, 503], results
     assert all(ra == "1" for s, ra in results if s == 503)
+
+
+def _workers_of(url):
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/v1/health") as r:
+                return [w["pid"] for w in (await r.json())["workers"]]
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def _gone(pid, within_s=10.0):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:                                          # reap it if it is our grandchild's zombie
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_outlives_its_frontend(linear, sig):
+    srv = Server("--model", linear, "--workers", "2", "--policy", "none")
+    pids = _workers_of(srv.url)
+    srv.proc.send_signal(sig)
+    srv.proc.wait(30)
+    assert all(_gone(pid) for pid in pids), pids
