@@ -279,7 +279,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
                          args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
-                         args.port, args.inject, args.max_inflight, args.threads)
+                         args.port, args.inject, args.max_inflight, args.threads,
+                         args.hedge_ms)
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -524,16 +525,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",
                        description="legato serve --model base.onnx --parity-model parity.onnx "
-                                   "--k K --workers N --policy none|replicate|parity "
+                                   "--k K --workers N --policy none|replicate|hedge|parity "
                                    "--deadline-ms D --port P: start N model workers (plus "
-                                   "ceil(N/k) extra for replicate and parity) and serve "
+                                   "ceil(N/k) extra for replicate, hedge and parity) and serve "
                                    "POST /v1/predict, GET /v1/health and GET /metrics "
                                    "(docs/parity.md).")
     p.add_argument("--model", required=True, help="the base model (.onnx)")
     p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
     p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
-    p.add_argument("--policy", choices=["none", "replicate", "parity"], default="parity")
+    p.add_argument("--policy", choices=["none", "replicate", "hedge", "parity"],
+                   default="parity")
+    p.add_argument("--hedge-ms", type=float,
+                   help="hedge: send a second copy after this long (default: the 95th "
+                        "percentile of recent service times)")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--group-timeout-ms", type=float, default=10.0,
                    help="how long a partial coding group waits before it is padded")

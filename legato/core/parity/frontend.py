@@ -21,6 +21,9 @@ Policies:
 - `none`: `workers` base workers, round robin, no redundancy;
 - `replicate`: the extra servers parity would use (ceil(workers / k)) run more base replicas
   (equal resources);
+- `hedge`: the same extra servers take a second copy of a query that has not been answered
+  after `hedge_ms` (default: the 95th percentile of recent service times), first answer wins
+  and the other copy is cancelled ("The Tail at Scale");
 - `parity`: the extra servers run the parity model.
   - Queries from different users form coding groups of k, closing at k queries or after
     `group_timeout_ms` (padded).
@@ -36,6 +39,7 @@ with Retry-After is returned rather than queueing without bound.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import io
 import itertools
@@ -45,7 +49,6 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -57,7 +60,7 @@ from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
 
 __all__ = ["Frontend", "ServeConfig", "parse_inject"]
 
-POLICIES = ("none", "replicate", "parity")
+POLICIES = ("none", "replicate", "hedge", "parity")
 
 
 def parse_inject(text: str | None) -> dict[str, str]:
@@ -90,6 +93,7 @@ class ServeConfig:
     inject: str | None = None
     max_inflight: int = 1000
     threads: int = 1
+    hedge_ms: float | None = None
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -156,9 +160,9 @@ class _Query:
     x: np.ndarray
     reply: asyncio.Future
     start: float
-    rid: Any = None
+    requests: list = dataclasses.field(default_factory=list)   # (worker, rid) in flight
     original: np.ndarray | None = None      # the worker's answer, once it came
-    worker: _Worker | None = None
+    hedged: bool = False
     group: CodingGroup | None = None
     position: int = -1
 
@@ -168,7 +172,10 @@ class Frontend:
         config.check()
         self.config = config
         self.base: list[_Worker] = []
+        self.extra_base: list[_Worker] = []     # hedge: where hedged copies go
         self.parity: list[_Worker] = []
+        self.hedges = 0
+        self._service_ms: collections.deque = collections.deque(maxlen=1000)
         self.input_shape: list | None = None
         self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "default": 0}
         self.rejected = {"bad_request": 0, "overload": 0}
@@ -191,10 +198,14 @@ class Frontend:
         n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
         self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), c.threads, False)
                      for i in range(n_base)]
+        if c.policy == "hedge":                 # the extra servers take the hedged copies
+            self.extra_base = [_Worker(n_base + i, c.model,
+                                       inject.get(str(n_base + i), inject.get("*")),
+                                       c.threads, False) for i in range(c.extra)]
         if c.policy == "parity":
             self.parity = [_Worker(n_base + i, c.parity_model, None, c.threads, True)
                            for i in range(c.extra)]
-        await asyncio.gather(*(w.start() for w in self.base + self.parity))
+        await asyncio.gather(*(w.start() for w in self.base + self.extra_base + self.parity))
         health = await self.base[0].client.health()
         self.input_shape = health["shape"]
         shape = list(self.input_shape[1:])
@@ -223,13 +234,13 @@ class Frontend:
             t.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
-        await asyncio.gather(*(w.stop() for w in self.base + self.parity))
+        await asyncio.gather(*(w.stop() for w in self.base + self.extra_base + self.parity))
 
     async def _watch_workers(self) -> None:
         """Restart a worker whose process died or whose connection was lost."""
         while True:
             await asyncio.sleep(0.05)
-            for w in self.base + self.parity:
+            for w in self.base + self.extra_base + self.parity:
                 if w.alive and w.proc is not None and w.proc.poll() is None:
                     continue
                 await w.stop()
@@ -322,7 +333,8 @@ class Frontend:
 
         workers = [{"index": w.index, "parity": w.parity, "alive": w.alive,
                     "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
-                    "outstanding": w.outstanding} for w in self.base + self.parity]
+                    "outstanding": w.outstanding}
+                   for w in self.base + self.extra_base + self.parity]
         return web.json_response({"ok": any(w.alive for w in self.base), "policy":
                                   self.config.policy, "k": self.config.k, "workers": workers,
                                   "inflight": self.inflight})
@@ -334,10 +346,11 @@ class Frontend:
         lines += [f'legato_queries_total{{source="{s}"}} {n}' for s, n in self.counts.items()]
         lines += ["# TYPE legato_rejected_total counter"]
         lines += [f'legato_rejected_total{{reason="{r}"}} {n}' for r, n in self.rejected.items()]
-        restarts = sum(w.restarts for w in self.base + self.parity)
+        restarts = sum(w.restarts for w in self.base + self.extra_base + self.parity)
         lines += ["# TYPE legato_inflight gauge", f"legato_inflight {self.inflight}",
                   "# TYPE legato_worker_restarts_total counter",
-                  f"legato_worker_restarts_total {restarts}"]
+                  f"legato_worker_restarts_total {restarts}",
+                  "# TYPE legato_hedges_total counter", f"legato_hedges_total {self.hedges}"]
         if self.latency_ms:
             lat = np.asarray(self.latency_ms)
             lines.append("# TYPE legato_latency_ms summary")
@@ -356,39 +369,72 @@ class Frontend:
         return min(alive, key=lambda w: (w.outstanding, next(self._rr) % len(alive)))
 
     def _dispatch(self, q: _Query) -> None:
-        self._send(q)
+        self._send(q, self.base)
+        if self.config.policy == "hedge":
+            delay = self._hedge_delay_s()
+            asyncio.get_running_loop().call_later(delay, self._hedge, q, delay)
         if self._former is not None:
             group = self._former.add(q.x[0], q)
             if group is not None:
                 self._start_group(group)
 
-    def _send(self, q: _Query, avoid: _Worker | None = None) -> None:
-        w = self._pick(self.base, avoid)
+    def _hedge_delay_s(self) -> float:
+        """`--hedge-ms`, else the 95th percentile of recent service times (a quarter of the
+        deadline until 20 have been seen)."""
+        if self.config.hedge_ms is not None:
+            return self.config.hedge_ms / 1e3
+        if len(self._service_ms) < 20:
+            return self.config.deadline_ms / 4e3
+        return float(np.percentile(self._service_ms, 95)) / 1e3
+
+    def _hedge(self, q: _Query, delay: float) -> None:
+        if q.reply.done():
+            return
+        q.hedged = True
+        self.hedges += 1
+        self._send(q, self.extra_base, reason=f"hedged after {delay * 1e3:.0f} ms")
+
+    def _send(self, q: _Query, pool: list, avoid: _Worker | None = None,
+              reason: str = "") -> None:
+        w = self._pick(pool, avoid)
         if w is None:
             return                              # no worker now: the deadline gives a default
-        q.worker = w
         w.outstanding += 1
+        sent = time.monotonic()
         fut = w.client.submit(q.x)
-        q.rid = fut.rid
-        fut.add_done_callback(lambda f, w=w: self._original_done(q, w, f))
+        q.requests.append((w, fut.rid))
+        fut.add_done_callback(lambda f: self._original_done(q, w, f, sent, reason))
 
-    def _original_done(self, q: _Query, w: _Worker, fut: asyncio.Future) -> None:
+    def _cancel_requests(self, q: _Query, keep: _Worker | None = None) -> None:
+        """Drop the query's other requests where they are still queued."""
+        for w, rid in q.requests:
+            if w is not keep and w.alive:
+                asyncio.ensure_future(w.client.cancel([rid]))
+
+    def _original_done(self, q: _Query, w: _Worker, fut: asyncio.Future, sent: float,
+                       reason: str) -> None:
         w.outstanding -= 1
         if fut.cancelled():
             return
         err = fut.exception()
         if err is None:
+            self._service_ms.append((time.monotonic() - sent) * 1e3)
+            if q.reply.done() and q.original is not None:
+                return                          # the other copy of a hedged query won
             out = q.original = fut.result()[0]
             if q.group is not None:
                 q.group.answer(q.position, out)
                 self._after_group_update(q.group)
-            self._resolve(q, out, "original", "")
+            if len(q.requests) > 1:
+                self._cancel_requests(q, keep=w)
+            self._resolve(q, out, "original", reason)
             return
         if q.reply.done() or (isinstance(err, WorkerError) and "cancelled" in str(err)):
             return
         # the worker failed: another worker, while the deadline allows (parity may also decode)
         if time.monotonic() - q.start < self.config.deadline_ms / 1e3:
-            self._send(q, avoid=w)
+            self._send(q, self.base + self.extra_base, avoid=w,
+                       reason=f"retried after worker {w.index} failed")
 
     def _start_group(self, group: CodingGroup) -> None:
         for pos, member in enumerate(group.members):
@@ -419,8 +465,7 @@ class Frontend:
             if q is not None:
                 self._resolve(q, out, "reconstructed",
                               f"rebuilt from coding group {group.gid} (k={group.k})")
-                if q.worker is not None and q.worker.alive:
-                    asyncio.ensure_future(q.worker.client.cancel([q.rid]))
+                self._cancel_requests(q)
         if PARITY in group.useless() and getattr(group, "parity_worker", None) is not None:
             w = group.parity_worker
             if w.alive:
@@ -432,8 +477,7 @@ class Frontend:
 
     def _give_up(self, q: _Query) -> None:
         """The deadline passed: drop the query's work where it is still queued."""
-        if q.worker is not None and q.worker.alive and q.rid is not None:
-            asyncio.ensure_future(q.worker.client.cancel([q.rid]))
+        self._cancel_requests(q)
 
 
 def serve(config: ServeConfig, ready=None) -> None:

@@ -249,3 +249,27 @@ def test_no_worker_outlives_its_frontend(linear, sig):
     srv.proc.send_signal(sig)
     srv.proc.wait(30)
     assert all(_gone(pid) for pid in pids), pids
+
+
+def test_hedging_sends_a_late_query_to_an_extra_worker_and_the_first_answer_wins(linear):
+    srv = Server("--model", linear, "--workers", "2", "--k", "2", "--policy", "hedge",
+                 "--hedge-ms", "50", "--deadline-ms", "600", "--inject", "0:delay_ms=1500")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                xs = queries(8, seed=4)
+                replies = [await ask(s, srv.url, x) for x in xs]   # one at a time
+                async with s.get(srv.url + "/metrics") as r:
+                    metrics = await r.text()
+                return xs, replies, metrics
+
+        xs, replies, metrics = asyncio.run(asyncio.wait_for(main(), 120))
+    finally:
+        srv.close()
+    assert all(status == 200 and r["source"] == "original" for status, r in replies), replies
+    hedged = [r for _, r in replies if r["reason"].startswith("hedged after 50 ms")]
+    assert hedged and all(r["ms"] < 600 for _, r in replies)
+    for x, (_, r) in zip(xs, replies):
+        np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
+                                   atol=1e-4)
+    assert "legato_hedges_total" in metrics
