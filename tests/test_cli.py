@@ -106,7 +106,7 @@ def test_doctor_table():
 def test_demo_lists_and_runs_sections():
     proc = run("demo", "--list")
     assert proc.returncode == 0 and proc.stdout.split() == ["doctor", "native-queue", "scheduler",
-                                                           "pipeline", "rewrite"]
+                                                           "pipeline", "rewrite", "parity"]
     proc = run("demo", "--section", "native-queue")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "first window [1, 3], then [2, 0]; ok" in proc.stdout
