@@ -15,6 +15,7 @@ __all__ = ["main"]
 
 BENCHMARKS = {
     "native-queue": "native_queue.py",
+    "parity": "parity_serving.py",
     "pipeline": "pipeline_training.py",
     "planner": "pipeline_planner.py",
     "rewrite": "rewrite_zoo.py",

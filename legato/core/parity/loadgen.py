@@ -118,7 +118,14 @@ async def run_load(url: str, queries: Sequence[np.ndarray], rate: float, *, n: i
         "by_source": dict(sources), "deadline_ms": deadline_ms,
         "within_deadline": within / n, "goodput_qps": within / elapsed if elapsed > 0 else None,
         "seconds": elapsed, "generator_behind_ms": behind * 1e3, "time": time.time(),
+        # the latency CDF at fixed percentiles (for plots): [[percentile, ms], ...]
+        "cdf_ms": [[p, hist.get_value_at_percentile(p) / 1e3] for p in _CDF_POINTS]
+        if good else [],
     }
+
+
+_CDF_POINTS = [*range(1, 90), *(90 + i / 4 for i in range(36)), 99.1, 99.2, 99.3, 99.4, 99.5,
+               99.6, 99.7, 99.8, 99.9, 99.95, 99.99, 100.0]
 
 
 def _npy(x: np.ndarray) -> bytes:
