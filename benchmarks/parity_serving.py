@@ -67,27 +67,48 @@ def models_for(k: int, dataset: str, encoder: str) -> tuple[Path, dict]:
 async def run_point(folder: Path, policy: str, k: int, workers: int, rate: float, n: int,
                     seed: int, deadline_ms: float, faults: str, kill_at: float | None = None
                     ) -> dict:
+    """One point: `legato serve` in its own process (so that the client's event loop does not
+    share the frontend's), the load generated and measured here."""
+    import subprocess
+
+    import aiohttp
+
     from legato.core.parity import datasets
-    from legato.core.parity.frontend import Frontend, ServeConfig
     from legato.core.parity.loadgen import run_load
 
-    fe = Frontend(ServeConfig(str(folder / "base.onnx"), str(folder / "parity.onnx"), k=k,
-                              workers=workers, policy=policy, deadline_ms=deadline_ms, port=0,
-                              encoder="concat", inject=faults, max_inflight=100000))
-    await fe.start()
+    argv = [sys.executable, "-m", "legato.cli", "serve", "--model", str(folder / "base.onnx"),
+            "--parity-model", str(folder / "parity.onnx"), "--k", str(k), "--workers",
+            str(workers), "--policy", policy, "--deadline-ms", str(deadline_ms), "--port", "0",
+            "--encoder", "concat", "--inject", faults, "--max-inflight", "100000"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        line = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
+        if "listening on" not in line:
+            raise RuntimeError(f"legato serve did not start: {line}{proc.stderr.read()[-2000:]}")
+        url = line.strip().rsplit(" ", 1)[1]
         queries = [x[None] for x in datasets.load("mnist5k", seed=seed).x_test]
-        load = asyncio.create_task(run_load(f"http://127.0.0.1:{fe.port}", queries, rate, n=n,
-                                            seed=seed, deadline_ms=deadline_ms))
-        if kill_at is not None:
-            await asyncio.sleep(kill_at)
-            os.kill(fe.base[0].proc.pid, signal.SIGKILL)
-        result = await load
-        result["worker_restarts"] = sum(w.restarts for w in fe.base + fe.extra_base + fe.parity)
-        result["hedges"] = fe.hedges
+        load = asyncio.create_task(run_load(url, queries, rate, n=n, seed=seed,
+                                            deadline_ms=deadline_ms))
+        async with aiohttp.ClientSession() as session:
+            if kill_at is not None:
+                await asyncio.sleep(kill_at)
+                async with session.get(url + "/v1/health") as r:
+                    os.kill((await r.json())["workers"][0]["pid"], signal.SIGKILL)
+            result = await load
+            async with session.get(url + "/v1/health") as r:
+                health = await r.json()
+            async with session.get(url + "/metrics") as r:
+                metrics = await r.text()
+        result["worker_restarts"] = sum(w["restarts"] for w in health["workers"])
+        result["hedges"] = next((int(x.split()[-1]) for x in metrics.splitlines()
+                                 if x.startswith("legato_hedges_total")), 0)
         return result
     finally:
-        await fe.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def main() -> int:
