@@ -257,14 +257,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from legato.core.parity.faults import FaultSpec
     from legato.core.parity.worker import serve
 
-    if not Path(args.model).is_file():
-        print(f"legato worker: {args.model} does not exist", file=sys.stderr)
-        return 2
+    for model in args.model:
+        if not Path(model).is_file():
+            print(f"legato worker: {model} does not exist", file=sys.stderr)
+            return 2
     try:
         FaultSpec.parse(args.inject)
         serve(args.model, host=args.host, port=args.port, threads=args.threads,
               inject=args.inject, exit_with_parent=args.exit_with_parent,
-              ready=lambda port: print(f"legato worker: serving {args.model} on "
+              ready=lambda port: print(f"legato worker: serving {', '.join(args.model)} on "
                                        f"{args.host}:{port}", flush=True))
     except LegatoError as err:
         print(f"legato worker: {err}", file=sys.stderr)
@@ -281,7 +282,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
                          args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
                          args.port, args.inject, args.max_inflight, args.threads,
-                         args.hedge_ms)
+                         args.hedge_ms, args.adaptive_load)
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -514,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "onnxruntime behind legato's frame protocol on 127.0.0.1, "
                                    "one request at a time, cancellable while queued; "
                                    "--inject adds seeded faults (docs/parity.md).")
-    p.add_argument("--model", required=True, help="the .onnx model to serve")
+    p.add_argument("--model", required=True, action="append",
+                   help="the .onnx model to serve (repeat to serve several; requests pick one "
+                        "by index, default the first)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free one, printed)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -526,17 +529,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",
                        description="legato serve --model base.onnx --parity-model parity.onnx "
-                                   "--k K --workers N --policy none|replicate|hedge|parity "
-                                   "--deadline-ms D --port P: start N model workers (plus "
-                                   "ceil(N/k) extra for replicate, hedge and parity) and serve "
+                                   "--k K --workers N --policy "
+                                   "none|replicate|hedge|parity|adaptive --deadline-ms D "
+                                   "--port P: start N model workers (plus "
+                                   "ceil(N/k) extra for the other policies) and serve "
                                    "POST /v1/predict, GET /v1/health and GET /metrics "
                                    "(docs/parity.md).")
     p.add_argument("--model", required=True, help="the base model (.onnx)")
     p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
     p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
-    p.add_argument("--policy", choices=["none", "replicate", "hedge", "parity"],
+    p.add_argument("--policy", choices=["none", "replicate", "hedge", "parity", "adaptive"],
                    default="parity")
+    p.add_argument("--adaptive-load", type=float, default=0.5,
+                   help="adaptive: code with parity at or above this load per base worker, "
+                        "hedge below it (default 0.5)")
     p.add_argument("--hedge-ms", type=float,
                    help="hedge: send a second copy after this long (default: the 95th "
                         "percentile of recent service times)")

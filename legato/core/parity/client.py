@@ -50,8 +50,9 @@ class WorkerClient:
             raise WorkerGone(f"cannot connect to the worker at {host}:{port} ({err})") from None
         return cls(reader, writer, f"{host}:{port}")
 
-    def submit(self, x: np.ndarray) -> asyncio.Future:
-        """Send one predict request; the future resolves to the output (`fut.rid` is its id)."""
+    def submit(self, x: np.ndarray, model: int = 0) -> asyncio.Future:
+        """Send one predict request (to the worker's model `model`); the future resolves to the
+        output (`fut.rid` is its id)."""
         fut = asyncio.get_running_loop().create_future()
         rid = next(self._ids)
         fut.rid = rid  # type: ignore[attr-defined]
@@ -59,7 +60,7 @@ class WorkerClient:
             fut.set_exception(WorkerGone(f"the worker at {self.address} is gone"))
             return fut
         self._pending[rid] = fut
-        self._send({"op": "predict", "id": rid}, [x])
+        self._send({"op": "predict", "id": rid, "model": model}, [x])
         return fut
 
     async def cancel(self, rids: list) -> None:

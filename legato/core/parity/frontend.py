@@ -24,6 +24,8 @@ Policies:
 - `hedge`: the same extra servers take a second copy of a query that has not been answered
   after `hedge_ms` (default: the 95th percentile of recent service times), first answer wins
   and the other copy is cancelled ("The Tail at Scale");
+- `adaptive`: the extra servers run both models and each query is hedged or coded, by load and
+  by the parity model's measured accuracy (`_adaptive_mode`);
 - `parity`: the extra servers run the parity model.
   - Queries from different users form coding groups of k, closing at k queries or after
     `group_timeout_ms` (padded).
@@ -60,7 +62,7 @@ from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
 
 __all__ = ["Frontend", "ServeConfig", "parse_inject"]
 
-POLICIES = ("none", "replicate", "hedge", "parity")
+POLICIES = ("none", "replicate", "hedge", "parity", "adaptive")
 
 
 def parse_inject(text: str | None) -> dict[str, str]:
@@ -94,6 +96,7 @@ class ServeConfig:
     max_inflight: int = 1000
     threads: int = 1
     hedge_ms: float | None = None
+    adaptive_load: float = 0.5
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -104,9 +107,9 @@ class ServeConfig:
         for path in (self.model, self.parity_model):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{path} does not exist")
-        if self.policy == "parity" and self.parity_model is None:
-            raise ConfigError("--policy parity needs --parity-model (legato parity train "
-                              "writes one)")
+        if self.policy in ("parity", "adaptive") and self.parity_model is None:
+            raise ConfigError(f"--policy {self.policy} needs --parity-model (legato parity "
+                              "train writes one)")
         parse_inject(self.inject)
 
     @property
@@ -117,9 +120,11 @@ class ServeConfig:
 class _Worker:
     """One worker process and the frontend's connection to it; restarted when it dies."""
 
-    def __init__(self, index: int, model: str, inject: str | None, threads: int,
+    def __init__(self, index: int, model: str | list[str], inject: str | None, threads: int,
                  parity: bool) -> None:
-        self.index, self.model, self.inject, self.threads = index, model, inject, threads
+        self.index, self.inject, self.threads = index, inject, threads
+        self.models = [model] if isinstance(model, str) else list(model)
+        self.model = self.models[0]
         self.parity = parity
         self.proc: subprocess.Popen | None = None
         self.client: WorkerClient | None = None
@@ -131,8 +136,10 @@ class _Worker:
         return self.client is not None and not self.client.closed
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "legato.cli", "worker", "--model", self.model,
-                "--threads", str(self.threads), "--exit-with-parent"]
+        argv = [sys.executable, "-m", "legato.cli", "worker", "--threads", str(self.threads),
+                "--exit-with-parent"]
+        for model in self.models:
+            argv += ["--model", model]
         if self.inject:
             argv += ["--inject", self.inject]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -176,6 +183,13 @@ class Frontend:
         self.parity: list[_Worker] = []
         self.hedges = 0
         self._service_ms: collections.deque = collections.deque(maxlen=1000)
+        self._arrivals: collections.deque = collections.deque(maxlen=200)
+        self.modes = {"hedge": 0, "parity": 0}
+        self.load = 0.0
+        self.parity_report: dict | None = None
+        self._parity_pool: list = []
+        self._parity_model = 0
+        self._parity_ok = False
         self.input_shape: list | None = None
         self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "default": 0}
         self.rejected = {"bad_request": 0, "overload": 0}
@@ -198,13 +212,19 @@ class Frontend:
         n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
         self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), c.threads, False)
                      for i in range(n_base)]
-        if c.policy == "hedge":                 # the extra servers take the hedged copies
-            self.extra_base = [_Worker(n_base + i, c.model,
+        if c.policy in ("hedge", "adaptive"):   # the extra servers take the hedged copies
+            models = c.model if c.policy == "hedge" else [c.model, c.parity_model]
+            self.extra_base = [_Worker(n_base + i, models,
                                        inject.get(str(n_base + i), inject.get("*")),
-                                       c.threads, False) for i in range(c.extra)]
+                                       c.threads, c.policy == "adaptive")
+                               for i in range(c.extra)]
         if c.policy == "parity":
             self.parity = [_Worker(n_base + i, c.parity_model, None, c.threads, True)
                            for i in range(c.extra)]
+        # where parity queries go, and which of the worker's models answers them
+        self._parity_pool, self._parity_model = ((self.extra_base, 1) if c.policy == "adaptive"
+                                                 else (self.parity, 0))
+        self._parity_ok = self._parity_accuracy_ok()
         await asyncio.gather(*(w.start() for w in self.base + self.extra_base + self.parity))
         health = await self.base[0].client.health()
         self.input_shape = health["shape"]
@@ -214,7 +234,7 @@ class Frontend:
                               "beyond the batch; export it with a fixed query shape")
         pad = (await self.base[0].client.submit(np.zeros([1, *shape], np.float32)))[0]
         self._out = tuple(pad.shape)            # the default answer's shape: zeros
-        if c.policy == "parity":
+        if c.policy in ("parity", "adaptive"):
             encoder = make_encoder(c.encoder, c.k, shape)
             self._former = GroupFormer(encoder, c.group_timeout_ms / 1e3, pad_output=pad)
             self._tasks.append(asyncio.create_task(self._close_partial_groups()))
@@ -337,7 +357,8 @@ class Frontend:
                    for w in self.base + self.extra_base + self.parity]
         return web.json_response({"ok": any(w.alive for w in self.base), "policy":
                                   self.config.policy, "k": self.config.k, "workers": workers,
-                                  "inflight": self.inflight})
+                                  "inflight": self.inflight, "load": self.load,
+                                  "parity_report": self.parity_report})
 
     async def _metrics(self, request):
         from aiohttp import web
@@ -350,7 +371,11 @@ class Frontend:
         lines += ["# TYPE legato_inflight gauge", f"legato_inflight {self.inflight}",
                   "# TYPE legato_worker_restarts_total counter",
                   f"legato_worker_restarts_total {restarts}",
-                  "# TYPE legato_hedges_total counter", f"legato_hedges_total {self.hedges}"]
+                  "# TYPE legato_hedges_total counter", f"legato_hedges_total {self.hedges}",
+                  "# TYPE legato_adaptive_mode_total counter",
+                  *(f'legato_adaptive_mode_total{{mode="{m}"}} {n}'
+                    for m, n in self.modes.items()),
+                  "# TYPE legato_load gauge", f"legato_load {self.load:.4f}"]
         if self.latency_ms:
             lat = np.asarray(self.latency_ms)
             lines.append("# TYPE legato_latency_ms summary")
@@ -370,13 +395,46 @@ class Frontend:
 
     def _dispatch(self, q: _Query) -> None:
         self._send(q, self.base)
-        if self.config.policy == "hedge":
+        policy = self.config.policy
+        if policy == "adaptive":
+            policy = self._adaptive_mode()
+            self.modes[policy] += 1
+        if policy == "hedge":
             delay = self._hedge_delay_s()
             asyncio.get_running_loop().call_later(delay, self._hedge, q, delay)
-        if self._former is not None:
+        elif policy == "parity" and self._former is not None:
             group = self._former.add(q.x[0], q)
             if group is not None:
                 self._start_group(group)
+
+    def _parity_accuracy_ok(self) -> bool:
+        """Whether the parity model's measured degraded-mode accuracy (report.json beside it,
+        from `legato parity train`) is within 5 points of the base model's; without a report,
+        assume so."""
+        if self.config.parity_model is None:
+            return False
+        path = os.path.join(os.path.dirname(self.config.parity_model), "report.json")
+        try:
+            with open(path) as f:
+                report = json.load(f)
+            self.parity_report = {k: report[k] for k in ("base_accuracy", "degraded_accuracy")}
+        except (OSError, ValueError, KeyError):
+            return True
+        return report["degraded_accuracy"] >= report["base_accuracy"] - 0.05
+
+    def _adaptive_mode(self) -> str:
+        """Per query: hedge while the base workers are lightly loaded (a second copy is cheap
+        and exact), code with parity when load is high (1/k extra work per query, not up to
+        1) - or hedge always if the parity model is not accurate enough. Load is the arrival
+        rate of the last 200 queries times the mean recent service time, per base worker."""
+        now = time.monotonic()
+        self._arrivals.append(now)
+        if not self._parity_ok or len(self._arrivals) < 20 or not self._service_ms:
+            return "hedge"
+        rate = (len(self._arrivals) - 1) / max(now - self._arrivals[0], 1e-6)
+        service_s = float(np.mean(self._service_ms)) / 1e3
+        self.load = rate * service_s / len(self.base)
+        return "parity" if self.load >= self.config.adaptive_load else "hedge"
 
     def _hedge_delay_s(self) -> float:
         """`--hedge-ms`, else the 95th percentile of recent service times (a quarter of the
@@ -442,11 +500,12 @@ class Frontend:
                 member.tag.group, member.tag.position = group, pos
                 if member.tag.original is not None:           # answered before the group closed
                     group.answer(pos, member.tag.original)
-        w = self._pick(self.parity)
+        w = self._pick(self._parity_pool)
         if w is None:
             return
         w.outstanding += 1
-        fut = w.client.submit(group.parity_query[None].astype(np.float32))
+        fut = w.client.submit(group.parity_query[None].astype(np.float32),
+                              model=self._parity_model)
         group.parity_rid, group.parity_worker = fut.rid, w  # type: ignore[attr-defined]
 
         def done(f: asyncio.Future) -> None:

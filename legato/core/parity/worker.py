@@ -1,6 +1,10 @@
 """A model worker: one ONNX model in onnxruntime behind the frame protocol (`wire.py`).
 
-    legato worker --model base.onnx --port 7001 [--threads 1] [--inject pause=0.03,seed=1]
+    legato worker --model base.onnx [--model parity.onnx] --port 7001 [--threads 1]
+                  [--inject pause=0.03,seed=1]
+
+With several `--model`s a request names the one to run (`"model": i`, default 0): the adaptive
+policy's extra workers serve a hedged copy or a parity query, whichever is needed.
 
 Requests run one at a time in arrival order (FCFS, like one model replica). A request still
 queued can be cancelled (`{"op": "cancel", "ids": [...]}`): the frontend does so when a
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 class _Job:
     rid: Any
     x: np.ndarray
+    model: int
     writer: asyncio.StreamWriter
     lock: asyncio.Lock
 
@@ -42,7 +47,7 @@ class _Job:
 class ModelWorker:
     """Serve `model_path` on host:port (port 0: any free port, see `port` after `start`)."""
 
-    def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0,
                  threads: int = 1, faults: FaultSpec | None = None) -> None:
         import onnxruntime as ort
 
@@ -50,12 +55,16 @@ class ModelWorker:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(model_path, opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 (any load failure is the file's fault)
-            raise ConfigError(f"cannot load the model {model_path} in onnxruntime: "
-                              f"{str(err).splitlines()[0]}") from err
+        paths = [model_path] if isinstance(model_path, str) else list(model_path)
+        self.sessions = []
+        for path in paths:                       # model 0 is the default; a request may pick
+            try:
+                self.sessions.append(ort.InferenceSession(path, opts,
+                                                          providers=["CPUExecutionProvider"]))
+            except Exception as err:  # noqa: BLE001 (any load failure is the file's fault)
+                raise ConfigError(f"cannot load the model {path} in onnxruntime: "
+                                  f"{str(err).splitlines()[0]}") from err
+        self.session = self.sessions[0]
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
@@ -69,7 +78,8 @@ class ModelWorker:
 
     def health(self) -> dict:
         return {"op": "health", "ok": True, "queued": len(self.queue), "served": self.served,
-                "input": self.input_name, "shape": self.input_shape}
+                "input": self.input_name, "shape": self.input_shape,
+                "models": len(self.sessions)}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._connection, self.host, self.port)
@@ -117,7 +127,14 @@ class ModelWorker:
                     await write_frame(writer, {"op": "error", "id": job.rid,
                                                "error": "cancelled"})
         elif op == "predict" and len(arrays) == 1:
-            self.queue.append(_Job(rid, arrays[0], writer, lock))
+            model = header.get("model", 0)
+            if not isinstance(model, int) or not 0 <= model < len(self.sessions):
+                async with lock:
+                    await write_frame(writer, {"op": "error", "id": rid, "error":
+                                               f"model {model!r} is not one of the "
+                                               f"{len(self.sessions)} this worker serves"})
+                return
+            self.queue.append(_Job(rid, arrays[0], model, writer, lock))
             self._wake.set()
         else:
             async with lock:
@@ -137,7 +154,7 @@ class ModelWorker:
             if delay:
                 await asyncio.sleep(delay)
             try:
-                out = await loop.run_in_executor(None, self._predict, job.x)
+                out = await loop.run_in_executor(None, self._predict, job.x, job.model)
                 header, arrays = {"op": "reply", "id": job.rid}, [out]
             except Exception as err:  # noqa: BLE001 (a bad input answers that request only)
                 header, arrays = {"op": "error", "id": job.rid,
@@ -150,11 +167,12 @@ class ModelWorker:
             except (ConnectionError, RuntimeError):
                 pass                              # the client went away
 
-    def _predict(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def _predict(self, x: np.ndarray, model: int = 0) -> np.ndarray:
+        session = self.sessions[model]
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
+def serve(model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
           inject: str | None = None, ready=None, exit_with_parent: bool = False) -> None:
     """Run a worker until killed; `ready(port)` is called once it listens. With
     `exit_with_parent` it also exits when the process that started it is gone (a frontend

@@ -273,3 +273,38 @@ def test_hedging_sends_a_late_query_to_an_extra_worker_and_the_first_answer_wins
         np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
                                    atol=1e-4)
     assert "legato_hedges_total" in metrics
+
+
+@pytest.mark.parametrize("threshold, mode", [("100", "hedge"), ("0", "parity")])
+def test_adaptive_hedges_at_low_load_and_codes_at_high_load(linear, threshold, mode):
+    """The adaptive policy's extra workers serve both models: below the load threshold a late
+    query is hedged, at or above it queries are coded (here the threshold forces each)."""
+    srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
+                 "--policy", "adaptive", "--adaptive-load", threshold, "--hedge-ms", "50",
+                 "--deadline-ms", "600", "--group-timeout-ms", "20",
+                 "--inject", "0:delay_ms=1500")
+    try:
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                xs = queries(40, seed=5)
+                replies = []
+                for i in range(0, 40, 2):
+                    replies += await asyncio.gather(ask(s, srv.url, xs[i]),
+                                                    ask(s, srv.url, xs[i + 1]))
+                async with s.get(srv.url + "/metrics") as r:
+                    metrics = await r.text()
+                return xs, replies, metrics
+
+        xs, replies, metrics = asyncio.run(asyncio.wait_for(main(), 150))
+    finally:
+        srv.close()
+    assert all(status == 200 and r["source"] != "default" for status, r in replies), replies
+    for x, (_, r) in zip(xs, replies):
+        np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
+                                   atol=1e-4)
+    counts = {line.split('"')[1]: int(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("legato_adaptive_mode_total{")}
+    later = 40 - 20                      # the first 20 queries hedge while load is measured
+    assert counts[mode] >= later, counts
+    if mode == "parity":
+        assert any(r["source"] == "reconstructed" for _, r in replies[20:])
