@@ -72,6 +72,20 @@ async def ask(session, url, x):
         return r.status, await r.json()
 
 
+def pairs_then_metrics(url, xs, timeout_s):
+    """Send the queries two at a time (a pair arriving together forms one coding group of
+    k=2), then read /metrics: (replies, metrics text)."""
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            replies = []
+            for i in range(0, len(xs), 2):
+                replies += await asyncio.gather(ask(s, url, xs[i]), ask(s, url, xs[i + 1]))
+            async with s.get(url + "/metrics") as r:
+                return replies, await r.text()
+
+    return asyncio.run(asyncio.wait_for(main(), timeout_s))
+
+
 def queries(n, seed=0):
     return np.random.default_rng(seed).random((n, 1, 1, 8, 8), dtype=np.float32)
 
@@ -81,18 +95,8 @@ def test_parity_rebuilds_a_stragglers_answers_exactly_before_the_deadline(linear
                  "--policy", "parity", "--deadline-ms", "400", "--group-timeout-ms", "20",
                  "--inject", "0:delay_ms=1500")
     try:
-        async def main():
-            async with aiohttp.ClientSession() as s:
-                xs = queries(8)
-                replies = []
-                for i in range(0, 8, 2):             # pairs arrive together: one group each
-                    replies += await asyncio.gather(ask(s, srv.url, xs[i]),
-                                                    ask(s, srv.url, xs[i + 1]))
-                async with s.get(srv.url + "/metrics") as r:
-                    metrics = await r.text()
-                return xs, replies, metrics
-
-        xs, replies, metrics = asyncio.run(asyncio.wait_for(main(), 120))
+        xs = queries(8)
+        replies, metrics = pairs_then_metrics(srv.url, xs, 120)
     finally:
         srv.close()
     sources = [r["source"] for _, r in replies]
@@ -284,18 +288,8 @@ def test_adaptive_hedges_at_low_load_and_codes_at_high_load(linear, threshold, m
                  "--deadline-ms", "600", "--group-timeout-ms", "20",
                  "--inject", "0:delay_ms=1500")
     try:
-        async def main():
-            async with aiohttp.ClientSession() as s:
-                xs = queries(40, seed=5)
-                replies = []
-                for i in range(0, 40, 2):
-                    replies += await asyncio.gather(ask(s, srv.url, xs[i]),
-                                                    ask(s, srv.url, xs[i + 1]))
-                async with s.get(srv.url + "/metrics") as r:
-                    metrics = await r.text()
-                return xs, replies, metrics
-
-        xs, replies, metrics = asyncio.run(asyncio.wait_for(main(), 150))
+        xs = queries(40, seed=5)
+        replies, metrics = pairs_then_metrics(srv.url, xs, 150)
     finally:
         srv.close()
     assert all(status == 200 and r["source"] != "default" for status, r in replies), replies
