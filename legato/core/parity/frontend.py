@@ -124,7 +124,6 @@ class _Worker:
                  parity: bool) -> None:
         self.index, self.inject, self.threads = index, inject, threads
         self.models = [model] if isinstance(model, str) else list(model)
-        self.model = self.models[0]
         self.parity = parity
         self.proc: subprocess.Popen | None = None
         self.client: WorkerClient | None = None
@@ -148,7 +147,7 @@ class _Worker:
         line = await asyncio.wait_for(loop.run_in_executor(None, self.proc.stdout.readline), 60)
         if "serving" not in line:
             err = self.proc.stderr.read() if self.proc.poll() is not None else ""
-            raise ConfigError(f"worker {self.index} ({self.model}) did not start: "
+            raise ConfigError(f"worker {self.index} ({', '.join(self.models)}) did not start: "
                               f"{(line + err).strip()[-500:]}")
         port = int(line.rsplit(":", 1)[1])
         self.client = await WorkerClient.connect("127.0.0.1", port)
@@ -169,7 +168,6 @@ class _Query:
     start: float
     requests: list = dataclasses.field(default_factory=list)   # (worker, rid) in flight
     original: np.ndarray | None = None      # the worker's answer, once it came
-    hedged: bool = False
     group: CodingGroup | None = None
     position: int = -1
 
@@ -304,7 +302,7 @@ class Frontend:
                 out, source, reason = await asyncio.wait_for(asyncio.shield(q.reply),
                                                              max(remaining, 0))
             except asyncio.TimeoutError:
-                out = np.zeros(self._out_shape(), np.float32)
+                out = np.zeros(self._out, np.float32)
                 source, reason = "default", (f"no answer within the {self.config.deadline_ms:g} "
                                              "ms deadline")
                 self._give_up(q)
@@ -384,9 +382,6 @@ class Frontend:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     # -- dispatch -----------------------------------------------------------------------------
-    def _out_shape(self) -> tuple:
-        return self._out
-
     def _pick(self, pool: list[_Worker], avoid: _Worker | None = None) -> _Worker | None:
         alive = [w for w in pool if w.alive and w is not avoid] or [w for w in pool if w.alive]
         if not alive:
@@ -448,7 +443,6 @@ class Frontend:
     def _hedge(self, q: _Query, delay: float) -> None:
         if q.reply.done():
             return
-        q.hedged = True
         self.hedges += 1
         self._send(q, self.extra_base, reason=f"hedged after {delay * 1e3:.0f} ms")
 

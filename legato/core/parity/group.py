@@ -73,9 +73,6 @@ class CodingGroup:
         if self._parity is None:
             self._parity = np.asarray(output)
 
-    def has(self, i: int) -> bool:
-        return (self._parity is not None) if i == PARITY else i in self._outputs
-
     def decodable(self) -> int | None:
         """The one original still missing, if the other k outputs (parity included) are in."""
         missing = [i for i in range(self.k) if i not in self._outputs and i not in self._rebuilt]

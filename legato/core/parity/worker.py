@@ -64,8 +64,8 @@ class ModelWorker:
             except Exception as err:  # noqa: BLE001 (any load failure is the file's fault)
                 raise ConfigError(f"cannot load the model {path} in onnxruntime: "
                                   f"{str(err).splitlines()[0]}") from err
-        self.session = self.sessions[0]
-        inp = self.session.get_inputs()[0]
+        self._inputs = [s.get_inputs()[0].name for s in self.sessions]
+        inp = self.sessions[0].get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
         self.host, self.port = host, port
@@ -168,8 +168,7 @@ class ModelWorker:
                 pass                              # the client went away
 
     def _predict(self, x: np.ndarray, model: int = 0) -> np.ndarray:
-        session = self.sessions[model]
-        return session.run(None, {session.get_inputs()[0].name: x})[0]
+        return self.sessions[model].run(None, {self._inputs[model]: x})[0]
 
 
 def serve(model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
