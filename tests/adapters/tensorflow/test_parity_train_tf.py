@@ -1,0 +1,106 @@
+"""Training parity models in Keras (legato/adapters/tensorflow/parity.py): a short run on
+scikit-learn's digits rebuilds missing predictions far better than an untrained parity model,
+writes ONNX models that onnxruntime serves with Keras' outputs, and stops at its limits; a bad
+encoder name raises ConfigError before anything is trained or written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.tensorflow
+
+tf = pytest.importorskip("tensorflow", reason="tensorflow is not installed")
+keras = pytest.importorskip("keras", reason="keras is not installed")
+pytest.importorskip("sklearn", reason="scikit-learn (digits) is not installed; make setup")
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+
+from legato.adapters.tensorflow.parity import (  # noqa: E402
+    base_mlp,
+    export_onnx,
+    outputs_of,
+    train_parity,
+    train_parity_pair,
+)
+from legato.core.errors import ConfigError  # noqa: E402
+from legato.core.parity import AdditionEncoder, datasets, evaluate, sample_groups  # noqa: E402
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.timeout(240)
+def test_short_run_rebuilds_predictions_and_writes_onnx(tmp_path):
+    pytest.importorskip("tf2onnx", reason="tf2onnx is not installed")
+    out = tmp_path / "parm"
+    report = train_parity_pair("digits", 2, "addition", out, base_epochs=10, parity_steps=1500,
+                               test_groups=1000)
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["framework"] == "tensorflow" and report["model"] == "BaseMLP 200-100-10"
+    assert (report["dataset"], report["k"], report["encoder"]) == ("digits", 2, "addition")
+    assert report["reconstructions"] == 2 * report["test_groups"] == 2000
+    assert report["parity_training"]["steps"] == 1500
+    assert report["parity_training"]["stopped"] == "steps"
+    assert report["base_accuracy"] > 0.9
+    assert report["reconstruction_accuracy"] > 0.8 and report["degraded_accuracy"] > 0.8
+
+    # the ONNX files reproduce the report: rebuild test predictions through onnxruntime
+    ds = datasets.load("digits")
+    groups = sample_groups(len(ds.x_test), 2, report["test_groups"], np.random.default_rng(1))
+    queries = AdditionEncoder(2).encode_batch(ds.x_test[groups])
+    outs = _session(out / "base.onnx").run(None, {"x": ds.x_test})[0]
+    par = _session(out / "parity.onnx").run(None, {"x": queries})[0]
+    again = evaluate(outs, ds.y_test, groups, par)
+    assert abs(again["degraded_accuracy"] - report["degraded_accuracy"]) < 0.01
+
+    # training is what rebuilds them: an untrained parity model does far worse
+    keras.utils.set_random_seed(0)
+    untrained = evaluate(outs, ds.y_test, groups, outputs_of(base_mlp(ds.shape, 10), queries))
+    assert report["reconstruction_accuracy"] > untrained["reconstruction_accuracy"] + 0.4
+
+
+@pytest.mark.timeout(120)
+def test_exported_onnx_gives_keras_outputs_at_any_batch(tmp_path):
+    pytest.importorskip("tf2onnx", reason="tf2onnx is not installed")
+    import onnx
+
+    keras.utils.set_random_seed(3)
+    model = base_mlp((1, 8, 8), 10, hidden=(16,))
+    for layer in model.layers:                    # nonzero biases, so they are exported too
+        if isinstance(layer, keras.layers.Dense):
+            layer.bias.assign(np.linspace(-1, 1, layer.units).astype(np.float32))
+    path = export_onnx(model, (1, 8, 8), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    assert [v.name for v in proto.graph.input] == ["x"]
+    assert [v.name for v in proto.graph.output] == ["y"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    sess = _session(path)
+    rng = np.random.default_rng(0)
+    for batch in (1, 33):
+        x = rng.random((batch, 1, 8, 8), dtype=np.float32)
+        np.testing.assert_allclose(sess.run(None, {"x": x})[0], outputs_of(model, x),
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_parity_training_is_seeded_and_stops_at_its_time_limit():
+    rng = np.random.default_rng(0)
+    x = rng.random((50, 1, 4, 4), dtype=np.float32)
+    outs = rng.standard_normal((50, 3)).astype(np.float32)
+    enc = AdditionEncoder(2)
+    first, info = train_parity(outs, x, enc, 3, steps=20, batch=8, seed=5)
+    again, _ = train_parity(outs, x, enc, 3, steps=20, batch=8, seed=5)
+    assert info["steps"] == 20 and info["stopped"] == "steps" and info["batch_groups"] == 8
+    assert np.isfinite(info["final_loss"])
+    np.testing.assert_allclose(outputs_of(first, x), outputs_of(again, x), rtol=1e-5, atol=1e-6)
+    _, info = train_parity(outs, x, enc, 3, steps=1000, batch=8, time_limit_s=0.0)
+    assert (info["steps"], info["stopped"]) == (1, "time-limit")
+
+
+def test_bad_encoder_raises_config_error_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="known: addition, concat"):
+        train_parity_pair("digits", 2, "xor", tmp_path / "x", base_epochs=1, parity_steps=1)
+    assert not (tmp_path / "x").exists()
