@@ -282,7 +282,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
                          args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
                          args.port, args.inject, args.max_inflight, args.threads,
-                         args.hedge_ms, args.adaptive_load)
+                         args.hedge_ms, args.adaptive_warmup)
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -541,9 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
     p.add_argument("--policy", choices=["none", "replicate", "hedge", "parity", "adaptive"],
                    default="parity")
-    p.add_argument("--adaptive-load", type=float, default=0.5,
-                   help="adaptive: code with parity at or above this load per base worker, "
-                        "hedge below it (default 0.5)")
+    p.add_argument("--adaptive-warmup", type=int, default=200,
+                   help="adaptive: responses observed before the first choice between "
+                        "waiting, hedging and parity (it hedges until then; default 200)")
     p.add_argument("--hedge-ms", type=float,
                    help="hedge: send a second copy after this long (default: the 95th "
                         "percentile of recent service times)")

@@ -24,8 +24,9 @@ Policies:
 - `hedge`: the same extra servers take a second copy of a query that has not been answered
   after `hedge_ms` (default: the 95th percentile of recent service times), first answer wins
   and the other copy is cancelled ("The Tail at Scale");
-- `adaptive`: the extra servers run both models and each query is hedged or coded, by load and
-  by the parity model's measured accuracy (`_adaptive_mode`);
+- `adaptive`: the extra servers run both models; each query waits, is hedged or is coded,
+  whichever `adaptive.AdaptiveChooser` predicts gives the lowest p99.9 from the base workers'
+  recent response times, the arrival rate and the parity model's measured accuracy;
 - `parity`: the extra servers run the parity model.
   - Queries from different users form coding groups of k, closing at k queries or after
     `group_timeout_ms` (padded).
@@ -55,6 +56,7 @@ import time
 import numpy as np
 
 from legato.core.errors import ConfigError
+from legato.core.parity.adaptive import AdaptiveChooser
 from legato.core.parity.client import WorkerClient, WorkerError
 from legato.core.parity.codes import make_encoder
 from legato.core.parity.faults import FaultSpec
@@ -96,14 +98,15 @@ class ServeConfig:
     max_inflight: int = 1000
     threads: int = 1
     hedge_ms: float | None = None
-    adaptive_load: float = 0.5
+    adaptive_warmup: int = 200
 
     def check(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r} is unknown; known: {', '.join(POLICIES)}")
-        if self.workers < 1 or self.k < 2 or self.deadline_ms <= 0 or self.max_inflight < 1:
-            raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0 and "
-                              "--max-inflight >= 1")
+        if (self.workers < 1 or self.k < 2 or self.deadline_ms <= 0 or self.max_inflight < 1
+                or self.adaptive_warmup < 1):
+            raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0, "
+                              "--max-inflight >= 1 and --adaptive-warmup >= 1")
         for path in (self.model, self.parity_model):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{path} does not exist")
@@ -182,7 +185,8 @@ class Frontend:
         self.hedges = 0
         self._service_ms: collections.deque = collections.deque(maxlen=1000)
         self._arrivals: collections.deque = collections.deque(maxlen=200)
-        self.modes = {"hedge": 0, "parity": 0}
+        self.modes = {"wait": 0, "hedge": 0, "parity": 0}
+        self.chooser: AdaptiveChooser | None = None
         self.load = 0.0
         self.parity_report: dict | None = None
         self._parity_pool: list = []
@@ -223,6 +227,10 @@ class Frontend:
         self._parity_pool, self._parity_model = ((self.extra_base, 1) if c.policy == "adaptive"
                                                  else (self.parity, 0))
         self._parity_ok = self._parity_accuracy_ok()
+        if c.policy == "adaptive":
+            self.chooser = AdaptiveChooser(c.k, parity_ok=self._parity_ok,
+                                           min_samples=c.adaptive_warmup,
+                                           every=min(100, c.adaptive_warmup))
         await asyncio.gather(*(w.start() for w in self.base + self.extra_base + self.parity))
         health = await self.base[0].client.health()
         self.input_shape = health["shape"]
@@ -356,7 +364,10 @@ class Frontend:
         return web.json_response({"ok": any(w.alive for w in self.base), "policy":
                                   self.config.policy, "k": self.config.k, "workers": workers,
                                   "inflight": self.inflight, "load": self.load,
-                                  "parity_report": self.parity_report})
+                                  "parity_report": self.parity_report,
+                                  "adaptive": None if self.chooser is None else {
+                                      "mode": self.chooser.mode,
+                                      "predicted_p999_ms": self.chooser.predicted}})
 
     async def _metrics(self, request):
         from aiohttp import web
@@ -389,10 +400,14 @@ class Frontend:
         return min(alive, key=lambda w: (w.outstanding, next(self._rr) % len(alive)))
 
     def _dispatch(self, q: _Query) -> None:
-        self._send(q, self.base)
+        self._note_arrival()
+        w = self._send(q, self.base)
         policy = self.config.policy
         if policy == "adaptive":
-            policy = self._adaptive_mode()
+            assert self.chooser is not None
+            if w is not None:
+                self.chooser.model.dispatched(w.index)
+            policy = self.chooser.choose(self._hedge_delay_s() * 1e3, self._group_wait_ms())
             self.modes[policy] += 1
         if policy == "hedge":
             delay = self._hedge_delay_s()
@@ -417,19 +432,26 @@ class Frontend:
             return True
         return report["degraded_accuracy"] >= report["base_accuracy"] - 0.05
 
-    def _adaptive_mode(self) -> str:
-        """Per query: hedge while the base workers are lightly loaded (a second copy is cheap
-        and exact), code with parity when load is high (1/k extra work per query, not up to
-        1) - or hedge always if the parity model is not accurate enough. Load is the arrival
-        rate of the last 200 queries times the mean recent service time, per base worker."""
+    def _note_arrival(self) -> None:
+        """Track the arrival rate and the offered load: arrivals per second (last 200) times the
+        median recent service time, per base worker (shown in /v1/health and /metrics)."""
         now = time.monotonic()
         self._arrivals.append(now)
-        if not self._parity_ok or len(self._arrivals) < 20 or not self._service_ms:
-            return "hedge"
-        rate = (len(self._arrivals) - 1) / max(now - self._arrivals[0], 1e-6)
-        service_s = float(np.mean(self._service_ms)) / 1e3
-        self.load = rate * service_s / len(self.base)
-        return "parity" if self.load >= self.config.adaptive_load else "hedge"
+        if len(self._arrivals) >= 20 and self._service_ms:
+            self.load = (self._rate() * float(np.median(self._service_ms)) / 1e3
+                         / len(self.base))
+
+    def _rate(self) -> float:
+        if len(self._arrivals) < 2:
+            return 0.0
+        return (len(self._arrivals) - 1) / max(self._arrivals[-1] - self._arrivals[0], 1e-6)
+
+    def _group_wait_ms(self) -> float:
+        """How long a coded query waits, on average, before its group's parity query is sent:
+        half the time k - 1 more arrivals take, at most the group timeout."""
+        rate = self._rate()
+        spread = (self.config.k - 1) / rate * 1e3 if rate > 0 else math.inf
+        return min(self.config.group_timeout_ms, spread / 2)
 
     def _hedge_delay_s(self) -> float:
         """`--hedge-ms`, else the 95th percentile of recent service times (a quarter of the
@@ -447,15 +469,16 @@ class Frontend:
         self._send(q, self.extra_base, reason=f"hedged after {delay * 1e3:.0f} ms")
 
     def _send(self, q: _Query, pool: list, avoid: _Worker | None = None,
-              reason: str = "") -> None:
+              reason: str = "") -> _Worker | None:
         w = self._pick(pool, avoid)
         if w is None:
-            return                              # no worker now: the deadline gives a default
+            return None                         # no worker now: the deadline gives a default
         w.outstanding += 1
         sent = time.monotonic()
         fut = w.client.submit(q.x)
         q.requests.append((w, fut.rid))
         fut.add_done_callback(lambda f: self._original_done(q, w, f, sent, reason))
+        return w
 
     def _cancel_requests(self, q: _Query, keep: _Worker | None = None) -> None:
         """Drop the query's other requests where they are still queued."""
@@ -470,7 +493,10 @@ class Frontend:
             return
         err = fut.exception()
         if err is None:
-            self._service_ms.append((time.monotonic() - sent) * 1e3)
+            ms = (time.monotonic() - sent) * 1e3
+            self._service_ms.append(ms)
+            if self.chooser is not None and not w.parity:
+                self.chooser.model.observe(w.index, ms)
             if q.reply.done() and q.original is not None:
                 return                          # the other copy of a hedged query won
             out = q.original = fut.result()[0]

@@ -279,26 +279,48 @@ def test_hedging_sends_a_late_query_to_an_extra_worker_and_the_first_answer_wins
     assert "legato_hedges_total" in metrics
 
 
-@pytest.mark.parametrize("threshold, mode", [("100", "hedge"), ("0", "parity")])
-def test_adaptive_hedges_at_low_load_and_codes_at_high_load(linear, threshold, mode):
-    """The adaptive policy's extra workers serve both models: below the load threshold a late
-    query is hedged, at or above it queries are coded (here the threshold forces each)."""
-    srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
-                 "--policy", "adaptive", "--adaptive-load", threshold, "--hedge-ms", "50",
-                 "--deadline-ms", "600", "--group-timeout-ms", "20",
-                 "--inject", "0:delay_ms=1500")
+def adaptive_run(model, parity_model, *extra):
+    srv = Server("--model", model, "--parity-model", parity_model, "--k", "2", "--workers",
+                 "2", "--policy", "adaptive", "--adaptive-warmup", "10", "--deadline-ms", "3000",
+                 "--group-timeout-ms", "20", "--inject", "0:delay_ms=600", *extra)
     try:
-        xs = queries(40, seed=5)
+        xs = queries(60, seed=5)
         replies, metrics = pairs_then_metrics(srv.url, xs, 150)
+        health = asyncio.run(get_json(srv.url + "/v1/health"))
     finally:
         srv.close()
     assert all(status == 200 and r["source"] != "default" for status, r in replies), replies
     for x, (_, r) in zip(xs, replies):
         np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
                                    atol=1e-4)
-    counts = {line.split('"')[1]: int(line.split()[-1]) for line in metrics.splitlines()
-              if line.startswith("legato_adaptive_mode_total{")}
-    later = 40 - 20                      # the first 20 queries hedge while load is measured
-    assert counts[mode] >= later, counts
-    if mode == "parity":
-        assert any(r["source"] == "reconstructed" for _, r in replies[20:])
+    modes = {line.split('"')[1]: int(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("legato_adaptive_mode_total{")}
+    return replies, modes, health["adaptive"]
+
+
+async def get_json(url):
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return await r.json()
+
+
+def test_adaptive_codes_when_hedges_would_come_too_late(linear):
+    """Worker 0 answers 600 ms late and hedges wait 1000 ms: once worker 0's slowness is seen,
+    parity is predicted far faster than hedging, and queries are coded and rebuilt."""
+    replies, modes, adaptive = adaptive_run(linear, linear, "--hedge-ms", "1000")
+    assert adaptive["mode"] == "parity", adaptive
+    assert adaptive["predicted_p999_ms"]["parity"] < adaptive["predicted_p999_ms"]["hedge"]
+    assert modes["parity"] >= 10, modes
+    assert any(r["source"] == "reconstructed" for _, r in replies[-20:])
+
+
+def test_adaptive_never_codes_with_an_inaccurate_parity_model(linear, tmp_path):
+    """The same straggler, but the parity model's report (beside it) says degraded mode is 45
+    points less accurate than the base model: the adaptive policy hedges instead."""
+    parity = tmp_path / "parity.onnx"
+    parity.write_bytes(open(linear, "rb").read())
+    (tmp_path / "report.json").write_text(json.dumps({"base_accuracy": 0.95,
+                                                      "degraded_accuracy": 0.5}))
+    replies, modes, adaptive = adaptive_run(linear, str(parity), "--hedge-ms", "50")
+    assert modes["parity"] == 0 and "parity" not in adaptive["predicted_p999_ms"], adaptive
+    assert adaptive["mode"] in ("hedge", "wait") and modes["hedge"] >= 10, modes
+    assert all(r["source"] == "original" for _, r in replies)
