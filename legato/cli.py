@@ -225,7 +225,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from legato.core.errors import LegatoError
 
     out = Path(args.output)
-    existing = [n for n in ("base.onnx", "parity.onnx", "report.json") if (out / n).exists()]
+    existing = [n for n in ("base.onnx", "parity.onnx", "backup.onnx", "report.json")
+                if (out / n).exists()]
     if existing and not args.overwrite:
         print(f"legato parity train: {out} already holds {', '.join(existing)}; pass "
               "--overwrite to replace them", file=sys.stderr)
@@ -247,8 +248,10 @@ def _cmd_parity(args: argparse.Namespace) -> int:
           f"{report['base_accuracy']:.2%}; on {report['reconstructions']} rebuilt test "
           f"predictions, reconstruction accuracy {report['reconstruction_accuracy']:.2%} and "
           f"degraded-mode accuracy {report['degraded_accuracy']:.2%} (a default answer: "
-          f"{report['default_answer_accuracy']:.2%}); {report['seconds']:.0f} s")
-    print(f"wrote {out / 'base.onnx'}, {out / 'parity.onnx'}, {out / 'report.json'}")
+          f"{report['default_answer_accuracy']:.2%}, the cheap backup model: "
+          f"{report['backup_accuracy']:.2%}); {report['seconds']:.0f} s")
+    print(f"wrote {out / 'base.onnx'}, {out / 'parity.onnx'}, {out / 'backup.onnx'} (a cheap "
+          f"backup model, for --policy backup), {out / 'report.json'}")
     return 0
 
 
@@ -282,7 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
                          args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
                          args.port, args.inject, args.max_inflight, args.threads,
-                         args.hedge_ms, args.adaptive_warmup)
+                         args.hedge_ms, args.adaptive_warmup, args.backup_model)
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -493,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--encoder addition|concat -o DIR: train the base model "
                                    "(BaseMLP 200-100) and its parity model in PyTorch, judge "
                                    "them on coding groups of test images, and write "
-                                   "DIR/base.onnx, DIR/parity.onnx and DIR/report.json.")
+                                   "DIR/base.onnx, DIR/parity.onnx, DIR/backup.onnx (a "
+                                   "linear classifier for the cheap-backup baseline) and "
+                                   "DIR/report.json.")
     p.add_argument("action", choices=["train"])
     p.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
@@ -530,23 +535,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",
                        description="legato serve --model base.onnx --parity-model parity.onnx "
                                    "--k K --workers N --policy "
-                                   "none|replicate|hedge|parity|adaptive --deadline-ms D "
-                                   "--port P: start N model workers (plus "
-                                   "ceil(N/k) extra for the other policies) and serve "
+                                   "none|replicate|hedge|parity|adaptive|full|backup "
+                                   "--deadline-ms D --port P: start N model workers (plus "
+                                   "ceil(N/k) extra for the other policies, N for full) "
+                                   "and serve "
                                    "POST /v1/predict, GET /v1/health and GET /metrics "
                                    "(docs/parity.md).")
     p.add_argument("--model", required=True, help="the base model (.onnx)")
     p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
     p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
-    p.add_argument("--policy", choices=["none", "replicate", "hedge", "parity", "adaptive"],
-                   default="parity")
+    p.add_argument("--policy", default="parity",
+                   choices=["none", "replicate", "hedge", "parity", "adaptive", "full",
+                            "backup"],
+                   help="redundancy (default parity); full and backup are baselines: full "
+                        "replication, and a cheap backup model (docs/parity.md)")
+    p.add_argument("--backup-model", help="the cheap backup model (.onnx), for --policy "
+                   "backup (legato parity train writes backup.onnx)")
     p.add_argument("--adaptive-warmup", type=int, default=200,
                    help="adaptive: responses observed before the first choice between "
                         "waiting, hedging and parity (it hedges until then; default 200)")
     p.add_argument("--hedge-ms", type=float,
-                   help="hedge: send a second copy after this long (default: the 95th "
-                        "percentile of recent service times)")
+                   help="hedge and backup: send a second copy, or use the backup's answer, "
+                        "after this long (default: the 95th percentile of recent service "
+                        "times)")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--group-timeout-ms", type=float, default=10.0,
                    help="how long a partial coding group waits before it is padded")

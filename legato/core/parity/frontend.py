@@ -27,6 +27,12 @@ Policies:
 - `adaptive`: the extra servers run both models; each query waits, is hedged or is coded,
   whichever `adaptive.AdaptiveChooser` predicts gives the lowest p99.9 from the base workers'
   recent response times, the arrival rate and the parity model's measured accuracy;
+- `full`: full replication, N more base workers; every query goes to two at once and the
+  first answer wins;
+- `backup`: the extra servers run a cheap backup model (`--backup-model`, e.g. the linear
+  classifier `legato parity train` writes as backup.onnx); every query also goes there, and
+  a query whose worker has not answered by the hedge delay gets the backup's answer (source
+  `backup`, an approximate answer like a reconstruction);
 - `parity`: the extra servers run the parity model.
   - Queries from different users form coding groups of k, closing at k queries or after
     `group_timeout_ms` (padded).
@@ -64,7 +70,7 @@ from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
 
 __all__ = ["Frontend", "ServeConfig", "parse_inject"]
 
-POLICIES = ("none", "replicate", "hedge", "parity", "adaptive")
+POLICIES = ("none", "replicate", "hedge", "parity", "adaptive", "full", "backup")
 
 
 def parse_inject(text: str | None) -> dict[str, str]:
@@ -99,6 +105,7 @@ class ServeConfig:
     threads: int = 1
     hedge_ms: float | None = None
     adaptive_warmup: int = 200
+    backup_model: str | None = None
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -107,16 +114,21 @@ class ServeConfig:
                 or self.adaptive_warmup < 1):
             raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0, "
                               "--max-inflight >= 1 and --adaptive-warmup >= 1")
-        for path in (self.model, self.parity_model):
+        for path in (self.model, self.parity_model, self.backup_model):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{path} does not exist")
         if self.policy in ("parity", "adaptive") and self.parity_model is None:
             raise ConfigError(f"--policy {self.policy} needs --parity-model (legato parity "
                               "train writes one)")
+        if self.policy == "backup" and self.backup_model is None:
+            raise ConfigError("--policy backup needs --backup-model (legato parity train "
+                              "writes backup.onnx, a cheap linear classifier)")
         parse_inject(self.inject)
 
     @property
     def extra(self) -> int:
+        if self.policy == "full":
+            return self.workers
         return math.ceil(self.workers / self.k) if self.policy != "none" else 0
 
 
@@ -171,6 +183,8 @@ class _Query:
     start: float
     requests: list = dataclasses.field(default_factory=list)   # (worker, rid) in flight
     original: np.ndarray | None = None      # the worker's answer, once it came
+    backup: np.ndarray | None = None        # the cheap backup model's answer (policy backup)
+    late: bool = False                      # the hedge delay passed without the original
     group: CodingGroup | None = None
     position: int = -1
 
@@ -193,7 +207,9 @@ class Frontend:
         self._parity_model = 0
         self._parity_ok = False
         self.input_shape: list | None = None
-        self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "default": 0}
+        self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "backup": 0,
+                                       "default": 0}
+        self.backup: list[_Worker] = []
         self.rejected = {"bad_request": 0, "overload": 0}
         self.latency_ms: list[float] = []
         self.inflight = 0
@@ -214,14 +230,18 @@ class Frontend:
         n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
         self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), c.threads, False)
                      for i in range(n_base)]
-        if c.policy in ("hedge", "adaptive"):   # the extra servers take the hedged copies
-            models = c.model if c.policy == "hedge" else [c.model, c.parity_model]
+        if c.policy in ("hedge", "adaptive", "full"):   # extra servers for second copies
+            models = [c.model, c.parity_model] if c.policy == "adaptive" else c.model
             self.extra_base = [_Worker(n_base + i, models,
                                        inject.get(str(n_base + i), inject.get("*")),
                                        c.threads, c.policy == "adaptive")
                                for i in range(c.extra)]
         if c.policy == "parity":
             self.parity = [_Worker(n_base + i, c.parity_model, None, c.threads, True)
+                           for i in range(c.extra)]
+        if c.policy == "backup":
+            self.backup = [_Worker(n_base + i, c.backup_model,
+                                   inject.get(str(n_base + i), inject.get("*")), c.threads, True)
                            for i in range(c.extra)]
         # where parity queries go, and which of the worker's models answers them
         self._parity_pool, self._parity_model = ((self.extra_base, 1) if c.policy == "adaptive"
@@ -231,7 +251,7 @@ class Frontend:
             self.chooser = AdaptiveChooser(c.k, parity_ok=self._parity_ok,
                                            min_samples=c.adaptive_warmup,
                                            every=min(100, c.adaptive_warmup))
-        await asyncio.gather(*(w.start() for w in self.base + self.extra_base + self.parity))
+        await asyncio.gather(*(w.start() for w in self._all()))
         health = await self.base[0].client.health()
         self.input_shape = health["shape"]
         shape = list(self.input_shape[1:])
@@ -255,18 +275,21 @@ class Frontend:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
+    def _all(self) -> list[_Worker]:
+        return self.base + self.extra_base + self.parity + self.backup
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
-        await asyncio.gather(*(w.stop() for w in self.base + self.extra_base + self.parity))
+        await asyncio.gather(*(w.stop() for w in self._all()))
 
     async def _watch_workers(self) -> None:
         """Restart a worker whose process died or whose connection was lost."""
         while True:
             await asyncio.sleep(0.05)
-            for w in self.base + self.extra_base + self.parity:
+            for w in self._all():
                 if w.alive and w.proc is not None and w.proc.poll() is None:
                     continue
                 await w.stop()
@@ -360,7 +383,7 @@ class Frontend:
         workers = [{"index": w.index, "parity": w.parity, "alive": w.alive,
                     "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
                     "outstanding": w.outstanding}
-                   for w in self.base + self.extra_base + self.parity]
+                   for w in self._all()]
         return web.json_response({"ok": any(w.alive for w in self.base), "policy":
                                   self.config.policy, "k": self.config.k, "workers": workers,
                                   "inflight": self.inflight, "load": self.load,
@@ -376,7 +399,7 @@ class Frontend:
         lines += [f'legato_queries_total{{source="{s}"}} {n}' for s, n in self.counts.items()]
         lines += ["# TYPE legato_rejected_total counter"]
         lines += [f'legato_rejected_total{{reason="{r}"}} {n}' for r, n in self.rejected.items()]
-        restarts = sum(w.restarts for w in self.base + self.extra_base + self.parity)
+        restarts = sum(w.restarts for w in self._all())
         lines += ["# TYPE legato_inflight gauge", f"legato_inflight {self.inflight}",
                   "# TYPE legato_worker_restarts_total counter",
                   f"legato_worker_restarts_total {restarts}",
@@ -412,6 +435,10 @@ class Frontend:
         if policy == "hedge":
             delay = self._hedge_delay_s()
             asyncio.get_running_loop().call_later(delay, self._hedge, q, delay)
+        elif policy == "full":
+            self._send(q, self.extra_base, reason="the first of two replicas to answer")
+        elif policy == "backup":
+            self._send_backup(q)
         elif policy == "parity" and self._former is not None:
             group = self._former.add(q.x[0], q)
             if group is not None:
@@ -467,6 +494,38 @@ class Frontend:
             return
         self.hedges += 1
         self._send(q, self.extra_base, reason=f"hedged after {delay * 1e3:.0f} ms")
+
+    def _send_backup(self, q: _Query) -> None:
+        """Policy backup: the query also goes to the cheap model at once; its answer is
+        used if the original is still missing at the hedge delay."""
+        delay = self._hedge_delay_s()
+        reason = f"the cheap backup model's answer; the original was not in after " \
+                 f"{delay * 1e3:.0f} ms"
+
+        def late() -> None:
+            q.late = True
+            if q.backup is not None and not q.reply.done():
+                self._resolve(q, q.backup, "backup", reason)
+                self._cancel_requests(q)
+
+        asyncio.get_running_loop().call_later(delay, late)
+        w = self._pick(self.backup)
+        if w is None:
+            return
+        w.outstanding += 1
+        fut = w.client.submit(q.x)
+        q.requests.append((w, fut.rid))
+
+        def done(f: asyncio.Future) -> None:
+            w.outstanding -= 1
+            if f.cancelled() or f.exception() is not None:
+                return
+            q.backup = f.result()[0]
+            if q.late and not q.reply.done():
+                self._resolve(q, q.backup, "backup", reason)
+                self._cancel_requests(q, keep=w)
+
+        fut.add_done_callback(done)
 
     def _send(self, q: _Query, pool: list, avoid: _Worker | None = None,
               reason: str = "") -> _Worker | None:

@@ -39,6 +39,10 @@ def test_short_training_run_rebuilds_predictions_and_writes_onnx(tmp_path, capsy
     par = parity.run(None, {"x": AdditionEncoder(2).encode_batch(ds.x_test[groups])})[0]
     again = evaluate(outs, ds.y_test, groups, par)
     assert abs(again["degraded_accuracy"] - report["degraded_accuracy"]) < 0.01
+    # the cheap backup model: a linear classifier, less accurate than the base but useful
+    backup = ort.InferenceSession(str(out / "backup.onnx"), providers=["CPUExecutionProvider"])
+    acc = float((backup.run(None, {"x": ds.x_test})[0].argmax(1) == ds.y_test).mean())
+    assert 0.7 < acc and abs(acc - report["backup_accuracy"]) < 1e-6
 
     before = (out / "parity.onnx").read_bytes()
     assert main(argv) == 2

@@ -30,13 +30,16 @@ W = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
 @pytest.fixture(scope="module")
 def linear(tmp_path_factory):
     """F(x) = flatten(x) @ W for 1x8x8 images; linear, so P = F rebuilds answers exactly."""
-    path = tmp_path_factory.mktemp("serve") / "linear.onnx"
+    return write_linear(tmp_path_factory.mktemp("serve") / "linear.onnx", W)
+
+
+def write_linear(path, w):
     shape = numpy_helper.from_array(np.array([-1, 64], np.int64), "shape")
     g = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["f"]),
                            helper.make_node("MatMul", ["f", "w"], ["y"])], "linear",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, 8, 8])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 10])],
-                          [numpy_helper.from_array(W, "w"), shape])
+                          [numpy_helper.from_array(w, "w"), shape])
     save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return str(path)
 
@@ -324,3 +327,50 @@ def test_adaptive_never_codes_with_an_inaccurate_parity_model(linear, tmp_path):
     assert modes["parity"] == 0 and "parity" not in adaptive["predicted_p999_ms"], adaptive
     assert adaptive["mode"] in ("hedge", "wait") and modes["hedge"] >= 10, modes
     assert all(r["source"] == "original" for _, r in replies)
+
+
+def test_full_replication_sends_every_query_twice_and_the_first_answer_wins(linear):
+    srv = Server("--model", linear, "--workers", "2", "--policy", "full", "--deadline-ms",
+                 "600", "--inject", "0:delay_ms=1500")
+    try:
+        xs = queries(10, seed=6)
+        replies, _ = pairs_then_metrics(srv.url, xs, 120)
+        health = asyncio.run(get_json(srv.url + "/v1/health"))
+    finally:
+        srv.close()
+    assert len(health["workers"]) == 4                  # 2 base workers and 2 replicas
+    assert all(status == 200 and r["source"] == "original" and r["ms"] < 600
+               for status, r in replies), replies
+    for x, (_, r) in zip(xs, replies):
+        np.testing.assert_allclose(r["outputs"], (x.reshape(1, 64) @ W)[0], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_a_cheap_backup_answers_for_a_late_worker(linear, tmp_path):
+    """The backup model (here a different linear map) answers the queries whose worker is
+    1.5 s late, once the hedge delay passed; the others get their original answers."""
+    w_backup = np.random.default_rng(1).normal(size=(64, 10)).astype(np.float32)
+    backup = write_linear(tmp_path / "backup.onnx", w_backup)
+    srv = Server("--model", linear, "--backup-model", backup, "--workers", "2", "--k", "2",
+                 "--policy", "backup", "--hedge-ms", "100", "--deadline-ms", "600",
+                 "--inject", "0:delay_ms=1500")
+    try:
+        xs = queries(10, seed=7)
+        replies, metrics = pairs_then_metrics(srv.url, xs, 120)
+    finally:
+        srv.close()
+    assert all(status == 200 and r["source"] in ("original", "backup") for status, r in replies)
+    sources = [r["source"] for _, r in replies]
+    assert "backup" in sources and "original" in sources, sources
+    for x, (_, r) in zip(xs, replies):
+        want = x.reshape(1, 64) @ (W if r["source"] == "original" else w_backup)
+        np.testing.assert_allclose(r["outputs"], want[0], rtol=1e-4, atol=1e-4)
+        if r["source"] == "backup":
+            assert 100 <= r["ms"] < 600 and "backup model" in r["reason"], r
+    assert 'legato_queries_total{source="backup"}' in metrics
+
+
+def test_backup_policy_needs_a_backup_model(linear):
+    proc = subprocess.run([sys.executable, "-m", "legato.cli", "serve", "--model", linear,
+                           "--policy", "backup"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--backup-model" in proc.stderr, proc.stderr
