@@ -268,6 +268,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         FaultSpec.parse(args.inject)
         serve(args.model, host=args.host, port=args.port, threads=args.threads,
               inject=args.inject, exit_with_parent=args.exit_with_parent,
+              max_batch=args.max_batch,
               ready=lambda port: print(f"legato worker: serving {', '.join(args.model)} on "
                                        f"{args.host}:{port}", flush=True))
     except LegatoError as err:
@@ -285,7 +286,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
                          args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
                          args.port, args.inject, args.max_inflight, args.threads,
-                         args.hedge_ms, args.adaptive_warmup, args.backup_model)
+                         args.hedge_ms, args.adaptive_warmup, args.backup_model,
+                         args.max_batch)
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -528,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--inject", metavar="SPEC",
                    help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
+    p.add_argument("--max-batch", type=int, default=1, metavar="B",
+                   help="run up to B queued requests for the same model in one call "
+                        "(default 1)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="exit when the process that started this worker is gone")
     p.set_defaults(func=_cmd_worker)
@@ -568,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=1000,
                    help="open queries beyond which requests get 503 with Retry-After")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads per worker")
+    p.add_argument("--max-batch", type=int, default=1, metavar="B",
+                   help="each worker runs up to B queued queries in one call; coding groups "
+                        "are formed per query, so they span batches (default 1)")
     p.add_argument("--inject", metavar="SPEC",
                    help="faults per base worker, e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
     p.set_defaults(func=_cmd_serve)

@@ -106,14 +106,16 @@ class ServeConfig:
     hedge_ms: float | None = None
     adaptive_warmup: int = 200
     backup_model: str | None = None
+    max_batch: int = 1
 
     def check(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r} is unknown; known: {', '.join(POLICIES)}")
         if (self.workers < 1 or self.k < 2 or self.deadline_ms <= 0 or self.max_inflight < 1
-                or self.adaptive_warmup < 1):
+                or self.adaptive_warmup < 1 or self.max_batch < 1):
             raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0, "
-                              "--max-inflight >= 1 and --adaptive-warmup >= 1")
+                              "--max-inflight >= 1, --adaptive-warmup >= 1 and "
+                              "--max-batch >= 1")
         for path in (self.model, self.parity_model, self.backup_model):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{path} does not exist")
@@ -135,9 +137,9 @@ class ServeConfig:
 class _Worker:
     """One worker process and the frontend's connection to it; restarted when it dies."""
 
-    def __init__(self, index: int, model: str | list[str], inject: str | None, threads: int,
-                 parity: bool) -> None:
-        self.index, self.inject, self.threads = index, inject, threads
+    def __init__(self, index: int, model: str | list[str], inject: str | None,
+                 args: list[str], parity: bool) -> None:
+        self.index, self.inject, self.args = index, inject, args
         self.models = [model] if isinstance(model, str) else list(model)
         self.parity = parity
         self.proc: subprocess.Popen | None = None
@@ -150,8 +152,7 @@ class _Worker:
         return self.client is not None and not self.client.closed
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "legato.cli", "worker", "--threads", str(self.threads),
-                "--exit-with-parent"]
+        argv = [sys.executable, "-m", "legato.cli", "worker", *self.args, "--exit-with-parent"]
         for model in self.models:
             argv += ["--model", model]
         if self.inject:
@@ -227,21 +228,22 @@ class Frontend:
 
         c = self.config
         inject = parse_inject(c.inject)
+        args = ["--threads", str(c.threads), "--max-batch", str(c.max_batch)]
         n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
-        self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), c.threads, False)
+        self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), args, False)
                      for i in range(n_base)]
         if c.policy in ("hedge", "adaptive", "full"):   # extra servers for second copies
             models = [c.model, c.parity_model] if c.policy == "adaptive" else c.model
             self.extra_base = [_Worker(n_base + i, models,
                                        inject.get(str(n_base + i), inject.get("*")),
-                                       c.threads, c.policy == "adaptive")
+                                       args, c.policy == "adaptive")
                                for i in range(c.extra)]
         if c.policy == "parity":
-            self.parity = [_Worker(n_base + i, c.parity_model, None, c.threads, True)
+            self.parity = [_Worker(n_base + i, c.parity_model, None, args, True)
                            for i in range(c.extra)]
         if c.policy == "backup":
             self.backup = [_Worker(n_base + i, c.backup_model,
-                                   inject.get(str(n_base + i), inject.get("*")), c.threads, True)
+                                   inject.get(str(n_base + i), inject.get("*")), args, True)
                            for i in range(c.extra)]
         # where parity queries go, and which of the worker's models answers them
         self._parity_pool, self._parity_model = ((self.extra_base, 1) if c.policy == "adaptive"

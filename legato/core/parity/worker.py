@@ -1,12 +1,15 @@
 """A model worker: one ONNX model in onnxruntime behind the frame protocol (`wire.py`).
 
     legato worker --model base.onnx [--model parity.onnx] --port 7001 [--threads 1]
-                  [--inject pause=0.03,seed=1]
+                  [--max-batch 4] [--inject pause=0.03,seed=1]
 
 With several `--model`s a request names the one to run (`"model": i`, default 0): the adaptive
 policy's extra workers serve a hedged copy or a parity query, whichever is needed.
 
-Requests run one at a time in arrival order (FCFS, like one model replica). A request still
+Requests run in arrival order (FCFS, like one model replica), one at a time or, with
+`--max-batch B`, up to B queued requests for the same model in one onnxruntime call (dynamic
+batching: a batch is whatever queued while the previous one ran; an injected pause delays the
+whole batch by the longest pause drawn for its requests). A request still
 queued can be cancelled (`{"op": "cancel", "ids": [...]}`): the frontend does so when a
 reconstruction made it useless. Every request gets exactly one reply: `{"op": "reply", "id",
 "ms"}` with the output array, or `{"op": "error", "id", "error"}` (a bad input, or
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from legato.core.errors import ConfigError
-from legato.core.parity.faults import Faults, FaultSpec
+from legato.core.parity.faults import Faults, FaultSpec, start_hogs
 from legato.core.parity.wire import WireError, read_frame, write_frame
 
 __all__ = ["ModelWorker", "serve"]
@@ -48,7 +51,8 @@ class ModelWorker:
     """Serve `model_path` on host:port (port 0: any free port, see `port` after `start`)."""
 
     def __init__(self, model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0,
-                 threads: int = 1, faults: FaultSpec | None = None) -> None:
+                 threads: int = 1, faults: FaultSpec | None = None, max_batch: int = 1
+                 ) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -68,7 +72,10 @@ class ModelWorker:
         inp = self.sessions[0].get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = [d if isinstance(d, int) else None for d in inp.shape]
-        self.host, self.port = host, port
+        if max_batch < 1:
+            raise ConfigError(f"--max-batch {max_batch} is not >= 1")
+        self.host, self.port, self.max_batch = host, port, max_batch
+        self.batches = 0
         self.faults = Faults(faults or FaultSpec())
         self.queue: collections.deque[_Job] = collections.deque()
         self.served = 0
@@ -78,6 +85,7 @@ class ModelWorker:
 
     def health(self) -> dict:
         return {"op": "health", "ok": True, "queued": len(self.queue), "served": self.served,
+                "batches": self.batches, "max_batch": self.max_batch,
                 "input": self.input_name, "shape": self.input_shape,
                 "models": len(self.sessions)}
 
@@ -142,37 +150,68 @@ class ModelWorker:
                                            "error": f"unknown op {op!r} or wrong number of "
                                                     "arrays (predict takes one)"})
 
+    def _next_batch(self) -> list[_Job]:
+        """The oldest queued request and, up to max_batch, the next ones for the same model
+        with the same query shape (the others keep their places)."""
+        first = self.queue.popleft()
+        batch, keep = [first], collections.deque()
+        while self.queue and len(batch) < self.max_batch:
+            job = self.queue.popleft()
+            same = job.model == first.model and job.x.shape[1:] == first.x.shape[1:]
+            (batch if same else keep).append(job)
+        keep.extend(self.queue)
+        self.queue = keep
+        return batch
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
-            job = self.queue.popleft()
-            delay = self.faults.next_delay_s()
+            batch = self._next_batch()
+            delay = max(self.faults.next_delay_s() for _ in batch)
             t0 = time.perf_counter()
             if delay:
                 await asyncio.sleep(delay)
-            try:
-                out = await loop.run_in_executor(None, self._predict, job.x, job.model)
-                header, arrays = {"op": "reply", "id": job.rid}, [out]
-            except Exception as err:  # noqa: BLE001 (a bad input answers that request only)
-                header, arrays = {"op": "error", "id": job.rid,
-                                  "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}, []
-            header["ms"] = (time.perf_counter() - t0) * 1e3
-            self.served += 1
-            try:
-                async with job.lock:
-                    await write_frame(job.writer, header, arrays)
-            except (ConnectionError, RuntimeError):
-                pass                              # the client went away
+            replies = None
+            if len(batch) > 1:
+                try:
+                    out = await loop.run_in_executor(
+                        None, self._predict, np.concatenate([j.x for j in batch]),
+                        batch[0].model)
+                    outs = np.split(out, np.cumsum([len(j.x) for j in batch])[:-1])
+                    replies = [({"op": "reply", "id": j.rid}, [o]) for j, o in zip(batch, outs)]
+                except Exception:  # noqa: BLE001 (one bad input: run them one by one below)
+                    replies = None
+            if replies is None:
+                replies = [await self._predict_one(loop, j) for j in batch]
+            ms = (time.perf_counter() - t0) * 1e3
+            self.served += len(batch)
+            self.batches += 1
+            for job, (header, arrays) in zip(batch, replies):
+                header["ms"] = ms
+                try:
+                    async with job.lock:
+                        await write_frame(job.writer, header, arrays)
+                except (ConnectionError, RuntimeError):
+                    pass                          # the client went away
+
+    async def _predict_one(self, loop, job: _Job) -> tuple[dict, list]:
+        try:
+            out = await loop.run_in_executor(None, self._predict, job.x, job.model)
+            return {"op": "reply", "id": job.rid}, [out]
+        except Exception as err:  # noqa: BLE001 (a bad input answers that request only)
+            return {"op": "error", "id": job.rid,
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0]}"}, []
 
     def _predict(self, x: np.ndarray, model: int = 0) -> np.ndarray:
         return self.sessions[model].run(None, {self._inputs[model]: x})[0]
 
 
 def serve(model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0, threads: int = 1,
-          inject: str | None = None, ready=None, exit_with_parent: bool = False) -> None:
+          inject: str | None = None, ready=None, exit_with_parent: bool = False,
+          max_batch: int = 1) -> None:
     """Run a worker until killed; `ready(port)` is called once it listens. With
     `exit_with_parent` it also exits when the process that started it is gone (a frontend
     killed with SIGKILL leaves no orphan workers)."""
@@ -180,14 +219,20 @@ def serve(model_path: str | list[str], *, host: str = "127.0.0.1", port: int = 0
 
     async def main() -> None:
         parent = os.getppid()
+        spec = FaultSpec.parse(inject)
         worker = ModelWorker(model_path, host=host, port=port, threads=threads,
-                             faults=FaultSpec.parse(inject))
+                             faults=spec, max_batch=max_batch)
         await worker.start()
-        if ready is not None:
-            ready(worker.port)
-        while True:
-            await asyncio.sleep(0.5)
-            if exit_with_parent and os.getppid() != parent:
-                return
+        hogs = start_hogs(spec.hog)
+        try:
+            if ready is not None:
+                ready(worker.port)
+            while True:
+                await asyncio.sleep(0.5)
+                if exit_with_parent and os.getppid() != parent:
+                    return
+        finally:
+            for hog in hogs:
+                hog.kill()
 
     asyncio.run(main())

@@ -93,12 +93,15 @@ def queries(n, seed=0):
     return np.random.default_rng(seed).random((n, 1, 1, 8, 8), dtype=np.float32)
 
 
-def test_parity_rebuilds_a_stragglers_answers_exactly_before_the_deadline(linear):
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_parity_rebuilds_a_stragglers_answers_exactly_before_the_deadline(linear, batch):
+    """Also with workers batching queued queries (--max-batch): coding groups are formed per
+    query, so a group's members and its parity query may sit in different batches."""
     srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
                  "--policy", "parity", "--deadline-ms", "400", "--group-timeout-ms", "20",
-                 "--inject", "0:delay_ms=1500")
+                 "--inject", "0:delay_ms=1500;1:delay_ms=30", "--max-batch", str(batch))
     try:
-        xs = queries(8)
+        xs = queries(12)
         replies, metrics = pairs_then_metrics(srv.url, xs, 120)
     finally:
         srv.close()

@@ -175,3 +175,68 @@ def test_bad_command_lines_exit_2(model, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "cannot load the model" in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_dynamic_batching_runs_queued_requests_together_and_isolates_a_bad_one(model):
+    """With --max-batch 4, requests queued behind a slow first one run four at a time; a
+    float64 request in a batch makes the batched call fail, and then only it fails."""
+    proc, port = start_worker(model, "--max-batch", "4", "--inject", "delay_ms=100")
+    try:
+        async def main():
+            client = await WorkerClient.connect("127.0.0.1", port)
+            xs = [np.random.default_rng(i).normal(size=(1 + i % 2, 6)).astype(np.float32)
+                  for i in range(9)]
+            outs = await asyncio.gather(*(client.submit(x) for x in xs))
+            for x, out in zip(xs, outs):
+                np.testing.assert_allclose(out, x @ W, rtol=1e-5)
+            health = await client.health()
+            assert health["served"] == 9 and health["batches"] == 3, health   # 1 + 4 + 4
+            bad = np.ones((1, 6), np.float64)
+            good = [client.submit(x) for x in xs[:3]]
+            results = await asyncio.gather(client.submit(xs[0]), *good[1:],
+                                           client.submit(bad), return_exceptions=True)
+            assert isinstance(results[-1], WorkerError)
+            assert all(isinstance(r, np.ndarray) for r in results[:-1])
+            await asyncio.gather(*good, return_exceptions=True)
+            await client.close()
+
+        run(main())
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _stat(pid):
+    """(state, cpu seconds) of a process, or None once it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return None
+    if fields[0] == "Z":
+        return None
+    return fields[0], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_cpu_hog_runs_beside_the_worker_and_dies_with_it(model):
+    proc, port = start_worker(model, "--inject", "hog=1")
+    try:
+        hogs = _children(proc.pid)
+        assert len(hogs) == 1
+        before, t0 = _stat(hogs[0])[1], time.monotonic()
+        time.sleep(1.0)
+        used = _stat(hogs[0])[1] - before
+        assert used > 0.3 * (time.monotonic() - t0), used      # busy, even on 2 shared cores
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _stat(hogs[0]) is not None:
+        time.sleep(0.1)
+    assert _stat(hogs[0]) is None, "the hog outlived its worker"
