@@ -577,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each worker runs up to B queued queries in one call; coding groups "
                         "are formed per query, so they span batches (default 1)")
     p.add_argument("--inject", metavar="SPEC",
-                   help="faults per base worker, e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
+                   help="faults per worker index (base workers 0..N-1, then the extra ones; "
+                        "*: all), e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("loadgen", help="open-loop Poisson load on a prediction service",

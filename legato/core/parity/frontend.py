@@ -74,8 +74,10 @@ POLICIES = ("none", "replicate", "hedge", "parity", "adaptive", "full", "backup"
 
 
 def parse_inject(text: str | None) -> dict[str, str]:
-    """`"0:delay_ms=500;*:pause=0.01,seed=3"` -> {"0": ..., "*": ...}: faults per base worker
-    index ("*": every base worker; a worker's own entry wins)."""
+    """`"0:delay_ms=500;*:pause=0.01,seed=3"` -> {"0": ..., "*": ...}: faults per worker index
+    (base workers first, 0..N-1, then the extra ones: replicas, hedging, parity or backup
+    workers); "*" is every worker, base and extra, and a worker's own entry wins. A delay
+    standing in for a model's compute must slow the parity model too, which costs as much."""
     out: dict[str, str] = {}
     for item in filter(None, (text or "").split(";")):
         key, sep, spec = item.partition(":")
@@ -239,7 +241,8 @@ class Frontend:
                                        args, c.policy == "adaptive")
                                for i in range(c.extra)]
         if c.policy == "parity":
-            self.parity = [_Worker(n_base + i, c.parity_model, None, args, True)
+            self.parity = [_Worker(n_base + i, c.parity_model,
+                                   inject.get(str(n_base + i), inject.get("*")), args, True)
                            for i in range(c.extra)]
         if c.policy == "backup":
             self.backup = [_Worker(n_base + i, c.backup_model,

@@ -377,3 +377,17 @@ def test_backup_policy_needs_a_backup_model(linear):
     proc = subprocess.run([sys.executable, "-m", "legato.cli", "serve", "--model", linear,
                            "--policy", "backup"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--backup-model" in proc.stderr, proc.stderr
+
+
+def test_faults_for_every_worker_slow_the_parity_workers_too(linear):
+    """`*:` reaches the extra workers: the parity model costs what the base model costs, so a
+    delay standing in for compute must slow it too (worker 1 overrides it with no delay)."""
+    srv = Server("--model", linear, "--parity-model", linear, "--k", "2", "--workers", "2",
+                 "--policy", "parity", "--deadline-ms", "1000", "--group-timeout-ms", "20",
+                 "--inject", "*:delay_ms=150;0:delay_ms=1500;1:delay_ms=0")
+    try:
+        replies, _ = pairs_then_metrics(srv.url, queries(8, seed=8), 120)
+    finally:
+        srv.close()
+    rebuilt = [r for _, r in replies if r["source"] == "reconstructed"]
+    assert rebuilt and all(150 <= r["ms"] < 1000 for r in rebuilt), replies
