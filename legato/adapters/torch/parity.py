@@ -13,7 +13,6 @@ in onnxruntime.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,11 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from legato.core._files import atomic_json, atomic_write
-from legato.core.errors import ConfigError
+from legato.core._files import atomic_write
 from legato.core.parity import datasets
-from legato.core.parity.codes import Encoder, make_encoder
-from legato.core.parity.training import evaluate, overall_accuracy, sample_groups
+from legato.core.parity.codes import Encoder
+from legato.core.parity.training import sample_groups, train_pair
 
 __all__ = ["base_mlp", "export_onnx", "outputs_of", "train_backup", "train_base",
            "train_parity", "train_parity_pair"]
@@ -150,53 +148,38 @@ def _check_in_onnxruntime(model: nn.Module, proto, shape: Sequence[int]) -> None
                            f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
-def train_parity_pair(dataset: str, k: int, encoder: str = "addition",
+class _TorchTrainer:
+    framework = "torch"
+
+    def train_base(self, ds, *, epochs, seed, hidden):
+        return train_base(ds, epochs=epochs, seed=seed, hidden=hidden)
+
+    def outputs_of(self, model, x):
+        return outputs_of(model, x)
+
+    def train_parity(self, base_outputs, x_train, encoder, classes, *, steps, seed,
+                     time_limit_s):
+        return train_parity(base_outputs, x_train, encoder, classes, steps=steps, seed=seed,
+                            time_limit_s=time_limit_s)
+
+    def export_onnx(self, model, shape, path):
+        return export_onnx(model, shape, path)
+
+    def check_export(self) -> None:
+        import onnx  # noqa: F401 (both come with legato's requirements)
+        import onnxruntime  # noqa: F401
+
+    def widths(self, model):
+        return [m.out_features for m in model if isinstance(m, nn.Linear)]
+
+
+def train_parity_pair(dataset: str | datasets.Dataset, k: int, encoder: str = "addition",
                       out_dir: str | Path | None = None, *, base_epochs: int = 30,
                       parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
                       time_limit_s: float | None = None) -> dict[str, Any]:
-    """Train a base model and its parity model on `dataset`, judge them, and (with `out_dir`)
-    write `base.onnx`, `parity.onnx` and `report.json` there, and `backup.onnx`, a cheap
-    backup model (`train_backup`) for the baseline that serves one.
-
-    Returns the report: the dataset, k, encoder, sizes, base accuracy, reconstruction and
-    degraded-mode accuracy on `test_groups` groups of test images, overall accuracy at a few
-    fractions of rebuilt answers, and training times.
-    """
-    if encoder not in ("addition", "concat"):
-        raise ConfigError(f"encoder {encoder!r} is unknown; known: addition, concat")
-    t0 = time.perf_counter()
-    ds = datasets.load(dataset, seed=seed)
-    enc = make_encoder(encoder, k, ds.shape)
-    base = train_base(ds, epochs=base_epochs, seed=seed)
-    base_s = time.perf_counter() - t0
-    cached = outputs_of(base, ds.x_train)
-    parity, info = train_parity(cached, ds.x_train, enc, ds.classes, steps=parity_steps,
-                                seed=seed, time_limit_s=time_limit_s)
-    rng = np.random.default_rng(seed + 1)
-    groups = sample_groups(len(ds.x_test), k, test_groups, rng)
-    test_out = outputs_of(base, ds.x_test)
-    parity_out = outputs_of(parity, enc.encode_batch(ds.x_test[groups]).astype(np.float32))
-    scores = evaluate(test_out, ds.y_test, groups, parity_out)
-    backup = train_backup(ds, epochs=base_epochs, seed=seed)
-    backup_acc = float((outputs_of(backup, ds.x_test).argmax(axis=1) == ds.y_test).mean())
-    report = {
-        "dataset": dataset, "k": k, **enc.describe(), "query_shape": list(ds.shape),
-        "train_images": len(ds.x_train), "test_images": len(ds.x_test),
-        "test_groups": test_groups, **scores,
-        "overall_accuracy": {str(f): overall_accuracy(scores["base_accuracy"],
-                                                      scores["degraded_accuracy"], f)
-                             for f in (0.01, 0.05, 0.1)},
-        "backup_accuracy": backup_acc,
-        "default_answer_accuracy": float(np.bincount(ds.y_test).max() / len(ds.y_test)),
-        "base_training_s": base_s, "parity_training": info,
-        "seconds": time.perf_counter() - t0, "seed": seed,
-        "model": "BaseMLP " + "-".join(str(m.out_features) for m in base
-                                       if isinstance(m, nn.Linear)),
-    }
-    if out_dir is not None:
-        out = Path(out_dir)
-        export_onnx(base, ds.shape, out / "base.onnx")
-        export_onnx(parity, ds.shape, out / "parity.onnx")
-        export_onnx(backup, ds.shape, out / "backup.onnx")
-        atomic_json(out / "report.json", report)
-    return json.loads(json.dumps(report))
+    """Train a base model, its parity model and a cheap backup model (`train_backup`) on
+    `dataset` in PyTorch, judge them, and (with `out_dir`) write `base.onnx`, `parity.onnx`,
+    `backup.onnx` and `report.json` there (`legato.core.parity.training.train_pair`)."""
+    return train_pair(_TorchTrainer(), dataset, k, encoder, out_dir, base_epochs=base_epochs,
+                      parity_steps=parity_steps, test_groups=test_groups, seed=seed,
+                      time_limit_s=time_limit_s)

@@ -7,18 +7,23 @@ dataset, the regression target, and the accuracies a parity model is judged by.
 - overall accuracy when a fraction f of answers is rebuilt: (1 - f) * A + f * A_degraded, with
   A the base model's accuracy.
 
-Framework adapters (`legato.adapters.torch.parity`, ...) run the models; they hand numpy arrays
-of outputs to `evaluate`.
+Framework adapters (`legato.adapters.{torch,tensorflow,mxnet}.parity`) run the models; each
+gives `train_pair` a `Trainer` (train, predict, export) and gets the same report.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from legato.core.errors import ConfigError
 from legato.core.parity.codes import SubtractionDecoder
 
-__all__ = ["evaluate", "overall_accuracy", "sample_groups"]
+__all__ = ["Trainer", "evaluate", "overall_accuracy", "sample_groups", "train_pair"]
 
 
 def sample_groups(n_items: int, k: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
@@ -66,3 +71,83 @@ def overall_accuracy(base_accuracy: float, degraded_accuracy: float, f: float) -
     if not 0 <= f <= 1:
         raise ConfigError(f"f={f} is not a fraction")
     return (1 - f) * base_accuracy + f * degraded_accuracy
+
+
+class Trainer(Protocol):
+    """What a framework adapter gives `train_pair`: its own models, training and export."""
+
+    framework: str
+
+    def train_base(self, ds: Any, *, epochs: int, seed: int, hidden: Sequence[int]) -> Any: ...
+
+    def outputs_of(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+
+    def train_parity(self, base_outputs: np.ndarray, x_train: np.ndarray, encoder: Any,
+                     classes: int, *, steps: int, seed: int,
+                     time_limit_s: float | None) -> tuple[Any, dict]: ...
+
+    def export_onnx(self, model: Any, shape: Sequence[int], path: Path) -> Path: ...
+
+    def check_export(self) -> None:
+        """Raise BackendUnavailable now if export cannot work (before hours of training)."""
+
+    def widths(self, model: Any) -> list[int]:
+        """The model's layer widths (for the report's model name)."""
+
+
+def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition",
+               out_dir: str | Path | None = None, *, base_epochs: int = 30,
+               parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
+               time_limit_s: float | None = None) -> dict[str, Any]:
+    """Train a base model, its parity model and a cheap backup model (a linear classifier)
+    with `trainer`'s framework on `dataset` (a built-in's name, or a `datasets.Dataset`), judge them on `test_groups` coding groups of test images, and
+    (with `out_dir`) write base.onnx, parity.onnx, backup.onnx and report.json there.
+
+    The report: dataset, k, encoder, sizes, base accuracy, reconstruction and degraded-mode
+    accuracy, overall accuracy at a few fractions of rebuilt answers, the backup model's and a
+    default answer's accuracy, training times, the framework."""
+    from legato.core._files import atomic_json
+    from legato.core.parity import datasets
+    from legato.core.parity.codes import make_encoder
+
+    if encoder not in ("addition", "concat"):
+        raise ConfigError(f"encoder {encoder!r} is unknown; known: addition, concat")
+    if out_dir is not None:
+        trainer.check_export()                 # fail before training, not after
+    t0 = time.perf_counter()
+    ds = dataset if isinstance(dataset, datasets.Dataset) else datasets.load(dataset, seed=seed)
+    enc = make_encoder(encoder, k, ds.shape)
+    base = trainer.train_base(ds, epochs=base_epochs, seed=seed, hidden=(200, 100))
+    base_s = time.perf_counter() - t0
+    cached = trainer.outputs_of(base, ds.x_train)
+    parity, info = trainer.train_parity(cached, ds.x_train, enc, ds.classes,
+                                        steps=parity_steps, seed=seed,
+                                        time_limit_s=time_limit_s)
+    groups = sample_groups(len(ds.x_test), k, test_groups, np.random.default_rng(seed + 1))
+    test_out = trainer.outputs_of(base, ds.x_test)
+    parity_out = trainer.outputs_of(parity,
+                                    enc.encode_batch(ds.x_test[groups]).astype(np.float32))
+    scores = evaluate(test_out, ds.y_test, groups, parity_out)
+    backup = trainer.train_base(ds, epochs=base_epochs, seed=seed, hidden=())
+    backup_acc = float((trainer.outputs_of(backup, ds.x_test).argmax(axis=1)
+                        == ds.y_test).mean())
+    report = {
+        "dataset": ds.name, "k": k, **enc.describe(), "query_shape": list(ds.shape),
+        "train_images": len(ds.x_train), "test_images": len(ds.x_test),
+        "test_groups": test_groups, **scores,
+        "overall_accuracy": {str(f): overall_accuracy(scores["base_accuracy"],
+                                                      scores["degraded_accuracy"], f)
+                             for f in (0.01, 0.05, 0.1)},
+        "backup_accuracy": backup_acc,
+        "default_answer_accuracy": float(np.bincount(ds.y_test).max() / len(ds.y_test)),
+        "base_training_s": base_s, "parity_training": info,
+        "seconds": time.perf_counter() - t0, "seed": seed, "framework": trainer.framework,
+        "model": "BaseMLP " + "-".join(str(w) for w in trainer.widths(base)),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        trainer.export_onnx(base, ds.shape, out / "base.onnx")
+        trainer.export_onnx(parity, ds.shape, out / "parity.onnx")
+        trainer.export_onnx(backup, ds.shape, out / "backup.onnx")
+        atomic_json(out / "report.json", report)
+    return json.loads(json.dumps(report))
