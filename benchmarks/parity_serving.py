@@ -124,13 +124,13 @@ def fault_spec(args: argparse.Namespace, policy: str, k: int, seed: int) -> str:
     a cheap backup model's workers wait 1/k of it; with --scenario slow-worker, worker 0 also
     waits 10 more service times."""
     p, alpha, scale = (float(v) for v in args.pause.split(","))
-    pauses = f"pause={p},alpha={alpha},scale_ms={scale},seed={seed}"
-    spec = f"*:delay_ms={args.service_ms},{pauses}"
+    pauses = f"pause={p},alpha={alpha},scale_ms={scale}"
+    spec = f"*:delay_ms={args.service_ms},{pauses},seed={seed}"   # worker i draws with seed + i
     if args.scenario == "slow-worker":
-        spec += f";0:delay_ms={args.service_ms * 11},{pauses}"
+        spec += f";0:delay_ms={args.service_ms * 11},{pauses},seed={seed}"
     if policy == "backup":
-        spec += "".join(f";{args.workers + i}:delay_ms={args.service_ms / k},{pauses}"
-                        for i in range(math.ceil(args.workers / k)))
+        spec += "".join(f";{i}:delay_ms={args.service_ms / k},{pauses},seed={seed + i}"
+                        for i in range(args.workers, args.workers + math.ceil(args.workers / k)))
     return spec
 
 

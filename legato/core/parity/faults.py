@@ -67,6 +67,14 @@ class FaultSpec:
         return spec
 
 
+    def with_seed(self, seed: int) -> "FaultSpec":
+        return dataclasses.replace(self, seed=seed)
+
+    def format(self) -> str:
+        """The spec as `parse` reads it."""
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
 class Faults:
     """Draws each request's extra delay (seconds) from a spec, in request order."""
 

@@ -14,6 +14,7 @@ Every query gets exactly one reply, `{"outputs", "class", "source", "reason", "m
 `source` one of:
 - `original`: a worker answered;
 - `reconstructed`: decoded from its coding group;
+- `backup`: the cheap backup model's answer (policy backup only);
 - `default`: nothing came in time, and the reply carries the default output (zeros) with the
   reason.
 
@@ -27,18 +28,18 @@ Policies:
 - `adaptive`: the extra servers run both models; each query waits, is hedged or is coded,
   whichever `adaptive.AdaptiveChooser` predicts gives the lowest p99.9 from the base workers'
   recent response times, the arrival rate and the parity model's measured accuracy;
-- `full`: full replication, N more base workers; every query goes to two at once and the
-  first answer wins;
-- `backup`: the extra servers run a cheap backup model (`--backup-model`, e.g. the linear
-  classifier `legato parity train` writes as backup.onnx); every query also goes there, and
-  a query whose worker has not answered by the hedge delay gets the backup's answer (source
-  `backup`, an approximate answer like a reconstruction);
 - `parity`: the extra servers run the parity model.
   - Queries from different users form coding groups of k, closing at k queries or after
     `group_timeout_ms` (padded).
   - Each query goes to its worker at once; the parity query goes to a parity worker.
   - As soon as any k of the k + 1 outputs are in, the missing one is decoded, and the work that
     became useless is cancelled where still queued.
+- `full`: full replication, N more base workers; every query goes to two at once and the
+  first answer wins;
+- `backup`: the extra servers run a cheap backup model (`--backup-model`, e.g. the linear
+  classifier `legato parity train` writes as backup.onnx); every query also goes there, and
+  a query whose worker has not answered by the hedge delay gets the backup's answer (source
+  `backup`, an approximate answer like a reconstruction).
 
 A request whose worker failed is retried on another worker while its deadline allows.
 Bad input gets a 4xx naming the problem. When more than `max_inflight` queries are open, a 503
@@ -68,7 +69,7 @@ from legato.core.parity.codes import make_encoder
 from legato.core.parity.faults import FaultSpec
 from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
 
-__all__ = ["Frontend", "ServeConfig", "parse_inject"]
+__all__ = ["Frontend", "ServeConfig", "faults_for", "parse_inject"]
 
 POLICIES = ("none", "replicate", "hedge", "parity", "adaptive", "full", "backup")
 
@@ -77,7 +78,9 @@ def parse_inject(text: str | None) -> dict[str, str]:
     """`"0:delay_ms=500;*:pause=0.01,seed=3"` -> {"0": ..., "*": ...}: faults per worker index
     (base workers first, 0..N-1, then the extra ones: replicas, hedging, parity or backup
     workers); "*" is every worker, base and extra, and a worker's own entry wins. A delay
-    standing in for a model's compute must slow the parity model too, which costs as much."""
+    standing in for a model's compute must slow the parity model too, which costs as much.
+    Under "*", worker i draws with seed + i (`faults_for`): the same seed everywhere would
+    pause every worker's n-th request, stragglers in lockstep."""
     out: dict[str, str] = {}
     for item in filter(None, (text or "").split(";")):
         key, sep, spec = item.partition(":")
@@ -88,6 +91,16 @@ def parse_inject(text: str | None) -> dict[str, str]:
         FaultSpec.parse(spec)
         out[key] = spec
     return out
+
+
+def faults_for(inject: dict[str, str], index: int) -> str | None:
+    """Worker `index`'s fault spec: its own entry, else "*" with the seed offset by index."""
+    if str(index) in inject:
+        return inject[str(index)]
+    if "*" in inject:
+        spec = FaultSpec.parse(inject["*"])
+        return spec.with_seed(spec.seed + index).format()
+    return None
 
 
 @dataclasses.dataclass
@@ -140,10 +153,10 @@ class _Worker:
     """One worker process and the frontend's connection to it; restarted when it dies."""
 
     def __init__(self, index: int, model: str | list[str], inject: str | None,
-                 args: list[str], parity: bool) -> None:
+                 args: list[str], role: str) -> None:
         self.index, self.inject, self.args = index, inject, args
         self.models = [model] if isinstance(model, str) else list(model)
-        self.parity = parity
+        self.role = role          # base, replica (hedge, full), parity, both (adaptive), backup
         self.proc: subprocess.Popen | None = None
         self.client: WorkerClient | None = None
         self.restarts = 0
@@ -232,21 +245,21 @@ class Frontend:
         inject = parse_inject(c.inject)
         args = ["--threads", str(c.threads), "--max-batch", str(c.max_batch)]
         n_base = c.workers + (c.extra if c.policy == "replicate" else 0)
-        self.base = [_Worker(i, c.model, inject.get(str(i), inject.get("*")), args, False)
+        self.base = [_Worker(i, c.model, faults_for(inject, i), args, "base")
                      for i in range(n_base)]
         if c.policy in ("hedge", "adaptive", "full"):   # extra servers for second copies
             models = [c.model, c.parity_model] if c.policy == "adaptive" else c.model
             self.extra_base = [_Worker(n_base + i, models,
-                                       inject.get(str(n_base + i), inject.get("*")),
-                                       args, c.policy == "adaptive")
+                                       faults_for(inject, n_base + i),
+                                       args, "both" if c.policy == "adaptive" else "replica")
                                for i in range(c.extra)]
         if c.policy == "parity":
             self.parity = [_Worker(n_base + i, c.parity_model,
-                                   inject.get(str(n_base + i), inject.get("*")), args, True)
+                                   faults_for(inject, n_base + i), args, "parity")
                            for i in range(c.extra)]
         if c.policy == "backup":
             self.backup = [_Worker(n_base + i, c.backup_model,
-                                   inject.get(str(n_base + i), inject.get("*")), args, True)
+                                   faults_for(inject, n_base + i), args, "backup")
                            for i in range(c.extra)]
         # where parity queries go, and which of the worker's models answers them
         self._parity_pool, self._parity_model = ((self.extra_base, 1) if c.policy == "adaptive"
@@ -385,7 +398,7 @@ class Frontend:
     async def _health(self, request):
         from aiohttp import web
 
-        workers = [{"index": w.index, "parity": w.parity, "alive": w.alive,
+        workers = [{"index": w.index, "role": w.role, "alive": w.alive,
                     "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
                     "outstanding": w.outstanding}
                    for w in self._all()]
@@ -559,7 +572,7 @@ class Frontend:
         if err is None:
             ms = (time.monotonic() - sent) * 1e3
             self._service_ms.append(ms)
-            if self.chooser is not None and not w.parity:
+            if self.chooser is not None and w.role == "base":
                 self.chooser.model.observe(w.index, ms)
             if q.reply.done() and q.original is not None:
                 return                          # the other copy of a hedged query won

@@ -391,3 +391,15 @@ def test_faults_for_every_worker_slow_the_parity_workers_too(linear):
         srv.close()
     rebuilt = [r for _, r in replies if r["source"] == "reconstructed"]
     assert rebuilt and all(150 <= r["ms"] < 1000 for r in rebuilt), replies
+
+
+def test_faults_for_every_worker_draw_with_a_seed_per_worker():
+    """The same seed on every worker would pause their n-th requests together."""
+    from legato.core.parity.faults import FaultSpec
+    from legato.core.parity.frontend import faults_for, parse_inject
+
+    inject = parse_inject("*:delay_ms=20,pause=0.03,seed=7;1:delay_ms=5")
+    specs = [FaultSpec.parse(faults_for(inject, i)) for i in range(4)]
+    assert [s.seed for s in specs] == [7, 0, 9, 10]
+    assert specs[1].delay_ms == 5 and specs[3].delay_ms == 20 and specs[3].pause == 0.03
+    assert faults_for(parse_inject(None), 0) is None
