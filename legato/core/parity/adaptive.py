@@ -18,8 +18,8 @@ a group's other members then run elsewhere, and the independence of a pooled mod
 count that worker's slowness twice.
 
 `AdaptiveChooser` re-predicts every `every` queries and keeps its mode unless another is
-predicted 20% faster (`switch_gain`) (hysteresis: flapping between modes would split coding
-groups and load the extra workers with both kinds of work). It waits rather than adds copies
+predicted 20% faster (`switch_gain`). This hysteresis matters: flapping between modes would
+split coding groups and load the extra workers with both kinds of work. It waits rather than adds copies
 when waiting is predicted within `wait_slack` of the best; it never codes when the parity
 model's measured accuracy is too low; and until enough responses are seen it hedges.
 """

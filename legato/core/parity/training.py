@@ -100,8 +100,9 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
                parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
                time_limit_s: float | None = None) -> dict[str, Any]:
     """Train a base model, its parity model and a cheap backup model (a linear classifier)
-    with `trainer`'s framework on `dataset` (a built-in's name, or a `datasets.Dataset`), judge them on `test_groups` coding groups of test images, and
-    (with `out_dir`) write base.onnx, parity.onnx, backup.onnx and report.json there.
+    with `trainer`'s framework on `dataset` (a built-in's name, or a `datasets.Dataset`),
+    judge them on `test_groups` coding groups of test images, and (with `out_dir`) write
+    base.onnx, parity.onnx, backup.onnx and report.json there.
 
     The report: dataset, k, encoder, sizes, base accuracy, reconstruction and degraded-mode
     accuracy, overall accuracy at a few fractions of rebuilt answers, the backup model's and a
