@@ -1,4 +1,4 @@
-"""A model worker: one ONNX model in onnxruntime behind the frame protocol (`wire.py`).
+"""A model worker: ONNX models in onnxruntime behind the frame protocol (`wire.py`).
 
     legato worker --model base.onnx [--model parity.onnx] --port 7001 [--threads 1]
                   [--max-batch 4] [--inject pause=0.03,seed=1]

@@ -191,13 +191,14 @@ def test_dynamic_batching_runs_queued_requests_together_and_isolates_a_bad_one(m
                 np.testing.assert_allclose(out, x @ W, rtol=1e-5)
             health = await client.health()
             assert health["served"] == 9 and health["batches"] == 3, health   # 1 + 4 + 4
-            bad = np.ones((1, 6), np.float64)
-            good = [client.submit(x) for x in xs[:3]]
-            results = await asyncio.gather(client.submit(xs[0]), *good[1:],
-                                           client.submit(bad), return_exceptions=True)
-            assert isinstance(results[-1], WorkerError)
-            assert all(isinstance(r, np.ndarray) for r in results[:-1])
-            await asyncio.gather(*good, return_exceptions=True)
+            first = client.submit(xs[0])              # runs alone while the next four queue
+            queued = [client.submit(x) for x in xs[1:4]]
+            queued.append(client.submit(np.ones((1, 6), np.float64)))
+            results = await asyncio.gather(first, *queued, return_exceptions=True)
+            assert isinstance(results[-1], WorkerError), results[-1]
+            for x, out in zip(xs, results[:-1]):
+                np.testing.assert_allclose(out, x @ W, rtol=1e-5)
+            assert (await client.health())["batches"] == 3 + 2      # alone, then one of four
             await client.close()
 
         run(main())
