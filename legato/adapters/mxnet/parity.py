@@ -40,7 +40,7 @@ from legato.core._files import atomic_write
 from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.parity import datasets
 from legato.core.parity.codes import Encoder
-from legato.core.parity.training import sample_groups, train_pair
+from legato.core.parity.training import Trainer, pair_trainer, sample_groups
 
 __all__ = ["base_mlp", "export_onnx", "outputs_of", "train_base", "train_parity",
            "train_parity_pair"]
@@ -206,38 +206,6 @@ def _check_in_onnxruntime(model: gluon.HybridBlock, proto: Any, shape: Sequence[
                            f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
-class _Trainer:
-    framework = "mxnet"
-
-    def train_base(self, ds, *, epochs, seed, hidden):
-        return train_base(ds, epochs=epochs, seed=seed, hidden=hidden)
-
-    def outputs_of(self, model, x):
-        return outputs_of(model, x)
-
-    def train_parity(self, base_outputs, x_train, encoder, classes, *, steps, seed,
-                     time_limit_s):
-        return train_parity(base_outputs, x_train, encoder, classes, steps=steps, seed=seed,
-                            time_limit_s=time_limit_s)
-
-    def export_onnx(self, model, shape, path):
-        return export_onnx(model, shape, path)
-
-    def check_export(self) -> None:
-        _onnx_modules()
-
-    def widths(self, model):
-        return [layer._units for layer in model if isinstance(layer, nn.Dense)]
-
-
-def train_parity_pair(dataset: str | datasets.Dataset, k: int, encoder: str = "addition",
-                      out_dir: str | Path | None = None, *, base_epochs: int = 30,
-                      parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
-                      time_limit_s: float | None = None) -> dict[str, Any]:
-    """Train a base model, its parity model and a cheap backup model (a linear classifier)
-    on `dataset`, judge them, and (with `out_dir`) write `base.onnx`, `parity.onnx`,
-    `backup.onnx` and `report.json` there (`legato.core.parity.training.train_pair`; the
-    report says "framework": "mxnet")."""
-    return train_pair(_Trainer(), dataset, k, encoder, out_dir, base_epochs=base_epochs,
-                      parity_steps=parity_steps, test_groups=test_groups, seed=seed,
-                      time_limit_s=time_limit_s)
+train_parity_pair = pair_trainer(Trainer(
+    "mxnet", train_base, outputs_of, train_parity, export_onnx, check_export=_onnx_modules,
+    widths=lambda model: [layer._units for layer in model if isinstance(layer, nn.Dense)]))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from legato.core._files import atomic_write
 from legato.core.parity import datasets
 from legato.core.parity.codes import Encoder
-from legato.core.parity.training import sample_groups, train_pair
+from legato.core.parity.training import Trainer, pair_trainer, sample_groups
 
 __all__ = ["base_mlp", "export_onnx", "outputs_of", "train_backup", "train_base",
            "train_parity", "train_parity_pair"]
@@ -148,38 +148,11 @@ def _check_in_onnxruntime(model: nn.Module, proto, shape: Sequence[int]) -> None
                            f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
-class _TorchTrainer:
-    framework = "torch"
-
-    def train_base(self, ds, *, epochs, seed, hidden):
-        return train_base(ds, epochs=epochs, seed=seed, hidden=hidden)
-
-    def outputs_of(self, model, x):
-        return outputs_of(model, x)
-
-    def train_parity(self, base_outputs, x_train, encoder, classes, *, steps, seed,
-                     time_limit_s):
-        return train_parity(base_outputs, x_train, encoder, classes, steps=steps, seed=seed,
-                            time_limit_s=time_limit_s)
-
-    def export_onnx(self, model, shape, path):
-        return export_onnx(model, shape, path)
-
-    def check_export(self) -> None:
-        import onnx  # noqa: F401 (both come with legato's requirements)
-        import onnxruntime  # noqa: F401
-
-    def widths(self, model):
-        return [m.out_features for m in model if isinstance(m, nn.Linear)]
+def _check_export() -> None:
+    import onnx  # noqa: F401 (both come with legato's requirements)
+    import onnxruntime  # noqa: F401
 
 
-def train_parity_pair(dataset: str | datasets.Dataset, k: int, encoder: str = "addition",
-                      out_dir: str | Path | None = None, *, base_epochs: int = 30,
-                      parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
-                      time_limit_s: float | None = None) -> dict[str, Any]:
-    """Train a base model, its parity model and a cheap backup model (`train_backup`) on
-    `dataset` in PyTorch, judge them, and (with `out_dir`) write `base.onnx`, `parity.onnx`,
-    `backup.onnx` and `report.json` there (`legato.core.parity.training.train_pair`)."""
-    return train_pair(_TorchTrainer(), dataset, k, encoder, out_dir, base_epochs=base_epochs,
-                      parity_steps=parity_steps, test_groups=test_groups, seed=seed,
-                      time_limit_s=time_limit_s)
+train_parity_pair = pair_trainer(Trainer(
+    "torch", train_base, outputs_of, train_parity, export_onnx, check_export=_check_export,
+    widths=lambda model: [m.out_features for m in model if isinstance(m, nn.Linear)]))

@@ -13,17 +13,19 @@ gives `train_pair` a `Trainer` (train, predict, export) and gets the same report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from legato.core.errors import ConfigError
 from legato.core.parity.codes import SubtractionDecoder
 
-__all__ = ["Trainer", "evaluate", "overall_accuracy", "sample_groups", "train_pair"]
+__all__ = ["Trainer", "evaluate", "overall_accuracy", "pair_trainer", "sample_groups",
+           "train_pair"]
 
 
 def sample_groups(n_items: int, k: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
@@ -73,26 +75,46 @@ def overall_accuracy(base_accuracy: float, degraded_accuracy: float, f: float) -
     return (1 - f) * base_accuracy + f * degraded_accuracy
 
 
-class Trainer(Protocol):
-    """What a framework adapter gives `train_pair`: its own models, training and export."""
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a framework adapter gives `train_pair`: its own models, training and export, as
+    the adapter's module-level functions.
+
+    - train_base(ds, *, epochs, seed, hidden) -> model (hidden=(): a linear classifier);
+    - outputs_of(model, x) -> numpy outputs;
+    - train_parity(base_outputs, x_train, encoder, classes, *, steps, seed, time_limit_s)
+      -> (model, info);
+    - export_onnx(model, shape, path) -> path, checked in onnxruntime;
+    - check_export() raises BackendUnavailable now if export cannot work (before training);
+    - widths(model) -> layer widths, for the report's model name.
+    """
 
     framework: str
+    train_base: Callable[..., Any]
+    outputs_of: Callable[[Any, np.ndarray], np.ndarray]
+    train_parity: Callable[..., tuple[Any, dict]]
+    export_onnx: Callable[[Any, Sequence[int], Path], Path]
+    check_export: Callable[[], None]
+    widths: Callable[[Any], list[int]]
 
-    def train_base(self, ds: Any, *, epochs: int, seed: int, hidden: Sequence[int]) -> Any: ...
 
-    def outputs_of(self, model: Any, x: np.ndarray) -> np.ndarray: ...
+def pair_trainer(trainer: Trainer) -> Callable[..., dict[str, Any]]:
+    """The adapter's `train_parity_pair(dataset, k, encoder, out_dir, ...)`: `train_pair` with
+    this framework."""
+    def train_parity_pair(dataset: Any, k: int, encoder: str = "addition",
+                          out_dir: str | Path | None = None, *, base_epochs: int = 30,
+                          parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
+                          time_limit_s: float | None = None) -> dict[str, Any]:
+        return train_pair(trainer, dataset, k, encoder, out_dir, base_epochs=base_epochs,
+                          parity_steps=parity_steps, test_groups=test_groups, seed=seed,
+                          time_limit_s=time_limit_s)
 
-    def train_parity(self, base_outputs: np.ndarray, x_train: np.ndarray, encoder: Any,
-                     classes: int, *, steps: int, seed: int,
-                     time_limit_s: float | None) -> tuple[Any, dict]: ...
-
-    def export_onnx(self, model: Any, shape: Sequence[int], path: Path) -> Path: ...
-
-    def check_export(self) -> None:
-        """Raise BackendUnavailable now if export cannot work (before hours of training)."""
-
-    def widths(self, model: Any) -> list[int]:
-        """The model's layer widths (for the report's model name)."""
+    train_parity_pair.__doc__ = (
+        f"Train a base model, its parity model and a cheap backup model (a linear classifier) "
+        f"in {trainer.framework} on `dataset` (a built-in's name or a Dataset), judge them, "
+        f"and (with `out_dir`) write base.onnx, parity.onnx, backup.onnx and report.json "
+        f"there; see legato.core.parity.training.train_pair.")
+    return train_parity_pair
 
 
 def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition",

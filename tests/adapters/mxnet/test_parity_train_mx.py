@@ -99,37 +99,16 @@ def test_short_run_on_digits(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_exported_onnx_gives_mxnet_outputs_at_any_batch(tmp_path):
-    onnx = pytest.importorskip("onnx", reason="onnx is not installed here; "
-                               "requirements/mxnet.txt lists it for .venv-mxnet (make setup)")
+def test_exported_onnx_gives_mxnet_outputs_at_any_batch(tmp_path, parity_checks):
     ds = _blobs(n_train=200, n_test=20)
     model = train_base(ds, epochs=1, seed=3)      # trained a little: nonzero biases
     path = export_onnx(model, ds.shape, tmp_path / "m.onnx")
-    proto = onnx.load(str(path))
-    assert [v.name for v in proto.graph.input] == ["x"]
-    assert [v.name for v in proto.graph.output] == ["y"]
-    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    sess = _session(path)
-    rng = np.random.default_rng(0)
-    for batch in (1, 33):
-        x = rng.random((batch, 1, 8, 8), dtype=np.float32)
-        np.testing.assert_allclose(sess.run(None, {"x": x})[0], outputs_of(model, x),
-                                   rtol=1e-4, atol=1e-5)
+    parity_checks.exported_onnx_matches(path, outputs_of, model, ds.shape)
 
 
 @pytest.mark.timeout(60)
-def test_parity_training_is_seeded_and_stops_at_its_time_limit():
-    rng = np.random.default_rng(0)
-    x = rng.random((50, 1, 4, 4), dtype=np.float32)
-    outs = rng.standard_normal((50, 3)).astype(np.float32)
-    enc = AdditionEncoder(2)
-    first, info = train_parity(outs, x, enc, 3, steps=20, batch=8, seed=5)
-    again, _ = train_parity(outs, x, enc, 3, steps=20, batch=8, seed=5)
-    assert info["steps"] == 20 and info["stopped"] == "steps" and info["batch_groups"] == 8
-    assert np.isfinite(info["final_loss"])
-    np.testing.assert_allclose(outputs_of(first, x), outputs_of(again, x), rtol=1e-5, atol=1e-6)
-    _, info = train_parity(outs, x, enc, 3, steps=1000, batch=8, time_limit_s=0.0)
-    assert (info["steps"], info["stopped"]) == (1, "time-limit")
+def test_parity_training_is_seeded_and_stops_at_its_time_limit(parity_checks):
+    parity_checks.seeded_and_time_limited(train_parity, outputs_of)
 
 
 def test_bad_encoder_raises_config_error_before_training(tmp_path):
