@@ -102,7 +102,43 @@ def _parity_training_is_seeded_and_time_limited(train_parity, outputs_of) -> Non
     assert (info["steps"], info["stopped"]) == (1, "time-limit")
 
 
+def _short_run_ok(out, ds, report, framework, untrained_outputs) -> None:
+    """A short `train_parity_pair(..., k=2, "addition", out, parity_steps=1500,
+    test_groups=1000)`: the report's fields and accuracies, reproduced through the ONNX files,
+    and far above those of an untrained parity model (`untrained_outputs(queries)`)."""
+    import json
+
+    import onnxruntime as ort
+
+    from legato.core.parity import AdditionEncoder, evaluate, sample_groups
+
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["framework"] == framework and report["model"] == "BaseMLP 200-100-10"
+    assert (report["k"], report["encoder"]) == (2, "addition")
+    assert report["reconstructions"] == 2 * report["test_groups"] == 2000
+    assert report["parity_training"]["steps"] == 1500
+    assert report["parity_training"]["stopped"] == "steps"
+    assert report["base_accuracy"] > 0.9
+    assert report["reconstruction_accuracy"] > 0.8 and report["degraded_accuracy"] > 0.8
+    # the cheap backup (a linear classifier, trained as briefly) beats a default answer
+    assert report["backup_accuracy"] > report["default_answer_accuracy"] + 0.2
+    assert (out / "backup.onnx").is_file()
+
+    def run(name, x):
+        sess = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    groups = sample_groups(len(ds.x_test), 2, report["test_groups"], np.random.default_rng(1))
+    queries = AdditionEncoder(2).encode_batch(ds.x_test[groups])
+    outs = run("base.onnx", ds.x_test)
+    again = evaluate(outs, ds.y_test, groups, run("parity.onnx", queries))
+    assert abs(again["degraded_accuracy"] - report["degraded_accuracy"]) < 0.01
+    untrained = evaluate(outs, ds.y_test, groups, untrained_outputs(queries))
+    assert report["reconstruction_accuracy"] > untrained["reconstruction_accuracy"] + 0.4
+
+
 @pytest.fixture
 def parity_checks():
     return types.SimpleNamespace(exported_onnx_matches=_exported_onnx_matches,
-                                 seeded_and_time_limited=_parity_training_is_seeded_and_time_limited)
+                                 seeded_and_time_limited=_parity_training_is_seeded_and_time_limited,
+                                 short_run_ok=_short_run_ok)

@@ -33,7 +33,7 @@ from legato.core._files import atomic_write
 from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.parity import datasets
 from legato.core.parity.codes import Encoder
-from legato.core.parity.training import Trainer, pair_trainer, sample_groups
+from legato.core.parity.training import Trainer, check_onnx, pair_trainer, sample_groups
 
 __all__ = ["base_mlp", "export_onnx", "outputs_of", "train_base", "train_parity",
            "train_parity_pair"]
@@ -157,23 +157,11 @@ def export_onnx(model: keras.Model, shape: Sequence[int], path: str | Path) -> P
                           "export_onnx writes one self-contained file")
     _name_io(proto)
     onnx.checker.check_model(proto)
-    _check_in_onnxruntime(model, proto, shape)
+    check_onnx(proto, lambda x: outputs_of(model, x), shape, "Keras")
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()), binary=True)
-
-
-def _check_in_onnxruntime(model: keras.Model, proto: Any, shape: Sequence[int]) -> None:
-    import onnxruntime as ort
-
-    x = np.random.default_rng(0).random((5, *shape), dtype=np.float32)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"x": x})[0]
-    want = outputs_of(model, x)
-    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"the exported model differs from Keras by "
-                           f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
 train_parity_pair = pair_trainer(Trainer(
     "tensorflow", train_base, outputs_of, train_parity, export_onnx, check_export=_tf2onnx,
     widths=lambda model: [layer.units for layer in model.layers
-                  if isinstance(layer, keras.layers.Dense)]))
+                          if isinstance(layer, keras.layers.Dense)]))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from legato.core._files import atomic_write
 from legato.core.parity import datasets
 from legato.core.parity.codes import Encoder
-from legato.core.parity.training import Trainer, pair_trainer, sample_groups
+from legato.core.parity.training import Trainer, check_onnx, pair_trainer, sample_groups
 
 __all__ = ["base_mlp", "export_onnx", "outputs_of", "train_backup", "train_base",
            "train_parity", "train_parity_pair"]
@@ -132,20 +132,8 @@ def export_onnx(model: nn.Module, shape: Sequence[int], path: str | Path) -> Pat
                           opset_version=17)
     proto = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(proto)
-    _check_in_onnxruntime(model, proto, shape)
+    check_onnx(proto, lambda x: outputs_of(model, x), shape, "PyTorch")
     return atomic_write(path, lambda f: f.write(proto.SerializeToString()), binary=True)
-
-
-def _check_in_onnxruntime(model: nn.Module, proto, shape: Sequence[int]) -> None:
-    import onnxruntime as ort
-
-    x = np.random.default_rng(0).random((5, *shape), dtype=np.float32)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"x": x})[0]
-    want = outputs_of(model, x)
-    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-        raise RuntimeError(f"the exported model differs from PyTorch by "
-                           f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
 def _check_export() -> None:

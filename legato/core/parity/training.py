@@ -24,7 +24,7 @@ import numpy as np
 from legato.core.errors import ConfigError
 from legato.core.parity.codes import SubtractionDecoder
 
-__all__ = ["Trainer", "evaluate", "overall_accuracy", "pair_trainer", "sample_groups",
+__all__ = ["Trainer", "check_onnx", "evaluate", "overall_accuracy", "pair_trainer", "sample_groups",
            "train_pair"]
 
 
@@ -96,6 +96,20 @@ class Trainer:
     export_onnx: Callable[[Any, Sequence[int], Path], Path]
     check_export: Callable[[], None]
     widths: Callable[[Any], list[int]]
+
+
+def check_onnx(proto: Any, outputs_of: Callable[[np.ndarray], np.ndarray],
+               shape: Sequence[int], framework: str) -> None:
+    """Run an exported model (an onnx ModelProto, input "x") in onnxruntime on 5 random
+    queries and compare with the framework's own outputs; raise before anything is written."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((5, *shape), dtype=np.float32)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, want = sess.run(None, {"x": x})[0], outputs_of(x)
+    if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError(f"the exported model differs from {framework} by "
+                           f"{float(np.abs(got - want).max()):.3g}; not written")
 
 
 def pair_trainer(trainer: Trainer) -> Callable[..., dict[str, Any]]:

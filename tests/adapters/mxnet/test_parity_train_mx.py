@@ -9,7 +9,6 @@ test runs where scikit-learn is importable."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ from legato.adapters.mxnet.parity import (  # noqa: E402
     train_parity_pair,
 )
 from legato.core.errors import ConfigError  # noqa: E402
-from legato.core.parity import AdditionEncoder, datasets, evaluate, sample_groups  # noqa: E402
+from legato.core.parity import datasets  # noqa: E402
 
 
 def _blobs(n_train: int = 1400, n_test: int = 360, seed: int = 0) -> datasets.Dataset:
@@ -47,55 +46,35 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _untrained_reconstruction(ds, groups, base_outputs) -> float:
-    mx.random.seed(0)
-    queries = AdditionEncoder(2).encode_batch(ds.x_test[groups])
-    return evaluate(base_outputs, ds.y_test, groups,
-                    outputs_of(base_mlp(ds.shape, ds.classes), queries))["reconstruction_accuracy"]
+def _check_short_run(out, ds, report, parity_checks) -> None:
+    def untrained(queries):
+        mx.random.seed(0)
+        return outputs_of(base_mlp(ds.shape, ds.classes), queries)
 
-
-def _check_short_run(out, ds, report) -> None:
-    """The report's fields and accuracies, reproduced through the ONNX files, and far above an
-    untrained parity model's."""
-    assert report == json.loads((out / "report.json").read_text())
-    assert report["framework"] == "mxnet" and report["model"] == "BaseMLP 200-100-10"
-    assert (report["k"], report["encoder"]) == (2, "addition")
-    assert report["reconstructions"] == 2 * report["test_groups"] == 2000
-    assert report["parity_training"]["steps"] == 1500
-    assert report["parity_training"]["stopped"] == "steps"
-    assert report["base_accuracy"] > 0.9
-    assert report["reconstruction_accuracy"] > 0.8 and report["degraded_accuracy"] > 0.8
-
-    groups = sample_groups(len(ds.x_test), 2, report["test_groups"], np.random.default_rng(1))
-    queries = AdditionEncoder(2).encode_batch(ds.x_test[groups])
-    outs = _session(out / "base.onnx").run(None, {"x": ds.x_test})[0]
-    par = _session(out / "parity.onnx").run(None, {"x": queries})[0]
-    again = evaluate(outs, ds.y_test, groups, par)
-    assert abs(again["degraded_accuracy"] - report["degraded_accuracy"]) < 0.01
-    untrained = _untrained_reconstruction(ds, groups, outs)
-    assert report["reconstruction_accuracy"] > untrained + 0.4
+    parity_checks.short_run_ok(out, ds, report, "mxnet", untrained)
 
 
 @pytest.mark.timeout(180)
 def test_short_run_on_synthetic_images_rebuilds_predictions_and_writes_onnx(tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch,
+                                                                          parity_checks):
     ds = _blobs()
     monkeypatch.setattr(datasets, "load", lambda name, seed=0: ds)
     out = tmp_path / "parm"
     report = train_parity_pair("blobs", 2, "addition", out, base_epochs=5, parity_steps=1500,
                                test_groups=1000)
     assert report["dataset"] == "blobs" and report["train_images"] == 1400
-    _check_short_run(out, ds, report)
+    _check_short_run(out, ds, report, parity_checks)
 
 
 @pytest.mark.timeout(180)
-def test_short_run_on_digits(tmp_path):
+def test_short_run_on_digits(tmp_path, parity_checks):
     pytest.importorskip("sklearn", reason="scikit-learn (digits) is not installed in this "
                         "environment; requirements/mxnet.txt does not list it for .venv-mxnet")
     out = tmp_path / "parm"
     report = train_parity_pair("digits", 2, "addition", out, base_epochs=10, parity_steps=1500,
                                test_groups=1000)
-    _check_short_run(out, datasets.load("digits"), report)
+    _check_short_run(out, datasets.load("digits"), report, parity_checks)
 
 
 @pytest.mark.timeout(120)
