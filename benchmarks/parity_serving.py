@@ -110,6 +110,9 @@ async def run_point(folder: Path, policy: str, k: int, workers: int, rate: float
         result["worker_restarts"] = sum(w["restarts"] for w in health["workers"])
         result["hedges"] = next((int(x.split()[-1]) for x in metrics.splitlines()
                                  if x.startswith("legato_hedges_total")), 0)
+        result["adaptive_modes"] = {x.split('"')[1]: int(x.split()[-1])
+                                    for x in metrics.splitlines()
+                                    if x.startswith("legato_adaptive_mode_total{")}
         return result
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -180,6 +183,8 @@ def main() -> int:
                     rows.append(row)
                     shown = "-" if ratio is None else f"{ratio:.2f}x"
                     errors = f" errors {r['errors']}" if r["errors"] else ""
+                    if policy == "adaptive":
+                        errors += f" modes {r['adaptive_modes']}"
                     print(f"{k:>2} {load:>5.1f} {policy:>9} {seed:>4} {rate:>6.0f} "
                           f"{r['p50_ms']:>7.1f} {r['p99_ms']:>8.1f} {r['p99.9_ms']:>8.1f} "
                           f"{shown:>8}  {r['by_source']}{errors}", flush=True)
