@@ -529,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="TCP port (0: any free one, printed)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--inject", metavar="SPEC",
-                   help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1")
+                   help="faults, e.g. pause=0.03,alpha=1.5,scale_ms=10,delay_ms=0,seed=1,hog=0 "
+                        "(hog=N: N busy processes beside the worker)")
     p.add_argument("--max-batch", type=int, default=1, metavar="B",
                    help="run up to B queued requests for the same model in one call "
                         "(default 1)")
