@@ -153,8 +153,10 @@ def _mx2onnx_compat() -> Iterator[None]:
         sys.modules.pop("onnx.mapping", None)
 
 
-def _export(block: gluon.HybridBlock, inputs: list[nd.NDArray]) -> Any:
-    """The hybridized block (already run once) as an ONNX ModelProto."""
+def _export(block: gluon.HybridBlock, inputs: list[nd.NDArray],
+            dynamic_batch: bool = False) -> Any:
+    """The hybridized block (already run once) as an ONNX ModelProto; with `dynamic_batch`
+    the inputs' first dimension is left free."""
     import onnx
     from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 
@@ -167,7 +169,9 @@ def _export(block: gluon.HybridBlock, inputs: list[nd.NDArray]) -> Any:
                 f"{prefix}-symbol.json", f"{prefix}-0000.params",
                 in_shapes=[tuple(x.shape) for x in inputs],
                 in_types=[np.dtype(x.dtype) for x in inputs],
-                onnx_file_path=os.path.join(tmp, "block.onnx"))
+                onnx_file_path=os.path.join(tmp, "block.onnx"), dynamic=dynamic_batch,
+                dynamic_input_shapes=[(None, *x.shape[1:]) for x in inputs]
+                if dynamic_batch else None)
         model = onnx.load(path)
     translated = max(v for v in MXNetGraph.registry_ if v <= onnx.defs.onnx_opset_version())
     for opset in model.opset_import:

@@ -23,10 +23,7 @@ and training and judging still work. The datasets need scikit-learn (digits) or 
 from __future__ import annotations
 
 import collections
-import os
-import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +32,7 @@ import numpy as np
 from mxnet import autograd, gluon, nd
 from mxnet.gluon import nn
 
-from legato.adapters.mxnet.compile import _mx2onnx_compat
+from legato.adapters.mxnet.compile import _export
 from legato.core._files import atomic_write
 from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.parity import datasets
@@ -146,15 +143,7 @@ def _onnx_modules() -> tuple[Any, Any]:
 
 def _tidy(proto: Any, classes: int) -> None:
     """Make mx.onnx's graph a plain one: weights only as initializers (mx.onnx lists them as
-    inputs too), opset set back to the exporter's translations, input "x" and output "y" with a
-    "batch" first dimension."""
-    import onnx
-    from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
-
-    translated = max(v for v in MXNetGraph.registry_ if v <= onnx.defs.onnx_opset_version())
-    for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            opset.version = min(opset.version, translated)
+    inputs too), input "x" and output "y" with a "batch" first dimension."""
     graph = proto.graph
     weights = {t.name for t in graph.initializer}
     keep = [v for v in graph.input if v.name not in weights]
@@ -178,17 +167,9 @@ def export_onnx(model: gluon.HybridBlock, shape: Sequence[int], path: str | Path
     check onnxruntime's outputs against MXNet's."""
     onnx, _ = _onnx_modules()
     model.hybridize()
-    classes = int(model(nd.zeros((1, *shape))).shape[1])      # a cached graph to export
-    with tempfile.TemporaryDirectory(prefix="legato-parity-mx2onnx-") as tmp:
-        prefix = os.path.join(tmp, "model")
-        model.export(prefix, epoch=0)
-        with _mx2onnx_compat(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            file = mx.onnx.export_model(
-                f"{prefix}-symbol.json", f"{prefix}-0000.params", in_shapes=[(1, *shape)],
-                in_types=[np.float32], onnx_file_path=os.path.join(tmp, "model.onnx"),
-                dynamic=True, dynamic_input_shapes=[(None, *shape)])
-        proto = onnx.load(file)
+    example = nd.zeros((1, *shape))
+    classes = int(model(example).shape[1])                    # a cached graph to export
+    proto = _export(model, [example], dynamic_batch=True)
     _tidy(proto, classes)
     onnx.checker.check_model(proto)
     check_onnx(proto, lambda x: outputs_of(model, x), shape, "MXNet")
