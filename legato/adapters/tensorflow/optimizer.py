@@ -1,0 +1,555 @@
+"""ScheduledOptimizer for TensorFlow: priority-scheduled gradient all-reduce for a Keras
+optimizer, in a custom GradientTape loop or in `model.fit`.
+
+    opt = ScheduledOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), model)  # gloo, torchrun
+    for x, y in data:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))  # returns at once
+    opt.close()
+
+`apply_gradients` hands the step's gradients to legato's scheduler (the same core as the PyTorch
+adapter's) and returns; they are all-reduced front layers first, cut into partitions and merged
+as the policy says, within a credit window, and each layer is updated by the wrapped optimizer
+as soon as its own gradients are in. The next forward pass starts at once: a layer's `call`
+waits only for that layer's update (the dependency proxies), so front layers compute while back
+layers' gradients are still on the wire.
+
+What differs from the PyTorch adapter: `tape.gradient` returns every gradient at once, at the
+end of backward, so communication overlaps the next forward pass, not the backward pass.
+
+Updates ([Note: per-layer apply]): a Keras optimizer's `apply(grads, variables)` accepts a
+subset of the variables it was built for, with each variable's slots (momentum, Adam moments)
+found by the variable; it increments `iterations` once per call. legato sets `iterations` to
+the step's value before each layer's call, so learning-rate schedules and Adam's bias
+correction see one increment per step, as without legato. Options that need every gradient at
+once (`global_clipnorm`, `use_ema`, gradient accumulation, loss scaling) are refused.
+
+Eager only: the gates and the scheduler run in Python, so `apply_gradients` must be called
+eagerly (a `tf.function` may still compute the gradients). A forward pass run inside a
+`tf.function` cannot be gated layer by layer; when legato sees one, each step's updates finish
+before `apply_gradients` returns (correct, without the overlap).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from typing import Any, Iterable
+
+import tensorflow as tf
+
+from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
+from legato.core._wait import wait_for
+from legato.core.errors import ConfigError, LegatoError
+from legato.core.scheduler.core import Scheduler
+from legato.core.scheduler.layers import LayerProgress
+from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.policy import plan_for, resolve_config
+
+__all__ = ["ScheduledOptimizer"]
+
+log = logging.getLogger(__name__)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def _owned_layers(model) -> list[tuple[Any, list]]:
+    """Layers (depth first, in the order Keras tracks them) with the trainable variables each
+    holds itself (not through sublayers)."""
+    out, seen = [], set()
+
+    def visit(layer) -> None:
+        subs = list(layer._flatten_layers(include_self=False, recursive=False))
+        inner = {id(v) for s in subs for v in s.trainable_variables}
+        own = [v for v in layer.trainable_variables
+               if id(v) not in inner and id(v) not in seen]
+        if own:
+            seen.update(id(v) for v in own)
+            out.append((layer, own))
+        for s in subs:
+            visit(s)
+
+    visit(model)
+    return out
+
+
+class _LayerGates:
+    """One gate per layer; a layer's `call` waits until its own variables are updated.
+
+    Each gated layer's `call` is replaced, on the instance, by a wrapper that waits for the
+    layer's gate in eager mode and is transparent while a tf.function traces it (then
+    `traced` is set: the optimizer must finish each step's updates before returning).
+    `remove()` restores the layers' own `call`.
+
+    The first forward is observed, as in the PyTorch adapter's gates: a layer whose variables
+    are read by a parent without calling the layer never runs its `call`, so from then on the
+    model's own `call` waits for those layers; until then, and in inference (training not
+    true), the model's `call` waits for every layer.
+    """
+
+    def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int) -> None:
+        self._cv = threading.Condition()
+        self._open = [True] * len(layers)
+        self._all = tuple(range(len(layers)))
+        self._timeout_s = timeout_s
+        self._check_error = check_error
+        self._rank = rank
+        self._step = 0
+        self.traced = False
+        self._observing = True
+        self._ran: set[int] = set()
+        self._root_waits: tuple[int, ...] = self._all
+        self._patched: list = []
+        root = None
+        for index, layer in enumerate(layers):
+            if layer is model:
+                root = index
+            self._patch(layer, index, layer.name)
+        if root is None:
+            self._patch(model, None, "the model")
+
+    def _patch(self, layer, index: int | None, name: str) -> None:
+        own = layer.call
+
+        def gated(*args, **kwargs):
+            if not tf.executing_eagerly():
+                self.traced = True
+                return own(*args, **kwargs)
+            if self._observing and index is not None:
+                self._ran.add(index)
+            waits: tuple[int, ...] = () if index is None else (index,)
+            if index is None:  # the model's own call
+                waits = self._root_waits if kwargs.get("training") else self._all
+            if waits:
+                self.wait(waits, name)
+            return own(*args, **kwargs)
+
+        gated.__wrapped__ = own
+        gated.__signature__ = _signature(own)
+        had = "call" in layer.__dict__
+        object.__setattr__(layer, "call", gated)
+        self._patched.append((layer, own, had))
+
+    def finish_observing(self) -> None:
+        """After the first forward (see the class doc)."""
+        if not self._observing:
+            return
+        self._observing = False
+        self._root_waits = tuple(i for i in self._all if i not in self._ran)
+        if self._root_waits:
+            log.debug("[rank %d] layers %s never ran their call; the model's call waits for "
+                      "their update", self._rank, self._root_waits)
+
+    def wait(self, layers: tuple[int, ...], name: str) -> None:
+        if all(self._open[i] for i in layers):
+            return
+        with self._cv:
+            wait_for(self._cv, lambda: all(self._open[i] for i in layers), self._timeout_s,
+                     self._check_error, lambda: LegatoError(
+                         f"[rank {self._rank}] step {self._step}: the forward of {name!r} "
+                         f"waited {self._timeout_s:g} s for its variables' update; a peer rank "
+                         "may be dead or stuck (see its log)"))
+        self._check_error()
+
+    def hold_all(self, step: int) -> None:
+        self.finish_observing()
+        with self._cv:
+            self._step = step
+            self._open = [False] * len(self._open)
+
+    def release(self, layer: int) -> None:
+        with self._cv:
+            self._open[layer] = True
+            self._cv.notify_all()
+
+    def release_all(self) -> None:
+        with self._cv:
+            self._open = [True] * len(self._open)
+            self._cv.notify_all()
+
+    def remove(self) -> None:
+        for layer, own, had in self._patched:
+            if had:
+                object.__setattr__(layer, "call", own)
+            else:
+                try:
+                    object.__delattr__(layer, "call")
+                except AttributeError:
+                    pass
+        self._patched = []
+
+
+def _signature(fn):
+    import inspect
+
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+class ScheduledOptimizer:
+    """Wraps a Keras optimizer so that `model`'s gradients are all-reduced in priority order.
+
+    Args:
+        optimizer: a Keras 3 optimizer (SGD, Adam, AdamW, RMSprop, ...), built or not; it must
+            be given, or will be built with, exactly `model.trainable_variables`.
+        model: the Keras model (Sequential, functional or subclassed).
+        policy: "bytescheduler" (priority + partitions + credit window), "priority" (layer
+            order, whole tensors, one message in flight), "fifo" (backward's order, all at
+            once) or "plain" (DDP-style buckets, then one optimizer step; no gates).
+        partition_bytes, credit_bytes, merge_bytes: as for the PyTorch ScheduledOptimizer.
+        backend: "gloo" (legato's transport over torch.distributed, the default: launch with
+            torchrun or legato.launch) or "horovod" (horovod.tensorflow, under horovodrun,
+            after hvd.init()).
+        timeout_s: how long any wait may last before failing with an error naming the rank,
+            step and layer.
+        broadcast_parameters: copy rank 0's variables to every rank at start.
+    """
+
+    def __init__(self, optimizer, model, *, policy: str = "bytescheduler",
+                 partition_bytes: int | None = None, credit_bytes: int | None = None,
+                 merge_bytes: int | None = None, backend: str = "gloo",
+                 timeout_s: float = 300.0, broadcast_parameters: bool = True) -> None:
+        keras = _keras()
+        if isinstance(optimizer, ScheduledOptimizer):
+            raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise ConfigError(f"optimizer must be a keras.optimizers.Optimizer, got "
+                              f"{type(optimizer).__name__}")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ConfigError("LossScaleOptimizer skips steps on overflow, which needs every "
+                              "gradient at once; wrap the inner optimizer and use float32")
+        refused = {"global_clipnorm": optimizer.global_clipnorm is not None,
+                   "use_ema": bool(optimizer.use_ema),
+                   "gradient_accumulation_steps": (optimizer.gradient_accumulation_steps
+                                                   or 1) > 1}
+        why = {"global_clipnorm": "clips by the norm of all gradients",
+               "use_ema": "averages every variable at each apply",
+               "gradient_accumulation_steps": "accumulates every gradient before applying"}
+        for attr, bad in refused.items():
+            if bad:
+                raise ConfigError(f"{type(optimizer).__name__}({attr}=...) {why[attr]}, which a "
+                                  "per-layer update cannot do; use clipnorm or clipvalue (per "
+                                  f"variable), or leave {attr} unset")
+        if not isinstance(model, keras.Model):
+            raise ConfigError(f"model must be a keras.Model, got {type(model).__name__}")
+        if backend not in ("gloo", "horovod"):
+            raise ConfigError(f"backend={backend!r} is unknown; known: 'gloo' (torch.distributed"
+                              " gloo, with torchrun) and 'horovod' (under horovodrun)")
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s={timeout_s!r} is invalid; pass a positive number")
+        if not tf.executing_eagerly():
+            raise ConfigError("build ScheduledOptimizer eagerly, not inside a tf.function")
+        self._opt = optimizer
+        self._model = model
+        self._timeout_s = float(timeout_s)
+        self._vars = list(model.trainable_variables)
+        if not self._vars:
+            raise ConfigError("the model has no trainable variables; build it (call it once or "
+                              "give it an Input) before wrapping its optimizer")
+        if optimizer.built:
+            known = {id(v) for v in optimizer._trainable_variables}
+            missing = [v.path for v in self._vars if id(v) not in known]
+            if missing or len(known) != len(self._vars):
+                raise ConfigError(f"the optimizer was built for other variables (missing: "
+                                  f"{missing[:5]}); wrap a fresh optimizer, or one built for "
+                                  "model.trainable_variables")
+        else:
+            optimizer.build(self._vars)
+        self.config = resolve_config(policy, partition_bytes=partition_bytes,
+                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
+        owned = _owned_layers(model)
+        self._layer_names = [layer.name for layer, _ in owned]
+        layer_of = {id(v): i for i, (_, vs) in enumerate(owned) for v in vs}
+        self._layer_of_key = [layer_of[id(v)] for v in self._vars]
+        self._names = [v.path for v in self._vars]
+        self._shapes = [tuple(int(d) for d in v.shape) for v in self._vars]
+        self._dtypes = [tf.as_dtype(v.dtype) for v in self._vars]
+        tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
+                          max(1, _numel(s)) * d.size, d.size, d.name)
+                 for key, (s, d) in enumerate(zip(self._shapes, self._dtypes))]
+        self.plan = plan_for(self.config, tasks)
+        self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
+        self._keys_of_layer = self._progress.keys_of_layer
+        # Post order: front layers first (see legato.adapters.tensorflow.comm [Note: Horovod
+        # from threads]); under "fifo" and "plain", backward's order (back layers first).
+        order = sorted(range(len(self._vars)), key=lambda k: (self._layer_of_key[k], k))
+        self._post_order = order if self.config.order == "layer" else order[::-1]
+
+        self._transport = HorovodTFTransport() if backend == "horovod" else GlooTransport(
+            self._timeout_s)
+        self._rank = self._transport.rank
+        digests = self._transport.all_gather_object((self.plan.digest(), len(self._vars)))
+        if any(d != digests[0] for d in digests):
+            raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
+                              f"({digests}); every rank must wrap the same model with the same "
+                              "settings")
+        if broadcast_parameters:
+            self._transport.broadcast_variables(self._model.variables)
+        self._grads: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._iterations0 = int(optimizer.iterations.numpy())
+        self._cv = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._steps_called = 0
+        self._steps_updated = 0
+        self._layers_updated_in_step = 0
+        self._updates: queue.Queue = queue.Queue()
+        self._reduced: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._scheduler = Scheduler(
+            self.plan, self.config,
+            self._transport.backend(self._grads, self._shapes, self._dtypes, 1),
+            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
+            on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s)
+        self._gates = None
+        if not self._passthrough:
+            self._gates = _LayerGates(model, [layer for layer, _ in owned], self._timeout_s,
+                                      self._raise_if_failed, self._rank)
+        self._updater = threading.Thread(target=self._update_loop, daemon=True,
+                                         name=f"legato-tf-update-r{self._rank}")
+        self._updater.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
+        atexit.register(self._atexit)
+        log.info("[rank %d] legato (tensorflow, %s): %s; %s", self._rank, self._transport.name,
+                 self.config.describe(), self.plan.describe())
+
+    @property
+    def _passthrough(self) -> bool:
+        return self.config.policy == "plain"
+
+    # -- the optimizer interface ---------------------------------------------------------------
+    def apply_gradients(self, grads_and_vars: Iterable) -> None:
+        """Hand this step's gradients to the scheduler; returns before the updates are done."""
+        pairs = list(grads_and_vars)
+        return self.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    def apply(self, grads, trainable_variables=None) -> None:
+        """Keras' `apply(grads, variables)`: the same as `apply_gradients`."""
+        if self._closed:
+            raise LegatoError("this ScheduledOptimizer is closed")
+        if not tf.executing_eagerly():
+            raise ConfigError("ScheduledOptimizer.apply_gradients runs eagerly: call it outside "
+                              "tf.function (compute the gradients in a tf.function if you like "
+                              "and return them), or model.compile(..., run_eagerly=True)")
+        self._raise_if_failed()
+        grads = list(grads)
+        variables = self._vars if trainable_variables is None else list(trainable_variables)
+        if len(grads) != len(variables):
+            raise ConfigError(f"got {len(grads)} gradients for {len(variables)} variables")
+        index = {id(v): k for k, v in enumerate(self._vars)}
+        by_key: list[tf.Tensor | None] = [None] * len(self._vars)
+        for g, v in zip(grads, variables):
+            key = index.get(id(v))
+            if key is None:
+                raise ConfigError(f"variable {getattr(v, 'path', v)!r} is not a trainable "
+                                  "variable of the wrapped model; legato schedules one model's "
+                                  "gradients")
+            by_key[key] = g
+        missing = [self._names[k] for k, g in enumerate(by_key) if g is None]
+        if missing:
+            raise LegatoError(
+                f"[rank {self._rank}] step {self._steps_called}: {len(missing)} variable(s) got "
+                f"no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                "every rank must all-reduce every trainable variable: pass every gradient of "
+                "model.trainable_variables, and freeze (trainable=False) unused layers")
+        for key, g in enumerate(by_key):
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            if tuple(g.shape) != self._shapes[key] or g.dtype != self._dtypes[key]:
+                raise ConfigError(f"the gradient of {self._names[key]} is {g.dtype.name}"
+                                  f"{list(g.shape)}, its variable "
+                                  f"{self._dtypes[key].name}{list(self._shapes[key])}")
+            by_key[key] = g
+        # The previous step's updates read legato's buffers, which this step overwrites; the
+        # gates have normally waited for them already, so this costs nothing.
+        self.synchronize()
+        if self._gates is not None:
+            self._gates.hold_all(self._steps_called)
+        with self._cv:
+            self._steps_called += 1
+            self._cv.notify_all()
+        for key in self._post_order:
+            self._grads[key] = by_key[key]
+            self._transport.load(key, by_key[key])
+        for key in self._post_order:
+            self._scheduler.tensor_ready(key)
+        if self._passthrough or (self._gates is not None and self._gates.traced):
+            self.synchronize()
+        return None
+
+    apply_gradients.__doc__ = apply_gradients.__doc__
+
+    def synchronize(self, timeout_s: float | None = None) -> None:
+        """Wait until every transfer and update of the steps taken so far is done."""
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        with self._cv:
+            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
+                     self._raise_if_failed, lambda: LegatoError(
+                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
+                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
+                         f"{len(self._layer_names)} layers updated); a peer may be dead"))
+        self._raise_if_failed()
+
+    # Keras' model.fit calls these on its optimizer.
+    def scale_loss(self, loss):
+        return loss
+
+    @property
+    def built(self) -> bool:
+        return True
+
+    def build(self, variables) -> None:  # noqa: ARG002 (built for the model at construction)
+        return None
+
+    def finalize_variable_values(self, variables) -> None:
+        self.synchronize()
+        self._opt.finalize_variable_values(variables)
+
+    @property
+    def optimizer(self):
+        """The wrapped Keras optimizer."""
+        return self._opt
+
+    @property
+    def iterations(self):
+        return self._opt.iterations
+
+    @property
+    def learning_rate(self):
+        return self._opt.learning_rate
+
+    @property
+    def variables(self):
+        self.synchronize()
+        return self._opt.variables
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self._steps_called, "steps_done": self._steps_updated,
+                "messages_per_step": len(self.plan.chunks),
+                "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
+                "issued": self._scheduler.issued_total, "config": self.config.describe(),
+                "backend": self._transport.name, "forward_traced": bool(
+                    self._gates is not None and self._gates.traced)}
+
+    # -- completion and updates ----------------------------------------------------------------
+    def _chunk_done(self, chunk) -> None:
+        _, layers = self._progress.chunk_done(chunk)
+        for layer in layers:
+            self._updates.put(layer)
+
+    def _update_loop(self) -> None:
+        done_in_step = 0
+        while True:
+            layer = self._updates.get()
+            if layer is None:
+                return
+            if self._error is not None:
+                continue
+            try:
+                keys = self._keys_of_layer[layer]
+                grads = [self._transport.reduced(k, self._shapes[k]) for k in keys]
+                if self._passthrough:
+                    self._pending_plain = getattr(self, "_pending_plain", {})
+                    self._pending_plain.update(zip(keys, grads))
+                    done_in_step += 1
+                    if done_in_step < len(self._layer_names):
+                        continue
+                    done_in_step = 0
+                    pending, self._pending_plain = self._pending_plain, {}
+                    order = sorted(pending)
+                    self._opt.apply([pending[k] for k in order], [self._vars[k] for k in order])
+                    self._finish_layers(range(len(self._layer_names)))
+                    continue
+                # [Note: per-layer apply]: one iterations increment per step, not per layer.
+                self._opt.iterations.assign(self._iterations0 + self._steps_updated)
+                self._opt.apply(grads, [self._vars[k] for k in keys])
+            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
+                self._fail(LegatoError(f"[rank {self._rank}] updating layer "
+                                       f"{self._layer_names[layer]!r} failed: "
+                                       f"{type(err).__name__}: {err}"))
+                continue
+            self._finish_layers([layer])
+
+    def _finish_layers(self, layers) -> None:
+        for layer in layers:
+            for key in self._keys_of_layer[layer]:
+                self._grads[key] = None
+            if self._gates is not None:
+                self._gates.release(layer)
+        with self._cv:
+            self._layers_updated_in_step += len(layers)
+            if self._layers_updated_in_step == len(self._layer_names):
+                self._layers_updated_in_step = 0
+                self._steps_updated += 1
+            self._cv.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cv:
+            if self._error is None:
+                self._error = err
+                log.error("%s", err)
+            self._cv.notify_all()
+        if self._gates is not None:
+            self._gates.release_all()
+
+    def _raise_if_failed(self) -> None:
+        err = self._error or self._scheduler.error
+        if err is not None:
+            raise err
+
+    # -- closing -------------------------------------------------------------------------------
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish outstanding work, stop legato's threads and restore the model's layers."""
+        if self._closed:
+            return
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        healthy = False
+        try:
+            if self._error is None and self._scheduler.error is None:
+                self.synchronize(timeout)
+                healthy = True
+        finally:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            try:
+                self._scheduler.close(timeout_s=min(timeout, 60.0))
+            except Exception as err:  # noqa: BLE001 (closing: log and go on)
+                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
+            healthy = healthy and self._scheduler.error is None
+            self._updates.put(None)
+            self._updater.join(min(timeout, 60.0))
+            if self._gates is not None:
+                self._gates.release_all()
+                self._gates.remove()
+            atexit.unregister(self._atexit)
+            self._transport.close(healthy=healthy)
+
+    def __enter__(self) -> "ScheduledOptimizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "
+                f"{self.config.describe()}, {self.plan.describe()})")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,214 @@
+"""Ranks of the TensorFlow ScheduledOptimizer tests (run by legato.launch; no pytest here).
+
+Every rank trains the same model from the same seed on its own batches; parameters after K
+steps are written to OUT/params-{backend}-{rank}.npz for the test to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from legato.adapters.tensorflow import ScheduledOptimizer  # noqa: E402
+from legato.core.errors import ConfigError, LegatoError  # noqa: E402
+
+
+def net() -> keras.Model:
+    """Conv layers then a wide MLP: tensors from 32 B to 800 KiB, 12 variables."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 3)),
+        keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(200, activation="relu", name="fc1"),
+        keras.layers.Dense(64, activation="relu", name="fc2"),
+        keras.layers.Dense(10, activation="relu", name="fc3"),
+        keras.layers.Dense(10, name="head"),
+    ])
+
+
+def make_optimizer(name: str):
+    if name == "sgd":
+        return keras.optimizers.SGD(0.05, momentum=0.9)
+    if name == "adam":
+        return keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(1e-3, 2, 0.5))
+    raise ValueError(name)
+
+
+def batch(rank: int, step: int):
+    rng = np.random.default_rng(1000 * rank + step)
+    x = rng.standard_normal((16, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 10, 16)
+    return x, y
+
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def rank_and_size(backend: str):
+    if backend == "horovod":
+        import horovod.tensorflow as hvd
+
+        hvd.init()
+        return hvd.rank(), hvd.size()
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def train_legato(backend: str, opt_name: str, policy: str, settings: dict, steps: int,
+                 out: str, compiled_grads: bool = False) -> None:
+    rank, _ = rank_and_size(backend)
+    model = net()
+    opt = ScheduledOptimizer(make_optimizer(opt_name), model, policy=policy, backend=backend,
+                             timeout_s=120, **settings)
+
+    def grads_of(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        return tape.gradient(loss, model.trainable_variables)
+
+    if compiled_grads:
+        grads_of = tf.function(grads_of)
+    for step in range(steps):
+        x, y = batch(rank, step)
+        opt.apply_gradients(zip(grads_of(x, y), model.trainable_variables))
+    opt.synchronize()
+    stats = opt.stats
+    opt.close()
+    np.savez(os.path.join(out, f"params-{backend}-{policy}-{rank}.npz"),
+             *[v.numpy() for v in model.trainable_variables],
+             iterations=int(opt.iterations.numpy()))
+    print("STATS", stats, flush=True)
+
+
+def plain_both(steps: int, out: str) -> None:
+    for opt_name in ("sgd", "adam"):
+        train_horovod_plain(opt_name, steps, out)
+
+
+def train_horovod_plain(opt_name: str, steps: int, out: str) -> None:
+    """Plain Horovod-TensorFlow: DistributedGradientTape, the user's own apply_gradients."""
+    import horovod.tensorflow as hvd
+
+    rank, _ = rank_and_size("horovod")
+    model = net()
+    opt = make_optimizer(opt_name)
+    hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)  # Keras 3
+    for step in range(steps):
+        x, y = batch(rank, step)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        tape = hvd.DistributedGradientTape(tape)
+        # Horovod 0.28 keys sources by tf.Variable.ref(): give it Keras 3's inner tf.Variables
+        grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+    np.savez(os.path.join(out, f"params-hvdplain-{opt_name}-{rank}.npz"),
+             *[v.numpy() for v in model.trainable_variables],
+             iterations=int(opt.iterations.numpy()))
+
+
+def fit(backend: str, steps: int, out: str) -> None:
+    """Keras model.fit (run_eagerly) with the ScheduledOptimizer as the model's optimizer."""
+    rank, _ = rank_and_size(backend)
+    model = net()
+    model.compile(optimizer=make_optimizer("sgd"), loss=LOSS, run_eagerly=True)
+    opt = ScheduledOptimizer(model.optimizer, model, backend=backend, timeout_s=120,
+                             partition_bytes=64 * 1024)
+    model.optimizer = opt
+    xs, ys = zip(*(batch(rank, s) for s in range(steps)))
+    model.fit(np.concatenate(xs), np.concatenate(ys), batch_size=16, epochs=1, shuffle=False,
+              verbose=0)
+    opt.close()
+    np.savez(os.path.join(out, f"params-{backend}-fit-{rank}.npz"),
+             *[v.numpy() for v in model.trainable_variables],
+             iterations=int(opt.iterations.numpy()))
+
+
+def gates(out: str) -> None:
+    """The next forward's first layer runs before the last layer's update is done."""
+    rank, _ = rank_and_size("gloo")
+    model = net()
+    opt = ScheduledOptimizer(keras.optimizers.SGD(0.05), model, timeout_s=120,
+                             partition_bytes=16 * 1024, credit_bytes=16 * 1024)
+    events = []
+    first, last = model.get_layer("conv1"), model.get_layer("head")
+    own_call = first.call
+
+    def traced_first(*a, **k):
+        events.append(("forward conv1", time.perf_counter()))
+        return own_call(*a, **k)
+
+    object.__setattr__(first, "call", traced_first)  # inside legato's gate
+    real_apply = opt.optimizer.apply
+
+    def slow_apply(grads, variables):
+        if any(v.path.split("/")[-2] == "head" for v in variables):
+            time.sleep(1.0)
+            events.append(("update head", time.perf_counter()))
+        return real_apply(grads, variables)
+
+    opt.optimizer.apply = slow_apply
+    for step in range(3):
+        x, y = batch(rank, step)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+        events.append(("applied", time.perf_counter()))
+    opt.close()
+    del last
+    with open(os.path.join(out, f"events-{rank}.txt"), "w") as f:
+        for name, t in events:
+            f.write(f"{name}\t{t}\n")
+
+
+def bad_arguments() -> None:
+    """Errors that need no peer: each must be a ConfigError/LegatoError naming the fix."""
+    model = net()
+    checks = [
+        (lambda: ScheduledOptimizer(object(), model), "keras.optimizers.Optimizer"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(global_clipnorm=1.0), model),
+         "global_clipnorm"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(), model, backend="mpi"),
+         "backend='mpi' is unknown"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(), model, policy="lifo"),
+         "policy='lifo' is unknown"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(), object()), "keras.Model"),
+    ]
+    for fn, words in checks:
+        try:
+            fn()
+        except (ConfigError, LegatoError) as err:
+            assert words in str(err), (words, str(err))
+        else:
+            raise AssertionError(f"no error for {words}")
+    opt = ScheduledOptimizer(keras.optimizers.SGD(0.1), model, timeout_s=60)
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+    for call, words in [
+        (lambda: opt.apply_gradients(zip(grads[:-1], model.trainable_variables[:-1])),
+         "got no gradient"),
+        (lambda: tf.function(lambda: opt.apply_gradients(
+            zip(grads, model.trainable_variables)))(), "runs eagerly"),
+        (lambda: opt.apply_gradients(zip(grads, [tf.Variable(1.0)] * len(grads))),
+         "is not a trainable variable of the wrapped model"),
+    ]:
+        try:
+            call()
+        except (ConfigError, LegatoError) as err:
+            assert words in str(err), (words, str(err))
+        else:
+            raise AssertionError(f"no error for {words}")
+    opt.apply_gradients(zip(grads, model.trainable_variables))  # still usable
+    opt.close()
+    print("BAD_ARGUMENTS_OK", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit("run through legato.launch")
