@@ -14,11 +14,14 @@ next step only after the update that read it (the dependency gates see to that).
 
 [Note: Horovod from threads] horovod.tensorflow has no asynchronous op outside a graph: an eager
 `hvd.allreduce` blocks its thread until every rank has submitted the same name. Chunks are
-therefore reduced on a small pool of threads, submitted in the scheduler's dispatch order. As
-every rank has its own queue (Horovod negotiates the order itself), the TensorFlow adapter posts
-a step's gradients in priority order, all at once, so that every rank dispatches the same
-sequence; a pool thread then never waits for a chunk another rank will only start after one
-this rank holds back.
+therefore reduced on a small pool of threads, submitted in the scheduler's dispatch order.
+
+[Note: one order, Horovod] Horovod negotiates which collective runs when, but a credit window
+on each rank decides which chunks a rank submits at all: if rank 0 submitted chunk A while
+rank 1, whose gradients became ready in another interleaving, submitted chunk B, each would
+wait for the other to submit its chunk before freeing the credit that would let it: a
+deadlock. So, as over gloo, rank 0 decides the order and announces it (a Horovod broadcast on
+the announcer thread), and every other rank follows (see legato.core.scheduler.core).
 
 [Note: Horovod names] Horovod matches tensors across ranks by the op's name, and TensorFlow
 runs an eager op through a kernel cached by its attributes, where the name is not one: every
@@ -206,6 +209,33 @@ class HorovodTFCommBackend:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
+class HorovodOrderChannel:
+    """Rank 0's dispatch decisions, broadcast over Horovod (see [Note: one order, Horovod])."""
+
+    _SLOTS = 64
+
+    def __init__(self, hvd) -> None:
+        self._hvd = hvd
+
+        def bcast(buf):
+            return hvd.broadcast(buf, root_rank=0, name="legato.order", ignore_name_scope=True)
+
+        self._bcast = tf.function(bcast)  # see [Note: Horovod names]
+
+    def announce(self, chunk_ids: Sequence[int]) -> None:
+        ids = list(chunk_ids)
+        for i in range(0, max(1, len(ids)), self._SLOTS):
+            batch = ids[i:i + self._SLOTS]
+            buf = np.zeros(self._SLOTS + 1, np.int64)
+            buf[0] = len(batch)
+            buf[1:len(batch) + 1] = batch
+            self._bcast(tf.constant(buf))
+
+    def receive(self) -> list[int]:
+        out = self._bcast(tf.zeros(self._SLOTS + 1, tf.int64)).numpy()
+        return [int(v) for v in out[1:int(out[0]) + 1]]
+
+
 class HorovodTFTransport:
     """Horovod (horovod.tensorflow) as the transport: hvd.init() must have been called."""
 
@@ -244,8 +274,8 @@ class HorovodTFTransport:
         flat = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
         return tf.reshape(flat, shape)
 
-    def order_channel(self) -> None:
-        return None  # Horovod's coordinator orders collectives across ranks
+    def order_channel(self) -> "HorovodOrderChannel":
+        return HorovodOrderChannel(self._hvd)
 
     def all_gather_object(self, obj) -> list:
         return self._hvd.allgather_object(obj, name="legato.gather")

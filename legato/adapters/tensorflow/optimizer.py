@@ -9,15 +9,13 @@ optimizer, in a custom GradientTape loop or in `model.fit`.
         opt.apply_gradients(zip(grads, model.trainable_variables))  # returns at once
     opt.close()
 
-`apply_gradients` hands the step's gradients to legato's scheduler (the same core as the PyTorch
-adapter's) and returns; they are all-reduced front layers first, cut into partitions and merged
-as the policy says, within a credit window, and each layer is updated by the wrapped optimizer
-as soon as its own gradients are in. The next forward pass starts at once: a layer's `call`
-waits only for that layer's update (the dependency proxies), so front layers compute while back
-layers' gradients are still on the wire.
-
-What differs from the PyTorch adapter: `tape.gradient` returns every gradient at once, at the
-end of backward, so communication overlaps the next forward pass, not the backward pass.
+Each gradient goes to legato's scheduler (the same core as the PyTorch adapter's) as soon as
+backward produces it ([Note: gradients during backward]); gradients are all-reduced front layers
+first, cut into partitions and merged as the policy says, within a credit window, and each
+layer is updated by the wrapped optimizer as soon as its own gradients are in and
+`apply_gradients` was called, which returns at once. The next forward pass starts at once too:
+a layer's `call` waits only for that layer's update (the dependency proxies), so front layers
+compute while back layers' gradients are still on the wire.
 
 Updates ([Note: per-layer apply]): a Keras optimizer's `apply(grads, variables)` accepts a
 subset of the variables it was built for, with each variable's slots (momentum, Adam moments)
@@ -26,10 +24,11 @@ the step's value before each layer's call, so learning-rate schedules and Adam's
 correction see one increment per step, as without legato. Options that need every gradient at
 once (`global_clipnorm`, `use_ema`, gradient accumulation, loss scaling) are refused.
 
-Eager only: the gates and the scheduler run in Python, so `apply_gradients` must be called
-eagerly (a `tf.function` may still compute the gradients). A forward pass run inside a
-`tf.function` cannot be gated layer by layer; when legato sees one, each step's updates finish
-before `apply_gradients` returns (correct, without the overlap).
+Eager only: the gates, the backward hooks and the scheduler run in Python, so
+`apply_gradients` must be called eagerly. A `tf.function` may still compute the gradients, but
+then legato sees neither the layers' forward nor their backward: the gradients are sent when
+`apply_gradients` is called, and each step's updates finish before it returns (correct, with
+no overlap).
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ import threading
 import weakref
 from typing import Any, Iterable
 
+import numpy as np
 import tensorflow as tf
 
 from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
@@ -96,7 +96,9 @@ class _LayerGates:
     true), the model's `call` waits for every layer.
     """
 
-    def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int) -> None:
+    def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int,
+                 around=None) -> None:
+        self._around = around  # around(layer, call, args, kwargs): runs a gated layer's call
         self._cv = threading.Condition()
         self._open = [True] * len(layers)
         self._all = tuple(range(len(layers)))
@@ -131,6 +133,8 @@ class _LayerGates:
                 waits = self._root_waits if kwargs.get("training") else self._all
             if waits:
                 self.wait(waits, name)
+            if index is not None and self._around is not None:
+                return self._around(index, own, args, kwargs)
             return own(*args, **kwargs)
 
         gated.__wrapped__ = own
@@ -211,6 +215,9 @@ class ScheduledOptimizer:
         backend: "gloo" (legato's transport over torch.distributed, the default: launch with
             torchrun or legato.launch) or "horovod" (horovod.tensorflow, under horovodrun,
             after hvd.init()).
+        overlap_backward: send each gradient as backward produces it (see [Note: gradients
+            during backward]); the gradients passed to apply_gradients must then be the tape's,
+            unchanged. False: send them when apply_gradients is called.
         timeout_s: how long any wait may last before failing with an error naming the rank,
             step and layer.
         broadcast_parameters: copy rank 0's variables to every rank at start.
@@ -219,7 +226,8 @@ class ScheduledOptimizer:
     def __init__(self, optimizer, model, *, policy: str = "bytescheduler",
                  partition_bytes: int | None = None, credit_bytes: int | None = None,
                  merge_bytes: int | None = None, backend: str = "gloo",
-                 timeout_s: float = 300.0, broadcast_parameters: bool = True) -> None:
+                 overlap_backward: bool = True, timeout_s: float = 300.0,
+                 broadcast_parameters: bool = True) -> None:
         keras = _keras()
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
@@ -269,6 +277,7 @@ class ScheduledOptimizer:
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
         owned = _owned_layers(model)
+        self._layers = [layer for layer, _ in owned]
         self._layer_names = [layer.name for layer, _ in owned]
         layer_of = {id(v): i for i, (_, vs) in enumerate(owned) for v in vs}
         self._layer_of_key = [layer_of[id(v)] for v in self._vars]
@@ -305,7 +314,13 @@ class ScheduledOptimizer:
         self._steps_updated = 0
         self._layers_updated_in_step = 0
         self._updates: queue.Queue = queue.Queue()
-        self._reduced: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._post_lock = threading.Lock()
+        self._reads = [0] * len(self._vars)  # this step: reads through the hook, per key
+        self._arrived = [0] * len(self._vars)
+        self._partial: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._posted: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._posting = False
+        self._posted_in_backward = 0
         self._scheduler = Scheduler(
             self.plan, self.config,
             self._transport.backend(self._grads, self._shapes, self._dtypes, 1),
@@ -313,8 +328,9 @@ class ScheduledOptimizer:
             on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s)
         self._gates = None
         if not self._passthrough:
-            self._gates = _LayerGates(model, [layer for layer, _ in owned], self._timeout_s,
-                                      self._raise_if_failed, self._rank)
+            self._gates = _LayerGates(model, self._layers, self._timeout_s,
+                                      self._raise_if_failed, self._rank,
+                                      around=self._hooked_call if overlap_backward else None)
         self._updater = threading.Thread(target=self._update_loop, daemon=True,
                                          name=f"legato-tf-update-r{self._rank}")
         self._updater.start()
@@ -364,31 +380,126 @@ class ScheduledOptimizer:
                 "every rank must all-reduce every trainable variable: pass every gradient of "
                 "model.trainable_variables, and freeze (trainable=False) unused layers")
         for key, g in enumerate(by_key):
-            if isinstance(g, tf.IndexedSlices):
-                g = tf.convert_to_tensor(g)
-            if tuple(g.shape) != self._shapes[key] or g.dtype != self._dtypes[key]:
-                raise ConfigError(f"the gradient of {self._names[key]} is {g.dtype.name}"
-                                  f"{list(g.shape)}, its variable "
-                                  f"{self._dtypes[key].name}{list(self._shapes[key])}")
-            by_key[key] = g
-        # The previous step's updates read legato's buffers, which this step overwrites; the
-        # gates have normally waited for them already, so this costs nothing.
-        self.synchronize()
+            by_key[key] = self._checked(key, g)
+        with self._post_lock:
+            posted = list(self._posted)
+        for key, g in enumerate(by_key):
+            sent = posted[key]
+            if sent is not None and sent is not g and not (
+                    self._reads[key] > 1 and np.array_equal(sent.numpy(), g.numpy())):
+                err = ConfigError(
+                    f"[rank {self._rank}] step {self._steps_called}: the gradient passed for "
+                    f"{self._names[key]} is not the one backward produced, which legato had "
+                    "already sent; pass tape.gradient's results unchanged, or build the "
+                    "ScheduledOptimizer with overlap_backward=False to send what "
+                    "apply_gradients gets")
+                self._fail(err)
+                raise err
+        for key in self._post_order:  # what backward did not hand over (overlap off, traced)
+            if posted[key] is None:
+                self._post(key, by_key[key])
+        with self._post_lock:
+            self._reads = [0] * len(self._vars)
+            self._arrived = [0] * len(self._vars)
+            self._partial = [None] * len(self._vars)
+            self._posted = [None] * len(self._vars)
+            self._posting = False
         if self._gates is not None:
             self._gates.hold_all(self._steps_called)
         with self._cv:
             self._steps_called += 1
             self._cv.notify_all()
-        for key in self._post_order:
-            self._grads[key] = by_key[key]
-            self._transport.load(key, by_key[key])
-        for key in self._post_order:
-            self._scheduler.tensor_ready(key)
         if self._passthrough or (self._gates is not None and self._gates.traced):
             self.synchronize()
         return None
 
-    apply_gradients.__doc__ = apply_gradients.__doc__
+    def _checked(self, key: int, g) -> tf.Tensor:
+        if isinstance(g, tf.IndexedSlices):
+            g = tf.convert_to_tensor(g)
+        if tuple(g.shape) != self._shapes[key] or g.dtype != self._dtypes[key]:
+            raise ConfigError(f"the gradient of {self._names[key]} is {g.dtype.name}"
+                              f"{list(g.shape)}, its variable "
+                              f"{self._dtypes[key].name}{list(self._shapes[key])}")
+        return g
+
+    def _post(self, key: int, g: tf.Tensor) -> None:
+        """Hand task `key`'s gradient of this step to the scheduler (once per step)."""
+        with self._post_lock:
+            if self._posted[key] is not None:
+                raise LegatoError(
+                    f"[rank {self._rank}] {self._names[key]} received a second gradient before "
+                    "apply_gradients; legato sends each gradient as backward produces it, so "
+                    "compute one gradient of the model's variables per step, or build the "
+                    "ScheduledOptimizer with overlap_backward=False")
+            first = not self._posting
+            self._posting = True
+            self._posted[key] = g
+        if first:
+            # The previous step's updates read legato's buffers, which this step overwrites;
+            # the gates have normally waited for them already, so this costs nothing.
+            self.synchronize()
+        self._grads[key] = g
+        self._transport.load(key, g)
+        self._scheduler.tensor_ready(key)
+
+    # -- [Note: gradients during backward] -----------------------------------------------------
+    # `tape.gradient` returns every gradient at the end of backward, but it computes them layer
+    # by layer, back to front. So while a layer's `call` runs under a recording tape, each of
+    # its variables is read through an identity with a custom gradient (a Keras StatelessScope
+    # maps the variable to that identity), whose gradient function receives the variable's
+    # gradient as soon as backward reaches it and posts it to the scheduler: communication
+    # overlaps the rest of backward, as DDP's hooks do in PyTorch. The tape still returns the
+    # same tensors. A variable read twice (a shared layer) is posted once both parts are in.
+    # Assignments made inside the scope (BatchNormalization's moving statistics) are applied
+    # to the variables when the call returns.
+    def _hooked_call(self, layer: int, call, args, kwargs):
+        if not _recording() or self._error is not None:
+            return call(*args, **kwargs)
+        keys = self._keys_of_layer[layer]
+        mapping = [(self._vars[k], self._identity(k)) for k in keys]
+        keras = _keras()
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            out = call(*args, **kwargs)
+        hooked = {id(self._vars[k]) for k in keys}
+        for v in self._layers[layer].variables:
+            if id(v) not in hooked:
+                new = scope.get_current_value(v)
+                if new is not None:
+                    v.assign(new)
+        return out
+
+    def _identity(self, key: int) -> tf.Tensor:
+        with self._post_lock:
+            self._reads[key] += 1
+
+        @tf.custom_gradient
+        def identity(value):
+            def grad(g):
+                self._grad_arrived(key, g)
+                return g
+            return tf.identity(value), grad
+
+        # the raw tf.Variable (Keras 3 keeps it as `_value`): a mixed-precision autocast is
+        # applied by Keras to what the scope returns, so the gradient here has the variable's
+        # own dtype
+        return identity(tf.convert_to_tensor(self._vars[key]._value))
+
+    def _grad_arrived(self, key: int, g) -> None:
+        try:
+            g = self._checked(key, g)
+            with self._post_lock:
+                acc = self._partial[key]
+                self._partial[key] = g if acc is None else acc + g
+                self._arrived[key] += 1
+                if self._arrived[key] < self._reads[key]:
+                    return
+                g = self._partial[key]
+            self._post(key, g)
+            self._posted_in_backward += 1
+        except LegatoError as err:
+            self._fail(err)
+            raise
+
 
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
@@ -440,7 +551,8 @@ class ScheduledOptimizer:
                 "messages_per_step": len(self.plan.chunks),
                 "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
                 "issued": self._scheduler.issued_total, "config": self.config.describe(),
-                "backend": self._transport.name, "forward_traced": bool(
+                "backend": self._transport.name,
+                "sent_during_backward": self._posted_in_backward, "forward_traced": bool(
                     self._gates is not None and self._gates.traced)}
 
     # -- completion and updates ----------------------------------------------------------------
@@ -455,7 +567,11 @@ class ScheduledOptimizer:
             layer = self._updates.get()
             if layer is None:
                 return
-            if self._error is not None:
+            with self._cv:  # update only after apply_gradients of this step (its LR, checks)
+                while (self._steps_called <= self._steps_updated and not self._closed
+                       and self._error is None):
+                    self._cv.wait(0.5)
+            if self._error is not None or self._steps_called <= self._steps_updated:
                 continue
             try:
                 keys = self._keys_of_layer[layer]
@@ -546,6 +662,13 @@ class ScheduledOptimizer:
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "
                 f"{self.config.describe()}, {self.plan.describe()})")
+
+
+def _recording() -> bool:
+    """Whether a GradientTape may be recording on this thread."""
+    from tensorflow.python.eager import record
+
+    return record.could_possibly_record()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

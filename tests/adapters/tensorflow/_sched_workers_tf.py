@@ -35,6 +35,22 @@ def net() -> keras.Model:
     ])
 
 
+def shared_bn() -> keras.Model:
+    """A Dense layer called twice (its variables read twice per step) and BatchNormalization
+    (moving statistics assigned during the forward)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Flatten()(inp)
+    x = keras.layers.Dense(32, name="fc1")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    shared = keras.layers.Dense(32, activation="relu", name="shared")
+    x = shared(shared(x))
+    return keras.Model(inp, keras.layers.Dense(10, name="head")(x))
+
+
+MODELS = {"net": net, "shared_bn": shared_bn}
+
+
 def make_optimizer(name: str):
     if name == "sgd":
         return keras.optimizers.SGD(0.05, momentum=0.9)
@@ -63,9 +79,9 @@ def rank_and_size(backend: str):
 
 
 def train_legato(backend: str, opt_name: str, policy: str, settings: dict, steps: int,
-                 out: str, compiled_grads: bool = False) -> None:
+                 out: str, compiled_grads: bool = False, model_name: str = "net") -> None:
     rank, _ = rank_and_size(backend)
-    model = net()
+    model = MODELS[model_name]()
     opt = ScheduledOptimizer(make_optimizer(opt_name), model, policy=policy, backend=backend,
                              timeout_s=120, **settings)
 
@@ -83,7 +99,7 @@ def train_legato(backend: str, opt_name: str, policy: str, settings: dict, steps
     stats = opt.stats
     opt.close()
     np.savez(os.path.join(out, f"params-{backend}-{policy}-{rank}.npz"),
-             *[v.numpy() for v in model.trainable_variables],
+             *[v.numpy() for v in model.variables],
              iterations=int(opt.iterations.numpy()))
     print("STATS", stats, flush=True)
 
@@ -91,14 +107,15 @@ def train_legato(backend: str, opt_name: str, policy: str, settings: dict, steps
 def plain_both(steps: int, out: str) -> None:
     for opt_name in ("sgd", "adam"):
         train_horovod_plain(opt_name, steps, out)
+    train_horovod_plain("sgd", steps, out, "shared_bn")
 
 
-def train_horovod_plain(opt_name: str, steps: int, out: str) -> None:
+def train_horovod_plain(opt_name: str, steps: int, out: str, model_name: str = "net") -> None:
     """Plain Horovod-TensorFlow: DistributedGradientTape, the user's own apply_gradients."""
     import horovod.tensorflow as hvd
 
     rank, _ = rank_and_size("horovod")
-    model = net()
+    model = MODELS[model_name]()
     opt = make_optimizer(opt_name)
     hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)  # Keras 3
     for step in range(steps):
@@ -109,8 +126,9 @@ def train_horovod_plain(opt_name: str, steps: int, out: str) -> None:
         # Horovod 0.28 keys sources by tf.Variable.ref(): give it Keras 3's inner tf.Variables
         grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
         opt.apply_gradients(zip(grads, model.trainable_variables))
-    np.savez(os.path.join(out, f"params-hvdplain-{opt_name}-{rank}.npz"),
-             *[v.numpy() for v in model.trainable_variables],
+    suffix = "" if model_name == "net" else f"-{model_name}"
+    np.savez(os.path.join(out, f"params-hvdplain-{opt_name}{suffix}-{rank}.npz"),
+             *[v.numpy() for v in model.variables],
              iterations=int(opt.iterations.numpy()))
 
 
@@ -127,7 +145,7 @@ def fit(backend: str, steps: int, out: str) -> None:
               verbose=0)
     opt.close()
     np.savez(os.path.join(out, f"params-{backend}-fit-{rank}.npz"),
-             *[v.numpy() for v in model.trainable_variables],
+             *[v.numpy() for v in model.variables],
              iterations=int(opt.iterations.numpy()))
 
 

@@ -79,8 +79,25 @@ def test_gloo_backend_matches_plain_horovod(plain, tmp_path, opt_name, policy, s
         stdout = result.rank(r).stdout
         assert "'backend': 'gloo'" in stdout
         assert f"'forward_traced': {compiled}" in stdout
+        # every gradient went out during backward, unless a tf.function hid the layers
+        sent = 0 if compiled else 12 * STEPS
+        assert f"'sent_during_backward': {sent}," in stdout
         if policy == "bytescheduler":  # fc1's 800 KiB kernel is cut, the small ones merged
             assert int(re.search(r"'messages_per_step': (\d+)", stdout).group(1)) > 12
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+def test_shared_layer_and_batch_norm_statistics_match_plain_horovod(plain, tmp_path):
+    """A layer called twice sends its gradient once both halves are in; BatchNormalization's
+    moving statistics (assigned inside legato's scope during the forward) are kept."""
+    result = run_torch_job(f"{WORKERS}:train_legato", 2,
+                           args=["gloo", "sgd", "priority", {}, STEPS, str(tmp_path), False,
+                                 "shared_bn"], timeout_s=200)
+    for r in range(2):
+        assert_same(tmp_path / f"params-gloo-priority-{r}.npz",
+                    plain / f"params-hvdplain-sgd-shared_bn-{r}.npz")
+        assert f"'sent_during_backward': {8 * STEPS}," in result.rank(r).stdout
 
 
 @pytest.mark.horovod

@@ -1,0 +1,39 @@
+"""Run a command in a private network namespace whose loopback is shaped to a rate.
+
+`unshare -n` (as root) gives the command a loopback of its own; `tc qdisc add dev lo root tbf
+rate R burst 256kb latency 100ms` shapes it (a burst below 64 KiB stalls connections). The
+rate limits the sum of every rank's traffic, since all of it crosses the one loopback.
+Rate 0 means an unshaped loopback, still in a namespace of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+
+
+def rate_label(rate: int) -> str:
+    return "unshaped" if rate == 0 else f"{rate} Mbit/s"
+
+
+def parse_rate(text: str) -> int:
+    return 0 if text in ("0", "unshaped", "none") else int(text)
+
+
+def shaping_problem() -> str | None:
+    """Why this machine cannot shape a private loopback, or None."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"):
+        return ("needs root, unshare and tc (iproute2) to shape a private loopback; run as root "
+                "on Linux")
+    return None
+
+
+def run_shaped(rate: int, argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `argv` inside a new network namespace with loopback at `rate` Mbit/s."""
+    shape = (f"tc qdisc add dev lo root tbf rate {rate}mbit burst 256kb latency 100ms && "
+             if rate else "")
+    inner = " ".join(shlex.quote(a) for a in argv)
+    cmd = ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && {shape}exec {inner}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

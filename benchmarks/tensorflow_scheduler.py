@@ -1,0 +1,167 @@
+"""Training step time of 2 TensorFlow workers under horovodrun over a shaped loopback link:
+plain Horovod-TensorFlow against legato's ScheduledOptimizer over Horovod's ops, side by side.
+
+Per model and rate, one horovodrun job (in a private network namespace whose loopback is shaped,
+see benchmarks/_netns.py) builds the model twice from one seed and trains it with:
+  horovod           hvd.DistributedGradientTape and the Keras optimizer's apply_gradients, eager
+  horovod-compiled  the same step in a tf.function (Horovod's all-reduces then run inside the
+                    graph as backward produces gradients: the stronger baseline)
+  legato            ScheduledOptimizer(backend="horovod"), eager: gradients sent as backward
+                    produces them, front layers first, partitioned, within a credit window;
+                    each layer's next forward waits only for its own update
+They take turns in blocks of --steps steps, --rounds times (so drift on this noisy machine hits
+them alike); a block ends when its last update is done. The job also measures F and B (forward
+and backward, no communication) and C (one grouped all-reduce of every gradient).
+
+Output: per model a table of median step ms and the ratios baseline/legato (>1: legato is
+faster), JSON in benchmarks/results/tensorflow_scheduler.json, and a plot with --plot.
+Run: `legato bench tensorflow-scheduler` or `python benchmarks/tensorflow_scheduler.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _netns import parse_rate, rate_label, run_shaped, shaping_problem  # noqa: E402
+
+RESULTS = HERE / "results"
+WORKERS = str(HERE / "_tf_scheduler_workers.py")
+METHODS = ("horovod", "horovod-compiled", "legato")
+
+
+def inner(args: argparse.Namespace) -> int:
+    from legato.launch import run_horovod_job
+
+    settings = {k: v for k, v in (("partition_bytes", args.partition_bytes),
+                                  ("credit_bytes", args.credit_bytes)) if v is not None}
+    out = {"rate": args.inner_rate, "models": {}}
+    for model in args.models:
+        job = run_horovod_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
+                              args=[model, args.steps, args.warmup, args.rounds, settings,
+                                    args.batch])
+        results = [json.loads(line.split("RESULT ", 1)[1]) for line in
+                   job.rank(0).stdout.splitlines() if "RESULT " in line]
+        out["models"][model] = results[0]
+        print(f"  {model} at {rate_label(args.inner_rate)} done", file=sys.stderr, flush=True)
+    print("RATE_RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    rows = []
+    for res in results:
+        for model, r in res["models"].items():
+            med = {m: statistics.median(t) * 1e3 for m, t in r["times"].items()}
+            rows.append({"model": model, "rate": res["rate"], "median_ms": med,
+                         "runs": len(next(iter(r["times"].values()))),
+                         "F_ms": r["F"] * 1e3, "B_ms": r["B"] * 1e3, "C_ms": r["C"] * 1e3,
+                         "grad_bytes": r["grad_bytes"], "legato": r["stats"]["config"],
+                         "messages_per_step": r["stats"]["messages_per_step"],
+                         "vs_horovod": med["horovod"] / med["legato"],
+                         "vs_compiled": med["horovod-compiled"] / med["legato"]})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    for model in dict.fromkeys(r["model"] for r in rows):
+        print(f"\n{model}: median step ms over {rows[0]['runs']} blocks "
+              "(ratio = baseline / legato; >1: legato is faster)")
+        print(f"{'rate':>13} {'horovod':>9} {'compiled':>9} {'legato':>9} {'vs hvd':>7} "
+              f"{'vs compiled':>11} {'F+B':>7} {'C':>7}")
+        for r in (r for r in rows if r["model"] == model):
+            m = r["median_ms"]
+            print(f"{rate_label(r['rate']):>13} {m['horovod']:>9.1f} "
+                  f"{m['horovod-compiled']:>9.1f} {m['legato']:>9.1f} {r['vs_horovod']:>6.2f}x "
+                  f"{r['vs_compiled']:>10.2f}x {r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = sorted((r for r in rows if r["model"] == model and r["rate"]),
+                     key=lambda r: r["rate"])
+        for m in METHODS:
+            ax.plot([r["rate"] for r in sub], [r["median_ms"][m] for r in sub], marker="o",
+                    label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("loopback rate (Mbit/s, both ranks together)")
+        ax.set_ylabel("median step time (ms)")
+        ax.set_title(f"TensorFlow, {model}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", default="500,1000,2000,unshaped",
+                        help="comma-separated Mbit/s, 'unshaped' for plain loopback")
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch per rank (default: the model's own, 256 mlp, 32 cnn)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="blocks of each method, in turn")
+    parser.add_argument("--partition-bytes", type=int, default=None)
+    parser.add_argument("--credit-bytes", type=int, default=None)
+    parser.add_argument("--job-timeout", type=float, default=1500)
+    parser.add_argument("--json", type=Path, default=RESULTS / "tensorflow_scheduler.json")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--inner-rate", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    if args.inner_rate is not None:
+        return inner(args)
+    problem = shaping_problem()
+    if problem:
+        print(f"tensorflow scheduler benchmark: {problem}", file=sys.stderr)
+        return 2
+    passthrough = ["--models", ",".join(args.models), "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--rounds", str(args.rounds), "--job-timeout",
+                   str(args.job_timeout)]
+    for flag, value in (("--partition-bytes", args.partition_bytes),
+                        ("--credit-bytes", args.credit_bytes), ("--batch", args.batch)):
+        if value is not None:
+            passthrough += [flag, str(value)]
+    results = []
+    for rate in (parse_rate(r) for r in args.rates.split(",") if r):
+        print(f"rate {rate_label(rate)} ...", file=sys.stderr, flush=True)
+        proc = run_shaped(rate, [sys.executable, str(Path(__file__).resolve()), "--inner-rate",
+                                 str(rate), *passthrough], timeout_s=args.job_timeout * 2)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RATE_RESULT ")),
+                    None)
+        if line is None:
+            print(f"rate {rate_label(rate)} failed (exit {proc.returncode}):\n"
+                  f"{proc.stderr[-4000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(line.split(" ", 1)[1]))
+    rows = summarize(results)
+    print_table(rows)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "tensorflow_scheduler", "cores": os.cpu_count(),
+                                     "steps": args.steps, "rounds": args.rounds,
+                                     "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
