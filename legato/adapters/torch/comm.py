@@ -16,7 +16,7 @@ from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["HorovodCommBackend", "HorovodTransport", "NativeNcclCommBackend", "TorchCommBackend",
+__all__ = ["HorovodCommBackend", "HorovodOrderChannel", "HorovodTransport", "NativeNcclCommBackend", "TorchCommBackend",
            "TorchDistTransport", "TorchOrderChannel", "make_nccl_backend", "native_nccl_status"]
 
 log = logging.getLogger(__name__)
@@ -388,8 +388,11 @@ class TorchDistTransport:
 class HorovodCommBackend:
     """All-reduces chunks with Horovod's asynchronous ops; a poller thread reports completion.
 
-    Horovod negotiates the order of collectives among ranks itself, so every rank runs its own
-    priority queue and no order channel is needed.
+    Horovod negotiates when each collective runs, but not which chunks a rank's credit window
+    lets it submit: with a queue on every rank, rank 0 could hold chunk A in flight while rank 1
+    holds chunk B, each waiting for the other to submit its chunk (a deadlock, seen with the
+    priority policy's one-message window). So, as over torch.distributed, rank 0 decides the
+    order and announces it on a HorovodOrderChannel.
     """
 
     def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0) -> None:
@@ -458,6 +461,30 @@ class HorovodCommBackend:
         self._thread.join(10)
 
 
+class HorovodOrderChannel:
+    """Rank 0's dispatch decisions, broadcast over Horovod (one broadcast at a time, by the
+    scheduler's announcer or follower thread)."""
+
+    def __init__(self, hvd) -> None:
+        self._hvd = hvd
+        self._buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
+
+    def announce(self, chunk_ids: Sequence[int]) -> None:
+        ids = list(chunk_ids)
+        for i in range(0, max(1, len(ids)), _ANNOUNCE_SLOTS):
+            batch = ids[i:i + _ANNOUNCE_SLOTS]
+            buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
+            buf[0] = len(batch)
+            if batch:
+                buf[1:len(batch) + 1] = torch.tensor(batch, dtype=torch.int64)
+            self._hvd.broadcast_(buf, root_rank=0, name="legato.order")
+
+    def receive(self) -> list[int]:
+        self._hvd.broadcast_(self._buf, root_rank=0, name="legato.order")
+        n = int(self._buf[0])
+        return self._buf[1:n + 1].tolist()
+
+
 class HorovodTransport:
     """Horovod (horovod.torch) as legato's transport: hvd.init() must have been called."""
 
@@ -488,8 +515,8 @@ class HorovodTransport:
         self._backend = HorovodCommBackend(self._hvd, grads, epoch=self._epoch)
         return self._backend
 
-    def order_channel(self) -> None:
-        return None  # Horovod's coordinator orders collectives across ranks
+    def order_channel(self) -> HorovodOrderChannel:
+        return HorovodOrderChannel(self._hvd)  # see HorovodCommBackend
 
     def all_gather_object(self, obj) -> list:
         return self._hvd.allgather_object(obj, name="legato.gather")

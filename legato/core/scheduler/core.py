@@ -8,8 +8,9 @@ an `OrderChannel`. Every other rank (a *follower*) has no queue: one thread take
 announcements in order, waits until that chunk is ready locally, and starts it. The order is
 thus the leader's, on every rank, whatever each rank's timing. A follower that is late only
 delays the collective, never reorders it; a chunk cannot be announced before its step's
-previous chunks were, so there is no cyclic wait. Backends that negotiate order themselves
-(Horovod) run every rank as a leader with `order=None`.
+previous chunks were, so there is no cyclic wait. Horovod negotiates when collectives run but
+not which ones each rank's window admits, so its adapters use an order channel too; `order=None`
+(every rank its own leader) is only safe for a backend whose collectives never wait for peers.
 
 [Note: batched announcements] An announcement is a small collective on the same network as
 the gradients, so it can wait behind bulk data (on a shaped link, behind everything queued in

@@ -286,7 +286,8 @@ def timeline(path: str) -> None:
     dist.destroy_process_group()
 
 
-def compare_with_horovod(opt_name: str, steps: int, tune=None) -> None:
+def compare_with_horovod(opt_name: str, steps: int, tune=None,
+                         policy: str = "bytescheduler") -> None:
     """ScheduledOptimizer(backend='horovod') against hvd.DistributedOptimizer, in horovodrun."""
     import horovod.torch as hvd
 
@@ -297,10 +298,10 @@ def compare_with_horovod(opt_name: str, steps: int, tune=None) -> None:
     ref.load_state_dict(ours.state_dict())
     ref_opt = hvd.DistributedOptimizer(make_optimizer(opt_name, ref.parameters()),
                                        named_parameters=ref.named_parameters())
+    sizes = ({"partition_bytes": 32 * 1024, "credit_bytes": 96 * 1024}
+             if policy == "bytescheduler" else {})
     opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours,
-                             backend="horovod", policy="bytescheduler",
-                             partition_bytes=32 * 1024, credit_bytes=96 * 1024, timeout_s=60,
-                             tune=tune)
+                             backend="horovod", policy=policy, timeout_s=60, tune=tune, **sizes)
     loss_fn = nn.CrossEntropyLoss()
     for step in range(steps):
         x, y = batch(rank, step)

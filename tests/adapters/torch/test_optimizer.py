@@ -109,16 +109,20 @@ def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
 
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("opt_name, tune", [
-    ("sgd", None), ("adam", None),
-    ("adam", {"trials": 4, "steps_per_trial": 1, "warmup_steps": 1, "sampler": "tpe"})])
-def test_horovod_backend_matches_distributed_optimizer(opt_name, tune):
+@pytest.mark.parametrize("opt_name, tune, policy", [
+    ("sgd", None, "bytescheduler"), ("adam", None, "bytescheduler"),
+    ("adam", {"trials": 4, "steps_per_trial": 1, "warmup_steps": 1, "sampler": "tpe"},
+     "bytescheduler"),
+    ("sgd", None, "priority")])
+def test_horovod_backend_matches_distributed_optimizer(opt_name, tune, policy):
     """Horovod averages as a sum times 1/2 on two ranks; legato pre-scales by 1/2 and sums:
     both round the same exact value, so the parameters must be bit-identical. With tuning,
-    the settings change at step boundaries (new Horovod tensor names for each plan)."""
-    steps = 10 if tune else 5
-    result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2, args=[opt_name, steps, tune],
-                             timeout_s=240)
+    the settings change at step boundaries (new Horovod tensor names for each plan). Under
+    `priority` (one message in flight) 30 steps: with a window on every rank and no order from
+    rank 0, this deadlocked when the ranks' gradients became ready in different interleavings."""
+    steps = 10 if tune else 30 if policy == "priority" else 5
+    result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2,
+                             args=[opt_name, steps, tune, policy], timeout_s=240)
     for r in range(2):
         assert f"horovod {opt_name} matches hvd.DistributedOptimizer after {steps} steps" in \
             result.rank(r).stdout
