@@ -24,11 +24,10 @@ the step's value before each layer's call, so learning-rate schedules and Adam's
 correction see one increment per step, as without legato. Options that need every gradient at
 once (`global_clipnorm`, `use_ema`, gradient accumulation, loss scaling) are refused.
 
-Eager only: the gates, the backward hooks and the scheduler run in Python, so
-`apply_gradients` must be called eagerly. A `tf.function` may still compute the gradients, but
-then legato sees neither the layers' forward nor their backward: the gradients are sent when
-`apply_gradients` is called, and each step's updates finish before it returns (correct, with
-no overlap).
+`apply_gradients` runs eagerly (the scheduler and the updates are Python); the forward and
+backward may run in a `tf.function` that returns the gradients, with the gates and backward
+hooks compiled into it ([Note: compiled steps]). `model.fit` needs `run_eagerly=True`, since
+Keras compiles `apply_gradients` into its train step.
 """
 
 from __future__ import annotations
@@ -123,25 +122,47 @@ class _LayerGates:
         own = layer.call
 
         def gated(*args, **kwargs):
-            if not tf.executing_eagerly():
-                self.traced = True
+            graph = not tf.executing_eagerly()
+            if graph and self._around is None:
+                self.traced = True  # no gates in a graph without the optimizer's hooks
                 return own(*args, **kwargs)
             if self._observing and index is not None:
                 self._ran.add(index)
             waits: tuple[int, ...] = () if index is None else (index,)
             if index is None:  # the model's own call
-                waits = self._root_waits if kwargs.get("training") else self._all
-            if waits:
+                training = bool(kwargs.get("training"))
+                if graph:  # see [Note: compiled steps]; what to wait for is decided per run
+                    gate = self.graph_gate(
+                        lambda: self._root_waits if training else self._all, name)
+                    args = tf.nest.map_structure(
+                        lambda t: _after(gate, t) if tf.is_tensor(t) else t, args)
+                else:
+                    waits = self._root_waits if training else self._all
+                    if waits:
+                        self.wait(waits, name)
+                return own(*args, **kwargs)
+            if not graph:
                 self.wait(waits, name)
-            if index is not None and self._around is not None:
-                return self._around(index, own, args, kwargs)
-            return own(*args, **kwargs)
-
+            if self._around is None:
+                return own(*args, **kwargs)
+            return self._around(index, own, args, kwargs, graph)
         gated.__wrapped__ = own
         gated.__signature__ = _signature(own)
         had = "call" in layer.__dict__
         object.__setattr__(layer, "call", gated)
         self._patched.append((layer, own, had))
+
+    def graph_gate(self, layers, name: str, before=None) -> tf.Tensor:
+        """An op that waits (when the graph runs) until `layers` (a tuple, or a function giving
+        one when the graph runs) are updated; `before()` runs first, on every run."""
+        def run():
+            if before is not None:
+                before()
+            waits = layers() if callable(layers) else layers
+            if waits:
+                self.wait(waits, name)
+            return np.int32(0)
+        return tf.py_function(run, [], tf.int32, name="legato_gate")
 
     def finish_observing(self) -> None:
         """After the first forward (see the class doc)."""
@@ -319,6 +340,7 @@ class ScheduledOptimizer:
         self._arrived = [0] * len(self._vars)
         self._partial: list[tf.Tensor | None] = [None] * len(self._vars)
         self._posted: list[tf.Tensor | None] = [None] * len(self._vars)
+        self._from_graph = [False] * len(self._vars)
         self._posting = False
         self._posted_in_backward = 0
         self._scheduler = Scheduler(
@@ -385,6 +407,8 @@ class ScheduledOptimizer:
             posted = list(self._posted)
         for key, g in enumerate(by_key):
             sent = posted[key]
+            if self._from_graph[key]:  # the graph's output is a copy: see [Note: compiled steps]
+                continue
             if sent is not None and sent is not g and not (
                     self._reads[key] > 1 and np.array_equal(sent.numpy(), g.numpy())):
                 err = ConfigError(
@@ -403,6 +427,7 @@ class ScheduledOptimizer:
             self._arrived = [0] * len(self._vars)
             self._partial = [None] * len(self._vars)
             self._posted = [None] * len(self._vars)
+            self._from_graph = [False] * len(self._vars)
             self._posting = False
         if self._gates is not None:
             self._gates.hold_all(self._steps_called)
@@ -422,7 +447,7 @@ class ScheduledOptimizer:
                               f"{self._dtypes[key].name}{list(self._shapes[key])}")
         return g
 
-    def _post(self, key: int, g: tf.Tensor) -> None:
+    def _post(self, key: int, g: tf.Tensor, graph: bool = False) -> None:
         """Hand task `key`'s gradient of this step to the scheduler (once per step)."""
         with self._post_lock:
             if self._posted[key] is not None:
@@ -434,6 +459,7 @@ class ScheduledOptimizer:
             first = not self._posting
             self._posting = True
             self._posted[key] = g
+            self._from_graph[key] = graph
         if first:
             # The previous step's updates read legato's buffers, which this step overwrites;
             # the gates have normally waited for them already, so this costs nothing.
@@ -452,11 +478,27 @@ class ScheduledOptimizer:
     # same tensors. A variable read twice (a shared layer) is posted once both parts are in.
     # Assignments made inside the scope (BatchNormalization's moving statistics) are applied
     # to the variables when the call returns.
-    def _hooked_call(self, layer: int, call, args, kwargs):
-        if not _recording() or self._error is not None:
-            return call(*args, **kwargs)
+    # [Note: compiled steps] When the forward and backward run in a tf.function, the wrappers
+    # above run once, while it is traced, so they put ops in the graph instead: each gated
+    # layer reads its variables after a `tf.py_function` that waits for the layer's gate (and
+    # counts the reads, when traced under a tape), and each variable's gradient passes a
+    # `tf.py_function` that posts it to the scheduler as the graph's backward produces it. The
+    # graph returns copies of the posted gradients, so apply_gradients cannot check that it
+    # was given the same ones: pass them unchanged.
+    def _hooked_call(self, layer: int, call, args, kwargs, graph: bool):
+        """A gated layer's call (after its gate, in eager mode): see [Note: gradients during
+        backward] and, in a tf.function, [Note: compiled steps]."""
         keys = self._keys_of_layer[layer]
-        mapping = [(self._vars[k], self._identity(k)) for k in keys]
+        hook = _recording() and self._error is None
+        gate = None
+        if graph:
+            count = (lambda: self._count_reads(keys)) if hook else None
+            gate = self._gates.graph_gate((layer,), self._layer_names[layer], before=count)
+        elif not hook:
+            return call(*args, **kwargs)
+        else:
+            self._count_reads(keys)
+        mapping = [(self._vars[k], self._read(k, gate, hook)) for k in keys]
         keras = _keras()
         with keras.StatelessScope(state_mapping=mapping) as scope:
             out = call(*args, **kwargs)
@@ -468,23 +510,44 @@ class ScheduledOptimizer:
                     v.assign(new)
         return out
 
-    def _identity(self, key: int) -> tf.Tensor:
+    def _count_reads(self, keys) -> None:
         with self._post_lock:
-            self._reads[key] += 1
+            for key in keys:
+                self._reads[key] += 1
+
+    def _read(self, key: int, gate: tf.Tensor | None, hook: bool) -> tf.Tensor:
+        """The value of variable `key` for a layer's call: read after `gate` (in a graph), and
+        through an identity whose gradient posts the variable's gradient (when `hook`)."""
+        # the raw tf.Variable (Keras 3 keeps it as `_value`): a mixed-precision autocast is
+        # applied by Keras to what the scope returns, so the gradient here has the variable's
+        # own dtype
+        raw = self._vars[key]._value
+        if gate is None:
+            value = tf.convert_to_tensor(raw)
+        else:
+            with tf.control_dependencies([gate]):
+                value = tf.identity(raw)
+        if not hook:
+            return value
 
         @tf.custom_gradient
         def identity(value):
             def grad(g):
-                self._grad_arrived(key, g)
-                return g
+                if tf.executing_eagerly():
+                    self._grad_arrived(key, g)
+                    return g
+
+                def post(t):
+                    self._grad_arrived(key, t, graph=True)
+                    return np.int32(0)
+                posted = tf.py_function(post, [g], tf.int32, name="legato_post")
+                with tf.control_dependencies([posted]):
+                    return tf.identity(g)
             return tf.identity(value), grad
 
-        # the raw tf.Variable (Keras 3 keeps it as `_value`): a mixed-precision autocast is
-        # applied by Keras to what the scope returns, so the gradient here has the variable's
-        # own dtype
-        return identity(tf.convert_to_tensor(self._vars[key]._value))
+        return identity(value)
 
-    def _grad_arrived(self, key: int, g) -> None:
+    def _grad_arrived(self, key: int, g, graph: bool = False) -> None:
         try:
             g = self._checked(key, g)
             with self._post_lock:
@@ -494,7 +557,7 @@ class ScheduledOptimizer:
                 if self._arrived[key] < self._reads[key]:
                     return
                 g = self._partial[key]
-            self._post(key, g)
+            self._post(key, g, graph)
             self._posted_in_backward += 1
         except LegatoError as err:
             self._fail(err)
@@ -662,6 +725,11 @@ class ScheduledOptimizer:
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "
                 f"{self.config.describe()}, {self.plan.describe()})")
+
+
+def _after(gate: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
+    with tf.control_dependencies([gate]):
+        return tf.identity(t)
 
 
 def _recording() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -149,39 +150,71 @@ def fit(backend: str, steps: int, out: str) -> None:
              iterations=int(opt.iterations.numpy()))
 
 
-def gates(out: str) -> None:
-    """The next forward's first layer runs before the last layer's update is done."""
+def gates(out: str, compiled: bool = False) -> None:
+    """The next forward's first layer runs before the last layer's update is done (its
+    messages are held back 1 s; see below). conv1's
+    forward is recorded when its call has run (after legato's gate: the recording call is
+    set before legato wraps the layer); with `compiled`, forward and backward are a
+    tf.function and the recording is an op in it."""
     rank, _ = rank_and_size("gloo")
     model = net()
-    opt = ScheduledOptimizer(keras.optimizers.SGD(0.05), model, timeout_s=120,
-                             partition_bytes=16 * 1024, credit_bytes=16 * 1024)
     events = []
-    first, last = model.get_layer("conv1"), model.get_layer("head")
+    first = model.get_layer("conv1")
     own_call = first.call
 
-    def traced_first(*a, **k):
+    def record():
         events.append(("forward conv1", time.perf_counter()))
-        return own_call(*a, **k)
+        return np.int32(0)
 
-    object.__setattr__(first, "call", traced_first)  # inside legato's gate
+    def recorded_first(*a, **k):
+        out = own_call(*a, **k)
+        if tf.executing_eagerly():
+            record()
+            return out
+        done = tf.py_function(record, [], tf.int32)
+        with tf.control_dependencies([done]):
+            return tf.identity(out)
+
+    object.__setattr__(first, "call", recorded_first)
+    opt = ScheduledOptimizer(keras.optimizers.SGD(0.05), model, timeout_s=120,
+                             partition_bytes=16 * 1024, credit_bytes=1 << 20, merge_bytes=0)
+    # The head's messages report done 1 s late (the collective itself runs on time, so every
+    # rank still issues the same collectives in the same order): its update comes 1 s late.
+    backend = opt._scheduler._backend
+    real_start = backend.start
+    head = {c.id for c in opt.plan.chunks
+            if any(opt.plan.task(k).name.split("/")[-2] == "head" for k in c.keys)}
+
+    def late_start(chunk, on_done):
+        if chunk.id in head:
+            real_start(chunk, lambda err: threading.Timer(1.0, on_done, (err,)).start())
+        else:
+            real_start(chunk, on_done)
+
+    backend.start = late_start
     real_apply = opt.optimizer.apply
 
     def slow_apply(grads, variables):
         if any(v.path.split("/")[-2] == "head" for v in variables):
-            time.sleep(1.0)
             events.append(("update head", time.perf_counter()))
         return real_apply(grads, variables)
 
     opt.optimizer.apply = slow_apply
-    for step in range(3):
-        x, y = batch(rank, step)
+
+    def grads_of(x, y):
         with tf.GradientTape() as tape:
             loss = LOSS(y, model(x, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                model.trainable_variables))
+        return tape.gradient(loss, model.trainable_variables)
+
+    if compiled:
+        grads_of = tf.function(grads_of)
+    for step in range(3):
+        x, y = batch(rank, step)
+        opt.apply_gradients(zip(grads_of(x, y), model.trainable_variables))
         events.append(("applied", time.perf_counter()))
+    stats = opt.stats
     opt.close()
-    del last
+    print("STATS", stats, flush=True)
     with open(os.path.join(out, f"events-{rank}.txt"), "w") as f:
         for name, t in events:
             f.write(f"{name}\t{t}\n")
