@@ -37,3 +37,35 @@ def run_shaped(rate: int, argv: list[str], timeout_s: float) -> subprocess.Compl
     inner = " ".join(shlex.quote(a) for a in argv)
     cmd = ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && {shape}exec {inner}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+
+
+def plot_step_times(rows: list[dict], methods, path, title: str = "{model}") -> None:
+    """Median step time against the shaped rate, one panel per model, one line per method.
+
+    `rows` have "model", "rate" (0: unshaped, left out) and "median_ms" {method: ms}.
+    """
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        sub = sorted((r for r in rows if r["model"] == model and r["rate"]),
+                     key=lambda r: r["rate"])
+        for m in methods:
+            pts = [(r["rate"], r["median_ms"][m]) for r in sub if m in r["median_ms"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("loopback rate (Mbit/s, both ranks together)")
+        ax.set_ylabel("median step time (ms)")
+        ax.set_title(title.format(model=model))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -2,7 +2,8 @@
 
 Each rank builds the model twice from one seed: once trained by plain Horovod-TensorFlow
 (hvd.DistributedGradientTape, the user's own apply_gradients; eager, and compiled in a
-tf.function as most users run it), once by legato's ScheduledOptimizer over Horovod's ops.
+tf.function as most users run it), once by legato's ScheduledOptimizer over Horovod's ops
+(forward and backward eager, and in a tf.function that returns the gradients).
 The methods take turns in blocks of `steps` steps, `rounds` times, so drift on this noisy
 machine hits them alike; a block's time ends when its last update is done.
 """
@@ -88,15 +89,23 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
     legato_opt = ScheduledOptimizer(keras.optimizers.SGD(0.01, momentum=0.9), legato_model,
                                     backend="horovod", **settings)
 
-    def legato_step():
+    def legato_grads():
         with tf.GradientTape() as tape:
             loss = LOSS(y, legato_model(x, training=True))
-        legato_opt.apply_gradients(zip(tape.gradient(loss, legato_model.trainable_variables),
-                                       legato_model.trainable_variables))
+        return tape.gradient(loss, legato_model.trainable_variables)
+
+    compiled_grads = tf.function(legato_grads)
+
+    def legato_step():
+        legato_opt.apply_gradients(zip(legato_grads(), legato_model.trainable_variables))
+
+    def legato_compiled_step():
+        legato_opt.apply_gradients(zip(compiled_grads(), legato_model.trainable_variables))
 
     methods = {"horovod": (plain_step, lambda: None),
                "horovod-compiled": (compiled_step, lambda: None),
-               "legato": (legato_step, legato_opt.synchronize)}
+               "legato": (legato_step, legato_opt.synchronize),
+               "legato-compiled": (legato_compiled_step, legato_opt.synchronize)}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for m, (step, sync) in methods.items():  # warm up (and trace) each once
         for _ in range(warmup):

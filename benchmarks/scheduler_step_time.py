@@ -28,26 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _netns import (  # noqa: E402
+    parse_rate,
+    plot_step_times,
+    rate_label,
+    run_shaped,
+    shaping_problem,
+)
+
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_scheduler_workers.py")
 TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "plain", "ddp-hook")
 ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "plain", "ddp-hook")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
-
-
-def parse_rate(text: str) -> int:
-    return 0 if text in ("0", "unshaped", "none") else int(text)
-
-
-def rate_label(rate: int) -> str:
-    return "unshaped" if rate == 0 else f"{rate} Mbit/s"
 
 
 def inner(args: argparse.Namespace) -> int:
@@ -92,12 +92,8 @@ def inner(args: argparse.Namespace) -> int:
 
 
 def run_rate(rate: int, args: argparse.Namespace, passthrough: list[str]) -> dict:
-    shape = (f"tc qdisc add dev lo root tbf rate {rate}mbit burst 256kb latency 100ms && "
-             if rate else "")
-    inner_cmd = " ".join([sys.executable, str(Path(__file__).resolve()), "--inner-rate",
-                          str(rate), *passthrough])
-    cmd = ["unshare", "-n", "--", "sh", "-c", f"ip link set lo up && {shape}exec {inner_cmd}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.rate_timeout)
+    proc = run_shaped(rate, [sys.executable, str(Path(__file__).resolve()), "--inner-rate",
+                             str(rate), *passthrough], timeout_s=args.rate_timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RATE_RESULT "):
             return json.loads(line.split(" ", 1)[1])
@@ -170,32 +166,6 @@ def print_predictions(rows: list[dict], methods: list[str]) -> None:
                   f"{r['configs'].get('bytescheduler') or r['predicted_config']}")
 
 
-def plot(rows: list[dict], methods: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sub = sorted((r for r in rows if r["model"] == model and r["rate"]),
-                     key=lambda r: r["rate"])
-        for m in methods:
-            pts = [(r["rate"], r["median_ms"][m]) for r in sub if m in r["median_ms"]]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("loopback rate (Mbit/s, both ranks together)")
-        ax.set_ylabel("median step time (ms)")
-        ax.set_title(model)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="50,200,1000,unshaped",
@@ -231,9 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(ALL_METHODS)}")
     if args.inner_rate is not None:
         return inner(args)
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"):
-        print("scheduler benchmark: needs root, unshare and tc (iproute2) to shape a private "
-              "loopback; run as root on Linux", file=sys.stderr)
+    problem = shaping_problem()
+    if problem:
+        print(f"scheduler benchmark: {problem}", file=sys.stderr)
         return 2
     passthrough = ["--models", ",".join(args.models), "--methods", ",".join(args.methods),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds",
@@ -262,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "steps": args.steps, "rounds": args.rounds,
                                      "rows": rows}, indent=2))
     if args.plot and not args.simulate:
-        plot(rows, args.methods, args.plot)
+        plot_step_times(rows, args.methods, args.plot)
         print(f"\nplot: {args.plot}")
     return 0
 

@@ -9,12 +9,15 @@ see benchmarks/_netns.py) builds the model twice from one seed and trains it wit
   legato            ScheduledOptimizer(backend="horovod"), eager: gradients sent as backward
                     produces them, front layers first, partitioned, within a credit window;
                     each layer's next forward waits only for its own update
+  legato-compiled   the same with forward and backward in a tf.function returning the gradients
+                    (legato's gates and backward hooks are ops in it); apply_gradients eager
 They take turns in blocks of --steps steps, --rounds times (so drift on this noisy machine hits
 them alike); a block ends when its last update is done. The job also measures F and B (forward
 and backward, no communication) and C (one grouped all-reduce of every gradient).
 
 Output: per model a table of median step ms and the ratios baseline/legato (>1: legato is
-faster), JSON in benchmarks/results/tensorflow_scheduler.json, and a plot with --plot.
+faster): eager against eager, tf.function against tf.function, and the faster of each; JSON
+in benchmarks/results/tensorflow_scheduler.json, and a plot with --plot.
 Run: `legato bench tensorflow-scheduler` or `python benchmarks/tensorflow_scheduler.py`.
 """
 
@@ -30,11 +33,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _netns import parse_rate, rate_label, run_shaped, shaping_problem  # noqa: E402
+from _netns import (  # noqa: E402
+    parse_rate,
+    plot_step_times,
+    rate_label,
+    run_shaped,
+    shaping_problem,
+)
 
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_tf_scheduler_workers.py")
-METHODS = ("horovod", "horovod-compiled", "legato")
+METHODS = ("horovod", "horovod-compiled", "legato", "legato-compiled")
 
 
 def inner(args: argparse.Namespace) -> int:
@@ -65,8 +74,10 @@ def summarize(results: list[dict]) -> list[dict]:
                          "F_ms": r["F"] * 1e3, "B_ms": r["B"] * 1e3, "C_ms": r["C"] * 1e3,
                          "grad_bytes": r["grad_bytes"], "legato": r["stats"]["config"],
                          "messages_per_step": r["stats"]["messages_per_step"],
-                         "vs_horovod": med["horovod"] / med["legato"],
-                         "vs_compiled": med["horovod-compiled"] / med["legato"]})
+                         "eager": med["horovod"] / med["legato"],
+                         "compiled": med["horovod-compiled"] / med["legato-compiled"],
+                         "best": min(med["horovod"], med["horovod-compiled"])
+                         / min(med["legato"], med["legato-compiled"])})
     return rows
 
 
@@ -74,38 +85,14 @@ def print_table(rows: list[dict]) -> None:
     for model in dict.fromkeys(r["model"] for r in rows):
         print(f"\n{model}: median step ms over {rows[0]['runs']} blocks "
               "(ratio = baseline / legato; >1: legato is faster)")
-        print(f"{'rate':>13} {'horovod':>9} {'compiled':>9} {'legato':>9} {'vs hvd':>7} "
-              f"{'vs compiled':>11} {'F+B':>7} {'C':>7}")
+        print(f"{'rate':>13} {'horovod':>9} {'legato':>9} {'ratio':>6} | {'hvd tf.fn':>9} "
+              f"{'legato tf.fn':>12} {'ratio':>6} | {'best/best':>9} {'F+B':>7} {'C':>7}")
         for r in (r for r in rows if r["model"] == model):
             m = r["median_ms"]
-            print(f"{rate_label(r['rate']):>13} {m['horovod']:>9.1f} "
-                  f"{m['horovod-compiled']:>9.1f} {m['legato']:>9.1f} {r['vs_horovod']:>6.2f}x "
-                  f"{r['vs_compiled']:>10.2f}x {r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f}")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sub = sorted((r for r in rows if r["model"] == model and r["rate"]),
-                     key=lambda r: r["rate"])
-        for m in METHODS:
-            ax.plot([r["rate"] for r in sub], [r["median_ms"][m] for r in sub], marker="o",
-                    label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("loopback rate (Mbit/s, both ranks together)")
-        ax.set_ylabel("median step time (ms)")
-        ax.set_title(f"TensorFlow, {model}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+            print(f"{rate_label(r['rate']):>13} {m['horovod']:>9.1f} {m['legato']:>9.1f} "
+                  f"{r['eager']:>5.2f}x | {m['horovod-compiled']:>9.1f} "
+                  f"{m['legato-compiled']:>12.1f} {r['compiled']:>5.2f}x | {r['best']:>8.2f}x "
+                  f"{r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "steps": args.steps, "rounds": args.rounds,
                                      "rows": rows}, indent=2))
     if args.plot:
-        plot(rows, args.plot)
+        plot_step_times(rows, METHODS, args.plot, "TensorFlow, {model}")
         print(f"\nplot: {args.plot}")
     return 0
 

@@ -1,7 +1,7 @@
 """Test tiers are markers (see pyproject.toml). A marked test whose framework is absent skips
 with the reason printed (-ra); `make test` runs the mxnet tier inside .venv-mxnet. The
-`parity_checks` fixture holds checks the Keras and gluon parity trainers' tests share (it lives
-here: a conftest.py in tests/adapters would put that folder on sys.path, where its mxnet/ and
+`parity_checks` and `planner_check` fixtures hold checks the Keras and gluon tests share (they
+live here: a conftest.py in tests/adapters would put that folder on sys.path, where its mxnet/ and
 tensorflow/ folders shadow the real packages)."""
 
 from __future__ import annotations
@@ -142,3 +142,37 @@ def parity_checks():
     return types.SimpleNamespace(exported_onnx_matches=_exported_onnx_matches,
                                  seeded_and_time_limited=_parity_training_is_seeded_and_time_limited,
                                  short_run_ok=_short_run_ok)
+
+
+def _planner_runs_on(prof, tmp_path) -> None:
+    """The planner runs on a profiler's output: every layer in exactly one stage, no edge from
+    a later stage to an earlier one, at most the workers given; and `legato plan` reads the
+    saved file."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from legato.core.pipeline.planner import plan
+
+    ids = [n.id for n in prof.nodes]
+    for kwargs in ({}, {"objective": "sync", "microbatches": 4, "straight": True}):
+        result = plan(prof, 4, bandwidth="1GB/s", **kwargs)
+        placed = [n for s in result.stages for n in s.nodes]
+        assert sorted(placed) == sorted(ids)
+        stage_of = {n: i for i, s in enumerate(result.stages) for n in s.nodes}
+        assert all(stage_of[u] <= stage_of[v] for u, v in prof.edges)
+        assert 1 <= result.workers_used <= 4 and result.time_per_minibatch_s > 0
+    path = prof.save(tmp_path / "profile.json")
+    out = tmp_path / "plan.json"
+    legato = Path(sys.executable).parent / "legato"
+    proc = subprocess.run([str(legato), "plan", str(path), "--workers", "2", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["stages"]
+
+
+@pytest.fixture
+def planner_check():
+    """`planner_check(profile, tmp_path)`: the Keras and gluon profilers' tests share it."""
+    return _planner_runs_on

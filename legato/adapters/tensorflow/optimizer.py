@@ -46,6 +46,7 @@ from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
 from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
+from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
@@ -98,13 +99,9 @@ class _LayerGates:
     def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int,
                  around=None) -> None:
         self._around = around  # around(layer, call, args, kwargs): runs a gated layer's call
-        self._cv = threading.Condition()
-        self._open = [True] * len(layers)
+        self._gates = Gates(len(layers), timeout_s=timeout_s, check_error=check_error,
+                            rank=rank)
         self._all = tuple(range(len(layers)))
-        self._timeout_s = timeout_s
-        self._check_error = check_error
-        self._rank = rank
-        self._step = 0
         self.traced = False
         self._observing = True
         self._ran: set[int] = set()
@@ -172,34 +169,20 @@ class _LayerGates:
         self._root_waits = tuple(i for i in self._all if i not in self._ran)
         if self._root_waits:
             log.debug("[rank %d] layers %s never ran their call; the model's call waits for "
-                      "their update", self._rank, self._root_waits)
+                      "their update", self._gates.rank, self._root_waits)
 
     def wait(self, layers: tuple[int, ...], name: str) -> None:
-        if all(self._open[i] for i in layers):
-            return
-        with self._cv:
-            wait_for(self._cv, lambda: all(self._open[i] for i in layers), self._timeout_s,
-                     self._check_error, lambda: LegatoError(
-                         f"[rank {self._rank}] step {self._step}: the forward of {name!r} "
-                         f"waited {self._timeout_s:g} s for its variables' update; a peer rank "
-                         "may be dead or stuck (see its log)"))
-        self._check_error()
+        self._gates.wait(layers, name)
 
     def hold_all(self, step: int) -> None:
         self.finish_observing()
-        with self._cv:
-            self._step = step
-            self._open = [False] * len(self._open)
+        self._gates.hold_all(step)
 
     def release(self, layer: int) -> None:
-        with self._cv:
-            self._open[layer] = True
-            self._cv.notify_all()
+        self._gates.release(layer)
 
     def release_all(self) -> None:
-        with self._cv:
-            self._open = [True] * len(self._open)
-            self._cv.notify_all()
+        self._gates.release_all()
 
     def remove(self) -> None:
         for layer, own, had in self._patched:

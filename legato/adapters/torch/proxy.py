@@ -17,13 +17,11 @@ parameter), the whole model waits for every update.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
 
 import torch
 
-from legato.core._wait import wait_for
-from legato.core.errors import LegatoError
+from legato.core.scheduler.gates import Gates
 
 __all__ = ["LayerGates"]
 
@@ -45,12 +43,8 @@ class LayerGates:
     def __init__(self, model: torch.nn.Module, direct_layers: dict[str, tuple[int, ...]],
                  num_layers: int, *, timeout_s: float, check_error: Callable[[], None],
                  rank: int) -> None:
-        self._cv = threading.Condition()
-        self._open = [True] * num_layers
+        self._gates = Gates(num_layers, timeout_s=timeout_s, check_error=check_error, rank=rank)
         self._all = tuple(range(num_layers))
-        self._step = 0
-        self._timeout_s = timeout_s
-        self._check_error = check_error
         self._rank = rank
         self._direct = dict(direct_layers)
         self._ran: set[str] = set()
@@ -103,35 +97,20 @@ class LayerGates:
             self._handles.pop(name).remove()
 
     def _wait_all_open(self, layers: tuple[int, ...], name: str) -> None:
-        if all(self._open[i] for i in layers):  # fast path, no lock
-            return
-        with self._cv:
-            wait_for(self._cv, lambda: all(self._open[i] for i in layers), self._timeout_s,
-                     self._check_error, lambda: LegatoError(
-                         f"[rank {self._rank}] step {self._step}: the forward of {name!r} "
-                         f"waited {self._timeout_s:g} s for its parameters' update; a peer "
-                         "rank may be dead or stuck (see its log)"))
-        self._check_error()
+        self._gates.wait(layers, name)
 
     def hold_all(self, step: int) -> None:
-        with self._cv:
-            self._step = step
-            self._open = [False] * len(self._open)
+        self._gates.hold_all(step)
 
     def release(self, layer: int) -> None:
-        with self._cv:
-            self._open[layer] = True
-            self._cv.notify_all()
+        self._gates.release(layer)
 
     def release_all(self) -> None:
-        with self._cv:
-            self._open = [True] * len(self._open)
-            self._cv.notify_all()
+        self._gates.release_all()
 
     def wake(self) -> None:
         """Wake waiters so they re-check for errors."""
-        with self._cv:
-            self._cv.notify_all()
+        self._gates.wake()
 
     def waits(self) -> dict[str, tuple[int, ...]]:
         """Module name -> layers its forward waits for (after the first step)."""
