@@ -20,6 +20,7 @@ BENCHMARKS = {
     "planner": "pipeline_planner.py",
     "rewrite": "rewrite_zoo.py",
     "scheduler": "scheduler_step_time.py",
+    "tensorflow-scheduler": "tensorflow_scheduler.py",
 }
 
 
