@@ -1,5 +1,6 @@
-"""legato's mxnet adapter: the pipeline profiler, and graph rewriting of Gluon blocks
-(mx.onnx export, legato's optimizer, onnxruntime)."""
+"""legato's mxnet adapter: communication scheduling over the dist_sync kvstore
+(ScheduledTrainer), the pipeline profiler, and graph rewriting of Gluon blocks (mx.onnx export,
+legato's optimizer, onnxruntime)."""
 
 from legato.adapters._require import require_framework
 
@@ -11,7 +12,9 @@ from legato.adapters.mxnet.compile import (  # noqa: E402
     last_reports,
     optimize_block,
 )
+from legato.adapters.mxnet.kvstore import ScheduledKVStore  # noqa: E402
 from legato.adapters.mxnet.pipeline_profile import profile_pipeline  # noqa: E402
+from legato.adapters.mxnet.trainer import ScheduledTrainer  # noqa: E402
 
-__all__ = ["OptimizedBlock", "last_compiles", "last_reports", "optimize_block",
-           "profile_pipeline"]
+__all__ = ["OptimizedBlock", "ScheduledKVStore", "ScheduledTrainer", "last_compiles",
+           "last_reports", "optimize_block", "profile_pipeline"]

@@ -1,0 +1,550 @@
+"""ScheduledTrainer: priority-scheduled gradient push/pull for a gluon Trainer over dist_sync.
+
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1, "momentum": 0.9},
+                            kvstore="dist_sync", update_on_kvstore=False)
+    trainer = ScheduledTrainer(trainer, net)    # policy="bytescheduler"
+    for x, y in data:
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(batch_size)   # returns at once; each layer updates when its gradients are back
+    trainer.close()                # (or trainer.synchronize() before reading parameters)
+
+How a step runs, after ByteScheduler's MXNet plugin:
+- `step()` checks that backward produced every gradient, issues the copies of gradients into
+  partition and merged buffers (kvstore.py, [Note: staged copies]), closes every layer's gate
+  (proxy.py) and hands the step to a ready-watcher thread, which waits for each gradient in
+  backward order (`wait_to_read()`, last layer first) and tells the core `Scheduler`;
+- the scheduler (legato.core.scheduler, unchanged) has cut and merged the gradients into
+  chunks after the policy and releases them in priority order while its credit window has
+  room; `ScheduledKVStore.start` pushes and pulls each chunk on a kvstore key of its own;
+- when every chunk of a layer has been started, the same thread issues that layer's update:
+  copies of partitions and merged messages back into the gradients, then the gluon Trainer's
+  own updater on the layer's parameters (its optimizer, states and `rescale_grad = scale /
+  batch_size`, as `gluon.Trainer.step` with update_on_kvstore=False does). MXNet's engine runs
+  these after the pulls they read ([Note: issue at start]);
+- when the layer's chunks are also reported done, its gate opens: the next forward of the
+  blocks that read that layer may go ([Note: open at report]), while later layers are still
+  communicating.
+
+Under policy="plain" (the pass-through) there are no gates: `step()` waits until every bucket
+is back and the update of all layers is issued, as one gluon `Trainer.step` would do.
+
+The optimizer's per-parameter update depends only on that parameter's gradient and state for
+every optimizer MXNet ships, so updating layer by layer gives the same result as one update of
+all parameters; the optimizer's update counts (and so its lr scheduler) advance per index as in
+gluon.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from legato.adapters.mxnet.kvstore import ScheduledKVStore, check_kvstore
+from legato.adapters.mxnet.proxy import BlockGates, named_blocks
+from legato.core._wait import wait_for
+from legato.core.errors import ConfigError, LegatoError
+from legato.core.scheduler.core import Scheduler
+from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.policy import plan_for, resolve_config
+
+__all__ = ["ScheduledTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+def _weak_method(method):
+    """`method` without keeping its object alive. [Note: no cycle through the queue] The native
+    priority queue keeps its executor (the Scheduler) after shutdown, a reference cycle Python's
+    GC cannot see into; if the Scheduler held the trainer strongly, the kvstore would outlive the
+    interpreter's teardown and ps-lite would abort at exit instead of finalizing."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+    return call
+
+
+def _ignore(_chunk) -> None:
+    """The scheduler's on_chunk_done: nothing to do, the update was issued at start."""
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+class ScheduledTrainer:
+    """Wraps a `gluon.Trainer` so that `model`'s gradients go through its dist_sync kvstore in
+    priority order and each layer is updated as soon as its gradients are back.
+
+    Args:
+        trainer: a gluon.Trainer over `model`'s trainable parameters, built with a dist_sync
+            kvstore (`kvstore="dist_sync"` or an `mx.kv.create("dist_sync")`) and
+            update_on_kvstore=False (None is taken as False); not stepped before.
+        model: the root block (its parameters initialized, shapes known).
+        policy: "bytescheduler" (priority + partitions + credit window), "priority" (layer
+            order, whole tensors, one message in flight), "fifo" (arrival order) or "plain"
+            (the pass-through: DDP-sized buckets in arrival order, one update after all of
+            them, no dependency proxies).
+        partition_bytes: largest message for "bytescheduler" (default 1 MiB).
+        credit_bytes: bytes in flight (default 4 partitions; "priority": one message).
+        merge_bytes: tensors smaller than this are merged into one message (bytescheduler
+            default 64 KiB).
+        timeout_s: how long any wait may last before failing with an error naming the rank,
+            step and layer (a dead server or worker).
+        broadcast_parameters: give every worker worker 0's parameters at start (what
+            gluon.Trainer does on its first step with a dist kvstore).
+        queue_impl: the scheduler's priority queue: "auto", "native" or "python".
+    """
+
+    def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
+                 policy: str = "bytescheduler", partition_bytes: int | None = None,
+                 credit_bytes: int | None = None, merge_bytes: int | None = None,
+                 timeout_s: float = 300.0, broadcast_parameters: bool = True,
+                 queue_impl: str = "auto") -> None:
+        if isinstance(trainer, ScheduledTrainer):
+            raise ConfigError("trainer is already a ScheduledTrainer; wrap a gluon.Trainer once")
+        if not isinstance(trainer, gluon.Trainer):
+            raise ConfigError(f"trainer must be a gluon.Trainer, got {type(trainer).__name__}")
+        if not isinstance(model, gluon.Block):
+            raise ConfigError(f"model must be a gluon Block, got {type(model).__name__}")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ConfigError(f"timeout_s={timeout_s!r} is invalid; pass a positive number of "
+                              "seconds")
+        # Everything that can be checked locally is checked before any collective call.
+        kv_arg = self._check_trainer(trainer)
+        self._trainer = trainer
+        self._model = model
+        self._timeout_s = float(timeout_s)
+        self._params, self._index = self._check_params(trainer, model)
+        self.config = resolve_config(policy, partition_bytes=partition_bytes,
+                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
+        self._names = [p.name for p in self._params]
+        layer_of, direct, self._layer_names = self._layers_of(model, self._params)
+        self._layer_of_key = [layer_of[id(p)] for p in self._params]
+        self._keys_of_layer: list[list[int]] = [[] for _ in self._layer_names]
+        for key, layer in enumerate(self._layer_of_key):
+            self._keys_of_layer[layer].append(key)
+        tasks = []
+        for key, p in enumerate(self._params):
+            grad = p.list_grad()[0]
+            dtype = np.dtype(grad.dtype)
+            tasks.append(CommTask(key, p.name, self._layer_of_key[key],
+                                  grad.size * dtype.itemsize, dtype.itemsize, dtype.name))
+        self.plan = plan_for(self.config, tasks)
+        # Backward produces the last layers' gradients first: the watcher waits in that order.
+        self._backward_order = sorted(range(len(self._params)),
+                                      key=lambda k: (self._layer_of_key[k], k), reverse=True)
+        self._opt = trainer._optimizer
+        self._updater = trainer._updaters[0]
+        self._scale = trainer._scale
+
+        self._cv = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._steps_called = 0
+        self._steps_updated = 0  # steps whose every layer's update has been issued
+        self._layers_updated_in_step = 0
+        self._unstarted = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
+        self._layer_unstarted = [len(keys) for keys in self._keys_of_layer]
+        self._started_in_step = 0
+
+        # Collective from here on: every worker builds its trainer at the same point.
+        kv = mx.kv.create(kv_arg) if isinstance(kv_arg, str) else kv_arg
+        self._rank = kv.rank
+        self._kv = ScheduledKVStore(kv, self.plan, self._grad_of, timeout_s=self._timeout_s,
+                                    on_started=_weak_method(self._chunk_started))
+        try:
+            self._kv.check_plan(self.plan.digest(), self.plan.describe())
+            if broadcast_parameters:
+                self._kv.broadcast([self._weight_of(k) for k in range(len(self._params))])
+            # A window needs one order on every worker (see kvstore.py, [Note: one order with
+            # a window]): worker 0 leads.
+            channel = (self._kv.order_channel() if self.config.credit_bytes is not None
+                       else None)
+        except BaseException:
+            self._kv.close()
+            raise
+        self._channel = channel
+        self._gates = BlockGates(model, direct, len(self._layer_names),
+                                 timeout_s=self._timeout_s, check_error=self._raise_if_failed,
+                                 rank=self._rank, layer_names=self._layer_names)
+        self._scheduler = Scheduler(self.plan, self.config, self._kv, order=channel,
+                                    leader=channel is None or self._rank == 0,
+                                    on_chunk_done=_ignore, rank=self._rank,
+                                    timeout_s=self._timeout_s, queue_impl=queue_impl)
+        self._ready = _weak_method(self._grad_ready)
+        self._failed = _weak_method(self._fail)
+        ref = weakref.ref(self)
+        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
+        atexit.register(self._atexit)
+        log.info("[rank %d] legato: %s; %s", self._rank, self.config.describe(),
+                 self.plan.describe())
+
+    # -- construction helpers ------------------------------------------------------------------
+    @staticmethod
+    def _check_trainer(trainer: gluon.Trainer):
+        """The kvstore (or its type name) the trainer was built with, checked."""
+        if trainer._kv_initialized:
+            kv_arg, on_kvstore = trainer._kvstore, trainer._update_on_kvstore
+        else:
+            kv_arg = trainer._kvstore_params["kvstore"]
+            on_kvstore = trainer._kvstore_params["update_on_kvstore"]
+        if on_kvstore:
+            raise ConfigError("the gluon.Trainer was built with update_on_kvstore=True, so the "
+                              "servers would run the optimizer; legato updates each layer on "
+                              "the worker as soon as its gradients are back: build the Trainer "
+                              "with update_on_kvstore=False")
+        if trainer._compression_params:
+            raise ConfigError("gradient compression (compression_params) is not supported with "
+                              "legato's scheduling; build the Trainer without it")
+        if len(trainer._updaters) != 1:
+            raise ConfigError(f"the Trainer's parameters live on {len(trainer._updaters)} "
+                              "contexts; legato schedules one context per worker process: run "
+                              "one worker per device")
+        check_kvstore(kv_arg)
+        return kv_arg
+
+    @staticmethod
+    def _check_params(trainer: gluon.Trainer, model: gluon.Block):
+        """The trainable parameters (trainer order) and each one's index in the trainer."""
+        model_params = [p for p in model.collect_params().values() if p.grad_req != "null"]
+        in_trainer = {id(p): i for i, p in enumerate(trainer._params)}
+        missing = [p.name for p in model_params if id(p) not in in_trainer]
+        if missing:
+            raise ConfigError(f"the Trainer does not hold {len(missing)} of the model's trainable"
+                              f" parameters ({_listing(missing)}); build it from "
+                              "model.collect_params(), or set grad_req='null' on frozen ones")
+        in_model = {id(p) for p in model_params}
+        extra = [p.name for p in trainer._params if p.grad_req != "null"
+                 and id(p) not in in_model]
+        if extra:
+            raise ConfigError(f"the Trainer holds {len(extra)} trainable parameter(s) that are not"
+                              f" the model's ({_listing(extra)}); legato schedules one model's "
+                              "gradients: pass the model those parameters belong to")
+        params = [p for p in trainer._params if p.grad_req != "null"]
+        if not params:
+            raise ConfigError("the model has no trainable parameters")
+        for p in params:
+            if p._deferred_init or p._data is None:
+                raise ConfigError(
+                    f"parameter {p.name!r} is not initialized yet (shape {p.shape}); legato needs"
+                    " every gradient's size up front: call model.initialize() and run one "
+                    "forward pass (model(x)) before ScheduledTrainer, or give the layers their "
+                    "input sizes (in_units=, in_channels=)")
+            if p.grad_req != "write":
+                raise ConfigError(f"parameter {p.name!r} has grad_req={p.grad_req!r}; legato "
+                                  "sends each step's gradient once, so use grad_req='write' "
+                                  "(gradient accumulation is not supported)")
+            if p._stype != "default" or p._grad_stype != "default":
+                raise ConfigError(f"parameter {p.name!r} is sparse; legato schedules dense "
+                                  "gradients only")
+            if len(p.list_ctx()) != 1:
+                raise ConfigError(f"parameter {p.name!r} lives on {len(p.list_ctx())} contexts; "
+                                  "legato schedules one context per worker process")
+        return params, [in_trainer[id(p)] for p in params]
+
+    @staticmethod
+    def _layers_of(model: gluon.Block, params: list):
+        """Each parameter's layer (blocks holding parameters, in registration order), the
+        layers each block holds itself, and the layers' names."""
+        wanted = {id(p) for p in params}
+        layer_of: dict[int, int] = {}
+        direct: dict[str, tuple[int, ...]] = {}
+        names: list[str] = []
+        for path, block in named_blocks(model):
+            own = [p for p in block.params.values() if id(p) in wanted]
+            if not own:
+                continue
+            new = [p for p in own if id(p) not in layer_of]
+            if new:
+                index = len(names)
+                names.append(path or type(block).__name__)
+                for p in new:
+                    layer_of[id(p)] = index
+            direct[path] = tuple(sorted({layer_of[id(p)] for p in own}))
+        return layer_of, direct, names
+
+    # -- arrays --------------------------------------------------------------------------------
+    def _grad_of(self, key: int) -> mx.nd.NDArray:
+        return self._params[key].list_grad()[0]
+
+    def _weight_of(self, key: int) -> mx.nd.NDArray:
+        return self._params[key].list_data()[0]
+
+    @property
+    def _passthrough(self) -> bool:
+        return self.config.policy == "plain"
+
+    @property
+    def _windowed(self) -> bool:
+        """Whether the policy holds chunks back (priority, bytescheduler): then the scheduler
+        must learn when each gradient is ready, and worker 0 decides the order."""
+        return self.config.credit_bytes is not None
+
+    # -- readiness, completion, updates --------------------------------------------------------
+    def _grad_ready(self, key: int) -> None:
+        """Backward has written task `key`'s gradient (an engine priority thread, see
+        kvstore.py [Note: threads]): tell the scheduler."""
+        self._scheduler.tensor_ready(key)
+
+    def _chunk_started(self, chunk) -> None:
+        """A chunk's push and pull were issued (the scheduler's dispatching thread): issue the
+        updates of the layers whose chunks are now all started, and open their gates. [Note:
+        issue at start] The engine runs each update after its pulls (same arrays), and the
+        next forward's reads of the weights after the update, so nothing in Python waits for
+        the messages to come back: the engine goes from the pull to the update to the next
+        forward as gluon's own Trainer lets it."""
+        try:
+            if self._passthrough:
+                with self._cv:
+                    self._started_in_step += 1
+                    last = self._started_in_step == len(self.plan.chunks)
+                    if last:
+                        self._started_in_step = 0
+                if last:
+                    self._update_all()
+                return
+            ready = []
+            with self._cv:
+                for key in chunk.keys:
+                    self._unstarted[key] -= 1
+                    if self._unstarted[key]:
+                        continue
+                    self._unstarted[key] = len(self.plan.chunks_of(key))
+                    layer = self._layer_of_key[key]
+                    self._layer_unstarted[layer] -= 1
+                    if not self._layer_unstarted[layer]:
+                        self._layer_unstarted[layer] = len(self._keys_of_layer[layer])
+                        ready.append(layer)
+            for layer in ready:
+                self._update_layer(layer)
+        except BaseException as err:  # noqa: BLE001 (raised in the training thread)
+            self._fail(err)
+
+    def _apply(self, keys: list[int], what: str) -> None:
+        """Copy `keys`' reduced gradients into place and run the updater on them (engine
+        operations, ordered after the pulls)."""
+        try:
+            for key in keys:
+                self._kv.copy_back(key, self._failed)
+            self._updater([self._index[k] for k in keys], [self._grad_of(k) for k in keys],
+                          [self._weight_of(k) for k in keys])
+        except BaseException as err:
+            raise LegatoError(f"[rank {self._rank}] step {self._steps_updated}: updating {what} "
+                              f"failed: {type(err).__name__}: {err}") from err
+
+    def _update_layer(self, layer: int) -> None:
+        """Issue one layer's update and open its gate (see [Note: issue at start])."""
+        if self._error is not None:
+            return
+        self._apply(self._keys_of_layer[layer], f"layer {self._layer_names[layer]!r}")
+        self._gates.release(layer)
+        with self._cv:
+            self._layers_updated_in_step += 1
+            if self._layers_updated_in_step == len(self._layer_names):
+                self._layers_updated_in_step = 0
+                self._steps_updated += 1
+            self._cv.notify_all()
+
+    def _update_all(self) -> None:
+        """Pass-through: every layer at once, once every bucket has been started."""
+        if self._error is not None:
+            return
+        self._apply(list(range(len(self._params))), "all layers")
+        with self._cv:
+            self._steps_updated += 1
+            self._cv.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cv:
+            if self._error is None:
+                self._error = err
+                log.error("%s", err)
+            self._cv.notify_all()
+        gates = getattr(self, "_gates", None)
+        if gates is not None:
+            gates.wake()
+
+    def _raise_if_failed(self) -> None:
+        err = self._error or (self._scheduler.error if hasattr(self, "_scheduler") else None)
+        if err is not None:
+            raise err
+
+    def _wait_issued(self, steps: int, what: str) -> None:
+        """Wait until the updates of the first `steps` steps have all been issued."""
+        def late() -> LegatoError:
+            with self._cv:
+                done = self._layers_updated_in_step
+            return LegatoError(
+                f"[rank {self._rank}] {what}: the updates of step {self._steps_updated} were not "
+                f"all issued after {self._timeout_s:g} s ({done} of {len(self._layer_names)} "
+                "layers); a server or peer worker may be dead or stuck")
+
+        with self._cv:
+            wait_for(self._cv, lambda: self._steps_updated >= steps, self._timeout_s,
+                     self._raise_if_failed, late)
+
+    # -- the Trainer interface -----------------------------------------------------------------
+    def step(self, batch_size: int, ignore_stale_grad: bool = False) -> None:
+        """Start this step's communication and updates; returns before they are done (except
+        under policy="plain"). Gradients are normalized by 1/batch_size, as gluon does."""
+        if ignore_stale_grad:
+            raise ConfigError("ignore_stale_grad=True is not supported: every worker sends every"
+                              " parameter's gradient every step; set grad_req='null' on "
+                              "parameters a step does not use")
+        if self._closed:
+            raise LegatoError("this ScheduledTrainer is closed")
+        self._raise_if_failed()
+        step = self._steps_called
+        stale = [self._names[k] for k in range(len(self._params))
+                 if not self._weight_of(k)._fresh_grad]
+        if stale:
+            raise LegatoError(
+                f"[rank {self._rank}] step {step}: {len(stale)} parameter(s) got no gradient "
+                f"from backward since the last step ({_listing(stale)}); call loss.backward() "
+                "once before each trainer.step(), and set grad_req='null' on parameters the "
+                "loss does not use (every worker must send every trainable parameter)")
+        self._wait_issued(step, f"step {step}")
+        if not self._windowed:
+            # [Note: no window, no waiting for gradients] Without a credit window every chunk
+            # may start at once: hand them all to the engine now (it runs each push after
+            # backward wrote its gradient), as gluon's Trainer does. The core must first hear
+            # that the previous step's chunks are done (the engine has usually finished them:
+            # this step's forward and backward were waiting for them).
+            self._scheduler.wait_steps(step, self._timeout_s)
+        self._opt.rescale_grad = self._scale / batch_size
+        for k in range(len(self._params)):
+            self._weight_of(k)._fresh_grad = False
+        if not self._passthrough:
+            self._gates.finish_observing()
+            self._gates.hold_all(step)  # before any update of this step can open a gate
+        with self._cv:
+            self._steps_called += 1
+        for key in self._backward_order:  # backward order: last layer first
+            self._kv.watch(key, self._ready if self._windowed else None, self._failed)
+        if not self._windowed:
+            for key in self._backward_order:
+                self._scheduler.tensor_ready(key)
+        if self._passthrough:
+            # The update of all layers is issued once every bucket has been started.
+            self._wait_issued(step + 1, f"step {step}")
+
+    def synchronize(self, timeout_s: float | None = None) -> None:
+        """Wait until every transfer and update of the steps taken so far is done."""
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        with self._cv:
+            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
+                     self._raise_if_failed, lambda: LegatoError(
+                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
+                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
+                         f"{len(self._layer_names)} layers updated); a server or peer worker "
+                         "may be dead or stuck"))
+        self._scheduler.wait_steps(self._steps_called, timeout)
+        self._raise_if_failed()
+        for k in range(len(self._params)):
+            self._weight_of(k).wait_to_read()
+
+    @property
+    def learning_rate(self) -> float:
+        return self._opt.learning_rate
+
+    def set_learning_rate(self, lr: float) -> None:
+        """Set the learning rate for the next steps (the steps taken keep theirs)."""
+        self._wait_issued(self._steps_called, "set_learning_rate")
+        self._opt.set_learning_rate(lr)
+
+    @property
+    def optimizer(self) -> mx.optimizer.Optimizer:
+        return self._opt
+
+    @property
+    def trainer(self) -> gluon.Trainer:
+        """The wrapped gluon.Trainer (do not step it: its kvstore keys are not initialized)."""
+        return self._trainer
+
+    @property
+    def kvstore(self) -> ScheduledKVStore:
+        return self._kv
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The core scheduler (for inspection: `issued` is the order chunks were started in)."""
+        return self._scheduler
+
+    @property
+    def gates(self) -> BlockGates:
+        return self._gates
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layer_names)
+
+    def layer_of(self, param) -> int:
+        """The layer index (priority; 0 goes first) of a parameter."""
+        return self._layer_of_key[next(k for k, p in enumerate(self._params) if p is param)]
+
+    def save_states(self, fname: str) -> None:
+        """Save the optimizer's states (as gluon.Trainer.save_states), after synchronizing."""
+        self.synchronize()
+        with open(fname, "wb") as f:
+            f.write(self._updater.get_states(dump_optimizer=True))
+
+    def load_states(self, fname: str) -> None:
+        """Load the optimizer's states (as gluon.Trainer.load_states), after synchronizing."""
+        self.synchronize()
+        with open(fname, "rb") as f:
+            self._updater.set_states(f.read())
+        self._opt = self._trainer._optimizer = self._updater.optimizer
+        self._opt.param_dict = {i: p for i, p in enumerate(self._trainer._params)}
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Finish outstanding work, stop legato's threads and remove its hooks (the kvstore
+        stays open)."""
+        if self._closed:
+            return
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+        try:
+            if self._error is None and self._scheduler.error is None:
+                self.synchronize(timeout)
+        finally:
+            # Every step of the clean-up runs, whatever an earlier one raised.
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            try:
+                self._scheduler.close(timeout_s=min(timeout, 60.0))
+            except Exception as err:  # noqa: BLE001 (closing: log and go on)
+                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
+            if self._channel is not None:
+                self._channel.close()
+            self._gates.release_all()
+            self._gates.remove()
+            self._kv.close()
+            atexit.unregister(self._atexit)
+
+    def __enter__(self) -> "ScheduledTrainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ScheduledTrainer({self.config.describe()}, {self.plan.describe()})"
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"steps": self._steps_called, "steps_done": self._steps_updated,
+                "messages_per_step": len(self.plan.chunks),
+                "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
+                "issued": self._scheduler.issued_total, "config": self.config.describe()}

@@ -1,0 +1,270 @@
+"""Workers of the ScheduledTrainer tests (run by legato.launch.run_mxnet_ps_job; no pytest here).
+
+Each function runs in one worker process of a job with a real scheduler and server; it prints
+lines the test checks and raises (exit 1, traceback in stderr) when a check fails."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from legato.adapters.mxnet import ScheduledTrainer
+from legato.core.errors import ConfigError, LegatoError
+
+
+def make_net(hybrid: bool = False, seed: int = 0) -> gluon.nn.HybridSequential:
+    """Conv layers then an MLP: tensors from 32 B to 1 MiB, 10 parameters in 5 layers."""
+    mx.random.seed(seed)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(8, 3, padding=1, in_channels=3, activation="relu"),
+            gluon.nn.Conv2D(16, 3, padding=1, in_channels=8, activation="relu"),
+            gluon.nn.Dense(256, in_units=16 * 8 * 8, activation="relu"),
+            gluon.nn.Dense(64, in_units=256, activation="relu"),
+            gluon.nn.Dense(10, in_units=64))
+    net.initialize(mx.init.Xavier())
+    if hybrid:
+        net.hybridize()
+    return net
+
+
+OPTIMIZERS = {
+    "sgd": ("sgd", {"learning_rate": 0.05, "momentum": 0.9, "wd": 1e-4}),
+    "adam": ("adam", {"learning_rate": 1e-3}),
+}
+
+
+def batch(rank: int, step: int, n: int = 16):
+    rs = np.random.RandomState(1000 * step + rank)
+    return (mx.nd.array(rs.randn(n, 3, 8, 8).astype(np.float32)),
+            mx.nd.array(rs.randint(0, 10, n).astype(np.float32)))
+
+
+def train(net, trainer, rank: int, steps: int) -> None:
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(x.shape[0])
+
+
+def gluon_trainer(net, kv, opt: str, opt_params: dict) -> gluon.Trainer:
+    """The baseline: gluon.Trainer over the dist_sync kvstore, update_on_kvstore=False.
+
+    [Note: gluon's first step] gluon initializes its kvstore keys lazily inside the first
+    step(): worker 0 pushes its parameters and every worker pulls them back asynchronously, then
+    the same step pushes the gradients on the same keys. Nothing orders a worker's pull of the
+    initial value before the other worker's gradient push reaches the server, so in about 1 run
+    in 10 on this machine a worker starts from the step-0 gradient sum instead of the initial
+    weights (measured: 5 of 40 three-step runs diverged; 0 of 40 with the keys initialized
+    first). The baseline therefore initializes its keys before the first step."""
+    trainer = gluon.Trainer(net.collect_params(), opt, dict(opt_params), kvstore=kv,
+                            update_on_kvstore=False)
+    trainer._init_kvstore()
+    trainer._init_params()
+    mx.nd.waitall()
+    return trainer
+
+
+def params_of(net) -> list[np.ndarray]:
+    return [p.data().asnumpy() for p in net.collect_params().values()]
+
+
+def plan_summary(st: ScheduledTrainer) -> dict:
+    chunks = st.plan.chunks
+    return {"messages": len(chunks),
+            "partitioned_keys": sorted({c.parts[0].key for c in chunks
+                                        if not c.merged and c.parts[0].offset > 0}),
+            "merged": sum(1 for c in chunks if c.merged),
+            "partition_bytes": st.config.partition_bytes, "policy": st.config.policy}
+
+
+def compare_with_gluon(opt_name: str, hybrid: bool, cases: list, steps: int) -> None:
+    """Train with gluon.Trainer(kvstore=dist_sync, update_on_kvstore=False) once, then with
+    ScheduledTrainer for each case [policy, settings] from the same init and data; parameters
+    must agree. (One gluon Trainer per job: a second one would initialize keys 0..n-1 again.)"""
+    kv = mx.kv.create("dist_sync")
+    rank = kv.rank
+    opt, opt_params = OPTIMIZERS[opt_name]
+    initial = params_of(make_net(hybrid))
+    ref = make_net(hybrid)
+    train(ref, gluon_trainer(ref, kv, opt, opt_params), rank, steps)
+    want = params_of(ref)
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(want, initial))
+    for policy, settings in cases:
+        ours = make_net(hybrid)
+        inner = gluon.Trainer(ours.collect_params(), opt, dict(opt_params), kvstore=kv,
+                              update_on_kvstore=False)
+        st = ScheduledTrainer(inner, ours, policy=policy, timeout_s=60, **settings)
+        summary = plan_summary(st)
+        started = time.perf_counter()
+        train(ours, st, rank, steps)
+        st.synchronize()
+        took = time.perf_counter() - started
+        stats = st.stats
+        st.close()
+        got = params_of(ours)
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(got, want))
+        exact = all(np.array_equal(a, b) for a, b in zip(got, want))
+        if not all(np.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want)):
+            raise AssertionError(f"{policy}/{opt_name}: parameters differ from gluon's after "
+                                 f"{steps} steps (max abs diff {worst:g})")
+        print("CASE " + json.dumps({"policy": policy, "opt": opt_name, "hybrid": hybrid,
+                                    "exact": exact, "worst": worst, "moved": moved,
+                                    "plan": summary, "stats": stats, "seconds": took}),
+              flush=True)
+
+
+def issue_order(policy: str, settings: dict, steps: int) -> None:
+    """All gradients ready before step(): print the layers of the chunks in the order this
+    worker started them, per step."""
+    kv = mx.kv.create("dist_sync")
+    rank = kv.rank
+    net = make_net(seed=rank)  # different on each worker: the trainer broadcasts worker 0's
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=kv,
+                          update_on_kvstore=False)
+    st = ScheduledTrainer(inner, net, policy=policy, timeout_s=60, **settings)
+    start = [float(np.abs(p).sum()) for p in params_of(net)]
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        mx.nd.waitall()  # every gradient is ready when step() hands them to the scheduler
+        st.step(x.shape[0])
+        st.synchronize()
+    order = list(st.scheduler.issued)
+    layers = [st.plan.chunks[c].layer for c in order]
+    st.close()
+    print("ORDER " + json.dumps({"rank": rank, "chunks": order, "layers": layers,
+                                 "per_step": len(st.plan.chunks), "start": start}), flush=True)
+
+
+def front_layers_go_first(delay_s: float, steps: int) -> None:
+    """The last layer's gradients are handed to the scheduler `delay_s` late each step (as if
+    its backward were slow): the next forward of the first block must pass its gate before the
+    last layer's update is even issued, the last block's only after; parameters still match
+    gluon's."""
+    kv = mx.kv.create("dist_sync")
+    rank = kv.rank
+    net = make_net()
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.05,
+                                                         "momentum": 0.9}, kvstore=kv,
+                          update_on_kvstore=False)
+    st = ScheduledTrainer(inner, net, policy="bytescheduler", timeout_s=60,
+                          partition_bytes=64 * 1024, merge_bytes=4096)
+    last = len(st.layer_names) - 1
+    last_keys = {key for key, p in enumerate(st._params) if st.layer_of(p) == last}
+    events: list[tuple[str, int, float]] = []  # (what, layer, time)
+
+    ready = st.scheduler.tensor_ready
+
+    def late_last(key: int) -> None:  # tensor_ready is thread-safe: post it from a timer
+        if key in last_keys:
+            threading.Timer(delay_s, ready, (key,)).start()
+        else:
+            ready(key)
+    st.scheduler.tensor_ready = late_last
+
+    issue = st._update_layer
+
+    def record_update(layer: int) -> None:
+        issue(layer)
+        events.append(("update", layer, time.perf_counter()))
+    st._update_layer = record_update
+
+    blocks = list(net._children.values())
+    # Registered after legato's gates, so they run once the gate let the forward through.
+    blocks[0].register_forward_pre_hook(
+        lambda b, a: events.append(("forward", 0, time.perf_counter())))
+    blocks[-1].register_forward_pre_hook(
+        lambda b, a: events.append(("forward", last, time.perf_counter())))
+
+    train(net, st, rank, steps)
+    st.synchronize()
+    st.close()
+    got = params_of(net)
+
+    # Per step s >= 1: the forward of block 0 vs the update of the last layer of step s-1.
+    fw0 = [t for what, layer, t in events if what == "forward" and layer == 0]
+    fwl = [t for what, layer, t in events if what == "forward" and layer == last]
+    upl = [t for what, layer, t in events if what == "update" and layer == last]
+    ahead = [upl[s - 1] - fw0[s] for s in range(1, steps)]
+    after = [fwl[s] - upl[s - 1] for s in range(1, steps)]
+    if not all(a > 0 for a in ahead):
+        raise AssertionError(f"the first block's forward waited for the last layer's update: "
+                             f"margins {ahead}")
+    if not all(a > 0 for a in after):
+        raise AssertionError(f"the last block's forward ran before its update: {after}")
+
+    ref = make_net()
+    train(ref, gluon_trainer(ref, kv, "sgd", {"learning_rate": 0.05, "momentum": 0.9}), rank,
+          steps)
+    for i, (a, b) in enumerate(zip(got, params_of(ref))):
+        if not np.allclose(a, b, rtol=1e-5, atol=1e-6):
+            raise AssertionError(f"parameter {i} differs from gluon's: max diff "
+                                 f"{np.max(np.abs(a - b))}")
+    print("PROXY " + json.dumps({"rank": rank, "ahead_s": ahead, "after_s": after}),
+          flush=True)
+
+
+def errors_in_step() -> None:
+    """One worker: mistakes found at step() or construction with a live kvstore."""
+    kv = mx.kv.create("dist_sync")
+
+    def expect(exc, fragment, fn) -> None:
+        try:
+            fn()
+        except exc as err:
+            if fragment not in str(err):
+                raise AssertionError(f"message {str(err)!r} lacks {fragment!r}") from err
+            print(f"RAISED {type(err).__name__}: {err}", flush=True)
+            return
+        raise AssertionError(f"no {exc.__name__} with {fragment!r}")
+
+    # A parameter the loss does not use: no gradient at the first step.
+    net = make_net()
+    unused = gluon.nn.Dense(4, in_units=3)
+    unused.initialize()
+    net.register_child(unused, "unused")
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv,
+                          update_on_kvstore=False)
+    st = ScheduledTrainer(inner, net, timeout_s=20)
+    x, y = batch(0, 0)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    with autograd.record():
+        loss = loss_fn(net[4](net[3](net[2](net[1](net[0](x))))), y)
+    loss.backward()
+    expect(LegatoError, "got no gradient", lambda: st.step(16))
+    expect(LegatoError, unused.weight.name, lambda: st.step(16))
+    st.close()
+
+    # step() twice after one backward.
+    net = make_net()
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv,
+                          update_on_kvstore=False)
+    st = ScheduledTrainer(inner, net, timeout_s=20)
+    train(net, st, 0, 1)
+    expect(LegatoError, "call loss.backward() once before each trainer.step()",
+           lambda: st.step(16))
+    expect(ConfigError, "ignore_stale_grad", lambda: st.step(16, ignore_stale_grad=True))
+    train(net, st, 0, 1)  # still usable
+    st.close()
+    expect(LegatoError, "closed", lambda: st.step(16))
+
+    # A gluon Trainer with update_on_kvstore=True has put an optimizer on the servers.
+    net = make_net()
+    train(net, gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv,
+                             update_on_kvstore=True), 0, 1)
+    net = make_net()
+    expect(ConfigError, "an optimizer runs on them", lambda: ScheduledTrainer(
+        gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv,
+                      update_on_kvstore=False), net, timeout_s=20))
+    print("ERRORS OK", flush=True)
