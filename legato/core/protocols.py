@@ -9,7 +9,7 @@ from typing import Callable, Protocol, Sequence
 
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["CommBackend", "OrderChannel"]
+__all__ = ["ANNOUNCE_SLOTS", "CommBackend", "OrderChannel", "announcement_frames", "frame_ids"]
 
 Done = Callable[[BaseException | None], None]
 
@@ -32,3 +32,25 @@ class OrderChannel(Protocol):
 
     def receive(self) -> list[int]:
         """Follower: block until the leader's next announcement; [] when it has closed."""
+
+
+ANNOUNCE_SLOTS = 64
+
+
+def announcement_frames(chunk_ids: Sequence[int], slots: int = ANNOUNCE_SLOTS):
+    """An announcement as fixed-size int64 frames for a broadcast: [count, id, id, ..., 0 ...],
+    `slots` ids at most per frame; an empty announcement ("no more") is one frame of count 0."""
+    import numpy as np
+
+    ids = list(chunk_ids)
+    for i in range(0, max(1, len(ids)), slots):
+        batch = ids[i:i + slots]
+        frame = np.zeros(slots + 1, np.int64)
+        frame[0] = len(batch)
+        frame[1:len(batch) + 1] = batch
+        yield frame
+
+
+def frame_ids(frame) -> list[int]:
+    """The chunk ids a received frame carries ([] for the last)."""
+    return [int(v) for v in frame[1:int(frame[0]) + 1]]

@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from legato.core.errors import BackendUnavailable, ConfigError
-from legato.core.protocols import Done
+from legato.core.protocols import ANNOUNCE_SLOTS, Done, announcement_frames, frame_ids
 from legato.core.scheduler.plan import Chunk
 
 __all__ = ["GlooTransport", "HorovodTFTransport"]
@@ -212,8 +212,6 @@ class HorovodTFCommBackend:
 class HorovodOrderChannel:
     """Rank 0's dispatch decisions, broadcast over Horovod (see [Note: one order, Horovod])."""
 
-    _SLOTS = 64
-
     def __init__(self, hvd) -> None:
         self._hvd = hvd
 
@@ -223,17 +221,11 @@ class HorovodOrderChannel:
         self._bcast = tf.function(bcast)  # see [Note: Horovod names]
 
     def announce(self, chunk_ids: Sequence[int]) -> None:
-        ids = list(chunk_ids)
-        for i in range(0, max(1, len(ids)), self._SLOTS):
-            batch = ids[i:i + self._SLOTS]
-            buf = np.zeros(self._SLOTS + 1, np.int64)
-            buf[0] = len(batch)
-            buf[1:len(batch) + 1] = batch
-            self._bcast(tf.constant(buf))
+        for frame in announcement_frames(chunk_ids):
+            self._bcast(tf.constant(frame))
 
     def receive(self) -> list[int]:
-        out = self._bcast(tf.zeros(self._SLOTS + 1, tf.int64)).numpy()
-        return [int(v) for v in out[1:int(out[0]) + 1]]
+        return frame_ids(self._bcast(tf.zeros(ANNOUNCE_SLOTS + 1, tf.int64)).numpy())
 
 
 class HorovodTFTransport:

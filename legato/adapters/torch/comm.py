@@ -13,16 +13,15 @@ import torch
 import torch.distributed as dist
 
 from legato.core.errors import BackendUnavailable, ConfigError
-from legato.core.protocols import Done
+from legato.core.protocols import ANNOUNCE_SLOTS, Done, announcement_frames, frame_ids
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["HorovodCommBackend", "HorovodOrderChannel", "HorovodTransport", "NativeNcclCommBackend", "TorchCommBackend",
-           "TorchDistTransport", "TorchOrderChannel", "make_nccl_backend", "native_nccl_status"]
+__all__ = ["HorovodCommBackend", "HorovodOrderChannel", "HorovodTransport",
+           "NativeNcclCommBackend", "TorchCommBackend", "TorchDistTransport", "TorchOrderChannel",
+           "make_nccl_backend", "native_nccl_status"]
 
 log = logging.getLogger(__name__)
 
-# Announcements carry up to this many chunk ids; the first element is the count.
-_ANNOUNCE_SLOTS = 64
 
 
 class TorchCommBackend:
@@ -263,23 +262,16 @@ class TorchOrderChannel:
 
     def __init__(self, group) -> None:
         self._group = group
-        self._buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
+        self._buf = torch.zeros(ANNOUNCE_SLOTS + 1, dtype=torch.int64)
         self._src = dist.get_global_rank(group, 0) if hasattr(dist, "get_global_rank") else 0
 
     def announce(self, chunk_ids: Sequence[int]) -> None:
-        ids = list(chunk_ids)
-        for i in range(0, max(1, len(ids)), _ANNOUNCE_SLOTS):
-            batch = ids[i:i + _ANNOUNCE_SLOTS]
-            buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
-            buf[0] = len(batch)
-            if batch:
-                buf[1:len(batch) + 1] = torch.tensor(batch, dtype=torch.int64)
-            dist.broadcast(buf, src=self._src, group=self._group)
+        for frame in announcement_frames(chunk_ids):
+            dist.broadcast(torch.from_numpy(frame), src=self._src, group=self._group)
 
     def receive(self) -> list[int]:
         dist.broadcast(self._buf, src=self._src, group=self._group)
-        n = int(self._buf[0])
-        return self._buf[1:n + 1].tolist()
+        return frame_ids(self._buf.numpy())
 
 
 class TorchDistTransport:
@@ -467,22 +459,15 @@ class HorovodOrderChannel:
 
     def __init__(self, hvd) -> None:
         self._hvd = hvd
-        self._buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
+        self._buf = torch.zeros(ANNOUNCE_SLOTS + 1, dtype=torch.int64)
 
     def announce(self, chunk_ids: Sequence[int]) -> None:
-        ids = list(chunk_ids)
-        for i in range(0, max(1, len(ids)), _ANNOUNCE_SLOTS):
-            batch = ids[i:i + _ANNOUNCE_SLOTS]
-            buf = torch.zeros(_ANNOUNCE_SLOTS + 1, dtype=torch.int64)
-            buf[0] = len(batch)
-            if batch:
-                buf[1:len(batch) + 1] = torch.tensor(batch, dtype=torch.int64)
-            self._hvd.broadcast_(buf, root_rank=0, name="legato.order")
+        for frame in announcement_frames(chunk_ids):
+            self._hvd.broadcast_(torch.from_numpy(frame), root_rank=0, name="legato.order")
 
     def receive(self) -> list[int]:
         self._hvd.broadcast_(self._buf, root_rank=0, name="legato.order")
-        n = int(self._buf[0])
-        return self._buf[1:n + 1].tolist()
+        return frame_ids(self._buf.numpy())
 
 
 class HorovodTransport:
