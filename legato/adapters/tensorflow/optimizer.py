@@ -384,6 +384,7 @@ class ScheduledOptimizer:
                 f"no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                 "every rank must all-reduce every trainable variable: pass every gradient of "
                 "model.trainable_variables, and freeze (trainable=False) unused layers")
+        given = list(by_key)
         for key, g in enumerate(by_key):
             by_key[key] = self._checked(key, g)
         with self._post_lock:
@@ -392,8 +393,11 @@ class ScheduledOptimizer:
             sent = posted[key]
             if self._from_graph[key]:  # the graph's output is a copy: see [Note: compiled steps]
                 continue
+            # The tape returns the posted tensor itself, unless it summed two reads' parts or
+            # the gradient is IndexedSlices (legato posted a dense conversion): compare values.
+            summed = self._reads[key] > 1 or isinstance(given[key], tf.IndexedSlices)
             if sent is not None and sent is not g and not (
-                    self._reads[key] > 1 and np.array_equal(sent.numpy(), g.numpy())):
+                    summed and np.array_equal(sent.numpy(), g.numpy())):
                 err = ConfigError(
                     f"[rank {self._rank}] step {self._steps_called}: the gradient passed for "
                     f"{self._names[key]} is not the one backward produced, which legato had "

@@ -220,6 +220,26 @@ def gates(out: str, compiled: bool = False) -> None:
             f.write(f"{name}\t{t}\n")
 
 
+def embedding() -> None:
+    """An Embedding's gradient is IndexedSlices: sent densified during backward, and the tape's
+    IndexedSlices passed to apply_gradients are accepted as the same gradient."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,), dtype="int32"), keras.layers.Embedding(20, 8),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    opt = ScheduledOptimizer(keras.optimizers.SGD(0.1), model, timeout_s=60)
+    before = model.trainable_variables[0].numpy().copy()
+    for step in range(3):
+        x = np.random.default_rng(step).integers(0, 20, (5, 4))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model(x, training=True) ** 2)
+        grads = tape.gradient(loss, model.trainable_variables)
+        assert isinstance(grads[0], tf.IndexedSlices)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+    opt.close()
+    assert not np.array_equal(before, model.trainable_variables[0].numpy())
+    print("EMBEDDING_OK", opt.stats["sent_during_backward"], flush=True)
+
+
 def bad_arguments() -> None:
     """Errors that need no peer: each must be a ConfigError/LegatoError naming the fix."""
     model = net()

@@ -128,6 +128,12 @@ def test_next_forward_starts_before_the_last_layers_update(tmp_path, compiled):
 
 
 @pytest.mark.timeout(120)
+def test_embedding_gradients_are_indexed_slices():
+    result = run_torch_job(f"{WORKERS}:embedding", 1, timeout_s=100)
+    assert "EMBEDDING_OK 9" in result.rank(0).stdout  # 3 variables, 3 steps
+
+
+@pytest.mark.timeout(120)
 def test_bad_arguments_raise_clear_errors():
     result = run_torch_job(f"{WORKERS}:bad_arguments", 1, timeout_s=100)
     assert "BAD_ARGUMENTS_OK" in result.rank(0).stdout
