@@ -153,16 +153,21 @@ def main(argv: list[str] | None = None) -> int:
                         ("--merge-bytes", args.merge_bytes)):
         if value is not None:
             passthrough += [flag, str(value)]
+    load_before = os.getloadavg()
     results = []
     for rate in (parse_rate(r) for r in args.rates.split(",") if r):
         print(f"rate {rate_label(rate)} ...", file=sys.stderr, flush=True)
         results.append(run_rate(rate, args, passthrough))
     rows = summarize(results)
     print_table(rows, args)
+    # Another job on this machine skews both methods' times (FB above its usual value shows it).
+    load = {"before": load_before, "after": os.getloadavg()}
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"benchmark": "mxnet_scheduler", "cores": os.cpu_count(),
                                      "steps": args.steps, "rounds": args.rounds,
-                                     "warmup": args.warmup, "rows": rows}, indent=2))
+                                     "warmup": args.warmup, "loadavg": load, "rows": rows},
+                                    indent=2))
     if args.plot:
         plot_step_times(rows, METHODS, args.plot, title="MXNet {model}, 2 workers + 1 server")
         print(f"\nplot: {args.plot}")
