@@ -34,7 +34,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from legato.core.errors import LegatoError
-from legato.core.scheduler.gates import Gates
+from legato.core.scheduler.gates import Gates, hand_to_ran_ancestors
 
 __all__ = ["BlockGates", "named_blocks"]
 
@@ -121,20 +121,8 @@ class BlockGates:
         that did (see [Note: blocks that never run])."""
         if not self._observing:
             return
-        waits: dict[str, set[int]] = {}
-        for path, layers in self._direct.items():
-            owner = path
-            while owner not in self._ran and owner != "":
-                owner = owner.rpartition(".")[0]
-            if owner != path:
-                log.debug("[rank %d] %r never runs its forward; %r waits for its update",
-                          self._rank, path, owner or "the model")
-            waits.setdefault(owner, set()).update(layers)
-        if "" in waits and "" not in self._ran:
-            log.warning("[rank %d] the model's own forward was not called, so parameters read "
-                        "outside their blocks' forwards cannot be gated; call model(...) or "
-                        "trainer.synchronize() before each forward", self._rank)
-        self._waits = {path: tuple(sorted(ls)) for path, ls in waits.items()}
+        self._waits = hand_to_ran_ancestors(self._direct, self._ran, rank=self._rank,
+                                            kind="blocks", sync_call="trainer.synchronize()")
         self._observing = False
 
     def _wait_open(self, layers: tuple[int, ...], name: str) -> None:

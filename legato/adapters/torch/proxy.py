@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from legato.core.scheduler.gates import Gates
+from legato.core.scheduler.gates import Gates, hand_to_ran_ancestors
 
 __all__ = ["LayerGates"]
 
@@ -76,20 +76,8 @@ class LayerGates:
         that did (see [Note: modules that never run])."""
         if not self._observing:
             return
-        waits: dict[str, set[int]] = {}
-        for name, layers in self._direct.items():
-            owner = name
-            while owner not in self._ran and owner != "":
-                owner = owner.rpartition(".")[0]
-            if owner != name:
-                log.debug("[rank %d] %r never runs its forward; %r waits for its update",
-                          self._rank, name, owner or "the model")
-            waits.setdefault(owner, set()).update(layers)
-        if "" in waits and "" not in self._ran:
-            log.warning("[rank %d] the model's own forward was not called, so parameters used "
-                        "outside their modules' forwards cannot be gated; call model(...) or "
-                        "opt.synchronize() before each forward", self._rank)
-        self._waits = {name: tuple(sorted(ls)) for name, ls in waits.items()}
+        self._waits = hand_to_ran_ancestors(self._direct, self._ran, rank=self._rank,
+                                            kind="modules", sync_call="opt.synchronize()")
         self._observing = False
         # Every forward runs these hooks: keep only those that gate something (and the root's,
         # which gates eval and no_grad forwards).

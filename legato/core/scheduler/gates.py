@@ -8,13 +8,16 @@ gluon block's pre-hook) is the adapter's business; this is only the waiting.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable, Sequence
 
 from legato.core._wait import wait_for
 from legato.core.errors import LegatoError
 
-__all__ = ["Gates"]
+__all__ = ["Gates", "hand_to_ran_ancestors"]
+
+log = logging.getLogger(__name__)
 
 
 class Gates:
@@ -78,3 +81,31 @@ class Gates:
         """Wake waiters so that they re-check for errors."""
         with self._cv:
             self._cv.notify_all()
+
+
+def hand_to_ran_ancestors(direct: dict[str, Sequence[int]], ran: set[str], *, rank: int,
+                          kind: str, sync_call: str) -> dict[str, tuple[int, ...]]:
+    """After the first forward: each part (a dotted path, "" the model) whose forward did not
+    run hands its layers to the nearest ancestor whose forward did.
+
+    Args:
+        direct: path -> layers of the parameters it holds directly.
+        ran: paths whose forward ran in the first step.
+        kind: "modules" or "blocks", for the warning; sync_call: what the user calls instead.
+    Returns:
+        path -> the layers its forward waits for.
+    """
+    waits: dict[str, set[int]] = {}
+    for path, layers in direct.items():
+        owner = path
+        while owner not in ran and owner != "":
+            owner = owner.rpartition(".")[0]
+        if owner != path:
+            log.debug("[rank %d] %r never runs its forward; %r waits for its update", rank,
+                      path, owner or "the model")
+        waits.setdefault(owner, set()).update(layers)
+    if "" in waits and "" not in ran:
+        log.warning("[rank %d] the model's own forward was not called, so parameters read "
+                    "outside their %s' forwards cannot be gated; call model(...) or %s before "
+                    "each forward", rank, kind, sync_call)
+    return {path: tuple(sorted(ls)) for path, ls in waits.items()}
