@@ -88,7 +88,7 @@ class OrtCostModel(CostModel):
 
     def __init__(self, *, level: str = "all", threads: int = 1, repeats: int = 20,
                  cache_path: str | os.PathLike | None = None, opset: int = 17,
-                 fallback: CostModel | None = None) -> None:
+                 fallback: CostModel | None = None, use_cache: bool = True) -> None:
         import onnxruntime as ort
 
         if level not in LEVELS:
@@ -99,6 +99,8 @@ class OrtCostModel(CostModel):
         default = Path(os.environ.get("LEGATO_COST_CACHE",
                                       Path.home() / ".cache" / "legato" / "op_costs.json"))
         self.cache_path = Path(cache_path) if cache_path is not None else default
+        if not use_cache or os.environ.get("LEGATO_NO_COST_CACHE", "") not in ("", "0"):
+            self.cache_path = None
         self._cache: dict[str, float] = {}
         self._dirty = 0
         self._lock = threading.Lock()
@@ -107,7 +109,8 @@ class OrtCostModel(CostModel):
         self._memo: dict[tuple, float] = {}
         self._digests: dict[int, tuple] = {}
         try:
-            self._cache = json.loads(self.cache_path.read_text()).get("costs", {})
+            self._cache = (json.loads(self.cache_path.read_text()).get("costs", {})
+                           if self.cache_path is not None else {})
         except (OSError, ValueError):
             self._cache = {}
 
@@ -248,7 +251,7 @@ class OrtCostModel(CostModel):
     def save(self) -> None:
         """Write the cache file (atomically) if anything was measured."""
         with self._lock:
-            if not self._dirty:
+            if not self._dirty or self.cache_path is None:
                 return
             try:
                 merged = json.loads(self.cache_path.read_text()).get("costs", {})

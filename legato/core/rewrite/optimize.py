@@ -153,7 +153,7 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
              alpha: float = 1.05, budget: int = 200, time_limit_s: float = 60.0,
              level: str = "all", threads: int = 1, rounds: int = 7, rtol: float = 1e-4,
              atol: float = 1e-5, seed: int = 0, cost_model: CostModel | None = None,
-             min_speedup: float = 1.03,
+             min_speedup: float = 1.03, use_cache: bool = True,
              progress: Callable[[int, float], None] | None = None
              ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite `model` for onnxruntime on this CPU (see the module docstring).
@@ -169,6 +169,8 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
             independent A/B runs (fresh sessions, opposite order); below ~3% a difference on
             this kind of machine is noise (the zoo benchmark saw 1.005x "wins" measure 0.92x).
         cost_model: per-operator costs (default: measured in onnxruntime, cached).
+        use_cache: read and write the on-disk cost cache (False: measure everything afresh
+            and keep it in memory only; `LEGATO_NO_COST_CACHE=1` does the same).
     Returns:
         (model, report): the rewritten model when accepted, else the original unchanged.
     """
@@ -180,7 +182,8 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:
         raise RewriteError(f"the model is not valid ONNX: {str(err).splitlines()[0]}") from err
-    cost_model = cost_model or OrtCostModel(level=level, threads=threads)
+    cost_model = cost_model or OrtCostModel(level=level, threads=threads,
+                                            use_cache=use_cache)
     result = search(ir.serde.deserialize_model(model), rules, cost_model, alpha=alpha,
                     budget=budget, time_limit_s=time_limit_s, progress=progress)
     if isinstance(cost_model, OrtCostModel):
