@@ -40,6 +40,7 @@ import numpy as np
 
 from legato.core.rewrite import _opshapes as S
 from legato.core.rewrite.ops import OpDef, get_op
+from legato.core.stop import StopReason
 
 Shape = tuple[int, ...]
 Progress = Callable[[str, int, int], None]
@@ -398,8 +399,9 @@ class Space:
         self.graphs += len(terms)
 
     def run(self, max_ops: int, *, deadline: float | None = None,
-            progress: Progress | None = None) -> str:
-        """Enumerate every graph of 1..max_ops nodes; returns "done" or "time-limit"."""
+            progress: Progress | None = None) -> StopReason:
+        """Enumerate every graph of 1..max_ops nodes; returns EXHAUSTED, or TIME_LIMIT when
+        `deadline` (a time.monotonic() value) passed first."""
         for size in range(1, max_ops + 1):
             candidates = sorted(self.pool)
             work = [(ii, sigs, outs) for ii in range(len(self.instances))
@@ -412,11 +414,11 @@ class Space:
                 if progress is not None and i % step == 0:
                     progress(stage, i, len(work))
                 if deadline is not None and i % 16 == 0 and time.monotonic() > deadline:
-                    return "time-limit"
+                    return StopReason.TIME_LIMIT
                 for children in self._children(self.instances[ii], sigs, size - 1):
                     self._add_node(ii, children, outs, size, keep, fresh)
             if progress is not None:
                 progress(stage, len(work), len(work))
             for tid in fresh:
                 self._pool_add(tid)
-        return "done"
+        return StopReason.EXHAUSTED

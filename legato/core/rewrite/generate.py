@@ -73,6 +73,7 @@ from legato.core.rewrite._pairs import Candidate, prune
 from legato.core.rewrite.ops import DEFAULT_PRIME, OPS, check_prime
 from legato.core.rewrite.pattern import Rule
 from legato.core.rewrite.verify import pattern_model, verify_numeric
+from legato.core.stop import StopReason
 
 __all__ = ["DEFAULT_ENVS", "DEFAULT_KINDS", "GenerateResult", "GenerationError",
            "generate_rules", "parse_shapes"]
@@ -168,7 +169,7 @@ class GenerateResult:
     rules: list[Rule]
     stages: list[tuple[str, int, str]]       # (stage, count, what it counts)
     failed: list[tuple[Rule, dict]]          # candidates dropped by numeric verification
-    stop_reason: str                         # "done" or "time-limit"
+    stop_reason: StopReason                  # EXHAUSTED or TIME_LIMIT
     seconds: dict[str, float]
     config: dict[str, Any]
 
@@ -222,7 +223,7 @@ def generate_rules(max_ops: int = 3, *, ops: Sequence[str] | None = None, seed: 
         envs: shape environments (symbol -> size, see `parse_shapes`); default `DEFAULT_ENVS`.
         max_vars: most distinct variables in one graph (BatchNormalization parameters aside).
         kinds: variable kinds (default `DEFAULT_KINDS`).
-        time_limit_s: stop enumerating after this many seconds (stop_reason "time-limit");
+        time_limit_s: stop enumerating after this many seconds (stop_reason TIME_LIMIT);
             the rules found so far are still paired, pruned and verified.
         verify: run `verify_numeric` on each rule and drop failures.
         formal: also record `prove.verify_formal` (Z3) on each rule; otherwise "not run".

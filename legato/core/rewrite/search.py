@@ -24,6 +24,7 @@ import onnx_ir.passes.common as common_passes
 from legato.core.rewrite._matcher import Match, apply, find_matches, infer_shapes
 from legato.core.rewrite.cost import CostModel, graph_cost
 from legato.core.rewrite.pattern import Rule
+from legato.core.stop import StopReason
 
 __all__ = ["SearchResult", "all_matches", "search", "structural_hash"]
 
@@ -40,7 +41,7 @@ class SearchResult:
     applied: list[str]
     explored: int
     generated: int
-    stop_reason: str           # "exhausted", "budget" or "time-limit"
+    stop_reason: StopReason    # EXHAUSTED (queue empty), BUDGET or TIME_LIMIT
     seconds: float
 
 
@@ -156,13 +157,13 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
     seen = {structural_hash(root.graph)}
     best_cost, best_model, best_applied = base, root, []
     explored = generated = 0
-    stop = "exhausted"
+    stop = StopReason.EXHAUSTED
     while queue:
         if explored >= budget:
-            stop = "budget"
+            stop = StopReason.BUDGET
             break
         if time.perf_counter() - start > time_limit_s:
-            stop = "time-limit"
+            stop = StopReason.TIME_LIMIT
             break
         cost, _, current, applied = heapq.heappop(queue)
         explored += 1

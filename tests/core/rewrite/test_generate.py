@@ -17,6 +17,7 @@ from legato.core.rewrite.generate import (
 )
 from legato.core.rewrite.pattern import load_rules
 from legato.core.rewrite.verify import verify_numeric
+from legato.core.stop import StopReason
 
 SMALL = ["Add", "Mul", "MatMul", "Transpose", "Relu"]
 PIPELINE = ["candidates", "constant", "single root", "renaming", "common subgraph", "trivial",
@@ -81,7 +82,7 @@ def test_stage_counts_are_reported_and_monotone(small):
     assert counts[0] > counts[-1] == len(small.rules) > 0
     assert small.count("graphs") >= small.count("classes")
     text = small.summary()
-    assert all(name in text for name in names) and "stop: done" in text
+    assert all(name in text for name in names) and "stop: exhausted" in text
 
 
 def test_renaming_equivalent_graphs_collapse(small):
@@ -145,8 +146,11 @@ def test_split_reshape_and_reducesum_rules_carry_constant_nodes():
 
 def test_time_limit_stops_with_a_reason():
     result = generate_rules(3, ops=SMALL, time_limit_s=0.0)
-    assert result.stop_reason == "time-limit"
+    assert result.stop_reason is StopReason.TIME_LIMIT
     assert "stop: time-limit" in result.summary()
+    assert json.loads(json.dumps(result.meta()))["stop_reason"] == "time-limit"
+    done = generate_rules(1, ops=["Add", "Neg"], verify=False)
+    assert done.stop_reason is StopReason.EXHAUSTED and "stop: exhausted" in done.summary()
 
 
 def test_bad_settings_name_the_fix():

@@ -14,6 +14,7 @@ from legato.core.rewrite.cost import AnalyticCostModel, OrtCostModel, foldable, 
 from legato.core.rewrite.pattern import Rule
 from legato.core.rewrite.rules.families import merge_matmul
 from legato.core.rewrite.search import search, structural_hash
+from legato.core.stop import StopReason
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -51,7 +52,7 @@ def test_search_merges_parallel_matmuls_when_it_pays():
     result = search(ir.serde.deserialize_model(proto), [MERGE], PerOp())
     assert result.cost < result.original_cost
     assert result.applied == ["merge-parallel-matmul", "merge-parallel-matmul"]
-    assert result.stop_reason == "exhausted" and result.explored >= 2
+    assert result.stop_reason is StopReason.EXHAUSTED and result.explored >= 2
     out = ir.serde.serialize_model(result.model)
     onnx.checker.check_model(out)
     assert [n.op_type for n in out.graph.node].count("MatMul") == 1
@@ -71,8 +72,10 @@ def test_search_keeps_the_original_when_nothing_is_cheaper():
 
 def test_budget_and_time_limit_stop_the_search():
     model = ir.serde.deserialize_model(_parallel(4))
-    assert search(model, [MERGE], PerOp(), budget=1).stop_reason == "budget"
-    assert search(model, [MERGE], PerOp(), time_limit_s=0.0).stop_reason == "time-limit"
+    assert search(model, [MERGE], PerOp(), budget=1).stop_reason is StopReason.BUDGET
+    assert search(model, [MERGE], PerOp(), time_limit_s=0.0).stop_reason is \
+        StopReason.TIME_LIMIT
+    assert search(model, [MERGE], PerOp()).stop_reason is StopReason.EXHAUSTED
 
 
 def test_structural_hash_ignores_names_not_structure():
