@@ -12,7 +12,8 @@ in the width of the graph (221,564 for Inception-v3), so the planner bounds it:
 - `coarsened`: when even that order is longer than `max_states`, consecutive layers are grouped
   at compute quantiles, each group boundary moved to the smallest activation cut near it.
 
-Masks are Python ints over `node_ids` (bit i = node_ids[i]).
+Masks are Python ints over `node_ids` (bit i = node_ids[i]). `stop_reason` is EXHAUSTED for an
+exact space and BUDGET when `max_states` cut the enumeration short.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import heapq
 import numpy as np
 
 from legato.core.pipeline.profile import LayerProfile, ProfileError
+from legato.core.stop import StopReason
 
 __all__ = ["StateSpace", "build_states"]
 
@@ -44,6 +46,7 @@ class StateSpace:
     kind: str                        # "exact", "linearized" or "coarsened"
     notes: list[str]
     attached: dict[str, str]         # dropped layer -> the layer whose stage it joins
+    stop_reason: StopReason = StopReason.EXHAUSTED   # BUDGET: max_states bounded the ideals
 
     @property
     def size(self) -> int:
@@ -177,7 +180,8 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
         preds.append(np.array([k for k in range(j) if masks[k] != m and masks[k] & ~m == 0],
                               dtype=np.int64))
     return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, bits @ upd,
-                      cut, frontier, preds, kind, notes, attached)
+                      cut, frontier, preds, kind, notes, attached,
+                      StopReason.EXHAUSTED if kind == "exact" else StopReason.BUDGET)
 
 
 def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,

@@ -42,6 +42,7 @@ from legato.core.errors import ConfigError
 from legato.core.pipeline._states import StateSpace, build_states
 from legato.core.pipeline.profile import LayerProfile
 from legato.core.pipeline.topology import Topology
+from legato.core.stop import StopReason
 
 __all__ = ["MODES", "OBJECTIVES", "Plan", "PlanError", "PlanStage", "plan"]
 
@@ -90,6 +91,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     model: str = ""
     placeholders: tuple[str, ...] = ()     # layers placed but not costed (Input*, __getitem__)
+    # EXHAUSTED: every cut point and bound was planned over; CONVERGED: the sync objective
+    # stopped once a larger bound could not win; BUDGET: max_states or max_caps cut it short
+    stop_reason: StopReason = StopReason.EXHAUSTED
 
     @property
     def speedup(self) -> float:
@@ -115,8 +119,8 @@ class Plan:
                 "mode": self.mode, "objective": self.objective,
                 "microbatches": self.microbatches, "topology": self.topology.to_json(),
                 "workers": self.topology.workers, "workers_used": self.workers_used,
-                "state_space": self.state_space, "notes": list(self.notes),
-                "placeholders": list(self.placeholders)}
+                "state_space": self.state_space, "stop_reason": self.stop_reason,
+                "notes": list(self.notes), "placeholders": list(self.placeholders)}
 
     @classmethod
     def from_json(cls, data: dict, *, where: str = "plan") -> "Plan":
@@ -129,11 +133,15 @@ class Plan:
             stages = tuple(PlanStage(**{**s, "nodes": tuple(s["nodes"]),
                                         "ranks": tuple(s["ranks"])}) for s in data["stages"])
             topo = Topology(tuple(Level(**lv) for lv in data["topology"]))
+            state_space = data.get("state_space", "exact")
+            # plans written before stop_reason existed: a bounded state space was the limit
+            stop = StopReason(data.get("stop_reason") or (
+                "exhausted" if state_space == "exact" else "budget"))
             return cls(stages, float(data["time_per_minibatch_s"]), float(data["dp_time_s"]),
                        data["mode"], data["objective"], topo, data.get("microbatches"),
-                       data.get("state_space", "exact"), tuple(data.get("notes", ())),
-                       data.get("model", ""), tuple(data.get("placeholders", ())))
-        except (KeyError, TypeError) as err:
+                       state_space, tuple(data.get("notes", ())),
+                       data.get("model", ""), tuple(data.get("placeholders", ())), stop)
+        except (KeyError, TypeError, ValueError) as err:
             raise PlanError(f"{where} is missing or has a malformed field: {err}") from err
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -166,6 +174,7 @@ class Plan:
                      f"parallel {self.dp_time_s * 1e3:.2f} ms; speedup {self.speedup:.2f}x "
                      f"({self.shape()} on {self.workers_used} of {self.topology.workers} "
                      "workers)")
+        lines.append(f"  search stopped: {self.stop_reason} ({self.state_space} state space)")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -349,7 +358,8 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
             for every start point, which costs the cube of the states).
         max_caps: sync objective: bound on slowest-stage candidates tried.
     Returns:
-        The `Plan`; `notes` say what was coarsened or bounded.
+        The `Plan`; `stop_reason` says whether a limit (`max_states`, `max_caps`) cut the
+        search short (BUDGET) and `notes` say which.
     """
     if mode not in MODES:
         raise PlanError(f"mode={mode!r} is unknown; use one of {list(MODES)}")
@@ -371,6 +381,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         max_states = 1000 if len(topology.levels) == 1 else 300
     if max_states < 2:
         raise PlanError(f"max_states={max_states} must be at least 2")
+    if max_caps < 1:
+        raise PlanError(f"max_caps={max_caps} must be at least 1 (sync objective: candidate "
+                        "bounds on the slowest stage to try)")
     space = build_states(profile, max_states=max_states)
     S = space.size
     sub = np.zeros((S + 1, S), dtype=bool)
@@ -388,6 +401,7 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
                                  (space.parameter_bytes, space.activation_bytes,
                                   space.optimizer_state_bytes, space.update_s))
     notes = list(space.notes)
+    stops = [space.stop_reason]
     levels = topology.levels
     results = []
     inner = 1
@@ -401,7 +415,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
                        microbatches or 1)
         rows = 1 if final else S + 1
         if objective == "sync":
-            A, ck, cm, value, sync_note = _solve_sync(costs, sub, space.preds, max_caps)
+            A, ck, cm, value, sync_note, sync_stop = _solve_sync(costs, sub, space.preds,
+                                                                 max_caps)
+            stops.append(sync_stop)
             if sync_note:
                 notes.append(sync_note)
         else:
@@ -419,16 +435,27 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
     dp = _dp_time(space, topology, mode, objective, microbatches or 1)
     return Plan(tuple(stages), float(value), dp, mode, objective, topology,
                 microbatches if objective == "sync" else None, space.kind, tuple(notes),
-                str(profile.meta.get("model", "")), tuple(space.attached))
+                str(profile.meta.get("model", "")), tuple(space.attached), _overall(stops))
+
+
+def _overall(stops: list[StopReason]) -> StopReason:
+    """The plan's stop reason: BUDGET if any part hit a limit, else CONVERGED if the sync
+    search stopped on its bound, else EXHAUSTED."""
+    for reason in (StopReason.BUDGET, StopReason.CONVERGED):
+        if reason in stops:
+            return reason
+    return StopReason.EXHAUSTED
 
 
 def _solve_sync(c: _Costs, sub, preds, max_caps: int):
-    """min over caps of (sum of stage terms under the cap) + (microbatches - 1) * slowest."""
+    """min over caps of (sum of stage terms under the cap) + (microbatches - 1) * slowest;
+    returns (A, choice_k, choice_m, value, note, stop_reason): CONVERGED when a larger cap
+    could not win, BUDGET after `max_caps` caps, EXHAUSTED when every cap was tried."""
     S, M = c.compute.shape[1], c.workers
-    A_max, ck, cm = _solve(c, sub, preds, 1, combine="max")
+    A_max, ck_max, cm_max = _solve(c, sub, preds, 1, combine="max")
     floor = A_max[0, S - 1, M]
     if not math.isfinite(floor):
-        return A_max, ck, cm, math.inf, None
+        return A_max, ck_max, cm_max, math.inf, None, StopReason.EXHAUSTED
     A_sum, ck, cm = _solve(c, sub, preds, 1, combine="sum")
     sum_floor = A_sum[0, S - 1, M]
     # the optimum's slowest term is one of the terms a plan can have
@@ -439,13 +466,16 @@ def _solve_sync(c: _Costs, sub, preds, max_caps: int):
     terms = np.concatenate([terms, 2.0 * c.cut / (c.bandwidth_Bps * c.microbatches)])
     caps = np.unique(terms[np.isfinite(terms) & (terms >= floor * (1 - 1e-12))])
     note = None
+    stop = StopReason.EXHAUSTED
     best: tuple[float, tuple | None] = (math.inf, None)
     for tried, cap in enumerate(caps):
         if (c.microbatches - 1) * cap + sum_floor >= best[0]:
-            break                      # a larger bound cannot win: the sum only gets smaller
+            stop = StopReason.CONVERGED   # a larger bound cannot win: the sum only gets smaller
+            break
         if tried == max_caps:
             note = (f"sync objective: stopped after {max_caps} of {len(caps)} candidate bounds "
                     "on the slowest stage without proving the best (raise max_caps)")
+            stop = StopReason.BUDGET
             break
         A, ck, cm = _solve(c, sub, preds, 1, combine="sum", cap=float(cap))
         total = A[0, S - 1, M]
@@ -455,8 +485,14 @@ def _solve_sync(c: _Costs, sub, preds, max_caps: int):
         value = total + (c.microbatches - 1) * slowest
         if value < best[0]:
             best = (value, (A, ck, cm))
+    if best[1] is None:
+        # no cap tried gave a plan (the first caps can sit an ulp below the floor, so a
+        # max_caps of 1 or 2 may try none that works): the min-max plan, at its own makespan
+        terms = _segment_terms(c, _backtrack(ck_max, cm_max, 0, S - 1, M))
+        return (A_max, ck_max, cm_max, sum(terms) + (c.microbatches - 1) * max(terms), note,
+                stop)
     A, ck, cm = best[1]
-    return A, ck, cm, best[0], note
+    return A, ck, cm, best[0], note, stop
 
 
 def _segment_terms(c: _Costs, segs) -> list[float]:

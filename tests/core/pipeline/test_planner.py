@@ -24,6 +24,7 @@ from legato.core.pipeline import (
     plan,
 )
 from legato.core.pipeline._states import build_states
+from legato.core.stop import StopReason
 
 SEED = int(os.environ.get("LEGATO_TEST_SEED", "0"))   # other seeds: other random instances
 PROFILES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "pipedream-profiles"
@@ -279,11 +280,56 @@ def test_coarsened_when_even_the_order_is_too_long():
     assert any("cut points" in n for n in result.notes)
 
 
+def test_stop_reason_says_whether_a_limit_cut_the_search_short():
+    chain = _random_profile(random.Random(1), 8, True)
+    exact = plan(chain, 4)
+    assert (exact.state_space, exact.stop_reason) == ("exact", StopReason.EXHAUSTED)
+    dag = _random_profile(random.Random(3), 40, False)
+    assert build_states(dag, max_states=8).stop_reason is StopReason.BUDGET
+    assert build_states(chain).stop_reason is StopReason.EXHAUSTED
+    bounded = plan(dag, 4, max_states=8)
+    assert bounded.stop_reason is StopReason.BUDGET
+    assert "search stopped: budget (" in bounded.describe()
+    # sync: the bound on the slowest stage stops the search once a larger one cannot win ...
+    converged = plan(chain, 4, objective="sync", microbatches=4)
+    assert converged.stop_reason is StopReason.CONVERGED and not converged.notes
+    # ... unless max_caps stops it first; its plan is then no better, and says so
+    capped = plan(chain, 4, objective="sync", microbatches=4, max_caps=1)
+    assert capped.stop_reason is StopReason.BUDGET
+    assert any("raise max_caps" in n for n in capped.notes)
+    assert capped.time_per_minibatch_s >= converged.time_per_minibatch_s - 1e-12
+
+
+def test_sync_budget_with_no_feasible_cap_tried_falls_back_to_the_min_max_plan():
+    """The first candidate bound can sit an ulp below the min-max floor and admit no plan;
+    with max_caps=1 no other was tried (this used to raise a TypeError)."""
+    p = _random_profile(random.Random(4), 8, False)
+    result = plan(p, 4, objective="sync", microbatches=4, max_caps=1)
+    assert result.stop_reason is StopReason.BUDGET
+    _check_partition(p, result, 4)
+    full = plan(p, 4, objective="sync", microbatches=4)
+    assert full.time_per_minibatch_s <= result.time_per_minibatch_s < math.inf
+
+
+def test_stop_reason_goes_through_json_and_old_plans_get_one(tmp_path):
+    dag = _random_profile(random.Random(3), 40, False)
+    bounded = plan(dag, 4, max_states=8)
+    data = json.loads(json.dumps(bounded.to_json()))
+    assert data["stop_reason"] == "budget"
+    assert Plan.from_json(data) == bounded
+    del data["stop_reason"]                          # written before stop reasons existed
+    assert Plan.from_json(data).stop_reason is StopReason.BUDGET
+    data["stop_reason"] = "sideways"
+    with pytest.raises(PlanError, match="not a stop reason"):
+        Plan.from_json(data)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mode="fast"), "mode='fast' is unknown"),
     (dict(objective="sync"), "needs microbatches"),
     (dict(activation_compression_ratio=0), "must be positive"),
     (dict(max_states=1), "at least 2"),
+    (dict(max_caps=0), "max_caps=0 must be at least 1"),
 ])
 def test_bad_arguments(kwargs, match):
     p = _random_profile(random.Random(2), 4, True)
