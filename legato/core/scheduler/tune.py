@@ -30,6 +30,10 @@ whose step times vary by 10% or more, had tipped decisions either way).
 step time is compared with a reference (the first such window); when it has moved by more
 than `drift` (20%) in two windows in a row, the job is tuned again (the current setting is the
 first trial of the new study).
+
+[Note: stop reason] A round stops when its `trials` are measured; `OnlineTuner.stop_reason`
+(None while a round runs) then says EXHAUSTED if the round measured every setting of the
+search space, else BUDGET (the trial budget ran out with settings left untried).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 from legato.core.errors import ConfigError
 from legato.core.scheduler.policy import SchedulerConfig, resolve_config
+from legato.core.stop import StopReason
 
 __all__ = ["Decision", "OnlineTuner", "TuneSettings", "search_space"]
 
@@ -177,6 +182,7 @@ class OnlineTuner:
         self._plain = resolve_config("plain")
         self.history: list[tuple[SchedulerConfig, float]] = []  # every measured trial
         self.rounds = 0
+        self.stop_reason: StopReason | None = None   # why the last round stopped (None: running)
         self.current = start
         self._begin_round(start)
         self.first = Decision(self.current, step + settings.trial_steps, "tuning")
@@ -203,6 +209,7 @@ class OnlineTuner:
         self._confirmed: dict[SchedulerConfig, list[float]] = {}
         self._samples: dict[SchedulerConfig, list[float]] = {}  # every measured step
         self.phase = "tuning"
+        self.stop_reason = None
         self._ref: float | None = None
         self._drifted = 0
         self.rounds += 1
@@ -288,12 +295,18 @@ class OnlineTuner:
                 choice = self._plain
         assert choice is not None
         self.phase = "tuned"
+        (plo, phi), (clo, chi) = self.space
+        tried = {tuple(_params_of(c, self.space).values()) for c in self._round_values
+                 if c.policy == "bytescheduler"}
+        size = (phi - plo + 1) * (chi - clo + 1)
+        self.stop_reason = StopReason.EXHAUSTED if len(tried) >= size else StopReason.BUDGET
         self.current = choice
         self._ref = None
         self._drifted = 0
-        log.info("legato tuner: chose %s after %d trials (%s)", choice.describe(),
-                 len(self.history), ", ".join(f"{c.describe()}: {self._mean(c) * 1e3:.1f} ms"
-                                             for c in self._round_values))
+        log.info("legato tuner: chose %s after %d trials, stopped: %s (%s)",
+                 choice.describe(), len(self.history), self.stop_reason,
+                 ", ".join(f"{c.describe()}: {self._mean(c) * 1e3:.1f} ms"
+                           for c in self._round_values))
         every = self.settings.check_every
         return Decision(choice, step + every if every else -1, "tuned")
 
@@ -315,4 +328,5 @@ class OnlineTuner:
     def summary(self) -> dict[str, Any]:
         """What was measured and chosen (for logs, stats and benchmarks)."""
         return {"phase": self.phase, "rounds": self.rounds, "chosen": self.current.describe(),
+                "stop_reason": self.stop_reason,
                 "trials": [(c.describe(), v) for c, v in self.history]}

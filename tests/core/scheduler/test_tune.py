@@ -14,6 +14,7 @@ from legato.core.scheduler.policy import plan_for, resolve_config  # noqa: E402
 from legato.core.scheduler.simulate import LayerCost, LinkModel, simulate  # noqa: E402
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings, _config, \
     search_space  # noqa: E402
+from legato.core.stop import StopReason  # noqa: E402
 
 MB = 1_000_000
 
@@ -32,9 +33,9 @@ def step_time(config, link) -> float:
                     overlap=config.policy != "plain").step_s
 
 
-def run_tuner(settings, link, start=None, noise=None):
+def run_tuner(settings, link, start=None, noise=None, largest_bytes=max(SIZES)):
     start = start or resolve_config("bytescheduler")
-    tuner = OnlineTuner(settings, start, max(SIZES))
+    tuner = OnlineTuner(settings, start, largest_bytes)
     decision = tuner.first
     step = 0
     measured = []
@@ -130,6 +131,41 @@ def test_drift_starts_a_new_round_after_two_windows():
     d = tuner.boundary(d.next_boundary, [0.15] * 50)
     assert d.phase == "tuning" and tuner.rounds == 2
     assert d.config == chosen  # the new round starts from the current setting
+
+
+def test_a_round_stops_on_its_trial_budget_or_once_every_setting_was_measured():
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8)
+    tuner = OnlineTuner(TuneSettings(trials=8), resolve_config("bytescheduler"), max(SIZES))
+    assert tuner.stop_reason is None                     # still tuning
+    tuner, decision, _ = run_tuner(TuneSettings(trials=8), link)
+    assert tuner.stop_reason is StopReason.BUDGET        # 8 trials, 50 scheduled settings
+    assert tuner.summary()["stop_reason"] == "budget"
+    # tensors up to 64 KiB: one partition size, five windows; TPE measures all five
+    tuner, _, measured = run_tuner(TuneSettings(trials=20, sampler="tpe"), link,
+                                   largest_bytes=60_000)
+    tried = {(c.partition_bytes, c.credit_bytes) for c in measured
+             if c.policy == "bytescheduler"}
+    assert len(tried) == 5 and tuner.stop_reason is StopReason.EXHAUSTED
+    tuner, _, measured = run_tuner(TuneSettings(trials=20, sampler="gp"), link,
+                                   largest_bytes=60_000)
+    tried = {(c.partition_bytes, c.credit_bytes) for c in measured
+             if c.policy == "bytescheduler"}
+    assert tuner.stop_reason is (StopReason.EXHAUSTED if len(tried) == 5 else
+                                 StopReason.BUDGET)
+
+
+def test_a_new_round_clears_the_stop_reason_until_it_stops():
+    link = LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8)
+    tuner, decision, _ = run_tuner(TuneSettings(trials=5, check_every=50), link)
+    assert tuner.stop_reason is StopReason.BUDGET
+    d = decision
+    for value in (0.1, 0.15, 0.15):                      # drifts twice: a new round
+        d = tuner.boundary(d.next_boundary, [value] * 50)
+    assert d.phase == "tuning" and tuner.stop_reason is None
+    while d.phase != "tuned":
+        step = d.next_boundary
+        d = tuner.boundary(step, [0.1] * 7)
+    assert tuner.rounds == 2 and tuner.stop_reason is StopReason.BUDGET
 
 
 def test_noisy_measurements_still_end_in_a_decision():
