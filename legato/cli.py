@@ -371,7 +371,8 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     try:
         out, report = optimize(model, alpha=args.alpha, budget=args.budget,
                                time_limit_s=args.time_limit, level=args.ort_level,
-                               threads=args.threads, min_speedup=args.min_speedup)
+                               threads=args.threads, min_speedup=args.min_speedup,
+                               explain=args.explain)
     except LegatoError as err:
         print(f"legato rewrite: {err}", file=sys.stderr)
         return 2
@@ -464,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the rewrite only if two A/B runs both measure it X times faster "
                         "(default 1.03)")
     p.add_argument("--explain", action="store_true",
-                   help="print the rules applied, costs and measurements")
+                   help="print the rules applied, costs and measurements, how many places "
+                        "each rule matches, and each other rule's closest near-miss")
     p.add_argument("--overwrite", action="store_true",
                    help="allow -o to be the input file")
     p.set_defaults(func=_cmd_rewrite)

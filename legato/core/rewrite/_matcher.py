@@ -83,51 +83,81 @@ class _State:
         return s
 
 
-def _match_attrs(p: PNode, node: ir.Node, st: _State) -> bool:
+def _match_attrs(p: PNode, node: ir.Node, st: _State, why: Any = None) -> bool:
     wanted = p.attributes
     for name, want in wanted.items():
         got = _attr_value(node, name)
         if isinstance(want, str) and want.startswith("$"):
             if want in st.attrs and st.attrs[want] != got:
+                if why is not None:
+                    why.fail(st, "attribute-binding", p, node, name, got, want, st.attrs[want])
                 return False
             st.attrs[want] = got
         elif _norm(want) != got and not (isinstance(want, (int, float)) and got == want):
+            if why is not None:
+                why.fail(st, "attribute", p, node, name, got, want)
             return False
     for name in node.attributes:
         if name not in wanted and _norm(node.attributes[name].value) != _norm(
                 _default(node.op_type, name)):
+            if why is not None:
+                why.fail(st, "extra-attribute", p, node, name,
+                         _norm(node.attributes[name].value), _norm(_default(node.op_type, name)))
             return False
     return True
 
 
-def _match_node(rule: Rule, p: PNode, node: ir.Node, st: _State) -> bool:
+def _match_node(rule: Rule, p: PNode, node: ir.Node, st: _State, why: Any = None) -> bool:
+    """Bind pattern node `p` to `node` and follow its inputs backwards. `why` (explain path
+    only, see explain.py) is told each failure; the search passes None and pays nothing."""
     if node.domain not in ("", "ai.onnx") or node.op_type != p.op:
+        if why is not None:
+            why.fail(st, "op-type", p, node)
         return False
     if len(node.outputs) != p.num_outputs or len(node.inputs) != len(p.inputs):
+        if why is not None:
+            why.fail(st, "arity", p, node)
         return False
     if p.id in st.nodes:
-        return st.nodes[p.id] is node
+        if st.nodes[p.id] is node:
+            return True
+        if why is not None:
+            why.fail(st, "shared-node", p, node, st.nodes[p.id])
+        return False
     if any(n is node for n in st.nodes.values()):
+        if why is not None:
+            why.fail(st, "reused-node", p, node)
         return False
-    st.nodes[p.id] = node
-    if not _match_attrs(p, node, st):
+    if not _match_attrs(p, node, st, why):
         return False
+    st.nodes[p.id] = node                     # bound once its operator and attributes match
     source = rule.source
     for ref, value in zip(p.inputs, node.inputs):
         if value is None:
+            if why is not None:
+                why.fail(st, "missing-input", p, node, ref, value)
             return False
         name, index = split_ref(ref)
         if name in source.inputs and ":" not in ref:
             if name in st.values:
                 if st.values[name] is not value:
+                    if why is not None:
+                        why.fail(st, "variable-binding", p, node, ref, value,
+                                 st.values[name])
                     return False
             else:
                 st.values[name] = value
             continue
         producer = value.producer()
-        if producer is None or value.index() != index:
+        if producer is None:
+            if why is not None:
+                why.fail(st, "not-computed", p, node, ref, value, source.node(name))
             return False
-        if not _match_node(rule, source.node(name), producer, st):
+        if value.index() != index:
+            if why is not None:
+                why.fail(st, "output-index", p, node, ref, value)
+            return False
+        if not _match_node(rule, source.node(name), producer, st, why):
             return False
     return True
 
@@ -146,19 +176,25 @@ def _candidates(graph: ir.Graph, op: str, st: _State) -> Iterator[ir.Node]:
 
 def _match_roots(graph: ir.Graph, rule: Rule, roots: list[str], st: _State,
                  order: dict[int, int] | None = None, after: int = -1,
-                 exclude: frozenset = frozenset()) -> Iterator[_State]:
+                 exclude: frozenset = frozenset(), why: Any = None,
+                 at: ir.Node | None = None) -> Iterator[_State]:
     """Match `roots` in turn. With `order` (node -> graph position; rules with ordered_roots)
     each root's node comes after the previous root's (`after`); nodes in `exclude` are not
-    taken as roots."""
+    taken as roots; `at` is the only node tried as the first root."""
     if not roots:
         yield st
         return
     name, _ = split_ref(roots[0])
     p = rule.source.node(name)
     if name in st.nodes:                      # reached as an interior node of an earlier root
-        yield from _match_roots(graph, rule, roots[1:], st, order, after, exclude)
+        yield from _match_roots(graph, rule, roots[1:], st, order, after, exclude, why)
         return
-    pool = list(graph) if not st.nodes else list(_candidates(graph, p.op, st))
+    if st.nodes:
+        pool = list(_candidates(graph, p.op, st))
+    elif at is not None:
+        pool = [at]
+    else:                                     # only nodes of the root's type can match it
+        pool = [n for n in graph if n.op_type == p.op]
     for node in pool:
         if id(node) in exclude:
             continue
@@ -168,8 +204,12 @@ def _match_roots(graph: ir.Graph, rule: Rule, roots: list[str], st: _State,
             if position <= after:
                 continue
         trial = st.copy()
-        if _match_node(rule, p, node, trial):
-            yield from _match_roots(graph, rule, roots[1:], trial, order, position, exclude)
+        if _match_node(rule, p, node, trial, why):
+            yield from _match_roots(graph, rule, roots[1:], trial, order, position, exclude,
+                                    why)
+    if why is not None and all(any(n is m for m in st.nodes.values()) for n in pool):
+        total = len(rule.source.outputs)
+        why.fail(st, "missing-root", p, pool, total, total - len(roots))
 
 
 def _shape(value: ir.Value) -> tuple | None:
@@ -179,7 +219,7 @@ def _shape(value: ir.Value) -> tuple | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
-_NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
+NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                            "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
@@ -192,44 +232,49 @@ def is_constant(value: ir.Value, _depth: int = 0) -> bool:
         return False
     if producer.op_type == "Constant":
         return True
-    if producer.domain not in ("", "ai.onnx") or producer.op_type in _NOT_FOLDABLE:
+    if producer.domain not in ("", "ai.onnx") or producer.op_type in NOT_FOLDABLE:
         return False
     ins = [v for v in producer.inputs if v is not None]
     return bool(ins) and all(is_constant(v, _depth + 1) for v in ins)
 
 
-def _preconditions_hold(rule: Rule, st: _State) -> bool:
+def _failed_precondition(rule: Rule, st: _State) -> tuple[str, Any] | None:
+    """The first of the rule's preconditions that does not hold for this binding, or None."""
     v = st.values
     for kind, arg in rule.preconditions:
         if kind == "constant" and not is_constant(v[arg]):
-            return False
+            return kind, arg
         if kind == "static_shape" and _shape(v[arg]) is None:
-            return False
+            return kind, arg
         if kind == "rank":
             shape = v[arg[0]].shape
             if shape is None or len(shape) != arg[1]:
-                return False
+                return kind, arg
         if kind == "same_shape":
             shapes = [_shape(v[a]) for a in arg]
             if None in shapes or len(set(shapes)) != 1:
-                return False
+                return kind, arg
         if kind == "dim_eq":
             dims = []
             for var, axis in arg:
                 shape = _shape(v[var])
                 if shape is None or not -len(shape) <= axis < len(shape):
-                    return False
+                    return kind, arg
                 dims.append(shape[axis])
             if len(set(dims)) != 1:
-                return False
+                return kind, arg
         if kind == "dtype":
             dtype = v[arg[0]].dtype
             if dtype is None or dtype.name != arg[1]:
-                return False
-    return True
+                return kind, arg
+    return None
 
 
-def _self_contained(graph: ir.Graph, rule: Rule, st: _State) -> bool:
+def _escape(graph: ir.Graph, rule: Rule, st: _State
+            ) -> tuple[str, ir.Node, ir.Value, ir.Node | None] | None:
+    """An interior (non-root) node's output used outside the match: (pattern node, node,
+    value, the outside user, or None for a graph output); None if the match is
+    self-contained."""
     roots = {split_ref(r)[0] for r in rule.source.outputs}
     inside = {id(n) for n in st.nodes.values()}
     graph_outputs = {id(v) for v in graph.outputs}
@@ -238,25 +283,46 @@ def _self_contained(graph: ir.Graph, rule: Rule, st: _State) -> bool:
             continue
         for out in node.outputs:
             if id(out) in graph_outputs:
-                return False
-            if any(id(use.node) not in inside for use in out.uses()):
-                return False
-    return True
+                return pid, node, out, None
+            for use in out.uses():
+                if id(use.node) not in inside:
+                    return pid, node, out, use.node
+    return None
+
+
+def complete_matches(graph: ir.Graph, rule: Rule, *, exclude_roots: frozenset = frozenset(),
+                     why: Any = None, at: ir.Node | None = None) -> Iterator[_State]:
+    """Bindings of the whole source that are self-contained and meet the preconditions
+    (repeats possible: `find_matches` drops them). `why` and `at`: see `explain.py`."""
+    order = {id(n): i for i, n in enumerate(graph)} if rule.ordered_roots else None
+    size = len(rule.source.nodes)
+    for st in _match_roots(graph, rule, list(rule.source.outputs), _State(), order,
+                           exclude=exclude_roots, why=why, at=at):
+        if len(st.nodes) != size:             # a node of the pattern was not reached
+            if why is not None:
+                why.fail(st, "unreached", [n for n in rule.source.nodes if n.id not in st.nodes])
+            continue
+        escape = _escape(graph, rule, st)
+        if escape is not None:
+            if why is not None:
+                why.fail(st, "escape", *escape)
+            continue
+        failed = _failed_precondition(rule, st)
+        if failed is not None:
+            if why is not None:
+                why.fail(st, "precondition", *failed)
+            continue
+        yield st
 
 
 def find_matches(graph: ir.Graph, rule: Rule, *, limit: int | None = None,
                  exclude_roots: frozenset = frozenset()) -> list[Match]:
     """Every place in `graph` (top level) where `rule.source` matches (at most `limit`);
-    nodes whose id is in `exclude_roots` are not taken as roots."""
+    nodes whose id is in `exclude_roots` are not taken as roots. Why a rule does not match
+    is `explain.explain_rule`'s question, answered on a separate path."""
     found: list[Match] = []
     seen: set[tuple] = set()
-    order = {id(n): i for i, n in enumerate(graph)} if rule.ordered_roots else None
-    for st in _match_roots(graph, rule, list(rule.source.outputs), _State(), order,
-                           exclude=exclude_roots):
-        if len(st.nodes) != len(rule.source.nodes):
-            continue                          # a node of the pattern was not reached
-        if not _self_contained(graph, rule, st) or not _preconditions_hold(rule, st):
-            continue
+    for st in complete_matches(graph, rule, exclude_roots=exclude_roots):
         m = Match(rule, st.values, st.nodes, st.attrs)
         if m.key() in seen:
             continue

@@ -52,6 +52,9 @@ class Report:
     explored: int = 0
     generated: int = 0
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # optimize(explain=True): per rule, its matches in the input model or its closest
+    # near-miss (`explain.MatchResult.to_json()`: rule, matches, bound, size, reason, ...)
+    near_misses: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:
@@ -76,6 +79,20 @@ class Report:
                          f"{self.max_rel_error:.3g} relative (tolerance {self.tolerance})")
         lines.append(f"search: {self.explored} graphs explored, {self.generated} generated, "
                      f"{self.search_s:.2f} s, stopped: {self.stop_reason}")
+        if self.near_misses:
+            matched = sorted((m for m in self.near_misses if m["matches"]),
+                             key=lambda m: -m["matches"])
+            missed = sorted((m for m in self.near_misses if not m["matches"]),
+                            key=lambda m: -m["bound"] / max(1, m["size"]))
+            lines.append(f"rules matching the input model: {len(matched)} of "
+                         f"{len(self.near_misses)}")
+            lines.extend(f"  {m['rule']}: {m['matches']} place{'s' * (m['matches'] != 1)}"
+                         for m in matched)
+            if missed:
+                lines.append("closest near-miss of each rule that matches nowhere (pattern "
+                             "nodes matched; why it stopped):")
+                lines.extend(f"  {m['rule']}: {m['bound']}/{m['size']}; {m['reason']}"
+                             for m in missed)
         return "\n".join(lines)
 
 
@@ -154,7 +171,7 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
              level: str = "all", threads: int = 1, rounds: int = 7, rtol: float = 1e-4,
              atol: float = 1e-5, seed: int = 0, cost_model: CostModel | None = None,
              min_speedup: float = 1.03, use_cache: bool = True,
-             progress: Callable[[int, float], None] | None = None
+             progress: Callable[[int, float], None] | None = None, explain: bool = False
              ) -> tuple[onnx.ModelProto, Report]:
     """Rewrite `model` for onnxruntime on this CPU (see the module docstring).
 
@@ -171,6 +188,8 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
         cost_model: per-operator costs (default: measured in onnxruntime, cached).
         use_cache: read and write the on-disk cost cache (False: measure everything afresh
             and keep it in memory only; `LEGATO_NO_COST_CACHE=1` does the same).
+        explain: also fill `report.near_misses`: where each rule matches the input model,
+            or why its closest attempt did not (`explain.explain_model`; off: no cost).
     Returns:
         (model, report): the rewritten model when accepted, else the original unchanged.
     """
@@ -194,6 +213,10 @@ def optimize(model: onnx.ModelProto, *, rules: Sequence[Rule] | None = None,
                     stop_reason=result.stop_reason, search_s=result.seconds,
                     explored=result.explored, generated=result.generated,
                     tolerance={"rtol": rtol, "atol": atol}, settings=settings)
+    if explain:
+        from legato.core.rewrite.explain import explain_model
+
+        report.near_misses = [r.to_json() for r in explain_model(model, rules)]
     if not result.applied:
         report.reason = "no rule lowered the predicted cost"
         return model, report
