@@ -20,12 +20,14 @@ import dataclasses
 import functools
 from typing import Any, Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from legato.core.rewrite.pattern import PNode, Rule, split_ref
 
-__all__ = ["Match", "apply", "compose_perms", "find_matches"]
+__all__ = ["Match", "apply", "build_target", "compose_perms", "find_matches",
+           "target_fits_opset"]
 
 
 @dataclasses.dataclass
@@ -423,8 +425,22 @@ def infer_shapes(nodes: list[ir.Node]) -> bool:
     return complete
 
 
-def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
-    """Replace the match with the rule's target; returns the new nodes."""
+_CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32,
+                   "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_value(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A Constant's shorthand attribute (value_float, value_ints, ...; opset 12 onward) as
+    the `value` tensor every opset accepts."""
+    for name, dtype in _CONSTANT_FORMS.items():
+        if name in attrs:
+            return {"value": ir.tensor(np.asarray(attrs[name], dtype=dtype))}
+    return attrs
+
+
+def build_target(m: Match) -> tuple[list[ir.Node], list[ir.Value], list[ir.Value]]:
+    """The rule's target as new nodes reading the match's values, not yet in the graph:
+    (nodes, the values that replace the source's roots, the source's roots)."""
     target = m.rule.target
     made: dict[str, ir.Node] = {}
 
@@ -434,18 +450,54 @@ def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
             return m.values[name]
         return made[name].outputs[index]
 
-    new_nodes = []
+    nodes = []
     for p in target.nodes:
         attrs = {k: _resolve(v, m) for k, v in p.attributes.items()}
         attrs = {k: v for k, v in attrs.items() if v is not None}   # bound to "absent"
+        if p.op == "Constant":
+            attrs = _constant_value(attrs)
         node = ir.Node("", p.op, inputs=[value_of(r) for r in p.inputs],
                        attributes=ir.convenience.convert_attributes(attrs),
                        num_outputs=p.num_outputs)
         made[p.id] = node
-        new_nodes.append(node)
-    graph.extend(new_nodes)
-    old_roots = [m.nodes[split_ref(r)[0]].outputs[split_ref(r)[1]] for r in m.rule.source.outputs]
+        nodes.append(node)
+    old_roots = [m.nodes[split_ref(r)[0]].outputs[split_ref(r)[1]]
+                 for r in m.rule.source.outputs]
     new_roots = [value_of(r) for r in target.outputs]
+    return nodes, new_roots, old_roots
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_fits(op: str, opset: int, n_inputs: int, n_outputs: int,
+                 attributes: frozenset[str]) -> bool:
+    try:
+        schema = onnx.defs.get_schema(op, opset, "")
+    except Exception:  # noqa: BLE001 (no such operator at this opset)
+        return False
+    if schema.deprecated or not schema.min_input <= n_inputs <= schema.max_input:
+        return False
+    if not schema.min_output <= n_outputs <= schema.max_output:
+        return False
+    return attributes <= set(schema.attributes)
+
+
+def target_fits_opset(rule: Rule, opset: int) -> bool:
+    """Whether every node of the rule's target is valid ONNX at `opset` (Split takes its sizes
+    as an input only from opset 13, for instance): a rule whose target is not is not applied
+    to a model of that opset."""
+    for p in rule.target.nodes:
+        names = set(p.attributes)
+        if p.op == "Constant" and names & set(_CONSTANT_FORMS):
+            names = {"value"}
+        if not _schema_fits(p.op, opset, len(p.inputs), p.num_outputs, frozenset(names)):
+            return False
+    return True
+
+
+def apply(graph: ir.Graph, m: Match) -> list[ir.Node]:
+    """Replace the match with the rule's target; returns the new nodes."""
+    new_nodes, new_roots, old_roots = build_target(m)
+    graph.extend(new_nodes)
     for old, new in zip(old_roots, new_roots):
         if old.shape is not None and new.shape is None:
             new.shape = old.shape

@@ -88,21 +88,6 @@ def test_structural_hash_ignores_names_not_structure():
     assert structural_hash(a.graph) != structural_hash(c.graph)
 
 
-def test_ort_costs_are_measured_once_and_cached_on_disk(tmp_path):
-    cache = tmp_path / "costs.json"
-    model = ir.serde.deserialize_model(_parallel(2, k=64, batch=8))
-    first = OrtCostModel(cache_path=cache, repeats=3)
-    cost = graph_cost(model.graph, first)
-    assert cost > 0 and first.measured == 2 and first.cached == 2   # equal MatMuls and Tanhs
-    first.save()
-    assert json.loads(cache.read_text())["format"] == "legato.rewrite.op_costs"
-    second = OrtCostModel(cache_path=cache, repeats=3)
-    assert graph_cost(model.graph, second) == cost and second.measured == 0
-    other = OrtCostModel(cache_path=cache, repeats=3, threads=2)       # another setting
-    graph_cost(model.graph, other)
-    assert other.measured == 2
-
-
 def test_constant_subgraphs_are_free_and_dynamic_shapes_fall_back():
     proto = _parallel(2)
     model = ir.serde.deserialize_model(proto)
