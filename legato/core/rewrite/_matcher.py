@@ -389,12 +389,10 @@ def infer_shapes(nodes: list[ir.Node]) -> bool:
     complete = True
     for node in nodes:
         if node.op_type == "Constant":
-            arr = _constant_list(node.outputs[0])
-            if arr is not None and "value" not in node.attributes:
-                kind = next(iter(node.attributes))
-                node.outputs[0].shape = ir.Shape([len(arr)] if isinstance(arr, list) else [])
-                node.outputs[0].dtype = (ir.DataType.INT64 if "int" in kind
-                                         else ir.DataType.FLOAT)
+            arr = constant_array(node.outputs[0])
+            if arr is not None:
+                node.outputs[0].shape = ir.Shape(list(arr.shape))
+                node.outputs[0].dtype = ir.DataType.from_numpy(arr.dtype)
                 continue
         op = OPS.get(node.op_type)
         if op is None or any(v is None or _shape(v) is None for v in node.inputs):
