@@ -348,39 +348,77 @@ def _cmd_loadgen(args: argparse.Namespace) -> int:
     return 0 if report["replies"] == report["queries_sent"] else 1
 
 
+class _SearchProgress:
+    """The search's progress on stderr: graphs explored, best predicted cost, elapsed time; one
+    updating line on a terminal, a line every `interval_s` seconds otherwise."""
+
+    def __init__(self, stream=None, *, interval_s: float = 5.0, clock=None) -> None:
+        import time
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.clock = clock or time.monotonic
+        self.interval_s = interval_s if not self.tty else 0.1
+        self.start = self.last = self.clock()
+        self.shown = False
+
+    def __call__(self, explored: int, best_cost_s: float) -> None:
+        now = self.clock()
+        if now - self.last < self.interval_s and not (self.tty and not self.shown):
+            return
+        self.last = now
+        text = (f"searching: {explored} graphs explored, best predicted "
+                f"{best_cost_s * 1e3:.3f} ms, {now - self.start:.1f} s")
+        if self.tty:
+            self.stream.write("\r" + text + "\x1b[K")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def _cmd_rewrite(args: argparse.Namespace) -> int:
-    import onnx
-
     from legato.core.errors import LegatoError
-    from legato.core.rewrite.optimize import optimize
+    from legato.core.rewrite import modelio
+    from legato.core.rewrite.optimize import optimize_file
 
-    src, dst = Path(args.model), Path(args.output)
-    if src.resolve() == dst.resolve() and not args.overwrite:
-        print(f"legato rewrite: -o {dst} is the input model; pass --overwrite to replace it",
-              file=sys.stderr)
+    def fail(message: str) -> int:
+        print(f"legato rewrite: {message}", file=sys.stderr)
         return 2
+
     try:
-        model = onnx.load(str(src))
-    except FileNotFoundError:
-        print(f"legato rewrite: {src} does not exist", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 (any parse failure is the file's fault)
-        print(f"legato rewrite: {src} is not an ONNX model ({type(err).__name__}: "
-              f"{str(err).splitlines()[0] if str(err) else ''})", file=sys.stderr)
-        return 2
+        shapes = dict(modelio.parse_input_shape(s) for s in args.input_shape or [])
+    except LegatoError as err:
+        return fail(str(err))
+    # optimize_file refuses an output path that cannot or must not be written, and a model it
+    # cannot read, before the search starts
+    progress = None if args.quiet else _SearchProgress()
     try:
-        out, report = optimize(model, alpha=args.alpha, budget=args.budget,
+        report = optimize_file(args.model, args.output, overwrite=args.overwrite,
+                               input_shapes=shapes,
+                               freeze_initializer_inputs=args.freeze_initializer_inputs,
+                               alpha=args.alpha, budget=args.budget,
                                time_limit_s=args.time_limit, level=args.ort_level,
                                threads=args.threads, min_speedup=args.min_speedup,
-                               explain=args.explain)
+                               use_cache=not args.no_cache, explain=args.explain,
+                               progress=progress)
     except LegatoError as err:
-        print(f"legato rewrite: {err}", file=sys.stderr)
-        return 2
-    from legato.core._files import atomic_write
-
-    atomic_write(dst, lambda f: f.write(out.SerializeToString()), binary=True)
+        return fail(str(err))
+    except OSError as err:                  # the output folder went away or filled up
+        return fail(f"cannot write {args.output}: {type(err).__name__}: {err}")
+    finally:
+        if progress is not None:
+            progress.close()
     print(report.explain() if args.explain else report.reason)
-    print(f"written: {dst}" + ("" if report.accepted else " (the original model)"))
+    if not args.explain:
+        for note in report.notes:
+            print(f"note: {note}")
+    print(f"written: {args.output}" + ("" if report.accepted else " (the original model)"))
     return 0
 
 
@@ -450,14 +488,35 @@ def build_parser() -> argparse.ArgumentParser:
         "rewrite", help="rewrite an ONNX model into a faster equivalent (TASO-style search)",
         description="Search for a faster equivalent graph with verified rules, measured in "
                     "onnxruntime; the result is written only if measured faster with equal "
-                    "outputs, otherwise the original is written and the reason printed.")
+                    "outputs, otherwise the original is written and the reason printed. Any "
+                    "IR version from 3 and opset from 7; the output stays valid for the "
+                    "input's IR version, keeps its symbolic dimensions, and is written with "
+                    "external data (OUT.data) when the input had it or it exceeds 2 GB. -o "
+                    "must be a regular file or a new path in a writable folder, checked "
+                    "before the search (exit 2 otherwise).")
     p.add_argument("model", metavar="in.onnx")
     p.add_argument("-o", "--output", required=True, metavar="out.onnx")
     p.add_argument("--alpha", type=float, default=1.05,
                    help="keep candidates up to alpha x the best cost (default 1.05)")
     p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
-                   help="search wall-clock limit in seconds (default 60)")
+                   help="wall-clock limit of the graph search in seconds (default 60), "
+                        "checked between graphs: the graph under way is finished and the "
+                        "costing of the input model's operators (slow only on an empty cost "
+                        "cache) is not cut short; reading the model and the final A/B "
+                        "measurement come on top")
+    p.add_argument("--input-shape", action="append", metavar="NAME=1x3x224x224",
+                   help="static shape to search and time with for an input with symbolic "
+                        "dimensions (repeatable); the output keeps the symbolic dimensions")
+    p.add_argument("--no-cache", action="store_true",
+                   help="measure operator costs afresh, without reading or writing the cost "
+                        "cache (as LEGATO_NO_COST_CACHE=1)")
+    p.add_argument("--freeze-initializer-inputs", action="store_true",
+                   help="let rules fold initializers that are also graph inputs (IR >= 4 "
+                        "makes them overridable at run time, so by default they stay inputs); "
+                        "the output no longer lists them as inputs")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress line on stderr while searching")
     p.add_argument("--ort-level", choices=["disabled", "basic", "extended", "all"],
                    default="all", help="onnxruntime optimization level to measure under")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -468,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the rules applied, costs and measurements, how many places "
                         "each rule matches, and each other rule's closest near-miss")
     p.add_argument("--overwrite", action="store_true",
-                   help="allow -o to be the input file")
+                   help="allow -o to be the input file (also through a symlink); its external "
+                        "data file is never overwritten")
     p.set_defaults(func=_cmd_rewrite)
 
     p = sub.add_parser("rules", help="verify or generate rewrite rule files",
