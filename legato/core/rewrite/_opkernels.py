@@ -15,7 +15,9 @@ splitmix64 hash, one seed per op name, reduced mod p): a composition matches ano
 the two are the same function of the same residues, so fingerprints never make a non-algebraic
 identity look true, at the price of missing true ones such as Relu(Relu(x)) == Relu(x).
 MaxPool is a pseudo-random symmetric function of its window (a hash of the sorted window,
-padding excluded), so it still commutes with permutations of the window. Float constants
+padding excluded), so it still commutes with permutations of the window. LRN is x times a
+pseudo-random function (one per beta) of its exact denominator bias + alpha / size * (window
+sum of squares). Float constants
 (Gemm alpha/beta, BatchNormalization epsilon) map to residues by `const_residue`: the value is
 rounded to float32 (ONNX stores float attributes as float32) and its exact dyadic rational
 m / 2**e becomes m * inverse(2**e) mod p, a ring map, so 1.0 -> 1, 0.5 -> inverse(2) and
@@ -265,6 +267,49 @@ def mod_batchnorm(xs: Arrays, attrs: Attrs, p: int) -> Arrays:
     root = hash_residues((var + const_residue(attrs["epsilon"], p)) % p, "Sqrt", p)
     factor = r(scale * inv_mod(root, p) % p)
     return [((x - r(mean)) % p * factor % p + r(bias)) % p]
+
+
+def _lrn_sums(sq: np.ndarray, size: int) -> np.ndarray:
+    """Sum of `sq` over LRN's channel window: channels c - floor((size - 1) / 2) through
+    c + ceil((size - 1) / 2), clipped to [0, C) (zero padding along axis 1)."""
+    below, channels = (size - 1) // 2, sq.shape[1]
+    padded = np.zeros(sq.shape[:1] + (channels + size - 1,) + sq.shape[2:], sq.dtype)
+    padded[:, below:below + channels] = sq
+    total = padded[:, :channels].copy()
+    for k in range(1, size):
+        total += padded[:, k:k + channels]
+    return total
+
+
+def f64_lrn(xs: Arrays, attrs: Attrs) -> Arrays:
+    x, size = xs[0], attrs["size"]
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        d = attrs["bias"] + attrs["alpha"] / size * _lrn_sums(x * x, size)
+        return [x / d ** attrs["beta"]]
+
+
+def mod_lrn(xs: Arrays, attrs: Attrs, p: int) -> Arrays:
+    """x * h(d), d = bias + alpha / size * (window sum of x^2) exact mod p, and h a seeded hash
+    standing for d^-beta (one function per beta)."""
+    x, size = xs[0], attrs["size"]
+    scale = const_residue(attrs["alpha"], p) * int(inv_mod(np.array([size % p]), p)[0]) % p
+    d = (const_residue(attrs["bias"], p) + scale * (_lrn_sums(x * x % p, size) % p)) % p
+    return [x * hash_residues(d, f"LRN^-{attrs['beta']!r}", p) % p]
+
+
+def lrn_band(channels: int, size: int, alpha: float, spatial_rank: int) -> np.ndarray:
+    """LRN's window as the (C, C, 1, ..., 1) float64 weight of a 1x1 Conv: W[c, i] = alpha /
+    size where max(0, c - floor((size - 1) / 2)) <= i <= min(C - 1, c + ceil((size - 1) / 2))
+    (ONNX's definition), else 0; alpha is rounded to float32 first, as an LRN attribute is.
+    Conv(x * x, W) is then alpha / size times LRN's square sum."""
+    if channels < 1 or size < 1 or spatial_rank < 0:
+        raise ValueError(f"lrn_band takes channels >= 1, size >= 1 and spatial_rank >= 0; got "
+                         f"{channels}, {size} and {spatial_rank}")
+    c, i = np.arange(channels)[:, None], np.arange(channels)[None, :]
+    inside = ((np.maximum(0, c - math.floor((size - 1) / 2)) <= i)
+              & (i <= np.minimum(channels - 1, c + math.ceil((size - 1) / 2))))
+    w = np.where(inside, float(np.float32(alpha)) / size, 0.0)
+    return w.reshape((channels, channels) + (1,) * spatial_rank)
 
 
 def f64_reducesum(xs: Arrays, attrs: Attrs) -> Arrays:

@@ -199,6 +199,16 @@ def infer_batchnorm(shapes: Sequence[Shape], attrs: Attrs) -> list[Shape]:
     return [x]
 
 
+def infer_lrn(shapes: Sequence[Shape], attrs: Attrs) -> list[Shape]:
+    """LRN: X (N, C, ...) normalized across a window of `size` channels; same shape."""
+    x = shapes[0]
+    if len(x) < 2:
+        raise ShapeFault("X must be (N, C, ...) with rank >= 2")
+    if attrs["size"] < 1:
+        raise ShapeFault(f"size={attrs['size']} must be >= 1 (the number of channels summed)")
+    return [x]
+
+
 def infer_concat(shapes: Sequence[Shape], attrs: Attrs) -> list[Shape]:
     """Inputs of one rank, equal outside `axis`, joined along it."""
     first = shapes[0]

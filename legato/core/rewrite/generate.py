@@ -12,7 +12,9 @@ Stages (each count is printed by `summary()`; see [Note: pruning]):
 The search space (pattern variables, shape environments, enumeration, fingerprints) is
 described in `_enumerate.py`; the operator menu in [Note: operator menu] below.
 
-[Note: operator menu] Every operator of `ops.OPS` takes part, with this fixed attribute menu:
+[Note: operator menu] Every operator of `ops.OPS` but LRN takes part (LRN's one rule is
+hand-written: its target needs a derived weight the enumeration does not build), with this
+fixed attribute menu:
 Add, Sub, Mul, Div of equal shapes or with a vector broadcast along the last axis; MatMul of
 matrices and vectors (rank <= 2); Relu, Sigmoid, Tanh, Sqrt, Neg, Reciprocal, Identity;
 Gemm with transB 0 or 1, with or without C (alpha = beta = 1, transA = 0); Conv 1x1 (pads 0),
@@ -150,15 +152,31 @@ def _check_env(env: Mapping[str, int], i: int) -> None:
                               "conv weights have k/2 input channels)")
 
 
+def _on_menu(name: str) -> bool:
+    try:
+        menu(name)
+    except KeyError:
+        return False
+    return True
+
+
+MENU_OPS = tuple(o for o in sorted(OPS) if _on_menu(o))
+"""The operators generation enumerates: every one of `ops.OPS` with a menu entry."""
+
+
 def _resolve_ops(ops: Sequence[str] | None) -> list[str]:
     if ops is None:
-        return sorted(OPS)
+        return list(MENU_OPS)
     names = [o.strip() for o in ops if o.strip()]
-    unknown = [o for o in names if o not in OPS]
+    unknown = [o for o in names if o not in MENU_OPS]
     if unknown:
-        raise GenerationError(f"unknown operator(s) {unknown}; known: {', '.join(sorted(OPS))}")
+        off_menu = [o for o in unknown if o in OPS]
+        why = (f" ({', '.join(off_menu)} has semantics but no generation menu: its rules are "
+               "hand-written)" if off_menu else "")
+        raise GenerationError(f"unknown operator(s) {unknown}{why}; known: "
+                              f"{', '.join(MENU_OPS)}")
     if not names:
-        raise GenerationError(f"no operators given; pass some of {', '.join(sorted(OPS))}")
+        raise GenerationError(f"no operators given; pass some of {', '.join(MENU_OPS)}")
     return sorted(set(names), key=names.index)
 
 

@@ -13,10 +13,10 @@ inputs (Split's `split`, Reshape's `shape`, ReduceSum's `axes`) are attributes h
 (Transpose, Reshape, Split, Identity return views): do not write into them.
 
 The modular world (fingerprints) is described in [Note: modular semantics] in `_opkernels.py`:
-polynomial ops are exact mod p; Relu, Sigmoid, Tanh, Sqrt and MaxPool are seeded pseudo-random
-functions (so fingerprints never equate non-algebraic expressions, and miss identities such as
-Relu(Relu(x)) == Relu(x)); 1/0 is a fixed random residue; float constants such as epsilon map
-to residues by `const_residue`.
+polynomial ops are exact mod p; Relu, Sigmoid, Tanh, Sqrt, MaxPool and LRN's power are
+seeded pseudo-random functions (so fingerprints never equate non-algebraic expressions, and
+miss identities such as Relu(Relu(x)) == Relu(x)); 1/0 is a fixed random residue; float
+constants such as epsilon map to residues by `const_residue`.
 """
 
 from __future__ import annotations
@@ -342,6 +342,9 @@ _DEFS = [
          {**_POOL, "storage_order": Attr("int", 0)}, algebraic=False),
     _def("AveragePool", (1, 1), 1, S.infer_pool, K.f64_avgpool, K.mod_avgpool,
          {**_POOL, "count_include_pad": Attr("int", 0)}),
+    _def("LRN", (1, 1), 1, S.infer_lrn, K.f64_lrn, K.mod_lrn,
+         {"alpha": Attr("float", 1e-4), "beta": Attr("float", 0.75), "bias": Attr("float", 1.0),
+          "size": Attr("int", REQUIRED)}, algebraic=False),
     _def("Concat", (1, None), 1, S.infer_concat, K.concat, _structural(K.concat),
          {"axis": Attr("int", REQUIRED)}),
     _def("Split", (1, 1), None, S.infer_split, K.split, _structural(K.split),

@@ -156,6 +156,8 @@ def test_time_limit_stops_with_a_reason():
 def test_bad_settings_name_the_fix():
     with pytest.raises(GenerationError, match="known: .*MatMul"):
         generate_rules(2, ops=["Add", "Frobnicate"])
+    with pytest.raises(GenerationError, match="LRN has semantics but no generation menu"):
+        generate_rules(2, ops=["Add", "LRN"])
     with pytest.raises(GenerationError, match="max_ops=0"):
         generate_rules(0)
     with pytest.raises(GenerationError, match="lacks"):

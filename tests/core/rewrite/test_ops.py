@@ -71,6 +71,10 @@ CASES = [
     ("AveragePool", [(2, 1, 4, 6)], {"kernel_shape": [2, 2], "strides": [2, 2]}, ()),
     ("AveragePool", [(1, 1, 5, 4)], {"kernel_shape": [2, 3], "pads": [1, 0, 0, 1]}, ()),
     ("AveragePool", [(1, 1, 4, 4)], {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER"}, ()),
+    ("LRN", [(1, 5, 3, 3)], {"size": 3}, ()),
+    ("LRN", [(2, 7, 4, 4)], {"size": 5, "alpha": 0.3, "beta": 0.6, "bias": 2.0}, ()),
+    ("LRN", [(1, 3, 4, 4)], {"size": 5, "alpha": 1.0}, ()),            # fewer channels than size
+    ("LRN", [(1, 6, 2, 2)], {"size": 1, "alpha": 0.5, "bias": 0.5}, ()),
     ("Concat", [(2, 3), (1, 3)], {"axis": 0}, ()),
     ("Concat", [(2, 3, 2), (2, 1, 2), (2, 2, 2)], {"axis": 1}, ()),
     ("Concat", [(2, 3), (2, 2)], {"axis": -1}, ()),
@@ -362,6 +366,41 @@ def test_maxpool_mod_is_symmetric_in_the_window():
     assert np.all(padded[..., 0, 1:] != _op("MaxPool", x, kernel_shape=[2, 2])[..., 0, :])
 
 
+def _lrn_as_written(x: np.ndarray, size: int, alpha=1e-4, beta=0.75, bias=1.0) -> np.ndarray:
+    """ONNX's LRN definition transcribed literally, one channel at a time."""
+    c_count, out = x.shape[1], np.empty_like(x)
+    alpha, beta, bias = (float(np.float32(v)) for v in (alpha, beta, bias))  # as ONNX stores them
+    for c in range(c_count):
+        lo = max(0, c - int(np.floor((size - 1) / 2)))
+        hi = min(c_count - 1, c + int(np.ceil((size - 1) / 2)))
+        square_sum = np.sum(x[:, lo:hi + 1] ** 2, axis=1)
+        out[:, c] = x[:, c] / (bias + alpha / size * square_sum) ** beta
+    return out
+
+
+@pytest.mark.parametrize("shape,size", [((1, 6, 3, 3), 4), ((2, 5, 7), 2), ((1, 4, 2, 3, 2), 3),
+                                        ((1, 2, 3, 3), 6), ((3, 7, 2), 5)])
+def test_lrn_follows_the_onnx_definition_where_onnxruntime_cannot_run_it(shape, size):
+    """onnxruntime's LRN takes only rank 4 and odd sizes (and onnx's reference evaluator sums
+    over the wrong axis, onnx/onnx#7805): even sizes and other ranks are checked against the
+    definition itself."""
+    x = np.random.default_rng(20).standard_normal(shape)
+    got = _f("LRN", x, size=size, alpha=0.4, bias=1.5, beta=0.6)
+    np.testing.assert_allclose(got, _lrn_as_written(x, size, 0.4, 0.6, 1.5), rtol=1e-12)
+
+
+def test_lrn_mod_sees_the_window():
+    """Mod p, LRN is x times a hash of its exact denominator: an odd window is symmetric, so
+    LRN commutes with reversing the channels; an even one is not."""
+    x, = random_inputs([(1, 6, 2, 2)], 21, p=P)
+    flip = lambda t: t[:, ::-1]  # noqa: E731
+    for size, symmetric in ((3, True), (5, True), (4, False), (2, False)):
+        lrn = lambda t: _op("LRN", t, size=size)  # noqa: E731
+        assert np.array_equal(flip(lrn(flip(x))), lrn(x)) == symmetric, size
+    assert not np.array_equal(_op("LRN", x, size=3), _op("LRN", x, size=3, beta=0.5))
+    assert not np.array_equal(_op("LRN", x, size=3), _op("LRN", x, size=3, alpha=2e-4))
+
+
 def test_hashed_values_are_stable():
     """Stored fingerprints depend on these values: change them only with a format bump."""
     assert _op("Relu", np.arange(3)).tolist() == [1717397200, 1420049535, 814028799]
@@ -404,6 +443,9 @@ SHAPE_ERRORS = [
     ("MaxPool", [(1, 1, 4, 4)], {"kernel_shape": [2, 2], "ceil_mode": 1}, "ceil_mode"),
     ("ReduceSum", [(2, 3)], {"axes": [1, -1]}, "twice"),
     ("Concat", [(2, 3)], {}, "'axis' is required"),
+    ("LRN", [(1, 2, 3, 3)], {}, "'size' is required"),
+    ("LRN", [(4,)], {"size": 3}, "rank >= 2"),
+    ("LRN", [(1, 2, 3, 3)], {"size": 0}, "size=0 must be >= 1"),
     ("Relu", [(2,)], {"alpha": 1.0}, r"unknown attribute\(s\) \['alpha'\]"),
     ("Transpose", [(2, 3)], {"perm": 1}, "list of ints"),
 ]
@@ -446,6 +488,7 @@ def test_registry_and_schema():
     assert get_op("BatchNormalization").normalize_attrs()["epsilon"] == float(np.float32(1e-5))
     assert not get_op("Relu").algebraic and get_op("MatMul").algebraic
     assert not get_op("MaxPool").algebraic and get_op("AveragePool").algebraic
+    assert not get_op("LRN").algebraic and get_op("LRN").attrs["size"].default is REQUIRED
     with pytest.raises(dataclasses.FrozenInstanceError):
         conv.name = "X"  # type: ignore[misc]
     with pytest.raises(ConfigError, match="kind"):
