@@ -85,10 +85,26 @@ class _State:
         return s
 
 
+def _constant_shorthand(node: ir.Node) -> dict[str, Any] | None:
+    """A Constant whose only attribute is a `value` tensor of int64 or float32 and rank 0 or
+    1, read as the shorthand a pattern names (value_int(s), value_float(s)): exporters and
+    legato's own targets write the tensor form, rules the shorthand."""
+    attr = node.attributes.get("value")
+    if attr is None or len(node.attributes) != 1 or attr.type != ir.AttributeType.TENSOR:
+        return None
+    arr = attr.value.numpy()
+    kind = {np.dtype(np.int64): "value_int", np.dtype(np.float32): "value_float"}.get(arr.dtype)
+    if kind is None or arr.ndim > 1:
+        return None
+    return {kind + "s": tuple(arr.tolist())} if arr.ndim == 1 else {kind: arr.item()}
+
+
 def _match_attrs(p: PNode, node: ir.Node, st: _State, why: Any = None) -> bool:
     wanted = p.attributes
+    short = (_constant_shorthand(node) if node.op_type == "Constant" and "value" not in wanted
+             else None)
     for name, want in wanted.items():
-        got = _attr_value(node, name)
+        got = _attr_value(node, name) if short is None else short.get(name)
         if isinstance(want, str) and want.startswith("$"):
             if want in st.attrs and st.attrs[want] != got:
                 if why is not None:
@@ -99,7 +115,7 @@ def _match_attrs(p: PNode, node: ir.Node, st: _State, why: Any = None) -> bool:
             if why is not None:
                 why.fail(st, "attribute", p, node, name, got, want)
             return False
-    for name in node.attributes:
+    for name in (node.attributes if short is None else ()):
         if name not in wanted and _norm(node.attributes[name].value) != _norm(
                 _default(node.op_type, name)):
             if why is not None:
