@@ -268,6 +268,15 @@ def _failed_precondition(rule: Rule, st: _State) -> tuple[str, Any] | None:
             shape = v[arg[0]].shape
             if shape is None or len(shape) != arg[1]:
                 return kind, arg
+        if kind == "min_rank":
+            shape = v[arg[0]].shape
+            if shape is None or len(shape) < arg[1]:
+                return kind, arg
+        if kind == "static_dim":
+            shape = v[arg[0]].shape
+            if shape is None or not -len(shape) <= arg[1] < len(shape) \
+                    or not isinstance(shape[arg[1]], int):
+                return kind, arg
         if kind == "same_shape":
             shapes = [_shape(v[a]) for a in arg]
             if None in shapes or len(set(shapes)) != 1:
@@ -359,9 +368,27 @@ def _resolve(value: Any, m: Match) -> Any:
         return int(_shape(m.values[var])[axis])
     if isinstance(value, dict) and "compose" in value:
         return compose_perms(*(_resolve(v, m) for v in value["compose"]))
+    if isinstance(value, dict) and "band" in value:
+        return _band(m, *value["band"])
     if isinstance(value, list):
         return [_resolve(v, m) for v in value]
     return value
+
+
+def _band(m: Match, var: str, size: Any, alpha: Any) -> ir.Tensor:
+    """The `{"band": [var, size, alpha]}` tensor (see pattern.py), of the variable's dtype."""
+    from legato.core.rewrite._opkernels import lrn_band
+
+    x = m.values[var]
+    shape = None if x.shape is None else tuple(x.shape)
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int):
+        raise ValueError(f"rule {m.rule.name!r}: a band needs the rank and dim 1 of {var!r}, "
+                         f"whose shape is {shape}; add the preconditions min_rank and "
+                         "static_dim")
+    weights = lrn_band(shape[1], int(_resolve(size, m)), float(_resolve(alpha, m)),
+                       len(shape) - 2)
+    dtype = np.float32 if x.dtype is None else x.dtype.numpy()
+    return ir.tensor(weights.astype(dtype))
 
 
 def compose_perms(p: Any, q: Any) -> list[int]:

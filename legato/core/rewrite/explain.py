@@ -262,6 +262,16 @@ def _precondition(kind: str, arg: Any, trace: _Trace) -> tuple[str, list[ir.Valu
         got = "an unknown shape" if shape is None else f"rank {len(shape)}"
         return (f"precondition rank({name}, {rank}) fails: {_variable(name, trace)}, of {got}",
                 [v[name]])
+    if kind == "min_rank":
+        name, rank = arg
+        shape = v[name].shape
+        got = "an unknown shape" if shape is None else f"rank {len(shape)}"
+        return (f"precondition min_rank({name}, {rank}) fails: {_variable(name, trace)}, of "
+                f"{got}", [v[name]])
+    if kind == "static_dim":
+        name, axis = arg
+        return (f"precondition static_dim({name}, {axis}) fails: {_variable(name, trace)}, of "
+                f"shape {_shape_text(v[name])}", [v[name]])
     if kind == "same_shape":
         shapes = [f"{a} is {_shape_text(v[a])}" for a in arg]
         return (f"precondition same_shape({', '.join(arg)}) fails: {_list(shapes)}",

@@ -14,13 +14,20 @@ Attribute values in a pattern:
 - `"$name"`: in a source, binds the graph's value (equal wherever it recurs); in a target, uses it;
 - `{"dim": ["w", -1]}`: (target) a dimension of a bound variable's static shape; lists may mix
   these (`[{"dim": ["w1", -1]}, {"dim": ["w2", -1]}]`);
-- `{"compose": ["$p", "$q"]}`: (target) the perm of Transpose(Transpose(x, $p), $q).
+- `{"compose": ["$p", "$q"]}`: (target) the perm of Transpose(Transpose(x, $p), $q);
+- `{"band": ["x", "$size", "$alpha"]}`: (target, only as a Constant's `value`) LRN's channel
+  window as the weight of a 1x1 Conv, a (C, C, 1, ..., 1) tensor of x's dtype (C = dim 1 of
+  x, one 1 per spatial axis of x) with W[c, i] = alpha / size where
+  max(0, c - floor((size - 1) / 2)) <= i <= min(C - 1, c + ceil((size - 1) / 2)), else 0;
+  `Conv(Mul(x, x), W)` is then alpha / size times LRN's square sum. Size and alpha are
+  `"$name"`s or numbers; x's rank and dim 1 must be known (`min_rank`, `static_dim`).
 Attributes a source node does not list must be absent from the graph node (or at their ONNX
 default), so a rule never matches a variant it was not verified for.
 
-Preconditions (`{"constant": "w"}`, `{"rank": ["x", 4]}`, `{"static_shape": "x"}`,
-`{"same_shape": ["a", "b"]}`, `{"dim_eq": [["w1", 0], ["w2", 0]]}`, `{"dtype": ["x", "FLOAT"]}`)
-restrict where a rule applies.
+Preconditions (`{"constant": "w"}`, `{"rank": ["x", 4]}`, `{"min_rank": ["x", 3]}`,
+`{"static_shape": "x"}`, `{"static_dim": ["x", 1]}`, `{"same_shape": ["a", "b"]}`,
+`{"dim_eq": [["w1", 0], ["w2", 0]]}`, `{"dtype": ["x", "FLOAT"]}`) restrict where a rule
+applies.
 
 Two optional fields serve rules that merge k interchangeable branches:
 - `"ordered_roots": true`: the matcher takes the roots' nodes in graph order, so a set of k
@@ -49,7 +56,9 @@ from legato.core.errors import ConfigError
 __all__ = ["PNode", "Pattern", "Rule", "RuleError", "load_rules", "save_rules"]
 
 RULES_FORMAT = "legato.rewrite.rules"
-PRECONDITIONS = ("constant", "rank", "static_shape", "same_shape", "dim_eq", "dtype")
+PRECONDITIONS = ("constant", "rank", "min_rank", "static_shape", "static_dim", "same_shape",
+                 "dim_eq", "dtype")
+DERIVED = ("dim", "compose", "band")     # attribute values a target computes from the match
 _NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 
@@ -68,11 +77,65 @@ def _freeze(value: Any) -> Any:
 def _thaw_attr(value: Any) -> Any:
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and
                                                   isinstance(v[0], str) for v in value) \
-            and value[0][0] in ("compose", "dim", "positive", "value"):
+            and value[0][0] in ("band", "compose", "dim", "positive", "value"):
         return {k: _thaw_attr(v) for k, v in value}
     if isinstance(value, tuple):
         return [_thaw_attr(v) for v in value]
     return value
+
+
+def _check_forms(where: str, value: Any) -> None:
+    """A dict in an attribute value must be one derived form (it would be read back as a list
+    of pairs otherwise)."""
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in DERIVED:
+            raise ValueError(f"{where}: {value} is not a derived value; use one key of "
+                             f"{list(DERIVED)}")
+        value = next(iter(value.values()))
+    if isinstance(value, list):
+        for v in value:
+            _check_forms(where, v)
+
+
+def _check_target_value(where: str, value: Any, variables: set[str], bound: set[str], *,
+                        band_ok: bool) -> None:
+    """Raise RuleError unless a target attribute value can be resolved from a match: its
+    "$name"s bound by the source, its derived forms (`DERIVED`) well-formed."""
+    if isinstance(value, str) and value.startswith("$") and value not in bound:
+        raise RuleError(f"{where}: {value} is not bound by any source attribute")
+    if isinstance(value, list):
+        for v in value:
+            _check_target_value(where, v, variables, bound, band_ok=False)
+        return
+    if not isinstance(value, dict):
+        return
+    if len(value) != 1 or next(iter(value)) not in DERIVED:
+        raise RuleError(f"{where}: {value} is not a derived value; use one key of "
+                        f"{list(DERIVED)}")
+    (form, args), = value.items()
+    if form == "band":
+        if not band_ok:
+            raise RuleError(f"{where}: a band is a tensor; it can only be a Constant's value")
+        if not isinstance(args, list) or len(args) != 3 or args[0] not in variables:
+            raise RuleError(f"{where}: band takes [variable, size, alpha] with a source "
+                            f"variable first, e.g. [\"x\", \"$size\", \"$alpha\"]; got {args}")
+        size, alpha = args[1], args[2]
+        for arg, ok in ((size, isinstance(size, int) and not isinstance(size, bool)
+                         and size >= 1),
+                        (alpha, isinstance(alpha, (int, float)) and not isinstance(alpha, bool))):
+            if not ok and not (isinstance(arg, str) and arg.startswith("$")):
+                raise RuleError(f"{where}: band's size and alpha are \"$name\"s or numbers "
+                                f"(size >= 1); got {arg!r}")
+            _check_target_value(where, arg, variables, bound, band_ok=False)
+    elif form == "dim":
+        if not isinstance(args, list) or len(args) != 2 or args[0] not in variables \
+                or not isinstance(args[1], int):
+            raise RuleError(f"{where}: dim takes [source variable, axis]; got {args}")
+    elif not isinstance(args, list) or len(args) != 2:
+        raise RuleError(f"{where}: compose takes two perms; got {args}")
+    else:
+        for v in args:
+            _check_target_value(where, v, variables, bound, band_ok=False)
 
 
 def split_ref(ref: str) -> tuple[str, int]:
@@ -105,6 +168,8 @@ class PNode:
 
     @classmethod
     def from_json(cls, d: dict) -> "PNode":
+        for name, value in (d.get("attrs") or {}).items():
+            _check_forms(f"node {d.get('id')!r} attribute {name!r}", value)
         return cls(str(d["id"]), str(d["op"]), tuple(d.get("inputs", ())),
                    tuple(sorted((k, _freeze(v)) for k, v in (d.get("attrs") or {}).items())),
                    int(d.get("outputs", 1)))
@@ -207,6 +272,11 @@ class Rule:
             if kind not in PRECONDITIONS:
                 raise RuleError(f"{where}: unknown precondition {kind!r}; known: "
                                 f"{list(PRECONDITIONS)}")
+        for n in self.target.nodes:
+            for attr, value in n.attributes.items():
+                _check_target_value(f"{where} target node {n.id!r} attribute {attr!r}", value,
+                                    set(self.source.inputs), bound,
+                                    band_ok=n.op == "Constant" and attr == "value")
 
     @property
     def status(self) -> dict[str, Any]:

@@ -4,7 +4,12 @@ Numerically (`verify_numeric`): both patterns become ONNX graphs in float64 (dou
 onnx's reference evaluator on random inputs of each example shape the rule gives (generated
 rules carry the shapes they were found on), with a tolerance far below float32 rounding. A
 rule that disagrees anywhere fails. (Formal verification with Z3 against per-operator axioms,
-as TASO does, is the next step; a rule's record says which checks it passed.)
+as TASO does, is `prove.py`; a rule's record says which checks it passed.)
+
+onnx's reference LRN sums over the batch axis instead of the channels (onnx/onnx#7805; fixed
+upstream by onnx/onnx#8331, not in onnx 1.23) and takes rank 4 only, so LRN runs through
+legato's float64 kernel (`ops.py`, checked against onnxruntime and against the ONNX definition
+in tests/core/rewrite/test_ops.py).
 """
 
 from __future__ import annotations
@@ -13,12 +18,30 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from legato.core.rewrite import _opkernels
 from legato.core.rewrite._matcher import compose_perms
 from legato.core.rewrite.pattern import Pattern, Rule, _thaw_attr, split_ref
 
 __all__ = ["pattern_model", "verify_numeric"]
+
+
+def _reference_ops() -> list[type]:
+    """Operators the reference evaluator runs through legato's kernels instead of its own."""
+    from onnx.reference.op_run import OpRun
+
+    from legato.core.rewrite.ops import get_op
+
+    class LRN(OpRun):
+        op_domain = ""
+
+        def _run(self, x, alpha=None, beta=None, bias=None, size=None):  # noqa: ANN001
+            attrs = {"alpha": alpha, "beta": beta, "bias": bias, "size": size}
+            y, = get_op("LRN").eval_f64([x], {k: v for k, v in attrs.items() if v is not None})
+            return (y.astype(x.dtype),)
+
+    return [LRN]
 
 
 def _resolve(value: Any, shapes: dict[str, tuple[int, ...]], attrs: dict[str, Any]) -> Any:
@@ -29,6 +52,10 @@ def _resolve(value: Any, shapes: dict[str, tuple[int, ...]], attrs: dict[str, An
         return int(shapes[var][axis])
     if isinstance(value, dict) and "compose" in value:
         return compose_perms(*(_resolve(v, shapes, attrs) for v in value["compose"]))
+    if isinstance(value, dict) and "band" in value:
+        var, size, alpha = value["band"]
+        return _opkernels.lrn_band(int(shapes[var][1]), int(_resolve(size, shapes, attrs)),
+                                   float(_resolve(alpha, shapes, attrs)), len(shapes[var]) - 2)
     if isinstance(value, list):
         return [_resolve(v, shapes, attrs) for v in value]
     return value
@@ -54,6 +81,8 @@ def pattern_model(pattern: Pattern, shapes: dict[str, tuple[int, ...]],
             # a float32 scalar in a real graph (the rule requires FLOAT); float64 in this check
             values = {"value": helper.make_tensor("v", TensorProto.DOUBLE, [],
                                                   [float(values["value_float"])])}
+        elif p.op == "Constant" and isinstance(values.get("value"), np.ndarray):   # a band
+            values = {"value": numpy_helper.from_array(values["value"].astype(np.float64), "v")}
         nodes.append(helper.make_node(p.op, [ref(r) for r in p.inputs],
                                       [f"{p.id}__{j}" for j in range(p.num_outputs)], **values))
     inputs = [helper.make_tensor_value_info(
@@ -94,8 +123,11 @@ def verify_numeric(rule: Rule, *, trials: int = 3, seed: int = 0, rtol: float = 
                   for k, v in given.items() if not k.startswith("$")}
         attrs = {k: v for k, v in given.items() if k.startswith("$")}
         ints = frozenset(fixed)
-        src = ReferenceEvaluator(pattern_model(rule.source, shapes, attrs, int_inputs=ints))
-        dst = ReferenceEvaluator(pattern_model(rule.target, shapes, attrs, int_inputs=ints))
+        ops = _reference_ops()
+        src = ReferenceEvaluator(pattern_model(rule.source, shapes, attrs, int_inputs=ints),
+                                 new_ops=ops)
+        dst = ReferenceEvaluator(pattern_model(rule.target, shapes, attrs, int_inputs=ints),
+                                 new_ops=ops)
         for _ in range(trials):
             feed = {v: fixed[v] if v in fixed else rng.uniform(0.5, 2.0, shapes[v])
                     if v in positive else rng.standard_normal(shapes[v])

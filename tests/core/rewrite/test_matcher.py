@@ -149,3 +149,54 @@ def test_rule_files_round_trip_and_bad_rules_are_named(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(RuleError, match="is not JSON"):
         load_rules(tmp_path / "bad.json")
+
+
+LRN_BAND = {
+    "name": "lrn-band",
+    "source": {"inputs": ["x"],
+               "nodes": [{"id": "y", "op": "LRN", "inputs": ["x"],
+                          "attrs": {"alpha": "$a", "size": "$n"}}],
+               "outputs": ["y"]},
+    "target": {"inputs": ["x"],
+               "nodes": [{"id": "w", "op": "Constant", "inputs": [],
+                          "attrs": {"value": {"band": ["x", "$n", "$a"]}}},
+                         {"id": "y", "op": "Conv", "inputs": ["x", "w"]}],
+               "outputs": ["y"]},
+    "preconditions": [{"min_rank": ["x", 3]}, {"static_dim": ["x", 1]}],
+}
+
+
+def _with_target_attr(value, op="Constant", attr="value"):
+    d = {**LRN_BAND, "target": {**LRN_BAND["target"], "nodes": [
+        {"id": "w", "op": op, "inputs": [], "attrs": {attr: value}},
+        {"id": "y", "op": "Conv", "inputs": ["x", "w"]}]}}
+    return Rule.from_json(d)
+
+
+def test_a_band_round_trips_and_is_checked_when_a_rule_is_read(tmp_path):
+    rule = Rule.from_json(LRN_BAND)
+    assert load_rules(save_rules(tmp_path / "r.json", [rule])) == [rule]
+    assert rule.target.node("w").attributes == {"value": {"band": ["x", "$n", "$a"]}}
+    assert _with_target_attr({"band": ["x", 3, 1e-4]}).name == "lrn-band"   # numbers are fine
+    for value, why in [({"band": ["q", "$n", "$a"]}, "a source variable first"),
+                       ({"band": ["x", "$n"]}, r"band takes \[variable, size, alpha\]"),
+                       ({"band": ["x", "$m", "$a"]}, r"\$m is not bound"),
+                       ({"band": ["x", 0, "$a"]}, "size >= 1"),
+                       ({"band": ["x", "$n", "big"]}, "numbers"),
+                       ({"bands": ["x", "$n", "$a"]}, "not a derived value"),
+                       ({"dim": ["q", 1]}, "dim takes"),
+                       ("$zz", r"\$zz is not bound")]:
+        with pytest.raises(RuleError, match=why):
+            _with_target_attr(value)
+    with pytest.raises(RuleError, match="only be a Constant's value"):
+        _with_target_attr({"band": ["x", "$n", "$a"]}, op="Identity", attr="perm")
+
+
+def test_band_preconditions_need_the_rank_and_the_channels():
+    rule = Rule.from_json(LRN_BAND)
+    for shape, matches in (([1, 4, 5, 5], 1), ([2, 4, 6], 1), ([1, "C", 5, 5], 0), ([4, 8], 0),
+                           (None, 0)):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+        proto = _model([helper.make_node("LRN", ["x"], ["y"], size=3)], [x],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [])
+        assert len(find_matches(ir.serde.deserialize_model(proto).graph, rule)) == matches, shape
