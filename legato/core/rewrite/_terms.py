@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from legato.core.errors import BackendUnavailable, ConfigError
+from legato.core.rewrite._opkernels import lrn_band
 from legato.core.rewrite.ops import get_op
 
 __all__ = ["E", "OPS", "SORTS", "Signature", "TermError", "Undefined", "const", "evaluate", "mk",
@@ -97,6 +98,14 @@ def _chan(v: np.ndarray, n: int) -> np.ndarray:
     return np.reshape(v, (-1,) + (1,) * n)
 
 
+def _band(channels: int, size: int, alpha: float, spatial_rank: int) -> np.ndarray:
+    """LRN's window as a 1x1 Conv weight (`_opkernels.lrn_band`)."""
+    try:
+        return lrn_band(channels, size, alpha, spatial_rank)
+    except ValueError as err:
+        raise Undefined(str(err)) from None
+
+
 def _trans(p: tuple) -> int:
     if tuple(p) not in ((0, 1), (1, 0)):
         raise Undefined(f"Gemm takes the 2-d permutations (0, 1) or (1, 0), not {p}")
@@ -152,6 +161,9 @@ OPS: dict[str, _Spec] = {
     "bn": _Spec(("Real", "T", "T", "T", "T", "T"), "T",
                 lambda e, y, s, b, m, v: _run("BatchNormalization", [y, s, b, m, v], epsilon=e)),
     "chan": _Spec(("T", "Int"), "T", lambda v, n: _chan(v, n)),
+    "lrn": _Spec(("Real", "Real", "Real", "Int", "T"), "T",
+                 lambda al, be, bi, n, x: _run("LRN", [x], alpha=al, beta=be, bias=bi, size=n)),
+    "band": _Spec(("Int", "Int", "Real", "Int"), "T", lambda c, n, al, r: _band(c, n, al, r)),
     # shapes and permutations (uninterpreted in Z3)
     "rank": _Spec(("T",), "Int", lambda t: int(np.ndim(t))),
     "dim": _Spec(("T", "Int"), "Int", _dim),

@@ -5,8 +5,9 @@ language of `_terms.py`, with a Z3 trigger (the lhs unless given) and example bi
 `AXIOMS` covers the algebra of Add/Mul/Relu, MatMul (associativity, distributivity, concat along
 output columns, rows or the contraction), Transpose (composition, identity, through MatMul,
 Concat, Add, Mul, Relu), Concat/Split round trips, Conv (linear in input and weights, merging
-weights along output channels, with and without bias), Gemm as MatMul/Transpose/Add, and the
-shape axioms (`rank-*`, `dim-*`) the side conditions are discharged with. `validate_axioms()`
+weights along output channels, with and without bias), Gemm as MatMul/Transpose/Add, LRN with
+beta = 0.75 as a banded 1x1 Conv of x * x (`lrn-def`), and the shape axioms (`rank-*`,
+`dim-*`) the side conditions are discharged with. `validate_axioms()`
 evaluates both sides of every axiom in float64 (through `legato.core.rewrite.ops`) on random
 tensors of each example's shapes; an example must satisfy the hypotheses and make both sides
 defined, so a wrong axiom (or a vacuous example) fails before it proves anything.
@@ -114,7 +115,7 @@ transpose, concat, split0, split1 = map(_fn, ("transpose", "concat", "split0", "
 conv, convb, gemm, gemmnc, sc = map(_fn, ("conv", "convb", "gemm", "gemmnc", "sc"))
 rank, dim, shp, pat, pinv, plen = map(_fn, ("rank", "dim", "shp", "pat", "pinv", "plen"))
 pcomp, isid, isswap, imax = map(_fn, ("pcomp", "isid", "isswap", "max"))
-tdiv, sqrt, bn, chan = map(_fn, ("tdiv", "sqrt", "bn", "chan"))
+tdiv, sqrt, bn, chan, lrn, band = map(_fn, ("tdiv", "sqrt", "bn", "chan", "lrn", "band"))
 eq, le, lt, ite, and_, or_, not_ = map(_fn, ("==", "<=", "<", "ite", "and", "or", "not"))
 
 a, b, c, t, x, w, w1, w2 = (_var(n) for n in ("a", "b", "c", "t", "x", "w", "w1", "w2"))
@@ -382,6 +383,33 @@ def _batchnorm() -> list[Axiom]:
     return out
 
 
+def _lrn() -> list[Axiom]:
+    """LRN (ONNX's definition) with beta = 0.75: x / d^0.75 with d = bias + alpha / size *
+    (the sum of x^2 over channels c - floor((size - 1) / 2) .. c + ceil((size - 1) / 2)),
+    written as d = Conv(x * x, band) + bias, where `band(C, size, alpha, n)` is the (C, C, 1,
+    ..., 1) weight holding alpha / size inside that window (n spatial ones), and
+    d^0.75 = sqrt(d) * sqrt(sqrt(d)). The examples cover odd and even sizes (where floor and
+    ceil differ), fewer channels than the window, and ranks 3 to 5, so a window off by one
+    at either end fails validation."""
+    al, be, bi, nn = _var("al", "Real"), _var("be", "Real"), _var("bi", "Real"), _var("nn", "Int")
+    d = add(conv(const((), "Conv"), 1, mul(x, x), band(dim(x, 1), nn, al, rank(x) - 2)), sc(bi))
+    ex = [{"al": 1e-4, "bi": 1.0, "nn": 5, "x": (1, 8, 3, 3)},
+          {"al": 0.5, "bi": 2.0, "nn": 4, "x": (2, 6, 5)},
+          {"al": 2.0, "bi": 0.5, "nn": 5, "x": (1, 3, 2, 2, 2)},
+          {"al": 1.0, "bi": 1.0, "nn": 2, "x": (1, 5, 4)},
+          {"al": 0.3, "bi": 1.5, "nn": 3, "x": (2, 4, 2, 3)}]
+    ex = [{**e, "be": 0.75} for e in ex]
+    return [
+        axiom("lrn-def", lrn(al, be, bi, nn, x), tdiv(x, mul(sqrt(d), sqrt(sqrt(d)))),
+              when=[eq(be, 0.75), le(3, rank(x)), le(1, nn)], examples=ex),
+        axiom("rank-lrn", rank(lrn(al, be, bi, nn, x)), rank(x),
+              when=[le(2, rank(x)), le(1, nn)], examples=ex[:2]),
+        axiom("dim-lrn", dim(lrn(al, be, bi, nn, x), j), dim(x, j),
+              when=[le(0, j), lt(j, rank(x)), le(2, rank(x)), le(1, nn)],
+              examples=[{**ex[0], "j": 1}, {**ex[1], "j": 2}]),
+    ]
+
+
 def _gemm() -> list[Axiom]:
     prod = matmul(transpose(pa, a), transpose(pb, b))
     two_d = [eq(rank(a), 2), eq(rank(b), 2), eq(plen(pa), 2), eq(plen(pb), 2)]
@@ -482,7 +510,7 @@ def _shapes() -> list[Axiom]:
 def build_axioms() -> tuple[Axiom, ...]:
     """Every axiom, in a fixed order (names are unique)."""
     axioms = (*_elementwise(), *_matmul(), *_transpose(), *_concat_split(), *_conv(),
-              *_batchnorm(), *_gemm(), *_shapes())
+              *_batchnorm(), *_lrn(), *_gemm(), *_shapes())
     names = [ax.name for ax in axioms]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -8,14 +8,16 @@ tensor constants, ONNX operators map to the axioms' operators (Gemm -> `gemm`, C
 `conv`/`convb`, n-ary Concat and Split -> nested binary ones, Identity -> its input), negative
 axes become `rank(t) + axis`, `"$name"` attributes become symbolic constants and
 `{"dim": [v, axis]}` becomes `dim(v, axis)`, BatchNormalization -> `bn`, Div -> `tdiv`, a
-Reshape of a vector to [-1, 1, ..., 1] -> `chan`. Operators without axioms (Sigmoid, other
+Reshape of a vector to [-1, 1, ..., 1] -> `chan`, LRN -> `lrn`, a Constant whose value is
+`{"band": [v, size, alpha]}` -> `band(dim(v, 1), size, alpha, rank(v) - 2)`. Operators without axioms (Sigmoid, other
 Reshapes, ...) and known operators with attributes the translation does not read
 become uninterpreted functions named by op and attributes: that is sound (only congruence is
 known about them), and the detail lists them when the proof fails.
 
 Z3 then checks that `not (src_1 == tgt_1 and ...)` is unsatisfiable together with
 - every axiom (quantified, with its trigger),
-- the rule's preconditions (`rank`, `dim_eq`, `same_shape`; the others do not bear on values),
+- the rule's preconditions (`rank`, `min_rank`, `dim_eq`, `same_shape`; the others do not
+  bear on values),
 - the facts of the concrete permutations the rule mentions (and their compositions),
 - typing facts of every source and target node: what ONNX requires for it to be defined
   (MatMul's inner dims agree, Gemm's C broadcasts to its output, Concat's inputs share a rank,
@@ -158,6 +160,16 @@ class _Side:
                            mk("==", mk("dim", v, 0), mk("dim", y, 1))]
         return [mk("bn", self.real_value(attrs.get("epsilon", 1e-5)), *ins)]
 
+    def _op_lrn(self, node, ins, attrs):
+        self._need(node, ins, ("alpha", "beta", "bias", "size"), (1,))
+        if "size" not in attrs:
+            raise _Unsupported("LRN without size")
+        size = self.int_value(attrs["size"])
+        self.facts += [mk("<=", 2, mk("rank", ins[0])), mk("<=", 1, size)]
+        al, be, bi = (self.real_value(attrs.get(n, d))
+                      for n, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+        return [mk("lrn", al, be, bi, size, ins[0])]
+
     def _op_reshape(self, node, ins, attrs):
         """Only the per-channel shaping of a vector, Reshape(v, [-1, 1, ..., 1])."""
         self._need(node, ins, (), (2,))
@@ -207,6 +219,12 @@ class _Side:
     def _op_constant(self, node, ins, attrs):
         if set(attrs) == {"value_float"}:
             return [mk("sc", self.real_value(attrs["value_float"]))]
+        band = attrs.get("value") if set(attrs) == {"value"} else None
+        if isinstance(band, dict) and set(band) == {"band"}:
+            name, size, alpha = band["band"]
+            x = var(name)
+            return [mk("band", mk("dim", x, 1), self.int_value(size), self.real_value(alpha),
+                       mk("rank", x) - 2)]
         if set(attrs) == {"value_ints"} and isinstance(attrs["value_ints"], list):
             self.ints[node.id] = [self.int_value(v) for v in attrs["value_ints"]]
         elif set(attrs) == {"value_ints"} and isinstance(attrs["value_ints"], str):
@@ -310,6 +328,8 @@ def rule_terms(rule: Rule) -> tuple[list[E], list[E], list[E], set[str], set[str
     for kind, arg in rule.preconditions:
         if kind == "rank":
             facts.append(mk("==", mk("rank", var(arg[0])), int(arg[1])))
+        elif kind == "min_rank":
+            facts.append(mk("<=", int(arg[1]), mk("rank", var(arg[0]))))
         elif kind == "dim_eq":
             (v1, a1), *others = arg
             for v2, a2 in others:

@@ -3,6 +3,7 @@ planted wrong ones are caught, and the Z3 side builds with a trigger per axiom."
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -131,3 +132,48 @@ def test_z3_proves_an_instance_of_an_axiom():
     s.add(sig.to_z3(A.not_(A.eq(lhs, rhs))))
     assert s.check() == z3.unsat
     assert var("q", "Perm").sort == "Perm"
+
+
+def _band_with_window(below, above):
+    """A band term whose window is channels c - below(size) .. c + above(size)."""
+    def band(channels, size, alpha, spatial_rank):
+        c, i = np.arange(channels)[:, None], np.arange(channels)[None, :]
+        inside = ((np.maximum(0, c - below(size)) <= i)
+                  & (i <= np.minimum(channels - 1, c + above(size))))
+        w = np.where(inside, float(np.float32(alpha)) / size, 0.0)
+        return w.reshape((channels, channels) + (1,) * spatial_rank)
+    return band
+
+
+LRN_WINDOWS = {                       # ONNX: floor((size - 1) / 2) below, ceil((size - 1) / 2) above
+    "onnx": (lambda n: (n - 1) // 2, lambda n: n // 2),
+    "floor-and-ceil-swapped": (lambda n: n // 2, lambda n: (n - 1) // 2),
+    "one-more-above": (lambda n: (n - 1) // 2, lambda n: n // 2 + 1),
+    "one-fewer-above": (lambda n: (n - 1) // 2, lambda n: n // 2 - 1),
+    "one-more-below": (lambda n: (n - 1) // 2 + 1, lambda n: n // 2),
+    "one-fewer-below": (lambda n: (n - 1) // 2 - 1, lambda n: n // 2),
+}
+
+
+@pytest.mark.parametrize("window", sorted(LRN_WINDOWS))
+def test_lrn_def_fails_validation_with_a_window_off_by_one(window, monkeypatch):
+    """lrn-def planted with its band one channel off at either end (or mirrored, which only
+    even sizes show) fails validation; the ONNX window passes."""
+    from legato.core.rewrite import _terms
+
+    spec = _terms.OPS["band"]
+    monkeypatch.setitem(_terms.OPS, "band", dataclasses.replace(
+        spec, f64=_band_with_window(*LRN_WINDOWS[window])))
+    r = A.validate_axiom(A.get_axiom("lrn-def"))
+    assert r["ok"] == (window == "onnx"), r
+    if window != "onnx":
+        assert "the sides differ" in r["detail"]
+
+
+def test_lrn_def_examples_cover_what_a_window_can_get_wrong():
+    ax = A.get_axiom("lrn-def")
+    sizes = {ex["nn"] for ex in ax.examples}
+    assert sizes & {2, 4} and sizes & {3, 5}                  # even and odd windows
+    assert any(ex["x"][1] < ex["nn"] for ex in ax.examples)   # fewer channels than the window
+    assert {len(ex["x"]) for ex in ax.examples} >= {3, 4, 5}
+    assert all(ex["be"] == 0.75 and ex["bi"] > 0 for ex in ax.examples)  # defined on both sides
