@@ -4,13 +4,19 @@ of them rejected by both checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_ir.passes.common import ShapeInferencePass
 
+from legato.core.rewrite import _opkernels
+from legato.core.rewrite._matcher import apply, build_target, find_matches, target_fits_opset
 from legato.core.rewrite.cost import AnalyticCostModel
+from legato.core.rewrite.explain import explain_rule
 from legato.core.rewrite.optimize import fold_constants
 from legato.core.rewrite.pattern import Rule, load_rules
 from legato.core.rewrite.prove import prove_rule
@@ -169,3 +175,148 @@ def test_a_wrong_batchnorm_fold_and_a_wrong_axiom_are_rejected():
     bad = A.Axiom("convb-mul-chan-short", A.mk("==", lhs, bad_rhs), good.hyps, good.trigger,
                   good.examples)
     assert not A.validate_axiom(bad)["ok"]
+
+
+# ---- LRN as a banded 1x1 Conv (issue 15, item 8) ---------------------------------------------
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LRN_RULE = HAND["lrn-as-conv-sqrt"]
+
+
+def _lrn_model(shape, dtype=TensorProto.FLOAT, **attrs):
+    x = helper.make_tensor_value_info("x", dtype, shape)
+    y = helper.make_tensor_value_info("y", dtype, None)
+    return _model([helper.make_node("LRN", ["x"], ["y"], **attrs)], [x], [y])
+
+
+def _apply_everywhere(model: ir.Model, rule: Rule) -> int:
+    applied = 0
+    while matches := find_matches(model.graph, rule, limit=1):
+        apply(model.graph, matches[0])
+        applied += 1
+    return applied
+
+
+@pytest.mark.parametrize("name", ["bvlc_alexnet", "inception_v1", "zfnet512"])
+def test_lrn_becomes_a_banded_conv_in_the_light_cnns(name):
+    """The LRNs of onnx's AlexNet, Inception v1 and ZFNet (opset 9, IR 3) are matched and
+    rewritten; onnxruntime gives the same LRN outputs. (The models' own outputs are a flat
+    softmax, since their weights are constants, so the LRN outputs are compared.)"""
+    path = LIGHT / f"light_{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} is not in this onnx package")
+    proto = onnx.load(str(path))
+    lrns = [n for n in proto.graph.node if n.op_type == "LRN"]
+    assert len(lrns) == 2
+    for n in lrns:          # graph outputs keep their names through the rewrite
+        proto.graph.output.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT,
+                                                                None))
+    model = ir.serde.deserialize_model(proto)
+    ShapeInferencePass(strict_mode=False)(model)
+    assert sorted(m.nodes["y"].name for m in find_matches(model.graph, LRN_RULE)) == \
+        sorted(n.name for n in lrns)
+    assert target_fits_opset(LRN_RULE, model.opset_imports[""])
+    assert _apply_everywhere(model, LRN_RULE) == 2
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    assert "LRN" not in {n.op_type for n in out.graph.node}
+    graph_inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.normal(size=[d.dim_value for d in i.type.tensor_type.shape.dim])
+            .astype(np.float32) for i in proto.graph.input if i.name in graph_inputs}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    run = lambda p: ort.InferenceSession(  # noqa: E731
+        p.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
+    want, got = run(proto), run(out)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    assert max(float(np.std(a)) for a in want[1:]) > 0.1     # the LRN outputs are not flat
+
+
+@pytest.mark.parametrize("shape,attrs", [
+    ((1, 16, 6, 6), {"size": 5, "alpha": 1e-4, "bias": 1.0}),
+    ((2, 3, 4, 5), {"size": 5, "alpha": 0.5, "bias": 2.0, "beta": 0.75}),   # C < size
+    ((1, 9, 7, 7), {"size": 3, "alpha": 2.0}),
+    ((1, 8, 3, 3), {"size": 1}),
+])
+def test_the_lrn_rule_keeps_onnxruntime_outputs(shape, attrs):
+    proto = _lrn_model(list(shape), **attrs)
+    model = ir.serde.deserialize_model(proto)
+    assert _apply_everywhere(model, LRN_RULE) == 1
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out)
+    assert sorted(n.op_type for n in out.graph.node) == \
+        ["Add", "Constant", "Constant", "Conv", "Div", "Mul", "Mul", "Sqrt", "Sqrt"]
+    bias, band = sorted((numpy_helper.to_array(n.attribute[0].t) for n in out.graph.node
+                         if n.op_type == "Constant"), key=np.ndim)
+    assert bias.shape == () and bias == np.float32(attrs.get("bias", 1.0))
+    assert band.dtype == np.float32 and band.shape == (shape[1], shape[1], 1, 1)
+    feed = {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32) * 3}
+    run = lambda p: ort.InferenceSession(  # noqa: E731
+        p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(run(out), run(proto), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank3_lrn_gets_a_rank3_band():
+    """onnxruntime's LRN takes rank 4 only; the rule follows ONNX's definition for any rank
+    >= 3 (checked in float64 by its record), and the band has one 1 per spatial axis."""
+    model = ir.serde.deserialize_model(_lrn_model([2, 6, 7], size=3))
+    match, = find_matches(model.graph, LRN_RULE)
+    nodes, _, _ = build_target(match)
+    band, = [n.attributes["value"].value.numpy() for n in nodes
+             if n.op_type == "Constant" and n.attributes["value"].value.shape.rank() > 0]
+    assert band.shape == (6, 6, 1) and band.dtype == np.float32
+    assert np.count_nonzero(band[:, :, 0]) == 6 * 3 - 2          # the window clipped at 0, C-1
+
+
+def test_lrn_is_left_alone_where_the_rule_was_not_verified():
+    """beta other than 0.75 (x^beta is then not sqrt(x) * sqrt(sqrt(x))), an unknown channel
+    count (the band needs it), rank 2 (no Conv) and float16 (the bias constant is float32)."""
+    for proto, why in [
+            (_lrn_model([1, 8, 5, 5], size=5, beta=0.5), "attribute beta=0.5"),
+            (_lrn_model([1, "C", 5, 5], size=5), "static_dim(x, 1)"),
+            (_lrn_model([4, 8], size=3), "min_rank(x, 3)"),
+            (_lrn_model([1, 8, 5, 5], TensorProto.FLOAT16, size=5), "dtype(x, FLOAT)")]:
+        model = ir.serde.deserialize_model(proto)
+        assert find_matches(model.graph, LRN_RULE) == []
+        result = explain_rule(model.graph, LRN_RULE)
+        assert not result and why in result.reason, result.reason
+
+
+def _lrn_variant(size: int, band_size: int, band_alpha: float) -> Rule:
+    """The LRN rule for one size and alpha = size * 1e-4, whose band is built for another
+    size with the same alpha / size: only the window differs."""
+    d = LRN_RULE.to_json()
+    d["name"] = f"lrn-{size}-as-band-{band_size}"
+    d.pop("verification")
+    d["source"]["nodes"][0]["attrs"].update(size=size, alpha=size * 1e-4)
+    for nd in d["target"]["nodes"]:
+        if nd["id"] == "w":
+            nd["attrs"]["value"] = {"band": ["x", band_size, band_alpha]}
+    d["examples"] = [{k: v for k, v in ex.items() if k not in ("$size", "$alpha")}
+                     for ex in d["examples"]]
+    return Rule.from_json(d)
+
+
+def test_a_band_off_by_one_is_rejected_by_both_checks():
+    good = _lrn_variant(4, 4, 4e-4)
+    assert verify_numeric(good)["numeric"] == "passed"
+    assert prove_rule(good)["z3"] == "proved"
+    for wrong in (_lrn_variant(4, 5, 5e-4), _lrn_variant(4, 3, 3e-4), _lrn_variant(5, 6, 6e-4)):
+        assert verify_numeric(wrong)["numeric"] == "failed", wrong.name
+        assert prove_rule(wrong)["z3"] in ("refuted", "unknown"), wrong.name
+
+
+def test_a_band_with_floor_and_ceil_swapped_fails_numeric_verification(monkeypatch):
+    """The window c - floor((size-1)/2) .. c + ceil((size-1)/2) mirrored: the same for odd
+    sizes, wrong for even ones, which the rule's examples include."""
+    def mirrored(channels, size, alpha, spatial_rank):
+        w = correct(channels, size, alpha, spatial_rank)
+        return w[::-1, ::-1].copy()
+    correct = _opkernels.lrn_band
+    assert verify_numeric(LRN_RULE)["numeric"] == "passed"
+    monkeypatch.setattr(_opkernels, "lrn_band", mirrored)
+    record = verify_numeric(LRN_RULE)
+    assert record["numeric"] == "failed", record
+    assert "(1, 7, 3, 4)" in record["detail"], record       # the first example with size 4
