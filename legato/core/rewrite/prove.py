@@ -9,10 +9,10 @@ tensor constants, ONNX operators map to the axioms' operators (Gemm -> `gemm`, C
 axes become `rank(t) + axis`, `"$name"` attributes become symbolic constants and
 `{"dim": [v, axis]}` becomes `dim(v, axis)`, BatchNormalization -> `bn`, Div -> `tdiv`, a
 Reshape of a vector to [-1, 1, ..., 1] -> `chan`, LRN -> `lrn`, a Constant whose value is
-`{"band": [v, size, alpha]}` -> `band(dim(v, 1), size, alpha, rank(v) - 2)`. Operators without axioms (Sigmoid, other
-Reshapes, ...) and known operators with attributes the translation does not read
-become uninterpreted functions named by op and attributes: that is sound (only congruence is
-known about them), and the detail lists them when the proof fails.
+`{"band": [v, size, alpha]}` -> `band(dim(v, 1), size, alpha, rank(v) - 2)`. Operators
+without axioms (Sigmoid, other Reshapes, ...) and known operators with attributes the
+translation does not read become uninterpreted functions named by op and attributes: that is
+sound (only congruence is known about them), and the detail lists them when the proof fails.
 
 Z3 then checks that `not (src_1 == tgt_1 and ...)` is unsatisfiable together with
 - every axiom (quantified, with its trigger),

@@ -1,8 +1,8 @@
 """The shipped rule set: JSON files in this folder, each rule stored with its verification
 record (`legato rules verify --write`): `handwritten.json` (transpose chains, scalars into
-weights, Conv+BatchNormalization folding, LRN as a banded 1x1 Conv), `merges.json` (k-branch rule families, built by
-`families.py`) and `generated.json` (`legato rules generate --max-ops 2 --ship`: generated rules
-proved with Z3 that shrink the graph).
+weights, Conv+BatchNormalization folding, LRN as a banded 1x1 Conv), `merges.json` (k-branch
+rule families, built by `families.py`) and `generated.json` (`legato rules generate --max-ops 2
+--ship`: generated rules proved with Z3 that shrink the graph).
 `shipped_rules()` returns the rules that were both proved with Z3 and checked in float64;
 `all_rules()` every stored rule."""
 
