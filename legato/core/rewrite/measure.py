@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
+from legato.core.rewrite.modelio import RewriteError
+
 __all__ = ["ab_time", "compare_outputs", "outputs", "random_feed", "runner", "session"]
 
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -54,8 +56,9 @@ def random_feed(model: onnx.ModelProto, *, seed: int = 0, dynamic_dim: int = 1,
     as ml_dtypes arrays) from a standard normal, integers in {0, 1} (safe as indices), bools,
     strings; a sequence input gets a list of two tensors, an optional one its element.
     Dimensions come from `shapes` (by input name), else the model's, symbolic ones
-    `dynamic_dim`. Raises ValueError naming the input for types with no random form here
-    (maps, sparse tensors, 4-bit and 2-bit types)."""
+    `dynamic_dim`. Raises RewriteError (a ValueError) naming the input for types with no
+    random form here (maps, sparse tensors, 4-bit and 2-bit types, float8e8m0): such a model
+    cannot be compared or timed, so `optimize` refuses it."""
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
     shapes = shapes or {}
@@ -72,17 +75,17 @@ def _random_value(name: str, tp: onnx.TypeProto, rng: np.random.Generator, dynam
     if kind == "optional_type":
         return _random_value(name, tp.optional_type.elem_type, rng, dynamic_dim, shape)
     if kind != "tensor_type":
-        raise ValueError(f"input {name!r} is a {kind or 'value without a type'}, which the "
-                         "random inputs do not cover (tensors, sequences and optionals only)")
+        raise RewriteError(f"input {name!r} is a {kind or 'value without a type'}, which the "
+                           "random inputs do not cover (tensors, sequences and optionals only)")
     t = tp.tensor_type
     if shape is None:
         shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in t.shape.dim]
     shape = list(shape)
     if t.elem_type in _UNSUPPORTED:
-        raise ValueError(f"input {name!r} has element type "
-                         f"{onnx.TensorProto.DataType.Name(t.elem_type)}, for which legato "
-                         "makes no random inputs (onnxruntime takes it packed, two or four "
-                         "values a byte); this model cannot be timed here")
+        raise RewriteError(f"input {name!r} has element type "
+                           f"{onnx.TensorProto.DataType.Name(t.elem_type)}, for which legato "
+                           "makes no random inputs (onnxruntime takes it packed, two or four "
+                           "values a byte); this model cannot be timed here")
     if t.elem_type == onnx.TensorProto.STRING:
         letters = np.array(list("abcdefgh"))
         words = ["".join(rng.choice(letters, 3)) for _ in range(int(np.prod(shape)))]
@@ -90,8 +93,8 @@ def _random_value(name: str, tp: onnx.TypeProto, rng: np.random.Generator, dynam
     try:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
     except (KeyError, ValueError):
-        raise ValueError(f"input {name!r} has element type {t.elem_type}, which the random "
-                         "inputs do not cover") from None
+        raise RewriteError(f"input {name!r} has element type {t.elem_type}, which the random "
+                           "inputs do not cover") from None
     if dtype == np.bool_:
         value = rng.random(shape) < 0.5
     elif np.issubdtype(dtype, np.complexfloating):
