@@ -52,7 +52,7 @@ class Entry:
 
     def to_json(self) -> dict:
         return {"s": self.seconds, "spread": round(self.spread, 4), "n": self.samples,
-                "at": round(self.measured_at, 1), "ok": self.confirmed}
+                "at": self.measured_at, "ok": self.confirmed}
 
     @classmethod
     def from_json(cls, d: Any) -> "Entry | None":

@@ -19,11 +19,13 @@ graph are measured together, interleaved.
 
 Independent rewrites of one rule (58 Conv+BatchNorm folds in DenseNet-121) would otherwise be
 explored one subset at a time; so each graph also gets one child that applies all of a rule's
-non-overlapping matches that lower the cost, and at most `max_children_per_rule` children per
-rule join the queue.
+non-overlapping matches that may lower the cost, and at most `max_children_per_rule` children
+per rule join the queue.
 
 Uncertainty: each price carries its measured spread; a candidate's `error_s` sums, in
-quadrature, the errors of every segment its rewrites changed. `SearchResult.contenders` lists
+quadrature, the errors of every segment its rewrites changed. A child whose cost is within
+twice its error of the bar (alpha times the best) is queued as if below it: where the model
+cannot tell, the search keeps going rather than dropping the branch. `SearchResult.contenders` lists
 the best few candidates whose predicted gain or loss over the original lies within that error,
 and the best rewritten graph even when it is predicted slower, for `optimize` to measure
 instead of trusting the prediction.
@@ -47,7 +49,7 @@ from legato.core.rewrite import segments as seg
 from legato.core.rewrite._matcher import (Match, apply, build_target, find_matches, infer_shapes,
                                           target_fits_opset)
 from legato.core.rewrite.cost import CostModel, Price, constant_values, graph_price
-from legato.core.rewrite.pattern import Rule
+from legato.core.rewrite.pattern import Rule, split_ref
 from legato.core.stop import StopReason
 
 __all__ = ["Candidate", "SearchResult", "all_matches", "search", "structural_hash"]
@@ -270,6 +272,21 @@ class _Pricer:
         locally (the child is then priced whole when it is taken out)."""
         removed = list(m.nodes.values())
         removed_ids = frozenset(id(n) for n in removed)
+        view = self.view
+        # the world before, priced before the target's nodes exist (they read the match's
+        # values, and would count as their readers)
+        old_roots = [m.nodes[split_ref(r)[0]].outputs[split_ref(r)[1]]
+                     for r in m.rule.source.outputs]
+        readers = {id(c): c for old in old_roots for c in view.consumers(old)
+                   if id(c) not in removed_ids}
+        in_values = [v for n in removed for v in n.inputs] + list(m.values.values())
+        producers = self._live_producers(in_values, view)
+        touched_before = [*removed, *producers, *readers.values()]
+        before = []
+        for key, part in self.cost_model.touching(touched_before, view).items():
+            if key not in self._before:
+                self._before[key] = self.cost_model.ticket(part, view)
+            before.append(self._before[key])
         new_nodes, new_roots, old_roots = build_target(m)
         rewired: list[tuple[ir.Node, int, ir.Value]] = []
         try:
@@ -280,18 +297,6 @@ class _Pricer:
                     new.shape = old.shape
                 if old.dtype is not None and new.dtype is None:
                     new.dtype = old.dtype
-            view = self.view
-            readers = {id(c): c for old in old_roots for c in view.consumers(old)
-                       if id(c) not in removed_ids}
-            in_values = [v for n in removed for v in n.inputs] + \
-                        [v for n in new_nodes for v in n.inputs]
-            producers = self._live_producers(in_values, view)
-            touched_before = [*removed, *producers, *readers.values()]
-            before = []
-            for key, part in self.cost_model.touching(touched_before, view).items():
-                if key not in self._before:
-                    self._before[key] = self.cost_model.ticket(part, view)
-                before.append(self._before[key])
             sig = self.signer
             h_before = sum(sig.node(n) for n in removed) + sum(sig.node(c)
                                                               for c in readers.values())
@@ -349,11 +354,12 @@ def _price(trials: list[_Trial], cost_model: CostModel) -> None:
 
 
 def _independent(trials: list[_Trial]) -> list[_Trial]:
-    """Trials of one rule that lower the cost and touch disjoint nodes, best first."""
+    """Trials of one rule that may lower the cost (a gain, or a loss within twice its error)
+    and touch disjoint nodes, best first."""
     chosen, used = [], set()
     for t in sorted(trials, key=lambda t: t.delta):
-        if t.delta >= 0:
-            break
+        if t.delta >= 2 * t.error_s:
+            continue
         if used.isdisjoint(t.touched):
             chosen.append(t)
             used |= t.touched
@@ -468,7 +474,9 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
             seen.add(child.hash)
             generated.append(child)
             rule = child.applied[-1]
-            if child.cost < alpha * best.cost and queued.get(rule, 0) < max_children_per_rule:
+            # unsure (within twice its error of the bar) counts as below it: kept exploring
+            if (child.cost - 2 * child.error_s < alpha * best.cost
+                    and queued.get(rule, 0) < max_children_per_rule):
                 queued[rule] = queued.get(rule, 0) + 1
                 heapq.heappush(queue, (child.cost, next(counter), child))
             if child.cost < best.cost:

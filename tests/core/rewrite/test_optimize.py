@@ -68,7 +68,7 @@ def test_a_correct_rewrite_is_returned_only_with_its_record():
 def test_nothing_to_do_returns_the_original():
     proto = _parallel(1)
     out, report = optimize(proto, rules=[MERGE], cost_model=PerOp())
-    assert out is proto and report.reason == "no rule lowered the predicted cost"
+    assert out is proto and report.reason == "no rule matches the model"
 
 
 def test_invalid_models_are_refused():
