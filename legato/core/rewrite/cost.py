@@ -61,7 +61,8 @@ UNTIMED_ERROR = 0.5       # relative error of an analytic estimate
 
 @dataclasses.dataclass(frozen=True)
 class Price:
-    """A segment's cost: seconds, its uncertainty in seconds, and the cache key behind it."""
+    """A segment's cost: seconds, its uncertainty in seconds (for a measured median, its
+    interquartile range over the square root of the samples), and the cache key behind it."""
 
     seconds: float
     error_s: float = 0.0
@@ -250,7 +251,9 @@ class OrtCostModel(CostModel):
                 continue
             if spec.key not in todo:
                 self.cached += 1
-            out.append(Price(entry.seconds, entry.spread * entry.seconds, spec.key))
+            # the standard error of a median of n samples is about IQR / sqrt(n)
+            error = entry.spread * entry.seconds / math.sqrt(max(entry.samples, 1))
+            out.append(Price(entry.seconds, error, spec.key))
         return out
 
     def node_cost(self, node: ir.Node, constants: set[int] | None = None) -> float:

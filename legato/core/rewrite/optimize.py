@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from legato.core.rewrite.pattern import Rule
 from legato.core.rewrite.search import Candidate, search
 
 __all__ = ["Report", "RewriteError", "fold_constants", "optimize", "optimize_file"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -164,6 +167,10 @@ def fold_constants(model: ir.Model) -> int:
     sub = ir.Model(ir.Graph(inputs=[], outputs=[values[id(v)] for v in frontier], nodes=nodes,
                             initializers=inits, opset_imports=dict(model.opset_imports)),
                    ir_version=max(model.ir_version, 8))
+    chatty = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = chatty.level
+    if not log.isEnabledFor(logging.DEBUG):       # it logs every node it folds at INFO
+        chatty.setLevel(logging.WARNING)
     try:
         onnxscript.optimizer.fold_constants(sub, input_size_limit=1 << 62,
                                             output_size_limit=1 << 62,
@@ -171,6 +178,8 @@ def fold_constants(model: ir.Model) -> int:
     except Exception as err:  # noqa: BLE001 (said as the reason the candidate is dropped)
         raise RewriteError(f"the rules' new constants could not be computed "
                            f"({type(err).__name__}: {err})") from err
+    finally:
+        chatty.setLevel(level)
     for old, new in zip(frontier, sub.graph.outputs):
         tensor = new.const_value
         if tensor is None:
@@ -362,7 +371,7 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
                              "no rewrite found (every rewrite the rules allow was predicted "
                              "slower beyond doubt)")
             return None, report
-        offers, original_keys = [], set(graph_price(prepared.model.graph, cost_model)[2])
+        offers, original_keys = [], set(result.original_keys)
         for k, cand in enumerate(candidates):
             label = "best" if k == 0 and result.applied else f"contender {k}"
             keys = frozenset(graph_price(cand.model.graph, cost_model)[2])
@@ -407,7 +416,7 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
                 > math.log(2.0):
             suspects |= original_keys
         if suspects and measuring and attempt == 0:
-            cost_model.spec_for(prepared.model.graph, suspects)
+            cost_model.spec_for(result.original.graph, suspects)
             for offer in offers:
                 cost_model.spec_for(offer.payload[0].model.graph, suspects)
             moved = cost_model.remeasure(suspects)

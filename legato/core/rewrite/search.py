@@ -86,7 +86,8 @@ class SearchResult:
     error_s: float = 0.0
     matched: int = 0           # matches found in the original graph
     contenders: list[Candidate] = dataclasses.field(default_factory=list)
-    priced: int = 0            # segments priced (cached or measured)
+    original: ir.Model | None = None      # the input as searched (shapes inferred)
+    original_keys: frozenset[str] = frozenset()   # cost entries its price used
 
 
 # ---------------------------------------------------------------------- signatures
@@ -394,7 +395,7 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
     cost_model.bind(root_model)
     opset = root_model.opset_imports.get("", root_model.opset_imports.get("ai.onnx", 17))
     rules = [r for r in rules if target_fits_opset(r, opset)]
-    base, base_error, _ = graph_price(root_model.graph, cost_model)
+    base, base_error, base_keys = graph_price(root_model.graph, cost_model)
     root = _Node(base, 0.0, [], _Signer(root_model.graph).total(), model=root_model)
     counter = itertools.count()
     queue: list[tuple[float, int, _Node]] = [(base, next(counter), root)]
@@ -497,7 +498,8 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
         out.append(Candidate(c.model, c.cost, c.error_s, c.applied))
     return SearchResult(best.model, best.cost, base, best.applied, explored, len(generated),
                         stop, time.perf_counter() - start, original_error_s=base_error,
-                        error_s=best.error_s, matched=matched, contenders=out)
+                        error_s=best.error_s, matched=matched, contenders=out,
+                        original=root_model, original_keys=frozenset(base_keys))
 
 
 def _contenders(root: _Node, best: _Node, generated: list[_Node], k: int) -> list[_Node]:
