@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 UNTIMED_ERROR = 0.5       # relative error of an analytic estimate
+REF_CHAIN = 8             # nodes in the longer reference model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +191,7 @@ class OrtCostModel(CostModel):
         self.traffic = 0
         self.measured = self.cached = self.estimated = self.remeasured = 0
         self.measure_s = 0.0
+        self.run_overhead_s = self.node_overhead_s = 0.0   # from the reference models
         self._specs: dict[str, seg.SegmentSpec] = {}     # measured here, by key
         self._evict: np.ndarray | None = None
         self._empty: Any = None
@@ -388,17 +390,25 @@ class OrtCostModel(CostModel):
             return None
         return sess, binding, arrays
 
-    def _empty_session(self):
+    def _references(self):
+        """Two tiny models, one Neg node and a chain of REF_CHAIN: timed in every round, they
+        give the fixed cost of a session run (which a whole model pays once, not per segment)
+        apart from the cost of a node (which every node pays, in a model as alone)."""
         if self._empty is None:
             from onnx import TensorProto, helper
 
-            x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-            y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-            model = helper.make_model(
-                helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "nop", [x], [y]),
-                opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            self._empty = self._bound(model, {"x": ((1,), "<f4")})[:3]
+            refs = []
+            for n in (1, REF_CHAIN):
+                names = ["x", *(f"v{i}" for i in range(n))]
+                nodes = [helper.make_node("Neg", [names[i]], [names[i + 1]]) for i in range(n)]
+                model = helper.make_model(
+                    helper.make_graph(nodes, "ref", [helper.make_tensor_value_info(
+                        "x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info(
+                            names[-1], TensorProto.FLOAT, [1])]),
+                    opset_imports=[helper.make_opsetid("", 17)])
+                model.ir_version = 8
+                refs.append(self._bound(model, {"x": ((1,), "<f4")})[:3])
+            self._empty = refs
         return self._empty
 
     def _evictor(self) -> np.ndarray | None:
@@ -452,7 +462,7 @@ class OrtCostModel(CostModel):
             sessions.append((spec, (sess, binding, arrays), self._glue(reorders)))
         if not sessions:
             return {}
-        empty = self._empty_session()
+        refs = self._references()
         evict = self._evictor()
         moved = sum(s.weight_bytes + s.io_bytes for s, *_ in sessions)
         top_up = 0 if evict is None else int(max(0, min(evict.size, (self.traffic - moved) // 8)))
@@ -472,14 +482,15 @@ class OrtCostModel(CostModel):
             one = time.perf_counter() - t0
             reps[key] = max(1, min(64, int(2e-4 / max(one, 1e-7))))
         samples: dict[str, list[float]] = {key: [] for key, _ in runs}
-        zero: list[float] = []
+        zero: list[list[float]] = [[], []]
         for _ in range(self.rounds):
             if top_up:
                 int(evict[:top_up].sum())
-            e_sess, e_bind, _ = empty
-            t0 = time.perf_counter()
-            e_sess.run_with_iobinding(e_bind)
-            zero.append(time.perf_counter() - t0)
+                refs[0][0].run_with_iobinding(refs[0][1])  # the session machinery warm again,
+            for k, (r_sess, r_bind, _) in enumerate(refs):  # as between two nodes of a model
+                t0 = time.perf_counter()
+                r_sess.run_with_iobinding(r_bind)
+                zero[k].append(time.perf_counter() - t0)
             for key, (sess, binding, arrays) in runs:
                 for arr in arrays:      # activations are warm: just written, or reused buffers
                     arr.sum()
@@ -488,7 +499,10 @@ class OrtCostModel(CostModel):
                 for _ in range(n):
                     sess.run_with_iobinding(binding)
                 samples[key].append((time.perf_counter() - t0) / n)
-        base = statistics.median(zero)
+        one, chain = statistics.median(zero[0]), statistics.median(zero[1])
+        node = max(chain - one, 0.0) / (REF_CHAIN - 1)
+        base = one - node                      # a session run's fixed cost alone
+        self.run_overhead_s, self.node_overhead_s = base, node
         now = time.time()
         out = {}
         for spec, _, glue in sessions:
