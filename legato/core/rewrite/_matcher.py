@@ -241,19 +241,41 @@ NOT_FOLDABLE = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike",
                            "RandomUniformLike", "Multinomial", "Bernoulli"})
 
 
-def is_constant(value: ir.Value, _depth: int = 0) -> bool:
-    """An initializer, a Constant, or computed from constants only (folded before running)."""
-    if value.const_value is not None:
-        return True
-    producer = value.producer()
-    if producer is None or _depth > 64:
-        return False
-    if producer.op_type == "Constant":
-        return True
-    if producer.domain not in ("", "ai.onnx") or producer.op_type in NOT_FOLDABLE:
-        return False
-    ins = [v for v in producer.inputs if v is not None]
-    return bool(ins) and all(is_constant(v, _depth + 1) for v in ins)
+def is_constant(value: ir.Value) -> bool:
+    """An initializer, a Constant, or computed from constants only (folded before running);
+    the same answer as `cost.constant_values`, found by walking up from `value` once (each
+    ancestor visited at most once, however deep or branched the constant subgraph)."""
+    known: dict[int, bool] = {}
+    stack = [value]
+    while stack:
+        v = stack[-1]
+        if id(v) in known:
+            stack.pop()
+            continue
+        if v.const_value is not None:
+            known[id(v)] = True
+            stack.pop()
+            continue
+        producer = v.producer()
+        if (producer is None or producer.domain not in ("", "ai.onnx")
+                or producer.op_type in NOT_FOLDABLE
+                or any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+                       for a in producer.attributes.values())):
+            known[id(v)] = False
+            stack.pop()
+            continue
+        if producer.op_type == "Constant":
+            known[id(v)] = True
+            stack.pop()
+            continue
+        ins = [i for i in producer.inputs if i is not None]
+        todo = [i for i in ins if id(i) not in known]
+        if todo:
+            stack.extend(todo)
+            continue
+        known[id(v)] = bool(ins) and all(known[id(i)] for i in ins)
+        stack.pop()
+    return known[id(value)]
 
 
 def _failed_precondition(rule: Rule, st: _State) -> tuple[str, Any] | None:

@@ -200,3 +200,43 @@ def test_band_preconditions_need_the_rank_and_the_channels():
         proto = _model([helper.make_node("LRN", ["x"], ["y"], size=3)], [x],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [])
         assert len(find_matches(ir.serde.deserialize_model(proto).graph, rule)) == matches, shape
+
+
+def test_is_constant_agrees_with_constant_values_on_deep_and_branched_constants():
+    """A chain of 300 constant nodes (deeper than the old recursion limit of 64) and a ladder
+    of 60 diamonds (2**60 paths for a walk without memory): both constant, answered at once,
+    the same as cost.constant_values, and a graph input anywhere makes them not constant."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from legato.core.rewrite._matcher import is_constant
+    from legato.core.rewrite.cost import constant_values
+
+    def graph(source: str):
+        nodes, prev = [], source
+        for i in range(300):
+            nodes.append(helper.make_node("Neg", [prev], [f"c{i}"]))
+            prev = f"c{i}"
+        for i in range(60):
+            nodes += [helper.make_node("Relu", [prev], [f"l{i}"]),
+                      helper.make_node("Neg", [prev], [f"r{i}"]),
+                      helper.make_node("Add", [f"l{i}", f"r{i}"], [f"d{i}"])]
+            prev = f"d{i}"
+        nodes.append(helper.make_node("Add", ["x", prev], ["y"]))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2])
+                                           for n in ("x", "w")[:1 + (source == "w")]],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [] if source == "w" else
+                              [numpy_helper.from_array(np.ones(2, np.float32), "k")])
+        return ir.serde.deserialize_model(helper.make_model(
+            g, opset_imports=[helper.make_opsetid("", 17)])).graph
+
+    g = graph("k")
+    last = next(n for n in g if n.op_type == "Add" and n.outputs[0].name == "y").inputs[1]
+    consts = constant_values(g)[0]
+    assert is_constant(last) and id(last) in consts
+    assert all(is_constant(o) == (id(o) in consts) for n in g for o in n.outputs)
+    g = graph("w")                                   # the chain starts at a graph input
+    last = next(n for n in g if n.outputs[0].name == "y").inputs[1]
+    assert not is_constant(last) and id(last) not in constant_values(g)[0]
