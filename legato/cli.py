@@ -19,6 +19,7 @@ BENCHMARKS = {
     "pipeline": "pipeline_training.py",
     "planner": "pipeline_planner.py",
     "rewrite": "rewrite_zoo.py",
+    "rewrite-corpus": "rewrite_corpus.py",
     "scheduler": "scheduler_step_time.py",
     "tensorflow-scheduler": "tensorflow_scheduler.py",
     "mxnet-scheduler": "mxnet_scheduler.py",
