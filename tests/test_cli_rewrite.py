@@ -215,14 +215,32 @@ def test_progress_line_on_a_terminal_and_periodic_lines_otherwise():
                      "searching: 10 graphs explored, best predicted 2.000 ms, 10.0 s"]
 
 
+def _two_branches(path) -> str:
+    """y_i = x W_i for two W_i: a model a shipped merge matches, so the search explores it
+    (a model no rule matches is not searched, and shows no progress)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), f"w{i}")
+             for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(2)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [1, 64])],
+                          [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 64])
+                           for i in range(2)], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return str(path)
+
+
 def test_progress_updates_one_line_in_a_terminal(tmp_path):
     import pty
 
+    model = _two_branches(tmp_path / "two.onnx")
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
-        [*LEGATO, "rewrite", str(LIGHT / "light_squeezenet.onnx"), "-o",
-         str(tmp_path / "out.onnx"), "--budget", "1"], stdout=subprocess.DEVNULL,
-        stderr=follower, stdin=subprocess.DEVNULL)
+        [*LEGATO, "rewrite", model, "-o", str(tmp_path / "out.onnx"), "--budget", "1"],
+        stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
     os.close(follower)
     seen = b""
     while True:
@@ -237,8 +255,7 @@ def test_progress_updates_one_line_in_a_terminal(tmp_path):
     os.close(leader)
     text = seen.decode(errors="replace")
     assert "\rsearching: 1 graphs explored, best predicted" in text, text
-    proc = run("rewrite", str(LIGHT / "light_squeezenet.onnx"), "-o",
-               str(tmp_path / "q.onnx"), "--budget", "1", "--quiet")
+    proc = run("rewrite", model, "-o", str(tmp_path / "q.onnx"), "--budget", "1", "--quiet")
     assert proc.returncode == 0 and "searching" not in proc.stderr
 
 

@@ -315,7 +315,7 @@ class OrtCostModel(CostModel):
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4          # failures are caught and said in the log
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
@@ -357,6 +357,10 @@ class OrtCostModel(CostModel):
             arr = np.ascontiguousarray(np.empty_like(value))
             arrays.append(arr)
             binding.bind_output(meta.name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        # one bound run here, where a failure is caught: a segment fed made-up integers (the
+        # shape input of an Expand, the limits of a Range) can compute other shapes than the
+        # model declares, and float8 outputs come back as uint8; such a segment is estimated
+        sess.run_with_iobinding(binding)
         return sess, binding, arrays, reorders
 
     def _glue(self, reorders: list) -> tuple[Any, Any, list] | None:

@@ -80,7 +80,16 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
           rounds: int, rtol: float, atol: float, min_speedup: float,
           on_error: Callable[[Offer, Exception], None] | None = None) -> Verdict:
     """Measure `offers` against `original` (see the module docstring)."""
-    base = session(original, level=level, threads=threads)
+    try:
+        base = session(original, level=level, threads=threads)
+    except Exception as err:  # noqa: BLE001 (the reason is the answer)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        verdict = Verdict(None, None, offers)
+        verdict.reason = (f"onnxruntime cannot run the original model here ({first}), so no "
+                          "rewrite can be checked or timed against it")
+        for offer in offers:
+            offer.why = verdict.reason
+        return verdict
     live: dict[str, Any] = {}
     for offer in offers:
         try:
@@ -122,9 +131,11 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
         if o is not best:
             o.why = o.why or f"measured {o.ratio:.3f}x, {best.label} was faster"
     if best.ratio < min_speedup:
-        best.why = (f"not measured faster by {min_speedup:.2f}x ({best.measured_s * 1e3:.3f} ms "
-                    f"against {verdict.original_s * 1e3:.3f} ms, {best.ratio:.3f}x, median of "
-                    f"{rounds} rounds)")
+        what = (f"not measured faster by {min_speedup:.2f}x" if min_speedup >= 1 else
+                f"measured below the {min_speedup:.2f}x asked")
+        best.why = (f"{what} ({best.measured_s * 1e3:.3f} ms against "
+                    f"{verdict.original_s * 1e3:.3f} ms, {best.ratio:.3f}x, median of {rounds} "
+                    "rounds)")
         verdict.reason = best.why
         return verdict
     # confirm with fresh sessions in the opposite order: a first win can be drift or noise
@@ -142,6 +153,7 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
     verdict.original_s = (verdict.original_s + again["original"]["median_s"]) / 2
     best.measured_s = (best.measured_s + again["rewritten"]["median_s"]) / 2
     verdict.chosen = best
-    verdict.reason = (f"measured {verdict.original_s / best.measured_s:.3f}x faster with equal "
-                      f"outputs (two A/B runs: {best.ratio:.3f}x, {second:.3f}x)")
+    speedup = verdict.original_s / best.measured_s
+    verdict.reason = (f"measured {speedup:.3f}x {'faster' if speedup >= 1 else 'as fast'} with "
+                      f"equal outputs (two A/B runs: {best.ratio:.3f}x, {second:.3f}x)")
     return verdict

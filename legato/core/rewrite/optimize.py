@@ -84,8 +84,11 @@ class Report:
         lines = [f"{'accepted' if self.accepted else 'kept the original'}: {self.reason}"]
         if self.applied:
             lines.append("rules applied: " + ", ".join(self.applied))
-        lines.append(f"predicted cost: {self.predicted_before_s * 1e3:.3f} ms -> "
-                     f"{self.predicted_after_s * 1e3:.3f} ms")
+        if math.isnan(self.predicted_before_s):
+            lines.append("predicted cost: not priced (no rule matches)")
+        else:
+            lines.append(f"predicted cost: {self.predicted_before_s * 1e3:.3f} ms -> "
+                         f"{self.predicted_after_s * 1e3:.3f} ms")
         if self.measured_before_s is not None and self.measured_after_s is not None:
             lines.append(f"measured: {self.measured_before_s * 1e3:.3f} ms -> "
                          f"{self.measured_after_s * 1e3:.3f} ms ({self.speedup:.3f}x)")
@@ -342,10 +345,9 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
     settings = {"level": level, "threads": threads, "alpha": alpha, "budget": budget,
                 "time_limit_s": time_limit_s, "rounds": rounds, "min_speedup": min_speedup,
                 "input_shapes": {k: list(v) for k, v in prepared.input_shapes.items()}}
-    feeds = [random_feed(prepared.original, seed=seed + k, shapes=prepared.input_shapes)
-             for k in range(3)]
     measuring = isinstance(cost_model, OrtCostModel)
     remeasured = 0
+    feeds = None                              # made only when there is something to check
     for attempt in range(2):
         result = search(prepared.model, rules, cost_model, alpha=alpha,
                         budget=budget, time_limit_s=time_limit_s, progress=progress)
@@ -367,10 +369,25 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
         if workdir is not None and prepared.external:
             candidates = candidates[:1]      # a model on disk: one candidate written at a time
         if not candidates:
-            report.reason = ("no rule matches the model" if not result.matched else
-                             "no rewrite found (every rewrite the rules allow was predicted "
-                             "slower beyond doubt)")
+            if not result.matched:
+                report.reason = "no rule matches the model"
+            elif result.explored == 0:
+                report.reason = (f"the time limit ({time_limit_s:g} s) ran out while the "
+                                 f"original was being priced ({result.seconds:.1f} s), before "
+                                 f"any of its {result.matched} matches was tried; raise "
+                                 "time_limit_s (--time-limit)")
+            else:
+                report.reason = ("no rewrite found (every rewrite the rules allow was "
+                                 "predicted slower beyond doubt)")
             return None, report
+        if feeds is None:
+            try:
+                feeds = [random_feed(prepared.original, seed=seed + k,
+                                     shapes=prepared.input_shapes) for k in range(3)]
+            except RewriteError as err:      # a type legato cannot make values for
+                report.reason = (f"{len(candidates)} rewritten candidate(s) found, but none "
+                                 f"can be checked: {err}")
+                return None, report
         offers, original_keys = [], set(result.original_keys)
         for k, cand in enumerate(candidates):
             label = "best" if k == 0 and result.applied else f"contender {k}"

@@ -84,7 +84,8 @@ class SearchResult:
     seconds: float
     original_error_s: float = 0.0
     error_s: float = 0.0
-    matched: int = 0           # matches found in the original graph
+    matched: int = 0           # matches found in the original graph (0: costs are NaN, since
+                               # nothing was priced)
     contenders: list[Candidate] = dataclasses.field(default_factory=list)
     original: ir.Model | None = None      # the input as searched (shapes inferred)
     original_keys: frozenset[str] = frozenset()   # cost entries its price used
@@ -395,6 +396,10 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
     cost_model.bind(root_model)
     opset = root_model.opset_imports.get("", root_model.opset_imports.get("ai.onnx", 17))
     rules = [r for r in rules if target_fits_opset(r, opset)]
+    root_matches = all_matches(root_model.graph, rules, limit=max_matches_per_rule)
+    if not root_matches:                # nothing to search: the original is not even priced
+        return SearchResult(root_model, math.nan, math.nan, [], 0, 0, StopReason.EXHAUSTED,
+                            time.perf_counter() - start, original=root_model)
     base, base_error, base_keys = graph_price(root_model.graph, cost_model)
     root = _Node(base, 0.0, [], _Signer(root_model.graph).total(), model=root_model)
     counter = itertools.count()
@@ -402,13 +407,13 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
     seen = {root.hash}
     best = root
     generated: list[_Node] = []                     # every child made, for the contenders
-    explored = matched = 0
+    explored, matched = 0, len(root_matches)
     stop = StopReason.EXHAUSTED
     while queue:
         if explored >= budget:
             stop = StopReason.BUDGET
             break
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline:   # (also when pricing the original took it all)
             stop = StopReason.TIME_LIMIT
             break
         _, _, item = heapq.heappop(queue)
@@ -418,12 +423,9 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
             except Exception as err:  # noqa: BLE001 (a rewrite that cannot apply is dropped)
                 log.debug("rewrite %s failed to apply: %s", item.applied[-1:], err)
                 continue
-            if item.parent is not None and item.parent is not root:
-                pass
         explored += 1
-        matches = all_matches(item.model.graph, rules, limit=max_matches_per_rule)
-        if item is root:
-            matched = len(matches)
+        matches = (root_matches if item is root else
+                   all_matches(item.model.graph, rules, limit=max_matches_per_rule))
         pricer = _Pricer(item.model, cost_model)
         trials, whole = [], []
         for m in matches:

@@ -49,57 +49,17 @@ def _load(name: str):
 corpus = _load("_onnx_corpus")
 CASES = corpus.cases()
 
-_NO_RANDOM_INPUT = (r"input '\w+' has element type (U?INT[24]|FLOAT4E2M1|FLOAT8E8M0), for "
-                    r"which legato makes no random inputs")
-# Models `optimize` refuses, with the reason its RewriteError must give: an input of a type
-# legato cannot make random values for, so the result could be neither compared nor timed
-# (onnxruntime takes these types packed). Any other refusal fails the test.
-REFUSED = {f"node/{name}": _NO_RANDOM_INPUT for name in """
-    test_cast_FLOAT4E2M1_to_FLOAT test_cast_FLOAT4E2M1_to_FLOAT16 test_cast_INT2_to_FLOAT
-    test_cast_INT2_to_FLOAT16 test_cast_INT2_to_INT8 test_cast_INT4_to_FLOAT
-    test_cast_INT4_to_FLOAT16 test_cast_INT4_to_INT8 test_cast_UINT2_to_FLOAT
-    test_cast_UINT2_to_FLOAT16 test_cast_UINT2_to_UINT8 test_cast_UINT4_to_FLOAT
-    test_cast_UINT4_to_FLOAT16 test_cast_UINT4_to_UINT8 test_cast_e8m0_FLOAT8E8M0_to_FLOAT
-    test_cast_e8m0_FLOAT8E8M0_to_FLOAT16 test_castlike_FLOAT16_to_FLOAT4E2M1
-    test_castlike_FLOAT16_to_FLOAT4E2M1_expanded test_castlike_FLOAT16_to_INT2
-    test_castlike_FLOAT16_to_INT2_expanded test_castlike_FLOAT16_to_INT4
-    test_castlike_FLOAT16_to_INT4_expanded test_castlike_FLOAT16_to_UINT2
-    test_castlike_FLOAT16_to_UINT2_expanded test_castlike_FLOAT16_to_UINT4
-    test_castlike_FLOAT16_to_UINT4_expanded test_castlike_FLOAT4E2M1_to_FLOAT
-    test_castlike_FLOAT4E2M1_to_FLOAT16 test_castlike_FLOAT4E2M1_to_FLOAT16_expanded
-    test_castlike_FLOAT4E2M1_to_FLOAT_expanded test_castlike_FLOAT_to_FLOAT4E2M1
-    test_castlike_FLOAT_to_FLOAT4E2M1_expanded test_castlike_FLOAT_to_INT2
-    test_castlike_FLOAT_to_INT2_expanded test_castlike_FLOAT_to_INT4
-    test_castlike_FLOAT_to_INT4_expanded test_castlike_FLOAT_to_UINT2
-    test_castlike_FLOAT_to_UINT2_expanded test_castlike_FLOAT_to_UINT4
-    test_castlike_FLOAT_to_UINT4_expanded test_castlike_INT2_to_FLOAT
-    test_castlike_INT2_to_FLOAT16 test_castlike_INT2_to_FLOAT16_expanded
-    test_castlike_INT2_to_FLOAT_expanded test_castlike_INT2_to_INT8
-    test_castlike_INT2_to_INT8_expanded test_castlike_INT4_to_FLOAT
-    test_castlike_INT4_to_FLOAT16 test_castlike_INT4_to_FLOAT16_expanded
-    test_castlike_INT4_to_FLOAT_expanded test_castlike_INT4_to_INT8
-    test_castlike_INT4_to_INT8_expanded test_castlike_UINT2_to_FLOAT
-    test_castlike_UINT2_to_FLOAT16 test_castlike_UINT2_to_FLOAT16_expanded
-    test_castlike_UINT2_to_FLOAT_expanded test_castlike_UINT2_to_UINT8
-    test_castlike_UINT2_to_UINT8_expanded test_castlike_UINT4_to_FLOAT
-    test_castlike_UINT4_to_FLOAT16 test_castlike_UINT4_to_FLOAT16_expanded
-    test_castlike_UINT4_to_FLOAT_expanded test_castlike_UINT4_to_UINT8
-    test_castlike_UINT4_to_UINT8_expanded test_dequantizelinear_float4e2m1
-    test_dequantizelinear_int2 test_dequantizelinear_int4 test_dequantizelinear_uint2
-    test_dequantizelinear_uint4 test_quantizelinear_float4e2m1 test_quantizelinear_int2
-    test_quantizelinear_int4 test_quantizelinear_uint2 test_quantizelinear_uint4
-""".split()}
+# Models `optimize` refuses, with the reason its RewriteError must give; any other refusal
+# fails the test. None today: a model with an input type legato makes no random values for
+# (int4, float4, float8e8m0: 74 node tests) is searched like any other and, where no rule
+# matches, given back unchanged; where one matches, given back with the reason.
+REFUSED: dict[str, str] = {}
 
 # Known bugs outside this test's reach, each (what, test on the outcome): the test is marked
 # xfail with the reason, so the run says how many remain; delete an entry once it is fixed.
-KNOWN_BUGS = [
-    # a segment timed alone is fed ones for its integer inputs (shape tensors of Expand,
-    # Reshape, Range, axes) and float8 outputs are bound as uint8, so the bound run's shapes or
-    # types are not the declared ones, and its RuntimeError escapes optimize
-    ("cost.py: a segment's bound run fails (RuntimeError escapes optimize)",
-     lambda o: o.status == "error" and "cost.py" in o.where and "_rounds" in o.where
-     and "Error in execution" in o.reason),
-]
+# (Fixed: a segment timed alone fed made-up integers to shape inputs, and its failing bound
+# run escaped optimize on 154 models.)
+KNOWN_BUGS: list = []
 
 
 @pytest.fixture(scope="module")
