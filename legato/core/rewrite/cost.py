@@ -1,5 +1,6 @@
-"""What a graph costs: segments timed in onnxruntime in the context they run in, cached per
-machine, with their measured spread; an analytic estimate where timing is impossible.
+"""What a graph costs: segments timed in onnxruntime, corrected for the context they run in,
+cached per machine, with their measured spread; an analytic estimate where timing is
+impossible.
 
 A graph's predicted time is the sum of its segments' costs (`segments.py`: the groups of nodes
 onnxruntime may fuse into one kernel, timed together, so Conv+BatchNorm+Relu or MatMul+Add cost
@@ -9,24 +10,30 @@ what the fused kernel costs). Nodes computed from constants only cost nothing: t
 and thread count as the whole model, with constant inputs as initializers (weight prepacking
 counts) and pre-bound inputs and outputs (no allocation or copy in the timing):
 
-- *in context*: a model's other nodes stream their weights and activations through the caches
-  between two runs of a segment. A [1,512]x[512,512] MatMul measured 14 us alone and 51 us in a
-  chain of 64 with their own weights (this machine: 1 MiB L2, 32 MiB L3), which is why a
-  per-operator model once saw no gain in merging NasRNN's matrix-vector products. So every
-  round of a measurement first reads as many bytes as the model moves (up to twice the L3
-  size) and then warms the segment's non-constant inputs, which the node before it has just
-  written: weights cold, activations warm, as in the model. The traffic is part of the key.
 - *interleaved and repeated*: the segments priced together are timed in rounds (A B C A B C
-  ...) beside an empty model, whose median run is subtracted (a whole model pays the fixed
-  cost of a session run once, not per segment); each segment's cost is its median over
-  `rounds` rounds and its spread the interquartile range over the median. A segment whose
-  spread is wider than `max_spread` is measured again (up to `retries` times) and the tighter
-  measurement kept; the spread travels with the cost, so a decision resting on a noisy cost is
-  known to be unsure.
-- *cached per machine* (`costcache.py`): entries are keyed by the segment's canonical form, the
-  cache traffic, and the machine section (CPU, cores, caches, onnxruntime version, level,
-  threads). The guard in `optimize` checks them against whole-model measurements and has
-  entries that disagree measured again (`remeasure`).
+  ...) beside two reference models (one Neg node and a chain of eight), whose medians give
+  a session run's fixed cost, taken off each segment (a whole model pays it once), apart from
+  a node's own cost, which every node pays in a model as alone; each segment's cost is its
+  median over `rounds` rounds and its spread the interquartile range over the median. A segment
+  whose spread is wider than `max_spread` is measured again (up to `retries` times) and the
+  tighter measurement kept; the spread travels with the cost, so a decision resting on a
+  noisy cost is known to be unsure.
+- *in context*: timed alone and back to back, a segment keeps its weights in the caches; in a
+  model, the rest of it streams through them in between (`traffic`: the model's weights and
+  activations, up to twice the L3 size). So each segment pays, per byte of its constant
+  inputs, the `cold_penalty` measured for that traffic and weight size: a [1,512]x[512,512]
+  MatMul took 14 us alone and 51 us among 64 others with their own weights (1 MiB L2,
+  32 MiB L3 here). Reading the traffic before every timed run instead also made
+  onnxruntime's own code cold, which a model's nodes are not, and priced a 256-float Add at
+  1.3 us. With several threads, a parallel kernel run alone first wakes its sleeping workers,
+  which in a model the node before has just used: the `wake_surplus` measured for that is
+  taken off segments big enough to run in parallel.
+- *fusion and layout*: the NCHWc reorders onnxruntime puts at a lone segment's edges (which a
+  model's chain of NCHWc convolutions does not pay) are timed in the same rounds and taken off.
+- *cached per machine* (`costcache.py`): entries are keyed by the segment's canonical form and
+  the machine section (CPU, cores, caches, onnxruntime version, level, threads). The guard in
+  `optimize` checks them against whole-model measurements and has entries that disagree
+  measured again (`remeasure`).
 
 A segment that cannot be timed alone (dynamic shapes, a custom domain, a subgraph, a failure)
 gets `AnalyticCostModel`'s estimate with a relative error of 50%.
@@ -142,12 +149,12 @@ def _attr(node: ir.Node, name: str, default: Any) -> Any:
 
 
 def _traffic_bucket(total_bytes: int, l2: int, l3: int) -> int:
-    """The bytes read between two runs of a segment, as a power of two in MiB (0: the model
-    fits in L2 and stays warm)."""
+    """The bytes read between two runs of a segment, rounded to the nearest quarter octave
+    (so near sizes share cache entries; 0: the model fits in half the L2 and stays warm)."""
     if total_bytes <= (l2 or 2 ** 20) // 2:
         return 0
     target = min(total_bytes, 2 * (l3 or 32 * 2 ** 20))
-    return 2 ** max(0, math.ceil(math.log2(max(target, 1) / 2 ** 20))) * 2 ** 20
+    return int(2 ** (round(4 * math.log2(target)) / 4)) // 4096 * 4096
 
 
 class OrtCostModel(CostModel):
@@ -193,7 +200,8 @@ class OrtCostModel(CostModel):
         self.measure_s = 0.0
         self.run_overhead_s = self.node_overhead_s = 0.0   # from the reference models
         self._specs: dict[str, seg.SegmentSpec] = {}     # measured here, by key
-        self._evict: np.ndarray | None = None
+        self._penalty: dict[int, float] = {}
+        self._wake: float | None = None
         self._empty: Any = None
 
     @property
@@ -221,7 +229,7 @@ class OrtCostModel(CostModel):
     def ticket(self, nodes: Sequence[ir.Node], view: seg.View) -> Any:
         estimate = sum(self.fallback.node_cost(n, view.constants) for n in nodes)
         spec = seg.describe(list(nodes), view, opsets=self.opsets,
-                            context=[self.traffic, self.level, self.threads],
+                            context=[self.level, self.threads],
                             build=lambda key: key not in self._specs and key not in self.cache)
         if spec.why_untimed:
             log.debug("segment %s estimated: %s", spec.op_types, spec.why_untimed)
@@ -255,7 +263,8 @@ class OrtCostModel(CostModel):
                 self.cached += 1
             # the standard error of a median of n samples is about IQR / sqrt(n)
             error = entry.spread * entry.seconds / math.sqrt(max(entry.samples, 1))
-            out.append(Price(entry.seconds, error, spec.key))
+            cold = spec.weight_bytes * self.cold_penalty(spec.weight_bytes)
+            out.append(Price(entry.seconds + cold, error, spec.key))
         return out
 
     def node_cost(self, node: ir.Node, constants: set[int] | None = None) -> float:
@@ -295,14 +304,15 @@ class OrtCostModel(CostModel):
         view = seg.View(graph, consts)
         for nodes in self.segments(graph, view):
             spec = seg.describe(nodes, view, opsets=self.opsets,
-                                context=[self.traffic, self.level, self.threads],
+                                context=[self.level, self.threads],
                                 build=lambda key: key in keys)
             if spec.model is not None:
                 self._specs[spec.key] = spec
 
     # ------------------------------------------------------------------ measuring
 
-    def _session(self, model: onnx.ModelProto, optimized_path: str | None = None):
+    def _session(self, model: onnx.ModelProto, optimized_path: str | None = None,
+                 threads: int | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -313,15 +323,15 @@ class OrtCostModel(CostModel):
             opts.add_session_config_entry(
                 "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[self.level])
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = self.threads if threads is None else threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 4          # failures are caught and said in the log
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
 
-    def _bound(self, model: onnx.ModelProto, feed_spec: dict, *, inspect: bool = False
-               ) -> tuple[Any, Any, list, list]:
+    def _bound(self, model: onnx.ModelProto, feed_spec: dict, *, inspect: bool = False,
+               threads: int | None = None) -> tuple[Any, Any, list, list]:
         """A session with its inputs and outputs bound to numpy buffers allocated once (no
         allocation or copy while timing; the buffers can be warmed as the model would), and,
         with `inspect`, the layout reorders onnxruntime put at the model's inputs and outputs
@@ -332,14 +342,14 @@ class OrtCostModel(CostModel):
         if inspect:
             with tempfile.TemporaryDirectory(prefix="legato-seg-") as tmp:
                 path = f"{tmp}/optimized.onnx"
-                sess = self._session(model, path)
+                sess = self._session(model, path, threads)
                 try:
                     reorders = _boundary_reorders(onnx.load(path, load_external_data=False),
                                                   model)
                 except Exception as err:  # noqa: BLE001 (no reorder correction then)
                     log.debug("cannot read the optimized segment: %s", err)
         else:
-            sess = self._session(model)
+            sess = self._session(model, threads=threads)
         binding = sess.io_binding()
         rng = np.random.default_rng(1)
         arrays = []
@@ -415,12 +425,118 @@ class OrtCostModel(CostModel):
             self._empty = refs
         return self._empty
 
-    def _evictor(self) -> np.ndarray | None:
-        if not self.traffic:
-            return None
-        if self._evict is None or self._evict.nbytes < self.traffic:
-            self._evict = np.ones(self.traffic // 8, dtype=np.int64)
-        return self._evict
+    def cold_penalty(self, weight_bytes: int) -> float:
+        """Seconds per byte of constant input (weights) that a segment with `weight_bytes` of
+        them pays in the model beyond what it pays timed alone, where its weights stay in the
+        caches between runs: in the model, the rest of it (`traffic` bytes) streams through
+        the caches in between.
+
+        Measured once per machine section, traffic and weight size (a power of two from 64 KiB
+        to 16 MiB): a [1,K]x[K,N] MatMul with that many bytes of weights timed hot, and right
+        after reading `traffic` bytes (then one reference run, so that onnxruntime's own code
+        is warm again, as between two nodes), in interleaved rounds; the difference over its
+        weight bytes, never below 0. Cached like a segment."""
+        if not self.traffic or weight_bytes <= 0:
+            return 0.0
+        size = 2 ** min(24, max(16, round(math.log2(weight_bytes))))
+        hit = self._penalty.get(size)
+        if hit is not None:
+            return hit
+        key = f"cold-penalty:{self.traffic}:{size}"
+        entry = self.cache.get(key)
+        if entry is None:
+            entry = self._probe_penalty(size)
+            self.cache.put(key, entry)
+        self._penalty[size] = entry.seconds
+        return entry.seconds
+
+    def wake_surplus(self) -> float:
+        """With several intra-op threads, what a parallel kernel run alone pays on top of what
+        it pays between other nodes of a model (its workers, asleep between two lone runs, are
+        woken; in a model the node before has just used them): a [1,512]x[512,512] MatMul
+        timed alone, less its time per node in a chain of 16 and a session run's fixed cost.
+        0 with one thread. Measured once per machine section, cached like a segment."""
+        if self.threads <= 1:
+            return 0.0
+        if self._wake is None:
+            entry = self.cache.get("wake-surplus")
+            if entry is None:
+                entry = self._probe_wake()
+                self.cache.put("wake-surplus", entry)
+            self._wake = entry.seconds
+        return self._wake
+
+    def _probe_wake(self) -> Entry:
+        from onnx import TensorProto, helper, numpy_helper
+
+        k = 512
+        weight = numpy_helper.from_array(
+            np.random.default_rng(0).standard_normal((k, k)).astype(np.float32) / k, "w")
+        runs = []
+        for n in (1, 16):
+            names = ["x", *(f"v{i}" for i in range(n))]
+            model = helper.make_model(
+                helper.make_graph([helper.make_node("MatMul", [names[i], "w"], [names[i + 1]])
+                                   for i in range(n)], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                                  [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT,
+                                                                 [1, k])], [weight]),
+                opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8
+            runs.append(self._bound(model, {"x": ((1, k), "<f4")})[:3])
+        refs = self._references()
+        times: list[list[float]] = [[], [], []]
+        for _ in range(3):
+            for sess, binding, _ in runs:
+                sess.run_with_iobinding(binding)
+        for _ in range(max(self.rounds, 15) * 4):
+            for i, (sess, binding, _) in enumerate([*runs, refs[0]]):
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(binding)
+                times[i].append(time.perf_counter() - t0)
+        alone, chain, ref = (statistics.median(t) for t in times)
+        per_node = (chain - alone) / 15
+        surplus = max(alone - per_node - ref, 0.0)
+        return Entry(surplus, 0.0, len(times[0]), time.time())
+
+    def _probe_penalty(self, size: int) -> Entry:
+        from onnx import TensorProto, helper, numpy_helper
+
+        k = 256
+        n = size // (4 * k)
+        weight = numpy_helper.from_array(
+            np.random.default_rng(0).standard_normal((k, n)).astype(np.float32) / k, "w")
+        model = helper.make_model(
+            helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [weight]),
+            opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        # the bound buffers must outlive the binding (onnxruntime reads and writes them)
+        # one thread: the caches are what is measured here, not waking a thread pool (a
+        # worker asleep through the read below takes longer to wake: wake_surplus's part)
+        sess, binding, buffers, _ = self._bound(model, {"x": ((1, k), "<f4")}, threads=1)
+        ref_sess, ref_bind, _ = self._references()[0]
+        evict = np.ones(self.traffic // 8, dtype=np.int64)
+        hot, cold = [], []
+        for _ in range(3):
+            sess.run_with_iobinding(binding)
+        for _ in range(max(self.rounds, 15)):
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            hot.append(time.perf_counter() - t0)
+            int(evict.sum())
+            ref_sess.run_with_iobinding(ref_bind)
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            cold.append(time.perf_counter() - t0)
+        del buffers
+        extra = [c - h for c, h in zip(cold, hot)]
+        med = statistics.median(extra)
+        q = statistics.quantiles(extra, n=4)
+        return Entry(max(med, 0.0) / size, abs(q[2] - q[0]) / max(abs(med), 1e-9), len(extra),
+                     time.time())
 
     def _measure(self, specs: list[seg.SegmentSpec]) -> None:
         """Time `specs` together in interleaved rounds; store each as a cache entry. Specs
@@ -467,9 +583,6 @@ class OrtCostModel(CostModel):
         if not sessions:
             return {}
         refs = self._references()
-        evict = self._evictor()
-        moved = sum(s.weight_bytes + s.io_bytes for s, *_ in sessions)
-        top_up = 0 if evict is None else int(max(0, min(evict.size, (self.traffic - moved) // 8)))
         runs = [(spec.key, timed) for spec, timed, _ in sessions]
         runs += [("glue:" + spec.key, glue) for spec, _, glue in sessions if glue is not None]
         # warm-up: first runs pay for lazy initialisation and prepacking
@@ -478,9 +591,6 @@ class OrtCostModel(CostModel):
             sess.run_with_iobinding(binding)
         reps = {}
         for key, (sess, binding, _) in runs:
-            if evict is not None:
-                reps[key] = 1
-                continue
             t0 = time.perf_counter()
             sess.run_with_iobinding(binding)
             one = time.perf_counter() - t0
@@ -488,16 +598,11 @@ class OrtCostModel(CostModel):
         samples: dict[str, list[float]] = {key: [] for key, _ in runs}
         zero: list[list[float]] = [[], []]
         for _ in range(self.rounds):
-            if top_up:
-                int(evict[:top_up].sum())
-                refs[0][0].run_with_iobinding(refs[0][1])  # the session machinery warm again,
-            for k, (r_sess, r_bind, _) in enumerate(refs):  # as between two nodes of a model
+            for k, (r_sess, r_bind, _) in enumerate(refs):
                 t0 = time.perf_counter()
                 r_sess.run_with_iobinding(r_bind)
                 zero[k].append(time.perf_counter() - t0)
             for key, (sess, binding, arrays) in runs:
-                for arr in arrays:      # activations are warm: just written, or reused buffers
-                    arr.sum()
                 n = reps[key]
                 t0 = time.perf_counter()
                 for _ in range(n):
@@ -518,6 +623,9 @@ class OrtCostModel(CostModel):
             q = statistics.quantiles(times, n=4) if len(times) >= 4 else [min(times), 0,
                                                                            max(times)]
             cost = max(med - base, 1e-7)
+            wake = self.wake_surplus()
+            if wake and cost > 2 * wake:        # a kernel big enough to be run in parallel
+                cost -= wake
             out[spec.key] = Entry(cost, (q[2] - q[0]) / cost, len(times), now)
         return out
 
