@@ -6,7 +6,9 @@ measurements contradict the cost model's prediction, the cost entries behind it 
 the search handed back), loads each in onnxruntime, compares its outputs with the original's
 on the same inputs, and times all that agree together with the original in interleaved rounds
 (one A/B for all, so drift hits all alike). The fastest candidate at least `min_speedup` faster
-is confirmed by a second A/B with fresh sessions in the opposite order. For each candidate
+(median of the per-round ratios) and faster in at least three rounds of four (their lower
+quartile at least 1) is confirmed by a second A/B with fresh sessions in the opposite order,
+held to the same two conditions. For each candidate
 the predicted gain (original's predicted time over the candidate's) is set against the
 measured one; when they differ by more than the measurement's own noise plus the
 prediction's error (and 5%), the candidate *disagrees*, and the cost entries its prediction
@@ -43,10 +45,12 @@ class Offer:
     measured_s: float | None = None
     ratio: float | None = None           # original time / this one's, median of rounds
     noise: float | None = None           # relative spread of the per-round ratios
+    low: float | None = None             # their lower quartile
     why: str = ""                        # why it was not taken
 
     def to_json(self) -> dict:
         return {"label": self.label, "rules": len(self.applied),
+                "rules_applied": sorted(set(self.applied)),
                 "predicted_ms": self.predicted_s * 1e3, "error_ms": self.error_s * 1e3,
                 "measured_ms": None if self.measured_s is None else self.measured_s * 1e3,
                 "ratio": self.ratio, "noise": self.noise, "equal": self.equal,
@@ -66,13 +70,15 @@ class Verdict:
     reason: str = ""
 
 
-def _ratio_stats(orig: list[float], cand: list[float]) -> tuple[float, float]:
+def _ratio_stats(orig: list[float], cand: list[float]) -> tuple[float, float, float]:
+    """Per round, original time over the candidate's (a round runs both, so drift cancels):
+    (median, relative spread (IQR over median), lower quartile)."""
     ratios = [a / b for a, b in zip(orig, cand) if b > 0]
     med = statistics.median(ratios)
     if len(ratios) >= 4:
         q = statistics.quantiles(ratios, n=4)
-        return med, (q[2] - q[0]) / med
-    return med, (max(ratios) - min(ratios)) / med
+        return med, (q[2] - q[0]) / med, q[0]
+    return med, (max(ratios) - min(ratios)) / med, min(ratios)
 
 
 def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
@@ -116,8 +122,8 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
         if offer.label not in live:
             continue
         offer.measured_s = timed[offer.label]["median_s"]
-        offer.ratio, offer.noise = _ratio_stats(timed["original"]["times"],
-                                                timed[offer.label]["times"])
+        offer.ratio, offer.noise, offer.low = _ratio_stats(timed["original"]["times"],
+                                                           timed[offer.label]["times"])
         if offer.predicted_s > 0:
             predicted = predicted_original_s / offer.predicted_s
             rel_error = math.hypot(offer.error_s / offer.predicted_s,
@@ -130,6 +136,13 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
     for o in ranked:
         if o is not best:
             o.why = o.why or f"measured {o.ratio:.3f}x, {best.label} was faster"
+    floor = min(1.0, min_speedup)    # asked for less than 1x: slower rounds are allowed
+    if best.ratio >= min_speedup and best.low < floor:
+        best.why = (f"not measured faster beyond this machine's noise: a median of "
+                    f"{best.ratio:.3f}x, but slower in more than a quarter of the {rounds} "
+                    f"rounds (lower quartile {best.low:.3f}x)")
+        verdict.reason = best.why
+        return verdict
     if best.ratio < min_speedup:
         what = (f"not measured faster by {min_speedup:.2f}x" if min_speedup >= 1 else
                 f"measured below the {min_speedup:.2f}x asked")
@@ -142,12 +155,14 @@ def judge(original: Any, offers: list[Offer], *, predicted_original_s: float,
     again = ab_time({"rewritten": session(best.runnable, level=level, threads=threads),
                      "original": session(original, level=level, threads=threads)},
                     feeds[0], rounds=rounds)
-    second = again["original"]["median_s"] / again["rewritten"]["median_s"]
+    second, _, second_low = _ratio_stats(again["original"]["times"],
+                                         again["rewritten"]["times"])
     verdict.first, verdict.second = best.ratio, second
-    if second < min_speedup:
+    if second < min_speedup or second_low < floor:
         best.why = (f"not measured faster on confirmation: a first A/B measured "
                     f"{best.ratio:.3f}x, fresh sessions in the opposite order {second:.3f}x "
-                    f"(below {min_speedup:.2f}x)")
+                    f"(lower quartile {second_low:.3f}x; {min_speedup:.2f}x asked, and faster "
+                    "in three rounds of four)")
         verdict.reason = best.why
         return verdict
     verdict.original_s = (verdict.original_s + again["original"]["median_s"]) / 2

@@ -430,7 +430,7 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
         for offer in verdict.disagree:
             suspects |= set(offer.keys) ^ original_keys
         if verdict.original_s and abs(math.log(result.original_cost / verdict.original_s)) \
-                > math.log(2.0):
+                > math.log(1.5):
             suspects |= original_keys
         if suspects and measuring and attempt == 0:
             cost_model.spec_for(result.original.graph, suspects)

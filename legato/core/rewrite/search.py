@@ -486,9 +486,14 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
                 best = child
         if progress is not None:
             progress(explored, best.cost)
-    picked = _contenders(root, best, generated, contenders)
     if best.model is None:
-        best.model = _materialize(best)
+        try:
+            best.model = _materialize(best)
+        except Exception as err:  # noqa: BLE001 (never taken out, it could not be applied)
+            log.debug("the best rewrite failed to apply: %s", err)
+            generated = [c for c in generated if c is not best]
+            best = root
+    picked = _contenders(root, best, generated, contenders)
     out = []
     for c in picked:
         try:
@@ -505,17 +510,24 @@ def search(model: ir.Model, rules: Sequence[Rule], cost_model: CostModel, *,
 
 
 def _contenders(root: _Node, best: _Node, generated: list[_Node], k: int) -> list[_Node]:
-    """Candidates worth measuring besides the best: those whose predicted difference from the
-    original lies within twice its uncertainty, cheapest first (at most `k`), and the
-    cheapest rewritten graph even when predicted slower, so that a wrong price is caught."""
+    """Candidates worth measuring besides the best (at most `k`): the cheapest of the most
+    rewritten graphs (a merge alone may cost more, and the gain come only with the Add that
+    follows it: NasRNN at one thread; or the prediction may stop short of the gain), when none
+    was predicted faster the cheapest rewritten graph, and those whose predicted difference
+    from the original lies within twice its uncertainty, cheapest first, so that a wrong price
+    is caught rather than trusted."""
     if k <= 0 or not generated:
         return []
     out: list[_Node] = []
-    unsure = sorted((c for c in generated if c is not best
-                     and c.cost - 2 * c.error_s < root.cost), key=lambda c: c.cost - c.error_s)
-    out += unsure[:k]
+    deepest = max(len(c.applied) for c in generated)
+    if deepest > len(best.applied):
+        out.append(min((c for c in generated if len(c.applied) == deepest),
+                       key=lambda c: c.cost))
     if best is root:
         cheapest = min(generated, key=lambda c: c.cost)
         if all(c is not cheapest for c in out):
-            out.insert(0, cheapest)
+            out.append(cheapest)
+    unsure = sorted((c for c in generated if c is not best and all(c is not o for o in out)
+                     and c.cost - 2 * c.error_s < root.cost), key=lambda c: c.cost - c.error_s)
+    out += unsure
     return out[:k]
