@@ -523,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--min-speedup", type=float, default=1.03, metavar="X",
                    help="keep the rewrite only if two A/B runs both measure it X times faster "
+                        "(median of the per-round ratios) and faster in three rounds of four "
                         "(default 1.03)")
     p.add_argument("--explain", action="store_true",
                    help="print the rules applied, costs and measurements, how many places "
