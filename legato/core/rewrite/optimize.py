@@ -348,6 +348,7 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
     measuring = isinstance(cost_model, OrtCostModel)
     remeasured = 0
     feeds = None                              # made only when there is something to check
+    carried: list[Offer] = []                 # the first attempt's fastest, measured again
     for attempt in range(2):
         result = search(prepared.model, rules, cost_model, alpha=alpha,
                         budget=budget, time_limit_s=time_limit_s, progress=progress)
@@ -405,6 +406,9 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
                 continue
             offers.append(Offer(label, cand.applied, cand.cost, cand.error_s, done.runnable(),
                                 keys, payload=(cand, done)))
+        for old in carried:                    # so that searching again never loses it
+            offers.append(Offer(f"{old.label} (first search)", old.applied, old.predicted_s,
+                                old.error_s, old.runnable, old.keys, payload=old.payload))
         if not offers:
             report.reason = "no rewritten model was valid: " + "; ".join(
                 f"{c['label']}: {c['why']}" for c in report.candidates)
@@ -442,6 +446,8 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
                        if abs(math.log(max(new, 1e-9) / max(old, 1e-9))) > math.log(1.25)]
             cost_model.save()
             if changed and verdict.chosen is None:
+                carried = sorted((o for o in offers if o.ratio is not None),
+                                 key=lambda o: -o.ratio)[:1]
                 prepared.notes.append(
                     f"the whole-model A/B contradicted the predicted gain: {len(moved)} cost "
                     f"entries measured again, {len(changed)} moved by more than 25%; searched "
