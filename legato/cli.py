@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="in.onnx")
     p.add_argument("-o", "--output", required=True, metavar="out.onnx")
     p.add_argument("--alpha", type=float, default=1.05,
-                   help="keep candidates up to alpha x the best cost (default 1.05)")
+                   help="keep candidates up to alpha x the best cost, or within twice their "
+                        "measured error of it (default 1.05)")
     p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
                    help="wall-clock limit of the graph search in seconds (default 60), "
