@@ -502,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured error of it (default 1.05)")
     p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
     p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
-                   help="wall-clock limit of the graph search in seconds (default 60), "
+                   help="wall-clock limit of the graph search in seconds (default 60; both "
+                        "searches together when the guard has it search again), "
                         "checked between graphs: the graph under way is finished and the "
                         "costing of the input model's operators (slow only on an empty cost "
                         "cache) is not cut short; reading the model and the final A/B "

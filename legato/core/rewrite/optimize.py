@@ -349,12 +349,14 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
     remeasured = 0
     feeds = None                              # made only when there is something to check
     carried: list[Offer] = []                 # the first attempt's fastest, measured again
+    searched_s = 0.0                          # the time limit bounds both searches together
     for attempt in range(2):
-        result = search(prepared.model, rules, cost_model, alpha=alpha,
-                        budget=budget, time_limit_s=time_limit_s, progress=progress)
+        result = search(prepared.model, rules, cost_model, alpha=alpha, budget=budget,
+                        time_limit_s=max(time_limit_s - searched_s, 0.0), progress=progress)
+        searched_s += result.seconds
         cost_model.save()
         report = Report(False, "", result.applied, result.original_cost, result.cost,
-                        stop_reason=result.stop_reason, search_s=result.seconds,
+                        stop_reason=result.stop_reason, search_s=searched_s,
                         explored=result.explored, generated=result.generated,
                         tolerance={"rtol": rtol, "atol": atol}, settings=settings,
                         notes=list(prepared.notes), searches=attempt + 1,
@@ -445,7 +447,13 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
             changed = [k for k, (old, new) in moved.items()
                        if abs(math.log(max(new, 1e-9) / max(old, 1e-9))) > math.log(1.25)]
             cost_model.save()
-            if changed and verdict.chosen is None:
+            left = time_limit_s - searched_s
+            if changed and verdict.chosen is None and left < 0.25 * time_limit_s:
+                report.notes.append(
+                    f"the whole-model A/B contradicted the predicted gain: {len(moved)} cost "
+                    f"entries measured again, {len(changed)} moved by more than 25%; not "
+                    f"searched again: {left:.0f} s of the {time_limit_s:g} s time limit left")
+            elif changed and verdict.chosen is None:
                 carried = sorted((o for o in offers if o.ratio is not None),
                                  key=lambda o: -o.ratio)[:1]
                 prepared.notes.append(
