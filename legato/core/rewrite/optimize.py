@@ -1,12 +1,16 @@
 """`optimize(model)`: search for a faster equivalent graph, and return it only if it is
 measured faster and computes the same outputs; otherwise the original, with the reason.
 
-Steps: check the model; TASO's search with the given rules and cost model (`search.py`); fold
+Steps: check the model; TASO's search with the given rules and cost model (`search.py`); for
+the best graph and the candidates the search could not rank (`SearchResult.contenders`), fold
 the constant subgraphs the rules produced (weights concatenated or scaled) into initializers
-with onnx's reference evaluator; then a whole-model A/B in onnxruntime with the same settings
-(interleaved rounds, medians) and an output comparison on random inputs. The returned model
-carries, in `metadata_props`, the rules applied and the costs and times measured
-(`legato.rewrite.*`; `Report.explain()` prints them).
+with onnxscript's constant folder; then the guard (`guard.py`): an output comparison on random
+inputs and a whole-model A/B in onnxruntime with the same settings (interleaved rounds,
+per-round ratios), confirmed by a second one. Where the measurements contradict the predicted
+gain, the cost entries behind it are measured again and, if they moved, the search runs once
+more within the time limit left. The returned model carries, in `metadata_props`, the rules
+applied and the costs and times measured (`legato.rewrite.*`; `Report.explain()` prints
+them).
 
 `modelio.py` reads the model in (`prepare`) and gives the result back the input's form
 (`finish`): valid for its IR version, inputs and symbolic dimensions as they were, external data
@@ -21,10 +25,8 @@ import logging
 import math
 import os
 import shutil
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -125,7 +127,11 @@ def fold_constants(model: ir.Model) -> int:
     fuses the one and folds the other itself). The folder works on a model of its own holding
     the rules' constant nodes and the user's constant nodes they read (sharing the tensors, not
     copying them), so only what is needed is computed."""
-    import onnxscript.optimizer
+    try:
+        import onnxscript.optimizer
+    except ImportError as err:
+        raise RewriteError(f"folding the rules' new constants needs onnxscript ({err}); "
+                           "install it: pip install onnxscript (legato[onnx] brings it)") from err
 
     graph = model.graph
     foldable_ids = foldable(graph)
@@ -369,8 +375,9 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
             report.near_misses = near_misses
         candidates = ([Candidate(result.model, result.cost, result.error_s, result.applied)]
                       if result.applied else []) + list(result.contenders)
-        if workdir is not None and prepared.external:
-            candidates = candidates[:1]      # a model on disk: one candidate written at a time
+        if workdir is not None and (prepared.external or modelio._model_bytes(
+                prepared.model, prepared) >= external_threshold_bytes // 2):
+            candidates = candidates[:1]      # a model on disk: one copy of it written
         if not candidates:
             if not result.matched:
                 report.reason = "no rule matches the model"
@@ -396,15 +403,19 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
             label = "best" if k == 0 and result.applied else f"contender {k}"
             keys = frozenset(graph_price(cand.model.graph, cost_model)[2])
             work = cand.model.clone()
+            where = None                     # each candidate written in a folder of its own
+            if workdir is not None:
+                where = os.path.join(workdir, f"candidate-{attempt}-{k}")
+                os.makedirs(where, exist_ok=True)
             try:
                 fold_constants(work)
-                done = modelio.finish(prepared, work, workdir=workdir, name=name,
+                done = modelio.finish(prepared, work, workdir=where, name=name,
                                       data_name=data_name,
                                       external_threshold_bytes=external_threshold_bytes)
             except Exception as err:  # noqa: BLE001 (a broken candidate must never come back)
+                first = str(err).splitlines()[0] if str(err) else ""
                 report.candidates.append({"label": label, "rules": len(cand.applied),
-                                          "why": f"not valid ({type(err).__name__}: "
-                                                 f"{str(err).splitlines()[0] if str(err) else ''})"})
+                                          "why": f"not valid ({type(err).__name__}: {first})"})
                 continue
             offers.append(Offer(label, cand.applied, cand.cost, cand.error_s, done.runnable(),
                                 keys, payload=(cand, done)))
