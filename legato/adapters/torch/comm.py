@@ -6,6 +6,7 @@ built, so a user's own collectives on the default group can never interleave wit
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Callable, Sequence
 
@@ -22,6 +23,29 @@ __all__ = ["HorovodCommBackend", "HorovodOrderChannel", "HorovodTransport",
 
 log = logging.getLogger(__name__)
 
+
+class WriteCounts:
+    """How many in-place writes a backend made to each gradient since it was last asked.
+
+    A tensor's `_version` counts its in-place writes; the optimizer compares a gradient's
+    version when it was handed over, plus the writes counted here, with its version once
+    reduced, to find writes that were not legato's (see ScheduledOptimizer's [Note: gradients
+    changed in flight]). Writes come from the dispatcher and the completion threads.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts: dict[int, int] = {}
+
+    def add(self, key: int, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + n
+
+    def take(self, key: int) -> int:
+        with self._lock:
+            return self._counts.pop(key, 0)
 
 
 class TorchCommBackend:
@@ -54,6 +78,7 @@ class TorchCommBackend:
         self.world = dist.get_world_size(group)
         self._scale = 1.0 / self.world
         self._buffers: dict[int, torch.Tensor] = {}
+        self.writes = WriteCounts()
 
     def _merged_buffer(self, chunk: Chunk) -> torch.Tensor | None:
         """The chunk's kept buffer filled with its gradients, or None (not all contiguous)."""
@@ -76,6 +101,8 @@ class TorchCommBackend:
         else:
             buffer, direct = chunk_buffer(self._grads, chunk)
         buffer.mul_(self._scale)
+        if direct:  # a view of the gradient: this wrote to it (all_reduce bumps no version)
+            self.writes.add(chunk.parts[0].key)
         work = dist.all_reduce(buffer, group=self._group, async_op=True)
 
         def finished(fut: torch.futures.Future) -> None:
@@ -89,7 +116,7 @@ class TorchCommBackend:
                         self._set_grad(part.key, buffer.narrow(0, pos, n).view_as(grad))
                         pos += n
                 elif not direct:
-                    copy_back(self._grads, chunk, buffer)
+                    copy_back(self._grads, chunk, buffer, self.writes)
             except BaseException as err:  # noqa: BLE001 (reported to the scheduler)
                 on_done(err)
                 return
@@ -175,6 +202,7 @@ class NativeNcclCommBackend:
         if isinstance(holder[0], str):
             raise BackendUnavailable(holder[0])
         self._comm = _native.NcclComm(holder[0], self.rank, self.world, self._device.index)
+        self.writes = WriteCounts()
         log.debug("[rank %d] native NCCL communicator of %d ranks on %s", self.rank, self.world,
                   self._device)
 
@@ -192,7 +220,7 @@ class NativeNcclCommBackend:
             if err is None and not direct:
                 try:
                     with torch.cuda.stream(stream):
-                        copy_back(self._grads, chunk, buffer)
+                        copy_back(self._grads, chunk, buffer, self.writes)
                 except BaseException as copy_err:  # noqa: BLE001 (reported to the scheduler)
                     err = copy_err
             on_done(err)
@@ -240,11 +268,15 @@ def chunk_buffer(grads: Callable[[int], torch.Tensor], chunk: Chunk) -> tuple[to
     return torch.cat([v.reshape(-1) for v in views]), False
 
 
-def copy_back(grads: Callable[[int], torch.Tensor], chunk: Chunk, buffer: torch.Tensor) -> None:
-    """Scatter a reduced flat buffer back into the gradients its chunk came from."""
+def copy_back(grads: Callable[[int], torch.Tensor], chunk: Chunk, buffer: torch.Tensor,
+              writes: WriteCounts | None = None) -> None:
+    """Scatter a reduced flat buffer back into the gradients its chunk came from (one in-place
+    write per part, counted in `writes`)."""
     pos = 0
     for part in chunk.parts:
         grad = grads(part.key)
+        if writes is not None:
+            writes.add(part.key)
         n = part.nbytes // grad.element_size()
         start = part.offset // grad.element_size()
         src = buffer.narrow(0, pos, n)
@@ -293,6 +325,9 @@ class TorchDistTransport:
         self.comm_group = dist.new_group(ranks=ranks, timeout=timeout,
                                          backend=dist.get_backend(process_group))
         self.ctrl_group = dist.new_group(ranks=ranks, timeout=timeout, backend="gloo")
+        # The main thread's small collectives (mixed precision's overflow flag) while the
+        # scheduler's threads use the other two.
+        self.flag_group = dist.new_group(ranks=ranks, timeout=timeout, backend="gloo")
         self.rank = dist.get_rank()
         self.group_rank = dist.get_rank(self.comm_group)
         self.world = dist.get_world_size(self.comm_group)
@@ -344,6 +379,12 @@ class TorchDistTransport:
                                    group=self.ctrl_group)
         return box[0]
 
+    def any_flag(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set (a small all-reduce; every rank calls it)."""
+        box = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(box, group=self.flag_group)
+        return bool(box.item() > 0)
+
     @torch.no_grad()
     def broadcast_from_first(self, tensors) -> None:
         src = dist.get_global_rank(self.comm_group, 0)
@@ -366,7 +407,7 @@ class TorchDistTransport:
             except Exception as err:  # noqa: BLE001 (closing: log and go on)
                 log.warning("closing legato's NCCL communicator: %s", err)
             self._nccl = None
-        for group in (self.comm_group, self.ctrl_group):
+        for group in (self.comm_group, self.ctrl_group, self.flag_group):
             if group is None:
                 continue
             try:
@@ -374,7 +415,7 @@ class TorchDistTransport:
                     dist.destroy_process_group(group)
             except (RuntimeError, ValueError) as err:
                 log.debug("destroying legato's process group: %s", err)
-        self.comm_group = self.ctrl_group = None
+        self.comm_group = self.ctrl_group = self.flag_group = None
 
 
 class HorovodCommBackend:
@@ -387,14 +428,17 @@ class HorovodCommBackend:
     order and announces it on a HorovodOrderChannel.
     """
 
-    def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0) -> None:
+    def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0,
+                 prefix: str = "legato.") -> None:
         import threading
 
         self._hvd = hvd
-        # Horovod matches tensors across ranks by name; a new plan (tuning) gets new names.
-        self._prefix = f"legato.p{epoch}.chunk."
+        # Horovod matches tensors across ranks by name; a new plan (tuning) gets new names, and
+        # each optimizer of a process its own `prefix`.
+        self._prefix = f"{prefix}p{epoch}.chunk."
         self._grads = grads
         self._scale = 1.0 / hvd.size()
+        self.writes = WriteCounts()  # allreduce_async_ writes in C++, bumping no version
         self._pending: list = []
         self._cv = threading.Condition()
         self._stop = False
@@ -441,7 +485,7 @@ class HorovodCommBackend:
                     try:
                         self._hvd.synchronize(handle)
                         if not direct:
-                            copy_back(self._grads, chunk, buffer)
+                            copy_back(self._grads, chunk, buffer, self.writes)
                     except BaseException as sync_err:  # noqa: BLE001
                         err = sync_err
                 on_done(err)
@@ -457,23 +501,31 @@ class HorovodOrderChannel:
     """Rank 0's dispatch decisions, broadcast over Horovod (one broadcast at a time, by the
     scheduler's announcer or follower thread)."""
 
-    def __init__(self, hvd) -> None:
+    def __init__(self, hvd, prefix: str = "legato.") -> None:
         self._hvd = hvd
+        self._name = f"{prefix}order"
         self._buf = torch.zeros(ANNOUNCE_SLOTS + 1, dtype=torch.int64)
 
     def announce(self, chunk_ids: Sequence[int]) -> None:
         for frame in announcement_frames(chunk_ids):
-            self._hvd.broadcast_(torch.from_numpy(frame), root_rank=0, name="legato.order")
+            self._hvd.broadcast_(torch.from_numpy(frame), root_rank=0, name=self._name)
 
     def receive(self) -> list[int]:
-        self._hvd.broadcast_(self._buf, root_rank=0, name="legato.order")
+        self._hvd.broadcast_(self._buf, root_rank=0, name=self._name)
         return frame_ids(self._buf.numpy())
 
 
 class HorovodTransport:
-    """Horovod (horovod.torch) as legato's transport: hvd.init() must have been called."""
+    """Horovod (horovod.torch) as legato's transport: hvd.init() must have been called.
+
+    Horovod matches collectives across ranks by name, so each transport of a process (one per
+    ScheduledOptimizer: a GAN's two, an A/B comparison's) names its tensors with a prefix of its
+    own, numbered in creation order: every rank must create its optimizers in the same order,
+    as it must under Horovod's own DistributedOptimizer.
+    """
 
     name = "horovod"
+    _created = itertools.count()
 
     def __init__(self) -> None:
         from legato.core.errors import BackendUnavailable
@@ -492,27 +544,35 @@ class HorovodTransport:
         self.world = hvd.size()
         self._backend: HorovodCommBackend | None = None
         self._epoch = 0
+        self._prefix = f"legato.o{next(HorovodTransport._created)}."
 
     def backend(self, grads: Callable[[int], torch.Tensor]) -> HorovodCommBackend:
         if self._backend is not None:  # a new plan (tuning): stop the previous poller
             self._backend.close()
         self._epoch += 1
-        self._backend = HorovodCommBackend(self._hvd, grads, epoch=self._epoch)
+        self._backend = HorovodCommBackend(self._hvd, grads, epoch=self._epoch,
+                                           prefix=self._prefix)
         return self._backend
 
     def order_channel(self) -> HorovodOrderChannel:
-        return HorovodOrderChannel(self._hvd)  # see HorovodCommBackend
+        return HorovodOrderChannel(self._hvd, self._prefix)  # see HorovodCommBackend
 
     def all_gather_object(self, obj) -> list:
-        return self._hvd.allgather_object(obj, name="legato.gather")
+        return self._hvd.allgather_object(obj, name=f"{self._prefix}gather")
 
     def broadcast_object(self, obj):
-        return self._hvd.broadcast_object(obj, root_rank=0, name="legato.decision")
+        return self._hvd.broadcast_object(obj, root_rank=0, name=f"{self._prefix}decision")
+
+    def any_flag(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set (a small all-reduce; every rank calls it)."""
+        total = self._hvd.allreduce(torch.tensor([1.0 if flag else 0.0]), op=self._hvd.Sum,
+                                    name=f"{self._prefix}flag")
+        return bool(total.item() > 0)
 
     @torch.no_grad()
     def broadcast_from_first(self, tensors) -> None:
         for i, tensor in enumerate(tensors):
-            self._hvd.broadcast_(tensor.data, root_rank=0, name=f"legato.bcast.{i}")
+            self._hvd.broadcast_(tensor.data, root_rank=0, name=f"{self._prefix}bcast.{i}")
 
     def close(self, healthy: bool = True) -> None:  # noqa: ARG002 (same call as torch's)
         if self._backend is not None:

@@ -18,16 +18,41 @@ param groups behave as without legato. This holds for optimizers whose update of
 depends only on that parameter's gradient and state (SGD, Adam, AdamW, RMSprop, Adagrad, ...);
 an update that needs all gradients at once (global-norm clipping) is asked for with
 `clip_grad_norm`, which waits for every gradient first.
+
+[Note: gradients changed in flight] Between `loss.backward()` and `opt.step()` the gradients
+are being all-reduced. Code that reads or changes them there (`clip_grad_norm_`,
+`scaler.unscale_`) works as under DDP once it waits for them: `opt.synchronize()` does, as in
+Horovod, and so does reading `opt.param_groups` (which `scaler.unscale_(opt)` does), since under
+DDP the gradients are complete by then. Without that wait it would read half-reduced values
+and the ranks would drift apart silently. So each gradient's `_version` (PyTorch's count of
+in-place writes) is noted when it is handed over; once reduced it must equal that plus the
+writes the backend made itself, and at the layer's update it must be unchanged unless the
+step's gradients were waited for. Any other write fails the job with a message naming the fix.
+
+[Note: mixed precision] With `torch.amp.GradScaler`, `scaler.step(opt)` hands legato the
+scaler (`_step_supports_amp_scaling`), so it never reads the gradients itself. The skip
+decision must be the same on every rank and, as under DDP, skip when any rank's gradients
+overflowed, without waiting for every gradient before the first layer's update: each
+gradient is checked for non-finite values on its own rank when handed over, and `step()`
+all-reduces the one flag (a few bytes, on a group of its own). Each layer's update then
+unscales its reduced gradients with GradScaler's own kernel and steps, or is skipped with
+every other layer of the step. The scaler's `found_inf` is set from the shared flag, so
+`scaler.update()` moves the scale on every rank alike. The first scaled step has no flags
+yet (the check starts once a scaler is seen): it waits for its gradients and lets the scaler
+unscale and check the reduced ones, DDP's order exactly. A step where `scaler.unscale_(opt)`
+was called (to clip) uses that check too.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -46,6 +71,55 @@ from legato.core.timeline import Timeline
 __all__ = ["ScheduledOptimizer"]
 
 log = logging.getLogger(__name__)
+
+# GradScaler.step warns, on every step, that it will stop passing itself to optimizers that
+# set _step_supports_amp_scaling (ScheduledOptimizer relies on it: [Note: mixed precision]).
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself",
+                        category=FutureWarning)
+
+
+def _tensors(out):
+    """The tensors of a module's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+    elif isinstance(out, dict):
+        for item in out.values():
+            yield from _tensors(item)
+
+
+class _Changed(Exception):
+    """A gradient changed between its reduction and its update (see the Note)."""
+
+
+def _ddp_wrapping(model: torch.nn.Module):
+    """A live DistributedDataParallel that holds `model` or any of its parameters, or None.
+
+    Found among the objects the garbage collector tracks (one scan, at construction and at the
+    first step, for a DDP built after the optimizer)."""
+    import gc
+
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp_type):
+        return model
+    params = {id(p) for p in model.parameters()}
+    for obj in gc.get_objects():
+        if isinstance(obj, ddp_type):
+            inner = getattr(obj, "module", None)
+            if inner is model or (isinstance(inner, torch.nn.Module) and any(
+                    id(p) in params for p in inner.parameters())):
+                return obj
+    return None
+
+
+def _ddp_message(wrapper) -> str:
+    return (f"the model's parameters are also held by a DistributedDataParallel "
+            f"({type(wrapper.module).__name__}), which all-reduces the same gradients itself: "
+            "both would reduce every gradient and the result is undefined. Use one: drop the DDP "
+            "wrapper and pass the plain model to ScheduledOptimizer, or keep DDP and schedule "
+            "its buckets with legato.adapters.torch.register_scheduled_hook(ddp_model)")
 
 
 def _layers_of(model: torch.nn.Module, params: list[torch.nn.Parameter]):
@@ -100,6 +174,13 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         timeline: write a Chrome trace (Perfetto) of every rank to this path at `close()`
             (or `write_timeline()`): per-layer forward/backward, per-message queueing and
             communication, per-layer updates. Recording costs a few microseconds per event.
+        backward_passes_per_step: gradient accumulation, Horovod's name for it: gradients are
+            accumulated locally over this many backward passes and all-reduced after the last
+            (DDP's `no_sync()` does the same; `with opt.no_sync():` is here too).
+
+    Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
+    (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
+    `scaler.unscale_(opt)` before clipping); see [Note: mixed precision].
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
@@ -108,16 +189,14 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                  backend: str | None = None, process_group=None, tune=False,
                  clip_grad_norm: float | None = None, timeout_s: float = 300.0,
                  broadcast_parameters: bool = True,
-                 timeline: str | os.PathLike | None = None) -> None:
+                 timeline: str | os.PathLike | None = None,
+                 backward_passes_per_step: int = 1) -> None:
         # Not calling Optimizer.__init__: state and param_groups are the wrapped optimizer's.
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
                               f"{type(optimizer).__name__}")
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise ConfigError("model is wrapped in DistributedDataParallel, which all-reduces "
-                              "gradients itself; pass the plain model")
         backend = backend or "torch"
         if backend not in ("torch", "horovod"):
             raise ConfigError(f"backend={backend!r} is unknown; known: 'torch' "
@@ -130,6 +209,13 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                               "norm or None")
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s={timeout_s!r} is invalid; pass a positive number")
+        if (isinstance(backward_passes_per_step, bool) or not isinstance(
+                backward_passes_per_step, int) or backward_passes_per_step < 1):
+            raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} is "
+                              "invalid; pass a whole number of backward passes, 1 or more")
+        wrapper = _ddp_wrapping(model)
+        if wrapper is not None:
+            raise ConfigError(_ddp_message(wrapper))
         self._opt = optimizer
         self._model = model
         self._clip = clip_grad_norm
@@ -173,7 +259,22 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
         self._views = self._make_views()
         self._layer_left = [len(keys) for keys in self._keys_of_layer]
-        self._grad_seen = [False] * len(self._params)
+        self._bpps = backward_passes_per_step
+        self._passes = [0] * len(self._params)       # backward passes since the last post
+        self._posted = [False] * len(self._params)   # gradient handed to the scheduler
+        self._open_posts = 0                         # posts of the step not yet stepped
+        self._no_sync = False
+        self._ddp_checked = False
+        # [Note: gradients changed in flight]: per key, the gradient handed over and its
+        # version then; the reduced gradient and its version once all-reduced.
+        self._taken: list = [None] * len(self._params)
+        self._reduced: list = [None] * len(self._params)
+        self._ours: list = [None] * len(self._params)  # gradient tensors legato set itself
+        self._synced_step = -1   # the step whose gradients the user waited for (synchronize)
+        # [Note: mixed precision]
+        self._amp = False                            # a GradScaler has stepped this optimizer
+        self._bad: list = [None] * len(self._params)  # per key: non-finite local gradient?
+        self._amp_steps: dict[int, tuple] = {}       # step -> (inv_scale or None, skip)
         self._cv = threading.Condition()
         self._steps_called = 0
         self._updates_done = [0] * len(self._layer_names)
@@ -223,9 +324,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def _backend_for_plan(self):
         if isinstance(self._transport, TorchDistTransport):
-            return self._transport.backend(self._grad_of, self._params[0].device,
-                                           self._set_grad)
-        return self._transport.backend(self._grad_of)
+            self._backend_now = self._transport.backend(self._grad_of, self._params[0].device,
+                                                        self._set_grad)
+        else:
+            self._backend_now = self._transport.backend(self._grad_of)
+        return self._backend_now
 
     def _boundary(self) -> None:
         """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
@@ -266,11 +369,15 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                               f"trainable parameters ({', '.join(missing[:5])}"
                               f"{', ...' if len(missing) > 5 else ''}); build it from "
                               "model.parameters(), or set requires_grad=False on frozen ones")
-        extra = len(opt_ids - seen)
+        # Frozen parameters of the model (requires_grad=False) get no gradient, so the wrapped
+        # optimizer skips them, as it does without legato and under DDP.
+        frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+        extra = len(opt_ids - seen - frozen)
         if extra:
-            raise ConfigError(f"the optimizer holds {extra} parameter(s) that are not trainable "
+            raise ConfigError(f"the optimizer holds {extra} parameter(s) that are not "
                               "parameters of the model; legato schedules one model's gradients:"
-                              " pass the model those parameters belong to")
+                              " pass the model those parameters belong to (or one optimizer per "
+                              "model, each in a ScheduledOptimizer of its own)")
         for p in model_params:
             if p.is_sparse or p.layout != torch.strided:
                 raise ConfigError("sparse parameters are not supported; use dense ones")
@@ -323,18 +430,35 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                    bytes=chunk.nbytes, layer=chunk.layer)
 
     def _compute_hooks(self, modules) -> list:
+        """Forward and backward spans per module holding parameters. A backward span runs
+        from the gradient of the module's output to the last gradient of its own parameters:
+        module backward hooks would warn ("Full backward hook is firing when gradients are
+        computed with respect to module outputs") wherever no input needs a gradient."""
         tl = self._timeline
+        index = {id(p): k for k, p in enumerate(self._params)}
         handles = []
         for name, module, _ in modules:
             name = name or type(module).__name__
+            keys = [index[id(p)] for p in module.parameters(recurse=False) if id(p) in index]
+            left = [len(keys)]
+
+            def grad_in(_param, name=name, keys=keys, left=left) -> None:
+                left[0] -= 1
+                if not left[0]:
+                    left[0] = len(keys)
+                    tl.end("compute", ("b", name), f"backward {name}")
+
+            def forward_done(m, a, out, name=name) -> None:
+                tl.end("compute", ("f", name), f"forward {name}")
+                first = next((t for t in _tensors(out) if t.requires_grad), None)
+                if first is not None:
+                    first.register_hook(lambda g, name=name: tl.begin("compute", ("b", name)))
+
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, name=name: tl.begin("compute", ("f", name))))
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, name=name: tl.end("compute", ("f", name), f"forward {name}")))
-            handles.append(module.register_full_backward_pre_hook(
-                lambda m, g, name=name: tl.begin("compute", ("b", name))))
-            handles.append(module.register_full_backward_hook(
-                lambda m, gi, go, name=name: tl.end("compute", ("b", name), f"backward {name}")))
+            handles.append(module.register_forward_hook(forward_done))
+            handles += [self._params[k].register_post_accumulate_grad_hook(grad_in)
+                        for k in keys]
         return handles
 
     def write_timeline(self, path: str | os.PathLike | None = None) -> str | None:
@@ -362,38 +486,90 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return self._params[key].grad
 
     def _set_grad(self, key: int, grad: torch.Tensor) -> None:
+        self._ours[key] = grad   # a view of a reduced buffer (TorchCommBackend)
         self._params[key].grad = grad
 
     def _make_grad_hook(self, key: int):
         def grad_ready(param: torch.Tensor) -> None:
-            if self._grad_seen[key]:
+            if self._posted[key]:
                 raise LegatoError(
-                    f"[rank {self._rank}] parameter {self._names[key]!r} received a second "
-                    "gradient before opt.step(); legato starts the all-reduce at the first "
-                    "backward, so use one backward per step (gradient accumulation is not "
-                    "supported)")
-            self._grad_seen[key] = True
+                    f"[rank {self._rank}] parameter {self._names[key]!r} received another "
+                    "gradient after its all-reduce had started, before opt.step(). To accumulate"
+                    f" gradients over several backward passes, pass backward_passes_per_step=N"
+                    " (Horovod's name) or run the earlier passes under `with opt.no_sync():` "
+                    "(DDP's); if another loss back-propagates into these parameters (a GAN's "
+                    "generator loss through the discriminator), detach it or freeze these "
+                    "parameters (requires_grad_(False)) for that backward")
+            if self._no_sync:
+                return
+            self._passes[key] += 1
+            if self._passes[key] < self._bpps:
+                return
+            self._passes[key] = 0
+            grad = param.grad
+            self._posted[key] = True
+            self._open_posts += 1
+            self._taken[key] = (grad, grad._version)
+            if self._amp:
+                self._bad[key] = torch.logical_not(torch.isfinite(grad).all())
             self._scheduler.tensor_ready(key)
         return grad_ready
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally during this block (DDP's `no_sync()`): the backward
+        passes inside send nothing; the first backward after it all-reduces the sums."""
+        before, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = before
+
+    def _check_reduced(self, key: int, writes) -> None:
+        """A gradient is reduced: fail if anyone but legato wrote to it while it was in flight
+        ([Note: gradients changed in flight]); note the reduced tensor and its version."""
+        grad_then, version_then = self._taken[key]
+        now = self._params[key].grad
+        ours = writes.take(key) if writes is not None else None
+        if now is grad_then:
+            changed = ours is not None and now._version != version_then + ours
+        else:  # legato replaced it by a view of the reduced buffer, or the user replaced it
+            changed = (now is None or now is not self._ours[key]
+                       or grad_then._version != version_then)
+        if changed:
+            raise LegatoError(self._changed_message(key, "while it was being all-reduced"))
+        self._reduced[key] = (now, now._version)
+
+    def _changed_message(self, key: int, when: str) -> str:
+        return (f"[rank {self._rank}] the gradient of {self._names[key]!r} was changed {when}, "
+                "between loss.backward() and opt.step(), before legato's all-reduce was waited "
+                "for (clip_grad_norm_, scaler.unscale_ or an in-place edit of .grad?): the ranks"
+                " would drift apart. Call opt.synchronize() first, as with Horovod (then clip "
+                "and call opt.step()), or pass clip_grad_norm=MAX to ScheduledOptimizer")
+
     def _chunk_done(self, chunk) -> None:
-        """A chunk's collective finished (backend thread): queue layers whose gradients are in.
+        """A chunk's collective finished (backend thread): check the gradients that are now
+        complete, and queue layers whose gradients are all in.
 
         In pass-through (`plain`) the optimizer steps once, in `step()`, after every chunk."""
-        if self._passthrough:
-            return
-        ready_layers = []
+        ready_layers, complete = [], []
         with self._cv:
             for key in chunk.keys:
                 self._chunks_left[key] -= 1
                 if self._chunks_left[key]:
                     continue
                 self._chunks_left[key] = len(self.plan.chunks_of(key))
+                complete.append(key)
+                if self._passthrough:
+                    continue
                 layer = self._layer_of_key[key]
                 self._layer_left[layer] -= 1
                 if not self._layer_left[layer]:
                     self._layer_left[layer] = len(self._keys_of_layer[layer])
                     ready_layers.append(layer)
+        writes = getattr(self._backend_now, "writes", None)
+        for key in complete:
+            self._check_reduced(key, writes)
         for layer in ready_layers:
             self._updates.put(layer)
 
@@ -410,9 +586,21 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 if self._error is not None or (self._closed and
                                                self._steps_called <= self._updates_done[layer]):
                     continue
+            step = self._updates_done[layer]
             started = time.perf_counter()
             try:
-                self._views[layer][0].step()
+                keys = self._keys_of_layer[layer]
+                if self._synced_step != step:
+                    for key in keys:
+                        grad, version = self._reduced[key]
+                        now = self._params[key].grad
+                        if now is not grad or now._version != version:
+                            raise _Changed(self._changed_message(key, "after it was reduced"))
+                if self._amp_update(step, keys, self._layer_names[layer]):
+                    self._views[layer][0].step()
+            except _Changed as err:
+                self._fail(LegatoError(str(err)))
+                continue
             except BaseException as err:  # noqa: BLE001 (raised in the training thread)
                 self._fail(LegatoError(f"[rank {self._rank}] updating layer "
                                        f"{self._layer_names[layer]!r} failed: "
@@ -420,7 +608,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 continue
             for key in self._keys_of_layer[layer]:
                 self._params[key].grad = None
-                self._grad_seen[key] = False
+                self._posted[key] = False
+                self._bad[key] = None
             self._gates.release(layer)
             if self._timeline is not None:
                 self._timeline.span("update", f"update {self._layer_names[layer]}", started,
@@ -431,7 +620,27 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 if self._layers_updated_in_step == len(self._layer_names):
                     self._layers_updated_in_step = 0
                     self._steps_updated += 1
+                    self._amp_steps.pop(step, None)
                 self._cv.notify_all()
+
+    def _amp_update(self, step: int, keys: list[int], what: str) -> bool:
+        """Mixed precision, before an update of `keys` in `step`: whether to step them, after
+        unscaling their reduced gradients with GradScaler's kernel ([Note: mixed precision])."""
+        inv_scale, skip = self._amp_steps.get(step, (None, False))
+        if skip:
+            return False
+        if inv_scale is None:
+            return True
+        grads = [self._params[k].grad for k in keys]
+        found = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+        if found.item():
+            # Every rank holds the same reduced values, so every rank skips it alike; only a
+            # sum of finite values that overflowed gets here (DDP would skip the whole step).
+            log.warning("[rank %d] step %d: the reduced gradients of %s are not finite though "
+                        "no rank's own were; its update is skipped", self._rank, step, what)
+            return False
+        return True
 
     def _fail(self, err: BaseException) -> None:
         with self._cv:
@@ -454,6 +663,12 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     @property
     def param_groups(self):  # type: ignore[override]
+        """The wrapped optimizer's groups. Read between loss.backward() and opt.step() (as
+        `scaler.unscale_(opt)` does), it first waits for the step's gradients, which DDP has
+        all-reduced by then ([Note: gradients changed in flight])."""
+        if (self._open_posts == len(self._params) and self._synced_step != self._steps_called
+                and not self._closed and self._error is None):
+            self._wait_grads()
         return self._opt.param_groups
 
     @param_groups.setter
@@ -468,33 +683,58 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def defaults(self):  # type: ignore[override]
         return self._opt.defaults
 
-    def step(self, closure=None):  # type: ignore[override]
-        """Start this step's updates; returns before they are done (see `synchronize`)."""
+    # GradScaler hands itself to step() instead of reading the gradients ([Note: mixed
+    # precision]); it warns that this hand-over will change, which is not the user's concern.
+    _step_supports_amp_scaling = True
+
+    def step(self, closure=None, grad_scaler=None):  # type: ignore[override]
+        """Start this step's updates; returns before they are done (see `synchronize`).
+
+        `grad_scaler` is passed by `torch.amp.GradScaler.step(opt)`; call that, not this."""
         if closure is not None:
             raise ConfigError("ScheduledOptimizer.step() does not take a closure; call "
                               "loss.backward() before opt.step()")
         if self._closed:
             raise LegatoError("this ScheduledOptimizer is closed")
         self._raise_if_failed()
-        missing = [self._names[k] for k, seen in enumerate(self._grad_seen) if not seen]
+        if self._no_sync:
+            raise ConfigError("opt.step() inside `with opt.no_sync():` would update with "
+                              "gradients that were never all-reduced; leave the block for the "
+                              "last backward pass, then step")
+        if not self._ddp_checked:  # a DDP built after this optimizer
+            self._ddp_checked = True
+            wrapper = _ddp_wrapping(self._model)
+            if wrapper is not None:
+                raise ConfigError(_ddp_message(wrapper))
+        missing = [k for k, posted in enumerate(self._posted) if not posted]
         if missing:
+            names = [self._names[k] for k in missing]
+            passes = max(self._passes[k] for k in missing)
+            if passes and self._bpps > 1:
+                raise LegatoError(
+                    f"[rank {self._rank}] opt.step() after {passes} of the "
+                    f"{self._bpps} backward passes per step (backward_passes_per_step="
+                    f"{self._bpps}): call backward {self._bpps} times before each step")
             raise LegatoError(
                 f"[rank {self._rank}] step {self._steps_called}: {len(missing)} parameter(s) got "
-                f"no gradient in this step ({', '.join(missing[:5])}"
-                f"{', ...' if len(missing) > 5 else ''}); every rank must all-reduce every "
+                f"no gradient in this step ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}); every rank must all-reduce every "
                 "trainable parameter: call loss.backward() before opt.step(), and freeze "
                 "(requires_grad=False) parameters the loss does not use")
+        amp = self._amp_decision(grad_scaler) if grad_scaler is not None else None
+        if self._clip is not None:
+            amp = self._clip_now(amp)
         if self._passthrough:
-            self._step_plain()
+            self._step_plain(amp)
         else:
             self._sync_views()
-            if self._clip is not None:
-                self._wait_this_step()
-                torch.nn.utils.clip_grad_norm_(self._params, self._clip)
             self._gates.finish_observing()
             self._gates.hold_all(self._steps_called)
             with self._cv:
+                if amp is not None:
+                    self._amp_steps[self._steps_called] = amp
                 self._steps_called += 1
+                self._open_posts = 0
                 self._cv.notify_all()
         if self._tuner is not None:
             now = time.perf_counter()
@@ -506,30 +746,92 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                 self._last_step_at = time.perf_counter()
         return None
 
+    def _amp_decision(self, scaler) -> tuple[torch.Tensor | None, bool] | None:
+        """This step's (inverse scale to unscale with at each update, or None when already
+        unscaled; skip it) under GradScaler, with the scaler's found_inf set to the ranks'
+        shared answer ([Note: mixed precision])."""
+        from torch.amp.grad_scaler import OptState
+
+        if not scaler.is_enabled():
+            return None
+        state = scaler._per_optimizer_states[id(self)]
+        if state["stage"] is not OptState.UNSCALED and (
+                not self._amp or any(b is None for b in self._bad)):
+            self._amp = True             # flags from the next backward on
+            scaler.unscale_(self)        # reads param_groups, which waits for the gradients
+        self._amp = True
+        if state["stage"] is OptState.UNSCALED:  # checked on the reduced gradients
+            found = sum(float(v.item()) for v in state["found_inf_per_device"].values())
+            return None, bool(found)
+        local = bool(torch.stack([b.to("cpu") for b in self._bad]).any().item())
+        skip = self._transport.any_flag(local)
+        scale = scaler._scale
+        state["found_inf_per_device"] = {scale.device: torch.full(
+            (), 1.0 if skip else 0.0, dtype=torch.float32, device=scale.device)}
+        return scale.double().reciprocal().float(), skip
+
+    def _clip_now(self, amp):
+        """`clip_grad_norm=`: wait for every gradient, unscale them if a scaler asks, clip."""
+        self._wait_grads()
+        if amp is not None and amp[1]:
+            return amp                   # a skipped step: nothing to clip
+        if amp is not None and amp[0] is not None:
+            found = torch.zeros((), dtype=torch.float32, device=amp[0].device)
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [p.grad for p in self._params], found, amp[0])
+            amp = (None, False)
+        torch.nn.utils.clip_grad_norm_(self._params, self._clip)
+        return amp
+
     def _wait_this_step(self) -> None:
         """Wait until this step's chunks are all reduced (the scheduler counts from its start)."""
         self._scheduler.wait_steps(self._steps_called - self._scheduler_step0 + 1,
                                    self._timeout_s)
 
-    def _step_plain(self) -> None:
+    def _wait_grads(self) -> None:
+        """Wait for this step's gradients; from then on the user may read and change them
+        before opt.step() ([Note: gradients changed in flight])."""
+        if self._synced_step != self._steps_called:
+            self._wait_this_step()
+            self._synced_step = self._steps_called
+
+    def _step_plain(self, amp) -> None:
         """Pass-through: wait for every bucket, then one step of the wrapped optimizer."""
         self._wait_this_step()
+        if self._synced_step != self._steps_called:
+            for key in range(len(self._params)):
+                grad, version = self._reduced[key]
+                now = self._params[key].grad
+                if now is not grad or now._version != version:
+                    raise LegatoError(self._changed_message(key, "after it was reduced"))
         self._gates.finish_observing()
         started = time.perf_counter()
-        if self._clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._params, self._clip)
-        self._opt.step()
+        if amp is None or (not amp[1] and self._amp_update_with(amp)):
+            self._opt.step()
         for key, p in enumerate(self._params):
             p.grad = None
-            self._grad_seen[key] = False
+            self._posted[key] = False
+            self._bad[key] = None
         if self._timeline is not None:
             self._timeline.span("update", "update (all layers)", started, time.perf_counter())
         with self._cv:
             self._steps_called += 1
+            self._open_posts = 0
             self._steps_updated += 1
             for layer in range(len(self._updates_done)):
                 self._updates_done[layer] += 1
             self._cv.notify_all()
+
+    def _amp_update_with(self, amp) -> bool:
+        """Pass-through under GradScaler: unscale every gradient (unless done), or skip."""
+        with self._cv:
+            self._amp_steps[self._steps_called] = amp
+        try:
+            return self._amp_update(self._steps_called, list(range(len(self._params))),
+                                    "the model")
+        finally:
+            with self._cv:
+                self._amp_steps.pop(self._steps_called, None)
 
     def _sync_views(self) -> None:
         """Give every layer's view the hyperparameters and state of the wrapped optimizer now."""
@@ -548,8 +850,21 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         return None
 
     def synchronize(self, timeout_s: float | None = None) -> None:
-        """Wait until every transfer and update of the steps taken so far is done."""
+        """Wait until every transfer and update of the steps taken so far is done; called
+        between loss.backward() and opt.step(), also until this step's gradients are
+        all-reduced, so that they can be read and changed (clipped) before opt.step(), as with
+        Horovod's `optimizer.synchronize()`."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
+        if self._open_posts and not self._closed:
+            if self._open_posts < len(self._params):
+                raise LegatoError(
+                    f"[rank {self._rank}] synchronize() during a backward pass: "
+                    f"{len(self._params) - self._open_posts} of {len(self._params)} gradients "
+                    "of this step are not in yet; call it after loss.backward()")
+            self._wait_grads()
+        self._wait_updates(timeout)
+
+    def _wait_updates(self, timeout: float) -> None:
         with self._cv:
             wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
                      self._raise_if_failed, lambda: LegatoError(
@@ -579,7 +894,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         healthy = False
         try:
             if self._error is None and self._scheduler.error is None:
-                self.synchronize(timeout)
+                self._wait_updates(timeout)
                 healthy = True
         finally:
             # Every step of the clean-up runs, whatever an earlier one raised.

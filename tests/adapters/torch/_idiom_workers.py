@@ -1,0 +1,294 @@
+"""Ranks of the tests of common training-loop idioms under ScheduledOptimizer (mixed precision,
+gradient accumulation, clipping, DDP mix-ups, frozen parameters), each against DDP doing the
+same thing (run by legato.launch; no pytest here)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from _workers import Net, batch, make_optimizer  # the launcher puts this directory on sys.path
+from legato.adapters.torch import ScheduledOptimizer
+from legato.core.errors import ConfigError, LegatoError
+
+DDP = nn.parallel.DistributedDataParallel
+
+
+def _pair(opt_name: str):
+    torch.manual_seed(0)
+    ours, ref = Net(), Net()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _assert_same(rank: int, ours: nn.Module, ref: nn.Module, what: str) -> None:
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        diff = (p - q).abs().max().item()
+        assert torch.equal(p, q), f"rank {rank} {what}: {name} differs from DDP by {diff}"
+
+
+def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
+                    overflow: dict, clip: str | None, accumulate: str | None) -> None:
+    """fp16 autocast with torch.amp.GradScaler, the standard loop, on both sides. `overflow`
+    maps a step to the one rank whose loss is made infinite there (so only that rank's own
+    gradients overflow: every rank must still skip). `clip`: None, "unscale" (scaler.unscale_
+    then clip_grad_norm_) or "argument" (clip_grad_norm= on ours, unscale_+clip on DDP's).
+    `accumulate`: None, "bpps" (backward_passes_per_step=2) or "no_sync" (two backward passes,
+    the first under no_sync)."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ours, ref = _pair(opt_name)
+    ddp = DDP(ref)
+    ref_opt = make_optimizer(opt_name, ddp.parameters())
+    extra = dict(settings)
+    if clip == "argument":
+        extra["clip_grad_norm"] = 1.0
+    if accumulate == "bpps":
+        extra["backward_passes_per_step"] = 2
+    opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours, policy=policy,
+                             timeout_s=60, **extra)
+    # A small growth interval, so that the scale both grows and backs off within the run.
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+               for _ in range(2)]
+    loss_fn = nn.CrossEntropyLoss()
+    skipped = [0, 0]
+    passes = 2 if accumulate else 1
+    for step in range(steps):
+        for side, (model, optimizer, scaler) in enumerate(
+                [(ddp, ref_opt, scalers[0]), (ours, opt, scalers[1])]):
+            for micro in range(passes):
+                x, y = batch(rank, 10 * step + micro)
+                last = micro == passes - 1
+                local = not last and (side == 0 or accumulate == "no_sync")
+                # DDP's no_sync() must hold the forward pass too
+                with (model.no_sync() if side == 0 else optimizer.no_sync()) if local \
+                        else contextlib.nullcontext():
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        loss = loss_fn(model(x).float(), y)
+                    if overflow.get(str(step)) == rank and last:
+                        loss = loss * float("inf")
+                    scaler.scale(loss).backward()
+            if clip == "unscale" or (clip == "argument" and side == 0):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped[side] += scaler.get_scale() < before
+            optimizer.zero_grad()
+    opt.synchronize()
+    _assert_same(rank, ours, ref, "amp")
+    assert scalers[0].get_scale() == scalers[1].get_scale(), \
+        (scalers[0].get_scale(), scalers[1].get_scale())
+    assert scalers[0].state_dict() == scalers[1].state_dict()
+    assert skipped[0] == skipped[1] == len(overflow), (skipped, overflow)
+    opt.close()
+    print(f"rank {rank}: amp {opt_name}/{policy} clip={clip} accumulate={accumulate} matches "
+          f"DDP after {steps} steps (bit-exact), {skipped[1]} skipped, scale "
+          f"{scalers[1].get_scale():g}", flush=True)
+    dist.destroy_process_group()
+
+
+def bf16_matches_ddp(steps: int) -> None:
+    """bf16 autocast needs no scaler: parameters equal DDP's."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ours, ref = _pair("adamw")
+    ddp = DDP(ref)
+    ref_opt = make_optimizer("adamw", ddp.parameters())
+    opt = ScheduledOptimizer(make_optimizer("adamw", ours.parameters()), ours, timeout_s=60,
+                             partition_bytes=32 * 1024, credit_bytes=96 * 1024)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(model(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    opt.synchronize()
+    _assert_same(rank, ours, ref, "bf16")
+    opt.close()
+    print(f"rank {rank}: bf16 matches DDP after {steps} steps (bit-exact)", flush=True)
+    dist.destroy_process_group()
+
+
+def accumulate_matches_ddp(how: str, policy: str, steps: int) -> None:
+    """Three backward passes per step, against DDP's no_sync accumulation."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ours, ref = _pair("sgd")
+    ddp = DDP(ref)
+    ref_opt = make_optimizer("sgd", ddp.parameters())
+    extra = {"backward_passes_per_step": 3} if how == "bpps" else {}
+    opt = ScheduledOptimizer(make_optimizer("sgd", ours.parameters()), ours, policy=policy,
+                             timeout_s=60, **extra)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
+            for micro in range(3):
+                x, y = batch(rank, 10 * step + micro)
+                if micro < 2 and (model is ddp or how == "no_sync"):
+                    with model.no_sync() if model is ddp else optimizer.no_sync():
+                        loss_fn(model(x), y).backward()
+                else:
+                    loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    opt.synchronize()
+    _assert_same(rank, ours, ref, f"accumulation ({how})")
+    # Stepping after too few passes is a clear error.
+    if how == "bpps":
+        x, y = batch(rank, 99)
+        loss_fn(ours(x), y).backward()
+        try:
+            opt.step()
+        except LegatoError as err:
+            assert "backward_passes_per_step=3" in str(err), err
+        else:
+            raise AssertionError("a step after 1 of 3 backward passes was accepted")
+    opt.close()
+    print(f"rank {rank}: accumulation ({how}, {policy}) matches DDP after {steps} steps "
+          "(bit-exact)", flush=True)
+    dist.destroy_process_group()
+
+
+def clip_idioms(mode: str, policy: str, steps: int) -> None:
+    """clip_grad_norm_(model.parameters()) between backward and step. "synchronize": after
+    opt.synchronize(), as with Horovod: equal to DDP with the same clipping. "bare": without
+    it: the job must fail with the fix named, whatever the timing."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ours, ref = _pair("sgd")
+    ddp = DDP(ref)
+    ref_opt = make_optimizer("sgd", ddp.parameters())
+    opt = ScheduledOptimizer(make_optimizer("sgd", ours.parameters()), ours, policy=policy,
+                             timeout_s=60)
+    loss_fn = nn.CrossEntropyLoss()
+    try:
+        for step in range(steps):
+            x, y = batch(rank, step)
+            loss_fn(ddp(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            loss_fn(ours(x), y).backward()
+            if mode == "synchronize":
+                opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(ours.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad()
+        opt.synchronize()
+    except LegatoError as err:
+        assert mode == "bare", err
+        assert "opt.synchronize()" in str(err) and "clip_grad_norm" in str(err), err
+        print(f"rank {rank}: clipping without synchronize refused: {err}", flush=True)
+        opt.close()
+        dist.destroy_process_group()
+        return
+    assert mode == "synchronize", "clip_grad_norm_ on gradients in flight was accepted"
+    _assert_same(rank, ours, ref, "clip")
+    opt.close()
+    print(f"rank {rank}: clipping after synchronize matches DDP after {steps} steps "
+          "(bit-exact)", flush=True)
+    dist.destroy_process_group()
+
+
+def ddp_mixups() -> None:
+    """DDP and ScheduledOptimizer on the same parameters, three ways: all refused."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    loss_fn = nn.CrossEntropyLoss()
+    torch.manual_seed(0)
+    refused = 0
+    model = Net()
+    ddp = DDP(model)
+    for passed in (model, ddp):  # the inner model, or the DDP object itself
+        try:
+            ScheduledOptimizer(make_optimizer("sgd", model.parameters()), passed, timeout_s=30)
+        except ConfigError as err:
+            assert "DistributedDataParallel" in str(err) and "register_scheduled_hook" in \
+                str(err), err
+            refused += 1
+    del ddp
+    model = Net()
+    opt = ScheduledOptimizer(make_optimizer("sgd", model.parameters()), model, timeout_s=30)
+    late = DDP(model)  # built after the optimizer: refused at the first step
+    x, y = batch(rank, 0)
+    loss_fn(late(x), y).backward()
+    try:
+        opt.step()
+    except ConfigError as err:
+        assert "DistributedDataParallel" in str(err), err
+        refused += 1
+    opt.close()
+    assert refused == 3, refused
+    print(f"rank {rank}: DDP mix-ups refused: {refused} of 3", flush=True)
+    dist.destroy_process_group()
+
+
+def frozen_matches_ddp(steps: int) -> None:
+    """An optimizer built from all of model.parameters() with the first layer frozen."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ours, ref = _pair("adam")
+    for model in (ours, ref):
+        model.conv1.requires_grad_(False)
+    ddp = DDP(ref)
+    ref_opt = make_optimizer("adam", ddp.parameters())
+    opt = ScheduledOptimizer(make_optimizer("adam", ours.parameters()), ours, timeout_s=60)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    opt.synchronize()
+    _assert_same(rank, ours, ref, "frozen")
+    opt.close()
+    print(f"rank {rank}: frozen layer matches DDP after {steps} steps (bit-exact)", flush=True)
+    dist.destroy_process_group()
+
+
+def two_optimizers(backend: str, steps: int) -> None:
+    """Two models with a ScheduledOptimizer each in one process (an A/B comparison), under
+    torch.distributed or Horovod: both train, and every rank ends with the same parameters."""
+    if backend == "horovod":
+        import horovod.torch as hvd
+
+        hvd.init()
+        rank = hvd.rank()
+    else:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    torch.manual_seed(rank)  # different starts: broadcast_parameters makes them equal
+    models = [Net(), Net()]
+    opts = [ScheduledOptimizer(make_optimizer(name, m.parameters()), m, backend=backend,
+                               timeout_s=60)
+            for name, m in zip(("sgd", "adam"), models)]
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        for model, opt in zip(models, opts):
+            loss_fn(model(x), y).backward()
+            opt.step()
+    for opt in opts:  # (closed before the check: their followers wait in Horovod broadcasts)
+        opt.close()
+    flat = torch.cat([p.detach().reshape(-1) for m in models for p in m.parameters()])
+    if backend == "horovod":
+        gathered = hvd.allgather(flat.unsqueeze(0))
+        same = all(torch.equal(gathered[0], g) for g in gathered)
+    else:
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        same = all(torch.equal(gathered[0], g) for g in gathered)
+    assert same, "ranks ended with different parameters"
+    print(f"rank {rank}: two optimizers over {backend} trained {steps} steps, ranks identical",
+          flush=True)
+    if backend != "horovod":
+        dist.destroy_process_group()

@@ -1,0 +1,111 @@
+"""Training-loop idioms under ScheduledOptimizer on 2 gloo ranks, each against DDP doing the
+same: mixed precision with GradScaler (forced overflows on one rank), bf16, gradient
+accumulation, clipping, frozen layers; DDP mix-ups refused; two optimizers in one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from legato.launch import run_horovod_job, run_torch_job
+
+WORKERS = str(Path(__file__).parent / "_idiom_workers.py")
+BS = dict(partition_bytes=32 * 1024, credit_bytes=96 * 1024, merge_bytes=2048)
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("opt_name, policy, settings, clip, accumulate", [
+    ("sgd", "bytescheduler", BS, None, None),
+    ("adam", "bytescheduler", BS, "unscale", None),
+    ("adam", "priority", {}, "argument", None),
+    ("sgd", "plain", {}, None, None),
+    ("adamw", "bytescheduler", BS, None, "bpps"),
+    ("sgd", "fifo", {}, "unscale", "no_sync"),
+])
+def test_grad_scaler_loop_matches_ddp_with_overflows(opt_name, policy, settings, clip,
+                                                      accumulate):
+    """PyTorch's standard AMP loop, unchanged. Rank 1's loss is infinite at step 2 and rank
+    0's at step 5: each time only one rank's own gradients overflow, and both ranks must skip
+    the step, as DDP (which checks the reduced gradients) does. Parameters, the scaler's scale
+    and its growth tracker must equal DDP's with its own scaler, bit for bit."""
+    overflow = {"2": 1, "5": 0}
+    result = run_torch_job(f"{WORKERS}:amp_matches_ddp", 2,
+                           args=[opt_name, policy, settings, 8, overflow, clip, accumulate],
+                           timeout_s=160)
+    for r in range(2):
+        assert "matches DDP after 8 steps (bit-exact), 2 skipped" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_bf16_autocast_matches_ddp():
+    result = run_torch_job(f"{WORKERS}:bf16_matches_ddp", 2, args=[5], timeout_s=100)
+    for r in range(2):
+        assert "bf16 matches DDP after 5 steps (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how, policy", [("bpps", "bytescheduler"), ("no_sync", "priority"),
+                                         ("bpps", "plain")])
+def test_gradient_accumulation_matches_ddp_no_sync(how, policy):
+    result = run_torch_job(f"{WORKERS}:accumulate_matches_ddp", 2, args=[how, policy, 4],
+                           timeout_s=120)
+    for r in range(2):
+        assert "matches DDP after 4 steps (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("policy", ["bytescheduler", "plain"])
+def test_clip_grad_norm_after_synchronize_matches_ddp(policy):
+    result = run_torch_job(f"{WORKERS}:clip_idioms", 2, args=["synchronize", policy, 5],
+                           timeout_s=120)
+    for r in range(2):
+        assert "clipping after synchronize matches DDP after 5 steps" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("policy", ["bytescheduler", "priority", "plain"])
+def test_clip_grad_norm_on_gradients_in_flight_fails_with_the_fix(policy):
+    """Without synchronize() the clip reads gradients that may still be on the wire; whether
+    they are depends on timing, so the refusal must not: it comes from the gradients'
+    version counters, not from comparing values."""
+    result = run_torch_job(f"{WORKERS}:clip_idioms", 2, args=["bare", policy, 5],
+                           timeout_s=120)
+    for r in range(2):
+        assert "clipping without synchronize refused" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_ddp_and_scheduled_optimizer_on_the_same_model_are_refused():
+    result = run_torch_job(f"{WORKERS}:ddp_mixups", 2, timeout_s=100)
+    for r in range(2):
+        assert "DDP mix-ups refused: 3 of 3" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_frozen_parameters_in_the_optimizer_match_ddp():
+    result = run_torch_job(f"{WORKERS}:frozen_matches_ddp", 2, args=[4], timeout_s=100)
+    for r in range(2):
+        assert "frozen layer matches DDP after 4 steps (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_two_optimizers_in_one_process_over_gloo():
+    result = run_torch_job(f"{WORKERS}:two_optimizers", 2, args=["torch", 3], timeout_s=100)
+    for r in range(2):
+        assert "two optimizers over torch trained 3 steps, ranks identical" in \
+            result.rank(r).stdout
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(200)
+def test_two_optimizers_in_one_process_over_horovod():
+    """Each optimizer names its Horovod tensors with a prefix of its own (a fixed name made
+    the second optimizer's broadcasts collide with the first's)."""
+    result = run_horovod_job(f"{WORKERS}:two_optimizers", 2, args=["horovod", 3],
+                             timeout_s=160)
+    for r in range(2):
+        assert "two optimizers over horovod trained 3 steps, ranks identical" in \
+            result.rank(r).stdout
