@@ -29,6 +29,13 @@ in-place writes) is noted when it is handed over; once reduced it must equal tha
 writes the backend made itself, and at the layer's update it must be unchanged unless the
 step's gradients were waited for. Any other write fails the job with a message naming the fix.
 
+[Note: cleared gradients] `opt.zero_grad()` between a backward pass and `opt.step()` means
+those gradients must not be applied, as in a GAN's loop, where the generator's loss
+back-propagates into the discriminator, whose next iteration starts with `zero_grad()`. Their
+all-reduce started during that backward pass on every rank and cannot be recalled (DDP sends
+them too); zero_grad waits for it to finish, drops its result (the layer updates it queued are
+skipped), and clears the gradients, so the next backward pass hands over a fresh set.
+
 [Note: mixed precision] With `torch.amp.GradScaler`, `scaler.step(opt)` hands legato the
 scaler (`_step_supports_amp_scaling`), so it never reads the gradients itself. The skip
 decision must be the same on every rank and, as under DDP, skip when any rank's gradients
@@ -62,6 +69,7 @@ from legato.adapters.torch.comm import HorovodTransport, TorchDistTransport
 from legato.adapters.torch.proxy import LayerGates
 from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
+from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
@@ -76,6 +84,33 @@ log = logging.getLogger(__name__)
 # set _step_supports_amp_scaling (ScheduledOptimizer relies on it: [Note: mixed precision]).
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself",
                         category=FutureWarning)
+
+
+def _profiled(name: str):
+    """A torch.profiler span named `name`. legato's threads send messages and update layers;
+    torch.profiler records other threads than the one that started it only with
+    `experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True)`,
+    so the span is always opened (about a microsecond when no profiler runs)."""
+    return torch.profiler.record_function(name)
+
+
+class _ProfiledBackend:
+    """Starts each message inside a torch.profiler span naming it (`legato.msg ID: tensors`),
+    under which torch's own collective events (gloo:all_reduce, nccl:all_reduce) appear."""
+
+    def __init__(self, backend, owner: "ScheduledOptimizer") -> None:
+        self._backend = backend
+        self._owner = owner
+
+    def start(self, chunk, on_done) -> None:
+        with torch.profiler.record_function(
+                f"legato.msg {chunk.id}: {self._owner._chunk_names[chunk.id]}"):
+            self._backend.start(chunk, on_done)
+
+
+def _spill_path(timeline, rank: int) -> str:
+    """Where a rank's spans go as they are recorded: beside the trace, one file per rank."""
+    return f"{os.fspath(timeline)}.rank{rank}.partial.json"
 
 
 def _tensors(out):
@@ -174,6 +209,15 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         timeline: write a Chrome trace (Perfetto) of every rank to this path at `close()`
             (or `write_timeline()`): per-layer forward/backward, per-message queueing and
             communication, per-layer updates. Recording costs a few microseconds per event.
+            Each rank also writes its spans as they come to `<timeline>.rank<N>.partial.json`
+            (at least every second), removed once the whole trace is written: after a crash
+            it holds that rank's trace up to the crash.
+
+    Every setting but the optimizer, model, backend and process group can come from a
+    `LEGATO_*` environment variable instead (LEGATO_POLICY, LEGATO_PARTITION_BYTES,
+    LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TUNE, LEGATO_TIMELINE, LEGATO_TIMEOUT_S,
+    LEGATO_BACKWARD_PASSES_PER_STEP; see legato.core.scheduler.env), so that an unchanged
+    script can be scheduled and traced; an argument given here wins over its variable.
         backward_passes_per_step: gradient accumulation, Horovod's name for it: gradients are
             accumulated locally over this many backward passes and all-reduced after the last
             (DDP's `no_sync()` does the same; `with opt.no_sync():` is here too).
@@ -184,19 +228,30 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
-                 policy: str = "bytescheduler", partition_bytes: int | None = None,
+                 policy: str | None = None, partition_bytes: int | None = None,
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
-                 backend: str | None = None, process_group=None, tune=False,
-                 clip_grad_norm: float | None = None, timeout_s: float = 300.0,
+                 backend: str | None = None, process_group=None, tune=None,
+                 clip_grad_norm: float | None = None, timeout_s: float | None = None,
                  broadcast_parameters: bool = True,
                  timeline: str | os.PathLike | None = None,
-                 backward_passes_per_step: int = 1) -> None:
+                 backward_passes_per_step: int | None = None) -> None:
         # Not calling Optimizer.__init__: state and param_groups are the wrapped optimizer's.
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
                               f"{type(optimizer).__name__}")
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
+        settings, from_env = scheduler_env.resolve_settings(
+            dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
+                 merge_bytes=merge_bytes, tune=tune, timeline=timeline, timeout_s=timeout_s,
+                 backward_passes_per_step=backward_passes_per_step),
+            scheduler_env.DEFAULTS)
+        policy, tune, timeline = settings["policy"], settings["tune"], settings["timeline"]
+        timeout_s = settings["timeout_s"]
+        backward_passes_per_step = settings["backward_passes_per_step"]
+        partition_bytes, credit_bytes, merge_bytes = scheduler_env.sizes_for(
+            policy, settings, dict(partition_bytes=partition_bytes, credit_bytes=credit_bytes,
+                                   merge_bytes=merge_bytes))
         backend = backend or "torch"
         if backend not in ("torch", "horovod"):
             raise ConfigError(f"backend={backend!r} is unknown; known: 'torch' "
@@ -275,6 +330,10 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._amp = False                            # a GradScaler has stepped this optimizer
         self._bad: list = [None] * len(self._params)  # per key: non-finite local gradient?
         self._amp_steps: dict[int, tuple] = {}       # step -> (inv_scale or None, skip)
+        # [Note: cleared gradients]
+        self._round = 0          # which hand-over of gradients the queued updates belong to
+        self._voided: set[int] = set()
+        self._cleared = 0        # hand-overs cleared by zero_grad before a step
         self._cv = threading.Condition()
         self._steps_called = 0
         self._updates_done = [0] * len(self._layer_names)
@@ -285,7 +344,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._updates: queue.Queue = queue.Queue()
 
         self._timeline_path = timeline
-        self._timeline = Timeline(self._rank) if timeline is not None else None
+        self._timeline = (Timeline(self._rank, spill=_spill_path(timeline, self._rank))
+                          if timeline is not None else None)
         self._step_times: list[float] = []
         self._last_step_at: float | None = None
         self._start_scheduler()
@@ -302,8 +362,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         ref = weakref.ref(self)
         self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
         atexit.register(self._atexit)
-        log.info("[rank %d] legato: %s; %s", self._rank, self.config.describe(),
-                 self.plan.describe())
+        log.info("[rank %d] legato: %s; %s%s", self._rank, self.config.describe(),
+                 self.plan.describe(), f" (from {', '.join(from_env)})" if from_env else "")
 
     # -- the scheduler and its settings --------------------------------------------------------
     @property
@@ -328,7 +388,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                                                         self._set_grad)
         else:
             self._backend_now = self._transport.backend(self._grad_of)
-        return self._backend_now
+        return _ProfiledBackend(self._backend_now, self)
 
     def _boundary(self) -> None:
         """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
@@ -571,20 +631,21 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         for key in complete:
             self._check_reduced(key, writes)
         for layer in ready_layers:
-            self._updates.put(layer)
+            self._updates.put((layer, self._round))
 
     # -- updates -------------------------------------------------------------------------------
     def _update_loop(self) -> None:
         while True:
-            layer = self._updates.get()
-            if layer is None:
+            item = self._updates.get()
+            if item is None:
                 return
+            layer, rnd = item
             with self._cv:
                 while (self._steps_called <= self._updates_done[layer] and not self._closed
-                       and self._error is None):
+                       and self._error is None and rnd not in self._voided):
                     self._cv.wait(0.5)
-                if self._error is not None or (self._closed and
-                                               self._steps_called <= self._updates_done[layer]):
+                if rnd in self._voided or self._error is not None or (
+                        self._closed and self._steps_called <= self._updates_done[layer]):
                     continue
             step = self._updates_done[layer]
             started = time.perf_counter()
@@ -597,7 +658,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                         if now is not grad or now._version != version:
                             raise _Changed(self._changed_message(key, "after it was reduced"))
                 if self._amp_update(step, keys, self._layer_names[layer]):
-                    self._views[layer][0].step()
+                    with _profiled(f"legato.update {self._layer_names[layer]}"):
+                        self._views[layer][0].step()
             except _Changed as err:
                 self._fail(LegatoError(str(err)))
                 continue
@@ -764,7 +826,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             found = sum(float(v.item()) for v in state["found_inf_per_device"].values())
             return None, bool(found)
         local = bool(torch.stack([b.to("cpu") for b in self._bad]).any().item())
-        skip = self._transport.any_flag(local)
+        with _profiled("legato.overflow_flag"):
+            skip = self._transport.any_flag(local)
         scale = scaler._scale
         state["found_inf_per_device"] = {scale.device: torch.full(
             (), 1.0 if skip else 0.0, dtype=torch.float32, device=scale.device)}
@@ -845,9 +908,45 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                     if k != "params":
                         g[k] = v
 
-    def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002
-        """A no-op for scheduled parameters: each gradient is cleared right after its update."""
-        return None
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients the user does not want sent ([Note: cleared gradients]); after a
+        step, nothing to do: each gradient is cleared right after its update."""
+        if not self._open_posts or self._closed:
+            # Gradients accumulated locally (no_sync, backward_passes_per_step) and not yet
+            # sent; those of the last step wait for their update, which clears them.
+            for key, p in enumerate(self._params):
+                if not self._posted[key] and p.grad is not None:
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.zero_()
+                    self._passes[key] = 0
+            return
+        if self._open_posts < len(self._params):
+            raise LegatoError(
+                f"[rank {self._rank}] zero_grad() after a backward pass that reached "
+                f"{self._open_posts} of {len(self._params)} parameters: their all-reduce has "
+                "started and cannot be taken back. Freeze (requires_grad_(False)) or detach "
+                "what that backward pass should not reach")
+        # Their all-reduce has started on every rank and cannot be recalled: let it finish,
+        # then drop its result (the layers it queued are never updated).
+        self._wait_this_step()
+        with self._cv:
+            self._voided.add(self._round)
+            self._round += 1
+            self._scheduler_step0 -= 1   # the scheduler counted that round as a step
+            self._cv.notify_all()
+        for key, p in enumerate(self._params):
+            self._posted[key] = False
+            self._bad[key] = None
+            self._passes[key] = 0
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad = torch.zeros_like(p.grad)  # not the reduced buffer's view
+        self._open_posts = 0
+        self._synced_step = -1
+        self._cleared += 1
 
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done; called
@@ -916,7 +1015,14 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         try:
             if healthy and self._timeline is not None:
                 self.write_timeline()
+                self._timeline.close_spill(remove=True)
         finally:
+            if self._timeline is not None and self._timeline.spill_path is not None \
+                    and self._timeline.spill_path.exists():
+                self._timeline.close_spill()
+                log.warning("[rank %d] the timeline was not gathered; this rank's spans are in "
+                            "%s (opens in Perfetto as it is)", self._rank,
+                            self._timeline.spill_path)
             self._transport.close(healthy=healthy)
 
     def __enter__(self) -> "ScheduledOptimizer":

@@ -292,3 +292,152 @@ def two_optimizers(backend: str, steps: int) -> None:
           flush=True)
     if backend != "horovod":
         dist.destroy_process_group()
+
+
+class _Generator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 16)
+
+    def forward(self, z):
+        return torch.tanh(self.fc2(torch.relu(self.fc1(z))))
+
+
+class _Discriminator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _gan_data(rank: int, it: int):
+    g = torch.Generator().manual_seed(100 * it + rank)
+    return torch.randn(8, 16, generator=g) * 0.5 + 1.0, torch.randn(8, 8, generator=g)
+
+
+def _gan_iterations(gen, disc, opt_g, opt_d, rank: int, iters: int) -> None:
+    """The usual GAN loop: the generator's loss back-propagates into the discriminator's
+    parameters too, and the discriminator's next iteration starts with zero_grad()."""
+    bce = nn.BCEWithLogitsLoss()
+    labels = torch.cat([torch.ones(8, 1), torch.zeros(8, 1)])
+    for it in range(iters):
+        real, z = _gan_data(rank, it)
+        fake = gen(z)
+        opt_d.zero_grad()
+        bce(disc(torch.cat([real, fake.detach()])), labels).backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        bce(disc(fake), torch.ones(8, 1)).backward()
+        opt_g.step()
+
+
+def gan_matches_ddp(iters: int) -> None:
+    """Two ScheduledOptimizers (generator, discriminator) against two DDP-wrapped models."""
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    gen, disc = _Generator(), _Discriminator()
+    ref_gen, ref_disc = _Generator(), _Discriminator()
+    ref_gen.load_state_dict(gen.state_dict())
+    ref_disc.load_state_dict(disc.state_dict())
+    ddp_gen, ddp_disc = DDP(ref_gen), DDP(ref_disc)
+    _gan_iterations(ddp_gen, ddp_disc, torch.optim.Adam(ddp_gen.parameters(), 1e-3),
+                    torch.optim.Adam(ddp_disc.parameters(), 1e-3), rank, iters)
+    opt_g = ScheduledOptimizer(torch.optim.Adam(gen.parameters(), 1e-3), gen, timeout_s=60)
+    opt_d = ScheduledOptimizer(torch.optim.Adam(disc.parameters(), 1e-3), disc, timeout_s=60)
+    _gan_iterations(gen, disc, opt_g, opt_d, rank, iters)
+    opt_g.synchronize()
+    opt_d.synchronize()
+    _assert_same(rank, gen, ref_gen, "gan generator")
+    _assert_same(rank, disc, ref_disc, "gan discriminator")
+    opt_g.close()
+    opt_d.close()
+    print(f"rank {rank}: GAN loop matches DDP after {iters} iterations (bit-exact)", flush=True)
+    dist.destroy_process_group()
+
+
+def gan_horovod(iters: int) -> None:
+    """The same loop under Horovod: it runs, and every rank ends with the same parameters."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank = hvd.rank()
+    torch.manual_seed(rank)
+    gen, disc = _Generator(), _Discriminator()
+    opt_g = ScheduledOptimizer(torch.optim.Adam(gen.parameters(), 1e-3), gen,
+                               backend="horovod", timeout_s=60)
+    opt_d = ScheduledOptimizer(torch.optim.Adam(disc.parameters(), 1e-3), disc,
+                               backend="horovod", timeout_s=60)
+    _gan_iterations(gen, disc, opt_g, opt_d, rank, iters)
+    opt_g.close()
+    opt_d.close()
+    flat = torch.cat([p.detach().reshape(-1) for m in (gen, disc) for p in m.parameters()])
+    gathered = hvd.allgather(flat.unsqueeze(0), name="check")
+    assert all(torch.equal(gathered[0], g) for g in gathered), "ranks differ"
+    print(f"rank {rank}: GAN loop over horovod ran {iters} iterations, ranks identical",
+          flush=True)
+
+
+def env_settings(trace: str) -> None:
+    """Settings from LEGATO_* variables (set by the test for every rank), explicit arguments
+    winning; messages and updates as torch.profiler spans; the timeline written at close."""
+    import os
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert os.environ["LEGATO_TIMELINE"] == trace
+    torch.manual_seed(0)
+    model = Net()
+    opt = ScheduledOptimizer(make_optimizer("sgd", model.parameters()), model)
+    assert opt.config.policy == "bytescheduler" and opt.config.partition_bytes == 64 * 1024, \
+        opt.config.describe()
+    assert opt._bpps == 2 and opt._timeout_s == 45.0
+    loss_fn = nn.CrossEntropyLoss()
+    # legato's threads send and update: the profiler records them with profile_all_threads
+    every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                experimental_config=every_thread) as prof:
+        for step in range(2):
+            for micro in range(2):
+                x, y = batch(rank, 10 * step + micro)
+                loss_fn(model(x), y).backward()
+            opt.step()
+        opt.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any(n.startswith("legato.msg ") for n in names), sorted(names)[:50]
+    assert any(n.startswith("legato.update ") for n in names), sorted(names)[:50]
+    opt.close()
+    other = Net()  # an explicit argument wins over its variable
+    opt2 = ScheduledOptimizer(make_optimizer("sgd", other.parameters()), other, policy="plain",
+                              timeline=trace + ".second.json")
+    assert opt2.config.policy == "plain", opt2.config.describe()
+    opt2.close()
+    print(f"rank {rank}: settings from the environment, profiler spans "
+          f"{sorted(n for n in names if n.startswith('legato.'))[:2]}", flush=True)
+    dist.destroy_process_group()
+
+
+def crash_keeps_trace(trace: str) -> None:
+    """Both ranks die without close() after a few steps: each rank's spans up to then are in
+    its partial trace file, flushed as they came."""
+    import os
+    import time
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Net()
+    opt = ScheduledOptimizer(make_optimizer("sgd", model.parameters()), model, timeline=trace)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(4):
+        if step == 3:
+            time.sleep(1.2)  # the last step's spans flush what the first three left pending
+        x, y = batch(rank, step)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    opt.synchronize()
+    dist.barrier()
+    print(f"rank {rank}: dying without close()", flush=True)
+    os._exit(3)

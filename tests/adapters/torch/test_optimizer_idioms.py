@@ -4,6 +4,7 @@ accumulation, clipping, frozen layers; DDP mix-ups refused; two optimizers in on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,67 @@ def test_two_optimizers_in_one_process_over_horovod():
     for r in range(2):
         assert "two optimizers over horovod trained 3 steps, ranks identical" in \
             result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_gan_loop_matches_ddp():
+    """The generator's backward pass reaches the discriminator's parameters; the
+    discriminator's zero_grad() must drop those gradients (sent anyway, as DDP sends them)
+    instead of failing on "another gradient" or applying them."""
+    result = run_torch_job(f"{WORKERS}:gan_matches_ddp", 2, args=[5], timeout_s=100)
+    for r in range(2):
+        assert "GAN loop matches DDP after 5 iterations (bit-exact)" in result.rank(r).stdout
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(200)
+def test_gan_loop_over_horovod():
+    result = run_horovod_job(f"{WORKERS}:gan_horovod", 2, args=[5], timeout_s=160)
+    for r in range(2):
+        assert "GAN loop over horovod ran 5 iterations, ranks identical" in \
+            result.rank(r).stdout
+
+
+@pytest.mark.timeout(120)
+def test_settings_from_legato_environment_variables(tmp_path):
+    trace = tmp_path / "trace.json"
+    env = {"LEGATO_PARTITION_BYTES": "64KiB", "LEGATO_BACKWARD_PASSES_PER_STEP": "2",
+           "LEGATO_TIMEOUT_S": "45", "LEGATO_TIMELINE": str(trace)}
+    result = run_torch_job(f"{WORKERS}:env_settings", 2, args=[str(trace)], env=env,
+                           timeout_s=100)
+    for r in range(2):
+        assert "settings from the environment, profiler spans" in result.rank(r).stdout
+    spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    assert not list(tmp_path.glob("*.partial.json")), "partial traces left after a clean close"
+
+
+@pytest.mark.timeout(120)
+def test_bad_legato_variable_is_a_clear_error():
+    result = run_torch_job(f"{WORKERS}:env_settings", 1, args=["x"], timeout_s=100,
+                           env={"LEGATO_CREDIT_BYTES": "lots", "LEGATO_TIMELINE": "x"},
+                           check=False)
+    err = result.rank(0).stderr
+    assert "LEGATO_CREDIT_BYTES='lots' is invalid; give bytes" in err, err
+
+
+@pytest.mark.timeout(120)
+def test_a_crashed_job_keeps_each_ranks_trace(tmp_path):
+    trace = tmp_path / "trace.json"
+    result = run_torch_job(f"{WORKERS}:crash_keeps_trace", 2, args=[str(trace)],
+                           timeout_s=100, check=False)
+    assert [result.rank(r).returncode for r in range(2)] == [3, 3], result.summary()
+    assert not trace.exists()
+    for r in range(2):
+        text = (tmp_path / f"trace.json.rank{r}.partial.json").read_text()
+        # Chrome's JSON array format: the closing bracket may be missing (Perfetto opens it)
+        events = json.loads(text.rstrip().rstrip(",") + "]")
+        comm = [e for e in events if e.get("cat") == "comm"]
+        updates = [e for e in events if e.get("cat") == "update"]
+        per_message = {}
+        for e in comm:
+            per_message[e["name"]] = per_message.get(e["name"], 0) + 1
+        # at least the three steps before the pause, for each message and each of 6 layers
+        assert per_message and min(per_message.values()) >= 3, per_message
+        assert len(updates) >= 3 * 6, len(updates)
+        assert {e["pid"] for e in comm} == {r}
