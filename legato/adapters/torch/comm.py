@@ -64,16 +64,23 @@ class TorchCommBackend:
     buffer is alive when it is overwritten. DDP's `gradient_as_bucket_view` saves the same
     copy the same way.
 
+    With `compression` (torch.float16 or torch.bfloat16) a float32 or float64 chunk travels
+    in that type, as DDP's fp16_compress_hook and bf16_compress_hook send it: cast, divided by
+    the world size in the narrow type, summed, and cast back into the chunk.
+
     Args:
         grads: returns the current gradient tensor of task `key`.
         group: the process group to reduce over.
         set_grad: set_grad(key, tensor) replaces task `key`'s gradient (see above).
+        compression: the dtype on the wire, or None.
     """
 
     def __init__(self, grads: Callable[[int], torch.Tensor], group,
-                 set_grad: Callable[[int, torch.Tensor], None] | None = None) -> None:
+                 set_grad: Callable[[int, torch.Tensor], None] | None = None,
+                 compression: torch.dtype | None = None) -> None:
         self._grads = grads
         self._set_grad = set_grad
+        self._compression = compression
         self._group = group
         self.world = dist.get_world_size(group)
         self._scale = 1.0 / self.world
@@ -100,14 +107,22 @@ class TorchCommBackend:
             direct, views = False, self._set_grad is not None
         else:
             buffer, direct = chunk_buffer(self._grads, chunk)
-        buffer.mul_(self._scale)
-        if direct:  # a view of the gradient: this wrote to it (all_reduce bumps no version)
-            self.writes.add(chunk.parts[0].key)
-        work = dist.all_reduce(buffer, group=self._group, async_op=True)
+        wire = buffer
+        if self._compression is not None and buffer.dtype in (torch.float32, torch.float64):
+            wire = buffer.to(self._compression).div_(self.world)
+        else:
+            buffer.mul_(self._scale)
+            if direct:  # a view of the gradient: this wrote to it (all_reduce bumps no version)
+                self.writes.add(chunk.parts[0].key)
+        work = dist.all_reduce(wire, group=self._group, async_op=True)
 
         def finished(fut: torch.futures.Future) -> None:
             try:
                 fut.value()
+                if wire is not buffer:
+                    buffer.copy_(wire)
+                    if direct:
+                        self.writes.add(chunk.parts[0].key)
                 if views:
                     pos = 0
                     for part in chunk.parts:
@@ -336,7 +351,8 @@ class TorchDistTransport:
 
     def backend(self, grads: Callable[[int], torch.Tensor],
                 device: torch.device | None = None,
-                set_grad: Callable[[int, torch.Tensor], None] | None = None):
+                set_grad: Callable[[int, torch.Tensor], None] | None = None,
+                compression: torch.dtype | None = None):
         """The backend for gradients on `device` (collective: every rank calls it).
 
         CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
@@ -359,10 +375,14 @@ class TorchDistTransport:
                                   f"=1 and CUDA gradients, per rank: {wants}); set the same "
                                   "environment and devices on every rank")
             if want:
+                if compression is not None:
+                    raise ConfigError("compression is not built for the native NCCL backend "
+                                      "(LEGATO_NATIVE_NCCL=1); unset that variable to compress "
+                                      "through torch.distributed")
                 self._nccl = make_nccl_backend(grads, self.ctrl_group, device)
         if self._nccl is not None:
             return self._nccl
-        return TorchCommBackend(grads, self.comm_group, set_grad)
+        return TorchCommBackend(grads, self.comm_group, set_grad, compression)
 
     def order_channel(self) -> TorchOrderChannel:
         return TorchOrderChannel(self.ctrl_group)
@@ -429,10 +449,11 @@ class HorovodCommBackend:
     """
 
     def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0,
-                 prefix: str = "legato.") -> None:
+                 prefix: str = "legato.", compression: torch.dtype | None = None) -> None:
         import threading
 
         self._hvd = hvd
+        self._compression = compression
         # Horovod matches tensors across ranks by name; a new plan (tuning) gets new names, and
         # each optimizer of a process its own `prefix`.
         self._prefix = f"{prefix}p{epoch}.chunk."
@@ -448,10 +469,13 @@ class HorovodCommBackend:
 
     def start(self, chunk: Chunk, on_done: Done) -> None:
         buffer, direct = chunk_buffer(self._grads, chunk)
-        handle = self._hvd.allreduce_async_(buffer, name=f"{self._prefix}{chunk.id}",
+        wire = buffer
+        if self._compression is not None and buffer.dtype in (torch.float32, torch.float64):
+            wire = buffer.to(self._compression)  # as TorchCommBackend's compression
+        handle = self._hvd.allreduce_async_(wire, name=f"{self._prefix}{chunk.id}",
                                             op=self._hvd.Sum, prescale_factor=self._scale)
         with self._cv:
-            self._pending.append((handle, chunk, buffer, direct, on_done))
+            self._pending.append((handle, chunk, buffer, wire, direct, on_done))
             self._cv.notify()
 
     def _poll_loop(self) -> None:
@@ -480,10 +504,14 @@ class HorovodCommBackend:
             with self._cv:
                 for entry, _ in finished:
                     self._pending.remove(entry)
-            for (handle, chunk, buffer, direct, on_done), err in finished:
+            for (handle, chunk, buffer, wire, direct, on_done), err in finished:
                 if err is None:
                     try:
                         self._hvd.synchronize(handle)
+                        if wire is not buffer:
+                            buffer.copy_(wire)
+                            if direct:
+                                self.writes.add(chunk.parts[0].key)
                         if not direct:
                             copy_back(self._grads, chunk, buffer, self.writes)
                     except BaseException as sync_err:  # noqa: BLE001
@@ -546,12 +574,13 @@ class HorovodTransport:
         self._epoch = 0
         self._prefix = f"legato.o{next(HorovodTransport._created)}."
 
-    def backend(self, grads: Callable[[int], torch.Tensor]) -> HorovodCommBackend:
+    def backend(self, grads: Callable[[int], torch.Tensor],
+                compression: torch.dtype | None = None) -> HorovodCommBackend:
         if self._backend is not None:  # a new plan (tuning): stop the previous poller
             self._backend.close()
         self._epoch += 1
         self._backend = HorovodCommBackend(self._hvd, grads, epoch=self._epoch,
-                                           prefix=self._prefix)
+                                           prefix=self._prefix, compression=compression)
         return self._backend
 
     def order_channel(self) -> HorovodOrderChannel:

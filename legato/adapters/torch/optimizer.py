@@ -108,6 +108,20 @@ class _ProfiledBackend:
             self._backend.start(chunk, on_done)
 
 
+_WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _compression_name(value) -> str | None:
+    """compression= as given -> "fp16", "bf16", "none", or None (not given)."""
+    if value is None:
+        return None
+    for name, dtype in _WIRE_DTYPES.items():
+        if value == name or (dtype is not None and value == dtype) or (
+                isinstance(value, str) and value.lower() in (name, str(dtype))):
+            return name
+    raise ConfigError(f"compression={value!r} is unknown; pass 'fp16', 'bf16' or None")
+
+
 def _spill_path(timeline, rank: int) -> str:
     """Where a rank's spans go as they are recorded: beside the trace, one file per rank."""
     return f"{os.fspath(timeline)}.rank{rank}.partial.json"
@@ -221,6 +235,10 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         backward_passes_per_step: gradient accumulation, Horovod's name for it: gradients are
             accumulated locally over this many backward passes and all-reduced after the last
             (DDP's `no_sync()` does the same; `with opt.no_sync():` is here too).
+        compression: "fp16" or "bf16" (or torch.float16, torch.bfloat16): float32 gradients
+            travel in that type, as with DDP's fp16_compress_hook / bf16_compress_hook (cast,
+            divided by the world size, summed, cast back), partitioned and prioritized as
+            usual; "none" or None (the default) sends them as they are.
 
     Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
     (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
@@ -234,7 +252,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                  clip_grad_norm: float | None = None, timeout_s: float | None = None,
                  broadcast_parameters: bool = True,
                  timeline: str | os.PathLike | None = None,
-                 backward_passes_per_step: int | None = None) -> None:
+                 backward_passes_per_step: int | None = None,
+                 compression: str | torch.dtype | None = None) -> None:
         # Not calling Optimizer.__init__: state and param_groups are the wrapped optimizer's.
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -244,11 +263,14 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         settings, from_env = scheduler_env.resolve_settings(
             dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
                  merge_bytes=merge_bytes, tune=tune, timeline=timeline, timeout_s=timeout_s,
-                 backward_passes_per_step=backward_passes_per_step),
+                 backward_passes_per_step=backward_passes_per_step,
+                 compression=_compression_name(compression)),
             scheduler_env.DEFAULTS)
         policy, tune, timeline = settings["policy"], settings["tune"], settings["timeline"]
         timeout_s = settings["timeout_s"]
         backward_passes_per_step = settings["backward_passes_per_step"]
+        self._compression = _WIRE_DTYPES[settings["compression"]]
+        self._bpps_setting = backward_passes_per_step
         partition_bytes, credit_bytes, merge_bytes = scheduler_env.sizes_for(
             policy, settings, dict(partition_bytes=partition_bytes, credit_bytes=credit_bytes,
                                    merge_bytes=merge_bytes))
@@ -385,9 +407,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def _backend_for_plan(self):
         if isinstance(self._transport, TorchDistTransport):
             self._backend_now = self._transport.backend(self._grad_of, self._params[0].device,
-                                                        self._set_grad)
+                                                        self._set_grad, self._compression)
         else:
-            self._backend_now = self._transport.backend(self._grad_of)
+            self._backend_now = self._transport.backend(self._grad_of, self._compression)
         return _ProfiledBackend(self._backend_now, self)
 
     def _boundary(self) -> None:
@@ -447,7 +469,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def _check_same_plan(self) -> None:
         digests = self._transport.all_gather_object((self.plan.digest(), len(self._params),
-                                                      self._tune))
+                                                      self._tune, str(self._compression),
+                                                      self._bpps_setting))
         if any(d != digests[0] for d in digests):
             raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
                               f"({digests}); every rank must wrap the same model with the same "

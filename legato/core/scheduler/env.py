@@ -11,6 +11,7 @@ wins over the default. A value that does not parse is a ConfigError naming the v
     LEGATO_TIMELINE=trace.json        (a Chrome trace of every rank, written on rank 0)
     LEGATO_TIMEOUT_S=300
     LEGATO_BACKWARD_PASSES_PER_STEP=4
+    LEGATO_COMPRESSION=fp16 | bf16 | none
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ def _tune(text: str) -> Any:
     return value
 
 
+COMPRESSIONS = ("fp16", "bf16", "none")
+
+
+def _compression(text: str) -> str:
+    value = text.strip().lower()
+    if value not in COMPRESSIONS:
+        raise ValueError(text)
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -77,6 +88,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "timeout_s": ("LEGATO_TIMEOUT_S", _positive_float, "seconds, e.g. 300"),
     "backward_passes_per_step": ("LEGATO_BACKWARD_PASSES_PER_STEP", _positive_int,
                                  "a whole number, 1 or more"),
+    "compression": ("LEGATO_COMPRESSION", _compression, "fp16, bf16 or none"),
 }
 
 
@@ -107,7 +119,7 @@ def resolve_settings(given: Mapping[str, Any], defaults: Mapping[str, Any],
 DEFAULTS: dict[str, Any] = {
     "policy": "bytescheduler", "partition_bytes": None, "credit_bytes": None,
     "merge_bytes": None, "tune": False, "timeline": None, "timeout_s": 300.0,
-    "backward_passes_per_step": 1,
+    "backward_passes_per_step": 1, "compression": "none",
 }
 
 # The sizes each policy takes (resolve_config refuses the others).

@@ -174,3 +174,15 @@ def test_a_crashed_job_keeps_each_ranks_trace(tmp_path):
         assert per_message and min(per_message.values()) >= 3, per_message
         assert len(updates) >= 3 * 6, len(updates)
         assert {e["pid"] for e in comm} == {r}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind, policy, settings", [("fp16", "bytescheduler", BS),
+                                                    ("bf16", "bytescheduler", BS),
+                                                    ("fp16", "plain", {})])
+def test_compression_matches_ddp_compress_hooks(kind, policy, settings):
+    result = run_torch_job(f"{WORKERS}:compression_matches_ddp", 2,
+                           args=[kind, policy, settings, 5], timeout_s=100)
+    for r in range(2):
+        assert f"matches DDP's {kind}_compress_hook after 5 steps (bit-exact)" in \
+            result.rank(r).stdout
