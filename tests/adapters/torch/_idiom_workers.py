@@ -31,17 +31,20 @@ def _assert_same(rank: int, ours: nn.Module, ref: nn.Module, what: str) -> None:
 
 
 def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
-                    overflow: dict, clip: str | None, accumulate: str | None) -> None:
+                    overflow: dict, clip: str | None, accumulate: str | None,
+                    model_name: str = "net", dtype: str = "fp16") -> None:
     """fp16 autocast with torch.amp.GradScaler, the standard loop, on both sides. `overflow`
     maps a step to the one rank whose loss is made infinite there (so only that rank's own
     gradients overflow: every rank must still skip). `clip`: None, "unscale" (scaler.unscale_
     then clip_grad_norm_) or "argument" (clip_grad_norm= on ours, unscale_+clip on DDP's).
     `accumulate`: None, "bpps" (backward_passes_per_step=2) or "no_sync" (two backward passes,
-    the first under no_sync)."""
+    the first under no_sync). `model_name`: "net" (small), "resnet50" or "bert" (below);
+    `dtype`: the autocast type, "fp16" or "bf16" (GradScaler either way)."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    ours, ref = _pair(opt_name)
-    ddp = DDP(ref)
+    ours, ref = _pair(opt_name) if model_name == "net" else _real_pair(model_name)
+    # BatchNorm's running statistics stay local, as with ScheduledOptimizer
+    ddp = DDP(ref, broadcast_buffers=False)
     ref_opt = make_optimizer(opt_name, ddp.parameters())
     extra = dict(settings)
     if clip == "argument":
@@ -51,7 +54,9 @@ def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
     opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours, policy=policy,
                              timeout_s=60, **extra)
     # A small growth interval, so that the scale both grows and backs off within the run.
-    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    # (The real models overflow fp16 at a scale of 4096 from the start: they begin lower.)
+    init_scale = 2.0 ** 12 if model_name == "net" else 1.0
+    scalers = [torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=2)
                for _ in range(2)]
     loss_fn = nn.CrossEntropyLoss()
     skipped = [0, 0]
@@ -60,14 +65,15 @@ def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
         for side, (model, optimizer, scaler) in enumerate(
                 [(ddp, ref_opt, scalers[0]), (ours, opt, scalers[1])]):
             for micro in range(passes):
-                x, y = batch(rank, 10 * step + micro)
+                x, y = _inputs(model_name, rank, 10 * step + micro)
                 last = micro == passes - 1
                 local = not last and (side == 0 or accumulate == "no_sync")
                 # DDP's no_sync() must hold the forward pass too
                 with (model.no_sync() if side == 0 else optimizer.no_sync()) if local \
                         else contextlib.nullcontext():
-                    with torch.autocast("cpu", dtype=torch.float16):
-                        loss = loss_fn(model(x).float(), y)
+                    with torch.autocast("cpu", dtype=getattr(torch, {
+                            "fp16": "float16", "bf16": "bfloat16"}[dtype])):
+                        loss = loss_fn(model(x).float().flatten(0, -2), y.flatten())
                     if overflow.get(str(step)) == rank and last:
                         loss = loss * float("inf")
                     scaler.scale(loss).backward()
@@ -86,10 +92,91 @@ def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
     assert scalers[0].state_dict() == scalers[1].state_dict()
     assert skipped[0] == skipped[1] == len(overflow), (skipped, overflow)
     opt.close()
-    print(f"rank {rank}: amp {opt_name}/{policy} clip={clip} accumulate={accumulate} matches "
+    print(f"rank {rank}: amp {model_name} {dtype} {opt_name}/{policy} clip={clip} "
+          f"accumulate={accumulate} matches "
           f"DDP after {steps} steps (bit-exact), {skipped[1]} skipped, scale "
           f"{scalers[1].get_scale():g}", flush=True)
     dist.destroy_process_group()
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, cin: int, mid: int, stride: int) -> None:
+        super().__init__()
+        cout = mid * 4
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al. 2016, torchvision's layout): 25.6 M parameters, 161 tensors."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        blocks, cin = [], 64
+        for mid, count, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(count):
+                blocks.append(_Bottleneck(cin, mid, stride if i == 0 else 1))
+                cin = mid * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+class BertBase(nn.Module):
+    """BERT-base's shape (Devlin et al. 2019): 12 post-norm encoder layers of width 768, 12
+    heads, GELU feed-forward of 3072, token and position embeddings over a 30522-word
+    vocabulary, a masked-language-model head: 132 M parameters (the head untied)."""
+
+    def __init__(self, vocab: int = 30522, width: int = 768, layers: int = 12,
+                 heads: int = 12, ffn: int = 3072, positions: int = 512) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(positions, width)
+        self.norm = nn.LayerNorm(width)
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, ffn, dropout=0.0, activation="gelu",
+                                       batch_first=True) for _ in range(layers))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        x = self.norm(self.tokens(ids) + self.positions(torch.arange(ids.shape[1])))
+        for layer in self.encoder:
+            x = layer(x)
+        return self.head(x)
+
+
+def _real_pair(name: str):
+    torch.manual_seed(0)
+    make = {"resnet50": ResNet50, "bert": BertBase}[name]
+    ours, ref = make(), make()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def _inputs(model_name: str, rank: int, step: int):
+    if model_name == "net":
+        return batch(rank, step)
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    if model_name == "resnet50":
+        return torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 1000, (2,), generator=g)
+    ids = torch.randint(0, 30522, (2, 32), generator=g)
+    return ids, ids  # predict the tokens themselves: a masked-LM loss without the masking
 
 
 def bf16_matches_ddp(steps: int) -> None:
