@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -29,16 +28,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+# Sibling modules are imported by name from this folder (where `legato bench` runs them).
+sys.path.insert(0, str(HERE))
 
 
 def main(argv: list[str] | None = None) -> int:
-    corpus = _load("_onnx_corpus")
+    import _onnx_corpus as corpus
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folders", default=",".join(corpus.FOLDERS))
     ap.add_argument("--match", default="", help="only cases whose id contains this")

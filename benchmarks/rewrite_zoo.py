@@ -36,7 +36,6 @@ Results go to benchmarks/results/rewrite_zoo.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -51,12 +50,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+# Sibling modules are imported by name from this folder (where `legato bench` runs them).
+sys.path.insert(0, str(HERE))
 
 
 LIGHT = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50",
@@ -116,7 +111,8 @@ def _predict(model: onnx.ModelProto, threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    zoo, harness = _load("_rewrite_zoo"), _load("_ort_harness")
+    import _ort_harness as harness
+    import _rewrite_zoo as zoo
     from legato.core.rewrite import optimize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

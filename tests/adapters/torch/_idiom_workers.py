@@ -30,6 +30,23 @@ def _assert_same(rank: int, ours: nn.Module, ref: nn.Module, what: str) -> None:
         assert torch.equal(p, q), f"rank {rank} {what}: {name} differs from DDP by {diff}"
 
 
+def _side_by_side(ddp, ref_opt, ours, opt, rank: int, steps: int, what: str,
+                  autocast: torch.dtype | None = None) -> None:
+    """`steps` plain steps of DDP and of ours on the same batches; parameters must be equal."""
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = batch(rank, step)
+        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
+            with torch.autocast("cpu", dtype=autocast or torch.bfloat16,
+                                enabled=autocast is not None):
+                loss = loss_fn(model(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    opt.synchronize()
+    _assert_same(rank, ours, ddp.module, what)
+
+
 def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
                     overflow: dict, clip: str | None, accumulate: str | None,
                     model_name: str = "net", dtype: str = "fp16") -> None:
@@ -188,17 +205,7 @@ def bf16_matches_ddp(steps: int) -> None:
     ref_opt = make_optimizer("adamw", ddp.parameters())
     opt = ScheduledOptimizer(make_optimizer("adamw", ours.parameters()), ours, timeout_s=60,
                              partition_bytes=32 * 1024, credit_bytes=96 * 1024)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        x, y = batch(rank, step)
-        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = loss_fn(model(x).float(), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    opt.synchronize()
-    _assert_same(rank, ours, ref, "bf16")
+    _side_by_side(ddp, ref_opt, ours, opt, rank, steps, "bf16", autocast=torch.bfloat16)
     opt.close()
     print(f"rank {rank}: bf16 matches DDP after {steps} steps (bit-exact)", flush=True)
     dist.destroy_process_group()
@@ -328,15 +335,7 @@ def frozen_matches_ddp(steps: int) -> None:
     ddp = DDP(ref)
     ref_opt = make_optimizer("adam", ddp.parameters())
     opt = ScheduledOptimizer(make_optimizer("adam", ours.parameters()), ours, timeout_s=60)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        x, y = batch(rank, step)
-        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    opt.synchronize()
-    _assert_same(rank, ours, ref, "frozen")
+    _side_by_side(ddp, ref_opt, ours, opt, rank, steps, "frozen")
     opt.close()
     print(f"rank {rank}: frozen layer matches DDP after {steps} steps (bit-exact)", flush=True)
     dist.destroy_process_group()
@@ -548,15 +547,7 @@ def compression_matches_ddp(kind: str, policy: str, settings: dict, steps: int) 
     ref_opt = make_optimizer("adam", ddp.parameters())
     opt = ScheduledOptimizer(make_optimizer("adam", ours.parameters()), ours, policy=policy,
                              compression=kind, timeout_s=60, **settings)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        x, y = batch(rank, step)
-        for model, optimizer in ((ddp, ref_opt), (ours, opt)):
-            loss_fn(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    opt.synchronize()
-    _assert_same(rank, ours, ref, f"{kind} compression")
+    _side_by_side(ddp, ref_opt, ours, opt, rank, steps, f"{kind} compression")
     opt.close()
     print(f"rank {rank}: {kind} compression ({policy}) matches DDP's {kind}_compress_hook "
           f"after {steps} steps (bit-exact)", flush=True)

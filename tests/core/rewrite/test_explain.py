@@ -19,6 +19,7 @@ from legato.core.rewrite import MatchResult, explain_model, explain_rule, near_m
 from legato.core.rewrite._matcher import find_matches
 from legato.core.rewrite.cost import AnalyticCostModel
 from legato.core.rewrite.optimize import optimize
+import _rule_fixtures  # beside this file
 from legato.core.rewrite.pattern import Rule
 from legato.core.rewrite.rules import shipped_rules
 from legato.core.rewrite.rules.families import merge_matmul
@@ -39,18 +40,7 @@ RELU_CONV = Rule.from_json({
                "outputs": ["r"]},
     "preconditions": [{"constant": "w"}]})
 
-# Relu(Transpose(Transpose(x))) with perm [1, 0] twice: three pattern nodes
-TRANSPOSE_PAIR = Rule.from_json({
-    "name": "cancel-transpose-pair",
-    "source": {"inputs": ["x"],
-               "nodes": [{"id": "t1", "op": "Transpose", "inputs": ["x"],
-                          "attrs": {"perm": [1, 0]}},
-                         {"id": "t2", "op": "Transpose", "inputs": ["t1"],
-                          "attrs": {"perm": [1, 0]}},
-                         {"id": "r", "op": "Relu", "inputs": ["t2"]}],
-               "outputs": ["r"]},
-    "target": {"inputs": ["x"], "nodes": [{"id": "r", "op": "Relu", "inputs": ["x"]}],
-               "outputs": ["r"]}})
+TRANSPOSE_PAIR = Rule.from_json(_rule_fixtures.TRANSPOSE_PAIR)
 
 DOUBLE = Rule.from_json({
     "name": "add-to-itself",

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from legato.core.rewrite._matcher import apply, find_matches
+from _rule_fixtures import TRANSPOSE_PAIR  # beside this file
 from legato.core.rewrite.pattern import Rule, RuleError, load_rules, save_rules
 
 ort = pytest.importorskip("onnxruntime")
@@ -39,19 +40,6 @@ def _relu_sigmoid_model():
              helper.make_node("Sigmoid", ["b"], ["y2"])]
     return _model(nodes, [x], [y1, y2], [w1, w2])
 
-
-TRANSPOSE_PAIR = {
-    "name": "cancel-transpose-pair",
-    "source": {"inputs": ["x"],
-               "nodes": [{"id": "t1", "op": "Transpose", "inputs": ["x"],
-                          "attrs": {"perm": [1, 0]}},
-                         {"id": "t2", "op": "Transpose", "inputs": ["t1"],
-                          "attrs": {"perm": [1, 0]}},
-                         {"id": "r", "op": "Relu", "inputs": ["t2"]}],
-               "outputs": ["r"]},
-    "target": {"inputs": ["x"], "nodes": [{"id": "r", "op": "Relu", "inputs": ["x"]}],
-               "outputs": ["r"]},
-}
 
 MERGE = {
     "name": "merge-parallel-matmul-relu-sigmoid",
