@@ -67,12 +67,13 @@ import torch
 
 from legato.adapters.torch.comm import HorovodTransport, TorchDistTransport
 from legato.adapters.torch.proxy import LayerGates
-from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
+from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
+from legato.core.scheduler.steps import StepTracker, close_scheduled
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
 from legato.core.timeline import Timeline
 
@@ -335,7 +336,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             self._broadcast_from_rank0()
 
         self._views = self._make_views()
-        self._layer_left = [len(keys) for keys in self._keys_of_layer]
         self._bpps = backward_passes_per_step
         self._passes = [0] * len(self._params)       # backward passes since the last post
         self._posted = [False] * len(self._params)   # gradient handed to the scheduler
@@ -351,18 +351,11 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         # [Note: mixed precision]
         self._amp = False                            # a GradScaler has stepped this optimizer
         self._bad: list = [None] * len(self._params)  # per key: non-finite local gradient?
-        self._amp_steps: dict[int, tuple] = {}       # step -> (inv_scale or None, skip)
-        # [Note: cleared gradients]
-        self._round = 0          # which hand-over of gradients the queued updates belong to
-        self._voided: set[int] = set()
-        self._cleared = 0        # hand-overs cleared by zero_grad before a step
-        self._cv = threading.Condition()
-        self._steps_called = 0
-        self._updates_done = [0] * len(self._layer_names)
-        self._layers_updated_in_step = 0
-        self._steps_updated = 0
-        self._error: BaseException | None = None
-        self._closed = False
+        self._cleared = 0        # hand-overs cleared by zero_grad before a step ([Note:
+        # cleared gradients])
+        # Steps called and done, per-step mixed-precision decisions, failure (the core's).
+        self._steps = StepTracker(self._layer_names, rank=self._rank,
+                                  timeout_s=self._timeout_s, on_fail=self._wake_gates)
         self._updates: queue.Queue = queue.Queue()
 
         self._timeline_path = timeline
@@ -394,9 +387,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def _start_scheduler(self) -> None:
         """A scheduler for the current plan (at construction and after each tuning boundary)."""
-        self._chunks_left = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
+        self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
         self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
-        self._scheduler_step0 = self._steps_called
+        self._scheduler_step0 = self._steps.steps_called
         self._scheduler = Scheduler(
             self.plan, self.config, self._backend_for_plan(),
             order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
@@ -423,7 +416,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._scheduler.raise_if_failed()
         decision = None
         if self._tuner is not None and self._transport.group_rank == 0:
-            decision = self._tuner.boundary(self._steps_called, self._step_times)
+            decision = self._tuner.boundary(self._steps.steps_called, self._step_times)
         decision = self._transport.broadcast_object(decision)
         self._step_times = []
         self._next_boundary = decision.next_boundary
@@ -552,7 +545,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         """
         if self._timeline is None:
             raise ConfigError("no timeline is being recorded; pass timeline='trace.json'")
-        if not self._closed:
+        if not self._steps.closed:
             raise ConfigError("write_timeline() runs after close(), on every rank")
         target = path or self._timeline_path
         gathered = self._transport.all_gather_object(self._timeline.events())
@@ -635,26 +628,14 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         complete, and queue layers whose gradients are all in.
 
         In pass-through (`plain`) the optimizer steps once, in `step()`, after every chunk."""
-        ready_layers, complete = [], []
-        with self._cv:
-            for key in chunk.keys:
-                self._chunks_left[key] -= 1
-                if self._chunks_left[key]:
-                    continue
-                self._chunks_left[key] = len(self.plan.chunks_of(key))
-                complete.append(key)
-                if self._passthrough:
-                    continue
-                layer = self._layer_of_key[key]
-                self._layer_left[layer] -= 1
-                if not self._layer_left[layer]:
-                    self._layer_left[layer] = len(self._keys_of_layer[layer])
-                    ready_layers.append(layer)
+        complete, ready_layers = self._progress.chunk_done(chunk)
+        if self._passthrough:
+            ready_layers = []
         writes = getattr(self._backend_now, "writes", None)
         for key in complete:
             self._check_reduced(key, writes)
         for layer in ready_layers:
-            self._updates.put((layer, self._round))
+            self._updates.put((layer, self._steps.round))
 
     # -- updates -------------------------------------------------------------------------------
     def _update_loop(self) -> None:
@@ -663,14 +644,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             if item is None:
                 return
             layer, rnd = item
-            with self._cv:
-                while (self._steps_called <= self._updates_done[layer] and not self._closed
-                       and self._error is None and rnd not in self._voided):
-                    self._cv.wait(0.5)
-                if rnd in self._voided or self._error is not None or (
-                        self._closed and self._steps_called <= self._updates_done[layer]):
-                    continue
-            step = self._updates_done[layer]
+            if not self._steps.may_update(layer, rnd):
+                continue
+            step = self._steps.updates_done[layer]
             started = time.perf_counter()
             try:
                 keys = self._keys_of_layer[layer]
@@ -684,10 +660,10 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                     with _profiled(f"legato.update {self._layer_names[layer]}"):
                         self._views[layer][0].step()
             except _Changed as err:
-                self._fail(LegatoError(str(err)))
+                self._steps.fail(LegatoError(str(err)))
                 continue
             except BaseException as err:  # noqa: BLE001 (raised in the training thread)
-                self._fail(LegatoError(f"[rank {self._rank}] updating layer "
+                self._steps.fail(LegatoError(f"[rank {self._rank}] updating layer "
                                        f"{self._layer_names[layer]!r} failed: "
                                        f"{type(err).__name__}: {err}"))
                 continue
@@ -699,23 +675,20 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             if self._timeline is not None:
                 self._timeline.span("update", f"update {self._layer_names[layer]}", started,
                                     time.perf_counter())
-            with self._cv:
-                self._updates_done[layer] += 1
-                self._layers_updated_in_step += 1
-                if self._layers_updated_in_step == len(self._layer_names):
-                    self._layers_updated_in_step = 0
-                    self._steps_updated += 1
-                    self._amp_steps.pop(step, None)
-                self._cv.notify_all()
+            self._steps.layers_done([layer])
 
     def _amp_update(self, step: int, keys: list[int], what: str) -> bool:
         """Mixed precision, before an update of `keys` in `step`: whether to step them, after
         unscaling their reduced gradients with GradScaler's kernel ([Note: mixed precision])."""
-        inv_scale, skip = self._amp_steps.get(step, (None, False))
+        inv_scale, skip = self._steps.info(step, (None, False))
         if skip:
             return False
         if inv_scale is None:
             return True
+        return self._amp_unscale(inv_scale, keys, what, step)
+
+    def _amp_unscale(self, inv_scale: torch.Tensor, keys: list[int], what: str,
+                     step: int) -> bool:
         grads = [self._params[k].grad for k in keys]
         found = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
@@ -727,18 +700,13 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             return False
         return True
 
-    def _fail(self, err: BaseException) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = err
-                log.error("%s", err)
-            self._cv.notify_all()
-        self._gates.wake()
+    def _wake_gates(self) -> None:
+        gates = getattr(self, "_gates", None)
+        if gates is not None:
+            gates.wake()
 
     def _raise_if_failed(self) -> None:
-        err = self._error or self._scheduler.error
-        if err is not None:
-            raise err
+        self._steps.raise_if_failed(self._scheduler.error)
 
     # -- the optimizer interface ---------------------------------------------------------------
     @property
@@ -751,8 +719,9 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer's groups. Read between loss.backward() and opt.step() (as
         `scaler.unscale_(opt)` does), it first waits for the step's gradients, which DDP has
         all-reduced by then ([Note: gradients changed in flight])."""
-        if (self._open_posts == len(self._params) and self._synced_step != self._steps_called
-                and not self._closed and self._error is None):
+        if (self._open_posts == len(self._params)
+                and self._synced_step != self._steps.steps_called
+                and not self._steps.closed and self._steps.error is None):
             self._wait_grads()
         return self._opt.param_groups
 
@@ -779,7 +748,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         if closure is not None:
             raise ConfigError("ScheduledOptimizer.step() does not take a closure; call "
                               "loss.backward() before opt.step()")
-        if self._closed:
+        if self._steps.closed:
             raise LegatoError("this ScheduledOptimizer is closed")
         self._raise_if_failed()
         if self._no_sync:
@@ -801,7 +770,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                     f"{self._bpps} backward passes per step (backward_passes_per_step="
                     f"{self._bpps}): call backward {self._bpps} times before each step")
             raise LegatoError(
-                f"[rank {self._rank}] step {self._steps_called}: {len(missing)} parameter(s) got "
+                f"[rank {self._rank}] step {self._steps.steps_called}: {len(missing)} "
+                "parameter(s) got "
                 f"no gradient in this step ({', '.join(names[:5])}"
                 f"{', ...' if len(names) > 5 else ''}); every rank must all-reduce every "
                 "trainable parameter: call loss.backward() before opt.step(), and freeze "
@@ -814,19 +784,15 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         else:
             self._sync_views()
             self._gates.finish_observing()
-            self._gates.hold_all(self._steps_called)
-            with self._cv:
-                if amp is not None:
-                    self._amp_steps[self._steps_called] = amp
-                self._steps_called += 1
-                self._open_posts = 0
-                self._cv.notify_all()
+            self._gates.hold_all(self._steps.steps_called)
+            self._open_posts = 0
+            self._steps.call_step(amp)
         if self._tuner is not None:
             now = time.perf_counter()
             if self._last_step_at is not None and self._next_boundary >= 0:
                 self._step_times.append(now - self._last_step_at)
             self._last_step_at = now
-            if self._steps_called == self._next_boundary:
+            if self._steps.steps_called == self._next_boundary:
                 self._boundary()
                 self._last_step_at = time.perf_counter()
         return None
@@ -871,20 +837,20 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def _wait_this_step(self) -> None:
         """Wait until this step's chunks are all reduced (the scheduler counts from its start)."""
-        self._scheduler.wait_steps(self._steps_called - self._scheduler_step0 + 1,
+        self._scheduler.wait_steps(self._steps.steps_called - self._scheduler_step0 + 1,
                                    self._timeout_s)
 
     def _wait_grads(self) -> None:
         """Wait for this step's gradients; from then on the user may read and change them
         before opt.step() ([Note: gradients changed in flight])."""
-        if self._synced_step != self._steps_called:
+        if self._synced_step != self._steps.steps_called:
             self._wait_this_step()
-            self._synced_step = self._steps_called
+            self._synced_step = self._steps.steps_called
 
     def _step_plain(self, amp) -> None:
         """Pass-through: wait for every bucket, then one step of the wrapped optimizer."""
         self._wait_this_step()
-        if self._synced_step != self._steps_called:
+        if self._synced_step != self._steps.steps_called:
             for key in range(len(self._params)):
                 grad, version = self._reduced[key]
                 now = self._params[key].grad
@@ -900,24 +866,19 @@ class ScheduledOptimizer(torch.optim.Optimizer):
             self._bad[key] = None
         if self._timeline is not None:
             self._timeline.span("update", "update (all layers)", started, time.perf_counter())
-        with self._cv:
-            self._steps_called += 1
-            self._open_posts = 0
-            self._steps_updated += 1
-            for layer in range(len(self._updates_done)):
-                self._updates_done[layer] += 1
-            self._cv.notify_all()
+        self._open_posts = 0
+        self._steps.call_step()
+        self._steps.step_done()
 
     def _amp_update_with(self, amp) -> bool:
         """Pass-through under GradScaler: unscale every gradient (unless done), or skip."""
-        with self._cv:
-            self._amp_steps[self._steps_called] = amp
-        try:
-            return self._amp_update(self._steps_called, list(range(len(self._params))),
-                                    "the model")
-        finally:
-            with self._cv:
-                self._amp_steps.pop(self._steps_called, None)
+        inv_scale, skip = amp
+        if skip:
+            return False
+        if inv_scale is None:
+            return True
+        return self._amp_unscale(inv_scale, list(range(len(self._params))), "the model",
+                                 self._steps.steps_called)
 
     def _sync_views(self) -> None:
         """Give every layer's view the hyperparameters and state of the wrapped optimizer now."""
@@ -934,7 +895,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients the user does not want sent ([Note: cleared gradients]); after a
         step, nothing to do: each gradient is cleared right after its update."""
-        if not self._open_posts or self._closed:
+        if not self._open_posts or self._steps.closed:
             # Gradients accumulated locally (no_sync, backward_passes_per_step) and not yet
             # sent; those of the last step wait for their update, which clears them.
             for key, p in enumerate(self._params):
@@ -954,11 +915,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         # Their all-reduce has started on every rank and cannot be recalled: let it finish,
         # then drop its result (the layers it queued are never updated).
         self._wait_this_step()
-        with self._cv:
-            self._voided.add(self._round)
-            self._round += 1
-            self._scheduler_step0 -= 1   # the scheduler counted that round as a step
-            self._cv.notify_all()
+        self._scheduler_step0 -= 1   # the scheduler counted that round as a step
+        self._steps.void_round()
         for key, p in enumerate(self._params):
             self._posted[key] = False
             self._bad[key] = None
@@ -977,7 +935,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         all-reduced, so that they can be read and changed (clipped) before opt.step(), as with
         Horovod's `optimizer.synchronize()`."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        if self._open_posts and not self._closed:
+        if self._open_posts and not self._steps.closed:
             if self._open_posts < len(self._params):
                 raise LegatoError(
                     f"[rank {self._rank}] synchronize() during a backward pass: "
@@ -987,13 +945,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         self._wait_updates(timeout)
 
     def _wait_updates(self, timeout: float) -> None:
-        with self._cv:
-            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
-                     self._raise_if_failed, lambda: LegatoError(
-                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
-                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
-                         f"{len(self._layer_names)} layers updated); a peer may be dead"))
-        self._raise_if_failed()
+        self._steps.wait_updated(timeout_s=timeout, check=self._raise_if_failed)
 
     def state_dict(self):  # type: ignore[override]
         self.synchronize()
@@ -1010,43 +962,39 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     def close(self, timeout_s: float | None = None) -> None:
         """Finish outstanding work, stop legato's threads and remove its hooks."""
-        if self._closed:
+        if self._steps.closed:
             return
         timeout = self._timeout_s if timeout_s is None else timeout_s
         healthy = False
-        try:
-            if self._error is None and self._scheduler.error is None:
-                self._wait_updates(timeout)
-                healthy = True
-        finally:
-            # Every step of the clean-up runs, whatever an earlier one raised.
-            with self._cv:
-                self._closed = True
-                self._cv.notify_all()
-            try:
-                self._scheduler.close(timeout_s=min(timeout, 60.0))
-            except Exception as err:  # noqa: BLE001 (closing: log and go on)
-                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
-            healthy = healthy and self._scheduler.error is None
+
+        def stop_updater() -> None:
             self._updates.put(None)
             self._updater.join(min(timeout, 60.0))
+
+        def unhook() -> None:
             for h in self._hooks:
                 h.remove()
             self._gates.release_all()
             self._gates.remove()
             atexit.unregister(self._atexit)
+
         try:
-            if healthy and self._timeline is not None:
-                self.write_timeline()
-                self._timeline.close_spill(remove=True)
+            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
+                                      rank=self._rank, wait=self._wait_updates,
+                                      steps=[stop_updater, unhook])
         finally:
-            if self._timeline is not None and self._timeline.spill_path is not None \
-                    and self._timeline.spill_path.exists():
-                self._timeline.close_spill()
-                log.warning("[rank %d] the timeline was not gathered; this rank's spans are in "
-                            "%s (opens in Perfetto as it is)", self._rank,
-                            self._timeline.spill_path)
-            self._transport.close(healthy=healthy)
+            try:
+                if healthy and self._timeline is not None:
+                    self.write_timeline()
+                    self._timeline.close_spill(remove=True)
+            finally:
+                if self._timeline is not None and self._timeline.spill_path is not None \
+                        and self._timeline.spill_path.exists():
+                    self._timeline.close_spill()
+                    log.warning("[rank %d] the timeline was not gathered; this rank's spans "
+                                "are in %s (opens in Perfetto as it is)", self._rank,
+                                self._timeline.spill_path)
+                self._transport.close(healthy=healthy)
 
     def __enter__(self) -> "ScheduledOptimizer":
         return self
@@ -1065,7 +1013,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps_called, "steps_done": self._steps_updated,
+        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
                 "messages_per_step": len(self.plan.chunks), "bytes_per_step":
                 self.plan.total_bytes, "layers": len(self._layer_names),
                 "issued": self._issued_before + self._scheduler.issued_total,

@@ -1,0 +1,175 @@
+"""The step bookkeeping every scheduled optimizer shares (PyTorch, TensorFlow, MXNet adapters).
+
+An adapter's optimizer wrapper is called once per training step (`opt.step()`,
+`apply_gradients`, `trainer.step`) and updates each layer later, when that layer's gradients
+are reduced. `StepTracker` counts both sides: steps called, and per layer the updates done
+(or skipped), a step being done when every layer's update is; it keeps per-step information
+that the updates of that step need (a mixed-precision step's unscale factor and skip
+decision), drops the updates of gradients that were cleared before their step
+(`void_round`), records the first failure of any thread, and lets the training thread wait
+(`synchronize`) with errors that name the rank and the step. `close_scheduled` is the
+shut-down order all three adapters follow. Framework-free: the adapters bring the gradients,
+the optimizer steps and the gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Sequence
+
+from legato.core._wait import wait_for
+from legato.core.errors import LegatoError
+
+__all__ = ["StepTracker", "close_scheduled"]
+
+log = logging.getLogger(__name__)
+
+
+class StepTracker:
+    """Steps called and done, per-layer updates, per-step information, failure.
+
+    Args:
+        layer_names: one name per layer, for messages.
+        rank: for messages.
+        timeout_s: the default limit of every wait.
+        on_fail: called (any thread) after the first failure is recorded: wake the gates.
+        suspect: what a wait that timed out suggests ("a peer may be dead").
+    """
+
+    def __init__(self, layer_names: Sequence[str], *, rank: int, timeout_s: float,
+                 on_fail: Callable[[], None] | None = None,
+                 suspect: str = "a peer may be dead") -> None:
+        self.layer_names = list(layer_names)
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.cv = threading.Condition()
+        self.steps_called = 0
+        self.steps_updated = 0           # steps whose every layer was updated (or skipped)
+        self.layers_updated_in_step = 0
+        self.updates_done = [0] * len(self.layer_names)  # per layer: steps updated
+        self.error: BaseException | None = None
+        self.closed = False
+        self._on_fail = on_fail
+        self._suspect = suspect
+        self._info: dict[int, Any] = {}
+        self.round = 0                   # which hand-over of gradients queued updates are for
+        self._voided: set[int] = set()
+
+    # -- the training thread ---------------------------------------------------------------
+    def call_step(self, info: Any = None) -> int:
+        """A step was called; `info` is kept for its updates (`info(step)`). Returns its index."""
+        with self.cv:
+            step = self.steps_called
+            if info is not None:
+                self._info[step] = info
+            self.steps_called += 1
+            self.cv.notify_all()
+            return step
+
+    def info(self, step: int, default: Any = None) -> Any:
+        with self.cv:
+            return self._info.get(step, default)
+
+    def void_round(self) -> None:
+        """The gradients handed over since the last step were cleared: the layer updates
+        queued for them (with the current `round`) are skipped (`may_update` says so)."""
+        with self.cv:
+            self._voided.add(self.round)
+            self.round += 1
+            self.cv.notify_all()
+
+    # -- the updating threads --------------------------------------------------------------
+    def may_update(self, layer: int, round_: int) -> bool:
+        """Wait until `layer`'s update of its next step may run (that step was called): True;
+        False when its gradients were cleared, the tracker closed first, or anything failed."""
+        with self.cv:
+            while (self.steps_called <= self.updates_done[layer] and not self.closed
+                   and self.error is None and round_ not in self._voided):
+                self.cv.wait(0.5)
+            return (round_ not in self._voided and self.error is None
+                    and self.steps_called > self.updates_done[layer])
+
+    def layers_done(self, layers: Sequence[int]) -> None:
+        """These layers' updates of their next step are done (or skipped)."""
+        with self.cv:
+            for layer in layers:
+                self.updates_done[layer] += 1
+                self.layers_updated_in_step += 1
+                if self.layers_updated_in_step == len(self.layer_names):
+                    self.layers_updated_in_step = 0
+                    self._info.pop(self.steps_updated, None)
+                    self.steps_updated += 1
+            self.cv.notify_all()
+
+    def step_done(self) -> None:
+        """Every layer of the next step at once (a pass-through optimizer step)."""
+        self.layers_done(range(len(self.layer_names)))
+
+    # -- failure and waiting ---------------------------------------------------------------
+    def fail(self, err: BaseException) -> None:
+        """Keep the first failure (logged); waits raise it from now on."""
+        with self.cv:
+            first = self.error is None
+            if first:
+                self.error = err
+                log.error("%s", err)
+            self.cv.notify_all()
+        if self._on_fail is not None:
+            self._on_fail()
+
+    def raise_if_failed(self, *others: BaseException | None) -> None:
+        err = self.error or next((e for e in others if e is not None), None)
+        if err is not None:
+            raise err
+
+    def wait_updated(self, steps: int | None = None, timeout_s: float | None = None,
+                     what: str = "synchronize", check: Callable[[], None] | None = None) -> None:
+        """Wait until `steps` steps (default: all called) are done, or raise the failure or a
+        LegatoError naming the step and how many layers are in."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        target = self.steps_called if steps is None else steps
+        check = check or self.raise_if_failed
+        with self.cv:
+            wait_for(self.cv, lambda: self.steps_updated >= target, timeout, check,
+                     lambda: LegatoError(
+                         f"[rank {self.rank}] {what}: step {self.steps_updated} not done after "
+                         f"{timeout:g} s ({self.layers_updated_in_step} of "
+                         f"{len(self.layer_names)} layers updated); {self._suspect}"),
+                     poll_s=1.0)
+        check()
+
+    def mark_closed(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+
+def close_scheduled(tracker: StepTracker, scheduler, *, timeout_s: float, rank: int,
+                    wait: Callable[[float], None], steps: Sequence[Callable[[], None]]) -> bool:
+    """Shut a scheduled optimizer down in the order every adapter needs: wait for its work
+    (`wait(timeout)`, skipped after a failure), mark the tracker closed, close the scheduler
+    (the leader drains its queue and tells the followers), then run every clean-up step in
+    `steps`, each whatever the earlier ones raised. Returns whether everything finished
+    cleanly (then the transport may close gracefully and a timeline be gathered)."""
+    healthy = False
+    try:
+        if tracker.error is None and scheduler.error is None:
+            wait(timeout_s)
+            healthy = True
+    finally:
+        tracker.mark_closed()
+        try:
+            scheduler.close(timeout_s=min(timeout_s, 60.0))
+        except Exception as err:  # noqa: BLE001 (closing: log and go on)
+            log.warning("[rank %d] closing the scheduler: %s", rank, err)
+        healthy = healthy and scheduler.error is None
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as err:  # noqa: BLE001 (every step runs; the first is raised)
+                errors.append(err)
+        if errors:
+            raise errors[0]
+    return healthy
