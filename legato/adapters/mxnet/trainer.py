@@ -50,11 +50,11 @@ from mxnet import gluon
 
 from legato.adapters.mxnet.kvstore import ScheduledKVStore, check_kvstore
 from legato.adapters.mxnet.proxy import BlockGates, named_blocks
-from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
+from legato.core.scheduler.steps import StepTracker, close_scheduled
 
 __all__ = ["ScheduledTrainer"]
 
@@ -149,19 +149,18 @@ class ScheduledTrainer:
         self._updater = trainer._updaters[0]
         self._scale = trainer._scale
 
-        self._cv = threading.Condition()
-        self._error: BaseException | None = None
-        self._closed = False
-        self._steps_called = 0
-        self._steps_updated = 0  # steps whose every layer's update has been issued
-        self._layers_updated_in_step = 0
+        self._cv = threading.Condition()  # the chunk counts below
+        # Steps called and done (here: every layer's update issued), failure: the core's.
+        self._steps = StepTracker(self._layer_names, rank=-1, timeout_s=self._timeout_s,
+                                  on_fail=self._wake_gates,
+                                  suspect="a server or peer worker may be dead or stuck")
         self._unstarted = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
         self._layer_unstarted = [len(keys) for keys in self._keys_of_layer]
         self._started_in_step = 0
 
         # Collective from here on: every worker builds its trainer at the same point.
         kv = mx.kv.create(kv_arg) if isinstance(kv_arg, str) else kv_arg
-        self._rank = kv.rank
+        self._rank = self._steps.rank = kv.rank
         self._kv = ScheduledKVStore(kv, self.plan, self._grad_of, timeout_s=self._timeout_s,
                                     on_started=_weak_method(self._chunk_started))
         try:
@@ -341,59 +340,38 @@ class ScheduledTrainer:
             self._updater([self._index[k] for k in keys], [self._grad_of(k) for k in keys],
                           [self._weight_of(k) for k in keys])
         except BaseException as err:
-            raise LegatoError(f"[rank {self._rank}] step {self._steps_updated}: updating {what} "
-                              f"failed: {type(err).__name__}: {err}") from err
+            raise LegatoError(f"[rank {self._rank}] step {self._steps.steps_updated}: updating "
+                              f"{what} failed: {type(err).__name__}: {err}") from err
 
     def _update_layer(self, layer: int) -> None:
         """Issue one layer's update and open its gate (see [Note: issue at start])."""
-        if self._error is not None:
+        if self._steps.error is not None:
             return
         self._apply(self._keys_of_layer[layer], f"layer {self._layer_names[layer]!r}")
         self._gates.release(layer)
-        with self._cv:
-            self._layers_updated_in_step += 1
-            if self._layers_updated_in_step == len(self._layer_names):
-                self._layers_updated_in_step = 0
-                self._steps_updated += 1
-            self._cv.notify_all()
+        self._steps.layers_done([layer])
 
     def _update_all(self) -> None:
         """Pass-through: every layer at once, once every bucket has been started."""
-        if self._error is not None:
+        if self._steps.error is not None:
             return
         self._apply(list(range(len(self._params))), "all layers")
-        with self._cv:
-            self._steps_updated += 1
-            self._cv.notify_all()
+        self._steps.step_done()
 
     def _fail(self, err: BaseException) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = err
-                log.error("%s", err)
-            self._cv.notify_all()
+        self._steps.fail(err)
+
+    def _wake_gates(self) -> None:
         gates = getattr(self, "_gates", None)
         if gates is not None:
             gates.wake()
 
     def _raise_if_failed(self) -> None:
-        err = self._error or (self._scheduler.error if hasattr(self, "_scheduler") else None)
-        if err is not None:
-            raise err
+        self._steps.raise_if_failed(getattr(getattr(self, "_scheduler", None), "error", None))
 
     def _wait_issued(self, steps: int, what: str) -> None:
         """Wait until the updates of the first `steps` steps have all been issued."""
-        def late() -> LegatoError:
-            with self._cv:
-                done = self._layers_updated_in_step
-            return LegatoError(
-                f"[rank {self._rank}] {what}: the updates of step {self._steps_updated} were not "
-                f"all issued after {self._timeout_s:g} s ({done} of {len(self._layer_names)} "
-                "layers); a server or peer worker may be dead or stuck")
-
-        with self._cv:
-            wait_for(self._cv, lambda: self._steps_updated >= steps, self._timeout_s,
-                     self._raise_if_failed, late)
+        self._steps.wait_updated(steps, what=what, check=self._raise_if_failed)
 
     # -- the Trainer interface -----------------------------------------------------------------
     def step(self, batch_size: int, ignore_stale_grad: bool = False) -> None:
@@ -403,10 +381,10 @@ class ScheduledTrainer:
             raise ConfigError("ignore_stale_grad=True is not supported: every worker sends every"
                               " parameter's gradient every step; set grad_req='null' on "
                               "parameters a step does not use")
-        if self._closed:
+        if self._steps.closed:
             raise LegatoError("this ScheduledTrainer is closed")
         self._raise_if_failed()
-        step = self._steps_called
+        step = self._steps.steps_called
         stale = [self._names[k] for k in range(len(self._params))
                  if not self._weight_of(k)._fresh_grad]
         if stale:
@@ -429,8 +407,7 @@ class ScheduledTrainer:
         if not self._passthrough:
             self._gates.finish_observing()
             self._gates.hold_all(step)  # before any update of this step can open a gate
-        with self._cv:
-            self._steps_called += 1
+        self._steps.call_step()
         for key in self._backward_order:  # backward order: last layer first
             self._kv.watch(key, self._ready if self._windowed else None, self._failed)
         if not self._windowed:
@@ -443,14 +420,8 @@ class ScheduledTrainer:
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        with self._cv:
-            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
-                     self._raise_if_failed, lambda: LegatoError(
-                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
-                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
-                         f"{len(self._layer_names)} layers updated); a server or peer worker "
-                         "may be dead or stuck"))
-        self._scheduler.wait_steps(self._steps_called, timeout)
+        self._steps.wait_updated(timeout_s=timeout, check=self._raise_if_failed)
+        self._scheduler.wait_steps(self._steps.steps_called, timeout)
         self._raise_if_failed()
         for k in range(len(self._params)):
             self._weight_of(k).wait_to_read()
@@ -461,7 +432,7 @@ class ScheduledTrainer:
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the learning rate for the next steps (the steps taken keep theirs)."""
-        self._wait_issued(self._steps_called, "set_learning_rate")
+        self._wait_issued(self._steps.steps_called, "set_learning_rate")
         self._opt.set_learning_rate(lr)
 
     @property
@@ -511,27 +482,20 @@ class ScheduledTrainer:
     def close(self, timeout_s: float | None = None) -> None:
         """Finish outstanding work, stop legato's threads and remove its hooks (the kvstore
         stays open)."""
-        if self._closed:
+        if self._steps.closed:
             return
-        timeout = self._timeout_s if timeout_s is None else timeout_s
-        try:
-            if self._error is None and self._scheduler.error is None:
-                self.synchronize(timeout)
-        finally:
-            # Every step of the clean-up runs, whatever an earlier one raised.
-            with self._cv:
-                self._closed = True
-                self._cv.notify_all()
-            try:
-                self._scheduler.close(timeout_s=min(timeout, 60.0))
-            except Exception as err:  # noqa: BLE001 (closing: log and go on)
-                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
+
+        def release() -> None:
             if self._channel is not None:
                 self._channel.close()
             self._gates.release_all()
             self._gates.remove()
             self._kv.close()
             atexit.unregister(self._atexit)
+
+        close_scheduled(self._steps, self._scheduler,
+                        timeout_s=self._timeout_s if timeout_s is None else timeout_s,
+                        rank=self._rank, wait=lambda t: self.synchronize(t), steps=[release])
 
     def __enter__(self) -> "ScheduledTrainer":
         return self
@@ -544,7 +508,7 @@ class ScheduledTrainer:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps_called, "steps_done": self._steps_updated,
+        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
                 "messages_per_step": len(self.plan.chunks),
                 "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
                 "issued": self._scheduler.issued_total, "config": self.config.describe()}

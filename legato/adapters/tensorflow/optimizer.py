@@ -43,13 +43,13 @@ import numpy as np
 import tensorflow as tf
 
 from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
-from legato.core._wait import wait_for
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
+from legato.core.scheduler.steps import StepTracker, close_scheduled
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -311,12 +311,9 @@ class ScheduledOptimizer:
             self._transport.broadcast_variables(self._model.variables)
         self._grads: list[tf.Tensor | None] = [None] * len(self._vars)
         self._iterations0 = int(optimizer.iterations.numpy())
-        self._cv = threading.Condition()
-        self._error: BaseException | None = None
-        self._closed = False
-        self._steps_called = 0
-        self._steps_updated = 0
-        self._layers_updated_in_step = 0
+        # Steps called and done, failure (the core's, shared with the other adapters).
+        self._steps = StepTracker(self._layer_names, rank=self._rank,
+                                  timeout_s=self._timeout_s, on_fail=self._release_gates)
         self._updates: queue.Queue = queue.Queue()
         self._post_lock = threading.Lock()
         self._reads = [0] * len(self._vars)  # this step: reads through the hook, per key
@@ -357,7 +354,7 @@ class ScheduledOptimizer:
 
     def apply(self, grads, trainable_variables=None) -> None:
         """Keras' `apply(grads, variables)`: the same as `apply_gradients`."""
-        if self._closed:
+        if self._steps.closed:
             raise LegatoError("this ScheduledOptimizer is closed")
         if not tf.executing_eagerly():
             raise ConfigError("ScheduledOptimizer.apply_gradients runs eagerly: call it outside "
@@ -380,7 +377,8 @@ class ScheduledOptimizer:
         missing = [self._names[k] for k, g in enumerate(by_key) if g is None]
         if missing:
             raise LegatoError(
-                f"[rank {self._rank}] step {self._steps_called}: {len(missing)} variable(s) got "
+                f"[rank {self._rank}] step {self._steps.steps_called}: {len(missing)} "
+                "variable(s) got "
                 f"no gradient ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                 "every rank must all-reduce every trainable variable: pass every gradient of "
                 "model.trainable_variables, and freeze (trainable=False) unused layers")
@@ -399,12 +397,13 @@ class ScheduledOptimizer:
             if sent is not None and sent is not g and not (
                     summed and np.array_equal(sent.numpy(), g.numpy())):
                 err = ConfigError(
-                    f"[rank {self._rank}] step {self._steps_called}: the gradient passed for "
+                    f"[rank {self._rank}] step {self._steps.steps_called}: the gradient passed "
+                    "for "
                     f"{self._names[key]} is not the one backward produced, which legato had "
                     "already sent; pass tape.gradient's results unchanged, or build the "
                     "ScheduledOptimizer with overlap_backward=False to send what "
                     "apply_gradients gets")
-                self._fail(err)
+                self._steps.fail(err)
                 raise err
         for key in self._post_order:  # what backward did not hand over (overlap off, traced)
             if posted[key] is None:
@@ -417,10 +416,8 @@ class ScheduledOptimizer:
             self._from_graph = [False] * len(self._vars)
             self._posting = False
         if self._gates is not None:
-            self._gates.hold_all(self._steps_called)
-        with self._cv:
-            self._steps_called += 1
-            self._cv.notify_all()
+            self._gates.hold_all(self._steps.steps_called)
+        self._steps.call_step()
         if self._passthrough or (self._gates is not None and self._gates.traced):
             self.synchronize()
         return None
@@ -476,7 +473,7 @@ class ScheduledOptimizer:
         """A gated layer's call (after its gate, in eager mode): see [Note: gradients during
         backward] and, in a tf.function, [Note: compiled steps]."""
         keys = self._keys_of_layer[layer]
-        hook = _recording() and self._error is None
+        hook = _recording() and self._steps.error is None
         gate = None
         if graph:
             count = (lambda: self._count_reads(keys)) if hook else None
@@ -547,20 +544,13 @@ class ScheduledOptimizer:
             self._post(key, g, graph)
             self._posted_in_backward += 1
         except LegatoError as err:
-            self._fail(err)
+            self._steps.fail(err)
             raise
 
 
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
-        timeout = self._timeout_s if timeout_s is None else timeout_s
-        with self._cv:
-            wait_for(self._cv, lambda: self._steps_updated >= self._steps_called, timeout,
-                     self._raise_if_failed, lambda: LegatoError(
-                         f"[rank {self._rank}] synchronize: step {self._steps_updated} not done "
-                         f"after {timeout:g} s ({self._layers_updated_in_step} of "
-                         f"{len(self._layer_names)} layers updated); a peer may be dead"))
-        self._raise_if_failed()
+        self._steps.wait_updated(timeout_s=timeout_s, check=self._raise_if_failed)
 
     # Keras' model.fit calls these on its optimizer.
     def scale_loss(self, loss):
@@ -597,7 +587,7 @@ class ScheduledOptimizer:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps_called, "steps_done": self._steps_updated,
+        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
                 "messages_per_step": len(self.plan.chunks),
                 "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
                 "issued": self._scheduler.issued_total, "config": self.config.describe(),
@@ -612,95 +602,79 @@ class ScheduledOptimizer:
             self._updates.put(layer)
 
     def _update_loop(self) -> None:
-        done_in_step = 0
+        pending: dict[int, tf.Tensor] = {}  # pass-through: the step's layers received so far
+        received = 0
         while True:
             layer = self._updates.get()
             if layer is None:
                 return
-            with self._cv:  # update only after apply_gradients of this step (its LR, checks)
-                while (self._steps_called <= self._steps_updated and not self._closed
-                       and self._error is None):
-                    self._cv.wait(0.5)
-            if self._error is not None or self._steps_called <= self._steps_updated:
+            # update only after apply_gradients of this step (its learning rate, its checks)
+            if not self._steps.may_update(layer, self._steps.round):
                 continue
+            step = self._steps.updates_done[layer]
             try:
                 keys = self._keys_of_layer[layer]
                 grads = [self._transport.reduced(k, self._shapes[k]) for k in keys]
-                if self._passthrough:
-                    self._pending_plain = getattr(self, "_pending_plain", {})
-                    self._pending_plain.update(zip(keys, grads))
-                    done_in_step += 1
-                    if done_in_step < len(self._layer_names):
+                if self._passthrough:  # one optimizer step once every layer is in
+                    pending.update(zip(keys, grads))
+                    received += 1
+                    if received < len(self._layer_names):
                         continue
-                    done_in_step = 0
-                    pending, self._pending_plain = self._pending_plain, {}
                     order = sorted(pending)
                     self._opt.apply([pending[k] for k in order], [self._vars[k] for k in order])
+                    pending, received = {}, 0
                     self._finish_layers(range(len(self._layer_names)))
                     continue
                 # [Note: per-layer apply]: one iterations increment per step, not per layer.
-                self._opt.iterations.assign(self._iterations0 + self._steps_updated)
+                self._opt.iterations.assign(self._iterations0 + step)
                 self._opt.apply(grads, [self._vars[k] for k in keys])
             except BaseException as err:  # noqa: BLE001 (raised in the training thread)
-                self._fail(LegatoError(f"[rank {self._rank}] updating layer "
-                                       f"{self._layer_names[layer]!r} failed: "
-                                       f"{type(err).__name__}: {err}"))
+                self._steps.fail(LegatoError(f"[rank {self._rank}] updating layer "
+                                             f"{self._layer_names[layer]!r} failed: "
+                                             f"{type(err).__name__}: {err}"))
                 continue
             self._finish_layers([layer])
 
     def _finish_layers(self, layers) -> None:
+        layers = list(layers)
         for layer in layers:
             for key in self._keys_of_layer[layer]:
                 self._grads[key] = None
             if self._gates is not None:
                 self._gates.release(layer)
-        with self._cv:
-            self._layers_updated_in_step += len(layers)
-            if self._layers_updated_in_step == len(self._layer_names):
-                self._layers_updated_in_step = 0
-                self._steps_updated += 1
-            self._cv.notify_all()
+        self._steps.layers_done(layers)
 
-    def _fail(self, err: BaseException) -> None:
-        with self._cv:
-            if self._error is None:
-                self._error = err
-                log.error("%s", err)
-            self._cv.notify_all()
-        if self._gates is not None:
-            self._gates.release_all()
+    def _release_gates(self) -> None:
+        gates = getattr(self, "_gates", None)
+        if gates is not None:
+            gates.release_all()
 
     def _raise_if_failed(self) -> None:
-        err = self._error or self._scheduler.error
-        if err is not None:
-            raise err
+        self._steps.raise_if_failed(self._scheduler.error)
 
     # -- closing -------------------------------------------------------------------------------
     def close(self, timeout_s: float | None = None) -> None:
         """Finish outstanding work, stop legato's threads and restore the model's layers."""
-        if self._closed:
+        if self._steps.closed:
             return
         timeout = self._timeout_s if timeout_s is None else timeout_s
         healthy = False
-        try:
-            if self._error is None and self._scheduler.error is None:
-                self.synchronize(timeout)
-                healthy = True
-        finally:
-            with self._cv:
-                self._closed = True
-                self._cv.notify_all()
-            try:
-                self._scheduler.close(timeout_s=min(timeout, 60.0))
-            except Exception as err:  # noqa: BLE001 (closing: log and go on)
-                log.warning("[rank %d] closing the scheduler: %s", self._rank, err)
-            healthy = healthy and self._scheduler.error is None
+
+        def stop_updater() -> None:
             self._updates.put(None)
             self._updater.join(min(timeout, 60.0))
+
+        def restore() -> None:
             if self._gates is not None:
                 self._gates.release_all()
                 self._gates.remove()
             atexit.unregister(self._atexit)
+
+        try:
+            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
+                                      rank=self._rank, wait=lambda t: self.synchronize(t),
+                                      steps=[stop_updater, restore])
+        finally:
             self._transport.close(healthy=healthy)
 
     def __enter__(self) -> "ScheduledOptimizer":
