@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import weakref
 from typing import Any, Iterable
@@ -49,7 +48,7 @@ from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import StepTracker, close_scheduled
+from legato.core.scheduler.steps import LayerUpdater, StepTracker, close_scheduled
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -314,7 +313,8 @@ class ScheduledOptimizer:
         # Steps called and done, failure (the core's, shared with the other adapters).
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._release_gates)
-        self._updates: queue.Queue = queue.Queue()
+        self._plain_pending: dict[int, tf.Tensor] = {}  # pass-through: the step's layers so far
+        self._plain_received = 0
         self._post_lock = threading.Lock()
         self._reads = [0] * len(self._vars)  # this step: reads through the hook, per key
         self._arrived = [0] * len(self._vars)
@@ -333,9 +333,8 @@ class ScheduledOptimizer:
             self._gates = _LayerGates(model, self._layers, self._timeout_s,
                                       self._raise_if_failed, self._rank,
                                       around=self._hooked_call if overlap_backward else None)
-        self._updater = threading.Thread(target=self._update_loop, daemon=True,
-                                         name=f"legato-tf-update-r{self._rank}")
-        self._updater.start()
+        self._updater = LayerUpdater(self._steps, self._update_layer,
+                                     name=f"legato-tf-update-r{self._rank}")
         ref = weakref.ref(self)
         self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
         atexit.register(self._atexit)
@@ -599,41 +598,28 @@ class ScheduledOptimizer:
     def _chunk_done(self, chunk) -> None:
         _, layers = self._progress.chunk_done(chunk)
         for layer in layers:
-            self._updates.put(layer)
+            self._updater.put(layer)
 
-    def _update_loop(self) -> None:
-        pending: dict[int, tf.Tensor] = {}  # pass-through: the step's layers received so far
-        received = 0
-        while True:
-            layer = self._updates.get()
-            if layer is None:
+    def _update_layer(self, layer: int, step: int) -> None:
+        """One layer's update of `step` (legato's updater thread, once apply_gradients of that
+        step was called: its learning rate, its checks)."""
+        keys = self._keys_of_layer[layer]
+        grads = [self._transport.reduced(k, self._shapes[k]) for k in keys]
+        if self._passthrough:  # one optimizer step once every layer of the step is in
+            self._plain_pending.update(zip(keys, grads))
+            self._plain_received += 1
+            if self._plain_received < len(self._layer_names):
                 return
-            # update only after apply_gradients of this step (its learning rate, its checks)
-            if not self._steps.may_update(layer, self._steps.round):
-                continue
-            step = self._steps.updates_done[layer]
-            try:
-                keys = self._keys_of_layer[layer]
-                grads = [self._transport.reduced(k, self._shapes[k]) for k in keys]
-                if self._passthrough:  # one optimizer step once every layer is in
-                    pending.update(zip(keys, grads))
-                    received += 1
-                    if received < len(self._layer_names):
-                        continue
-                    order = sorted(pending)
-                    self._opt.apply([pending[k] for k in order], [self._vars[k] for k in order])
-                    pending, received = {}, 0
-                    self._finish_layers(range(len(self._layer_names)))
-                    continue
-                # [Note: per-layer apply]: one iterations increment per step, not per layer.
-                self._opt.iterations.assign(self._iterations0 + step)
-                self._opt.apply(grads, [self._vars[k] for k in keys])
-            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
-                self._steps.fail(LegatoError(f"[rank {self._rank}] updating layer "
-                                             f"{self._layer_names[layer]!r} failed: "
-                                             f"{type(err).__name__}: {err}"))
-                continue
-            self._finish_layers([layer])
+            pending = self._plain_pending
+            self._plain_pending, self._plain_received = {}, 0
+            order = sorted(pending)
+            self._opt.apply([pending[k] for k in order], [self._vars[k] for k in order])
+            self._finish_layers(range(len(self._layer_names)))
+            return
+        # [Note: per-layer apply]: one iterations increment per step, not per layer.
+        self._opt.iterations.assign(self._iterations0 + step)
+        self._opt.apply(grads, [self._vars[k] for k in keys])
+        self._finish_layers([layer])
 
     def _finish_layers(self, layers) -> None:
         layers = list(layers)
@@ -660,10 +646,6 @@ class ScheduledOptimizer:
         timeout = self._timeout_s if timeout_s is None else timeout_s
         healthy = False
 
-        def stop_updater() -> None:
-            self._updates.put(None)
-            self._updater.join(min(timeout, 60.0))
-
         def restore() -> None:
             if self._gates is not None:
                 self._gates.release_all()
@@ -673,7 +655,7 @@ class ScheduledOptimizer:
         try:
             healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
                                       rank=self._rank, wait=lambda t: self.synchronize(t),
-                                      steps=[stop_updater, restore])
+                                      steps=[lambda: self._updater.stop(timeout), restore])
         finally:
             self._transport.close(healthy=healthy)
 

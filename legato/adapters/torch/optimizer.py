@@ -56,7 +56,6 @@ import atexit
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 import warnings
@@ -73,7 +72,7 @@ from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import StepTracker, close_scheduled
+from legato.core.scheduler.steps import LayerUpdater, StepTracker, close_scheduled
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
 from legato.core.timeline import Timeline
 
@@ -138,10 +137,6 @@ def _tensors(out):
     elif isinstance(out, dict):
         for item in out.values():
             yield from _tensors(item)
-
-
-class _Changed(Exception):
-    """A gradient changed between its reduction and its update (see the Note)."""
 
 
 def _ddp_wrapping(model: torch.nn.Module):
@@ -356,7 +351,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         # Steps called and done, per-step mixed-precision decisions, failure (the core's).
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._wake_gates)
-        self._updates: queue.Queue = queue.Queue()
 
         self._timeline_path = timeline
         self._timeline = (Timeline(self._rank, spill=_spill_path(timeline, self._rank))
@@ -371,9 +365,8 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                        for key, p in enumerate(self._params)]
         if self._timeline is not None:
             self._hooks += self._compute_hooks(modules)
-        self._updater = threading.Thread(target=self._update_loop, daemon=True,
-                                         name=f"legato-update-r{self._rank}")
-        self._updater.start()
+        self._updater = LayerUpdater(self._steps, self._update_layer,
+                                     name=f"legato-update-r{self._rank}")
         ref = weakref.ref(self)
         self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
         atexit.register(self._atexit)
@@ -635,47 +628,33 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         for key in complete:
             self._check_reduced(key, writes)
         for layer in ready_layers:
-            self._updates.put((layer, self._steps.round))
+            self._updater.put(layer)
 
     # -- updates -------------------------------------------------------------------------------
-    def _update_loop(self) -> None:
-        while True:
-            item = self._updates.get()
-            if item is None:
-                return
-            layer, rnd = item
-            if not self._steps.may_update(layer, rnd):
-                continue
-            step = self._steps.updates_done[layer]
-            started = time.perf_counter()
-            try:
-                keys = self._keys_of_layer[layer]
-                if self._synced_step != step:
-                    for key in keys:
-                        grad, version = self._reduced[key]
-                        now = self._params[key].grad
-                        if now is not grad or now._version != version:
-                            raise _Changed(self._changed_message(key, "after it was reduced"))
-                if self._amp_update(step, keys, self._layer_names[layer]):
-                    with _profiled(f"legato.update {self._layer_names[layer]}"):
-                        self._views[layer][0].step()
-            except _Changed as err:
-                self._steps.fail(LegatoError(str(err)))
-                continue
-            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
-                self._steps.fail(LegatoError(f"[rank {self._rank}] updating layer "
-                                       f"{self._layer_names[layer]!r} failed: "
-                                       f"{type(err).__name__}: {err}"))
-                continue
-            for key in self._keys_of_layer[layer]:
-                self._params[key].grad = None
-                self._posted[key] = False
-                self._bad[key] = None
-            self._gates.release(layer)
-            if self._timeline is not None:
-                self._timeline.span("update", f"update {self._layer_names[layer]}", started,
-                                    time.perf_counter())
-            self._steps.layers_done([layer])
+    def _update_layer(self, layer: int, step: int) -> None:
+        """One layer's update of `step` (legato's updater thread, once the step was called):
+        check its gradients were left alone, unscale them under mixed precision, step the
+        layer's view of the optimizer, drop the gradients and open the layer's gate."""
+        started = time.perf_counter()
+        keys = self._keys_of_layer[layer]
+        if self._synced_step != step:
+            for key in keys:
+                grad, version = self._reduced[key]
+                now = self._params[key].grad
+                if now is not grad or now._version != version:
+                    raise LegatoError(self._changed_message(key, "after it was reduced"))
+        if self._amp_update(step, keys, self._layer_names[layer]):
+            with _profiled(f"legato.update {self._layer_names[layer]}"):
+                self._views[layer][0].step()
+        for key in keys:
+            self._params[key].grad = None
+            self._posted[key] = False
+            self._bad[key] = None
+        self._gates.release(layer)
+        if self._timeline is not None:
+            self._timeline.span("update", f"update {self._layer_names[layer]}", started,
+                                time.perf_counter())
+        self._steps.layers_done([layer])
 
     def _amp_update(self, step: int, keys: list[int], what: str) -> bool:
         """Mixed precision, before an update of `keys` in `step`: whether to step them, after
@@ -750,16 +729,16 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                               "loss.backward() before opt.step()")
         if self._steps.closed:
             raise LegatoError("this ScheduledOptimizer is closed")
+        if not self._ddp_checked:  # a DDP built after this optimizer (it writes the gradients
+            self._ddp_checked = True  # too, so it is named before any failure it caused)
+            wrapper = _ddp_wrapping(self._model)
+            if wrapper is not None:
+                raise ConfigError(_ddp_message(wrapper))
         self._raise_if_failed()
         if self._no_sync:
             raise ConfigError("opt.step() inside `with opt.no_sync():` would update with "
                               "gradients that were never all-reduced; leave the block for the "
                               "last backward pass, then step")
-        if not self._ddp_checked:  # a DDP built after this optimizer
-            self._ddp_checked = True
-            wrapper = _ddp_wrapping(self._model)
-            if wrapper is not None:
-                raise ConfigError(_ddp_message(wrapper))
         missing = [k for k, posted in enumerate(self._posted) if not posted]
         if missing:
             names = [self._names[k] for k in missing]
@@ -967,10 +946,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         timeout = self._timeout_s if timeout_s is None else timeout_s
         healthy = False
 
-        def stop_updater() -> None:
-            self._updates.put(None)
-            self._updater.join(min(timeout, 60.0))
-
         def unhook() -> None:
             for h in self._hooks:
                 h.remove()
@@ -981,7 +956,7 @@ class ScheduledOptimizer(torch.optim.Optimizer):
         try:
             healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
                                       rank=self._rank, wait=self._wait_updates,
-                                      steps=[stop_updater, unhook])
+                                      steps=[lambda: self._updater.stop(timeout), unhook])
         finally:
             try:
                 if healthy and self._timeline is not None:

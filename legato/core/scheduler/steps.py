@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from legato.core._wait import wait_for
 from legato.core.errors import LegatoError
 
-__all__ = ["StepTracker", "close_scheduled"]
+__all__ = ["LayerUpdater", "StepTracker", "close_scheduled"]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +173,49 @@ def close_scheduled(tracker: StepTracker, scheduler, *, timeout_s: float, rank: 
         if errors:
             raise errors[0]
     return healthy
+
+
+class LayerUpdater:
+    """A thread that runs each layer's update once the step it belongs to was called (the
+    PyTorch and TensorFlow adapters; MXNet's engine orders its updates itself).
+
+    `put(layer)` queues the layer whose gradients are all reduced; the thread waits for
+    `tracker.may_update`, then calls `run(layer, step)`. A LegatoError from `run` fails the
+    tracker as it is; anything else as "updating layer NAME failed". `run` reports the layer
+    done (`tracker.layers_done`) itself, after its framework's work.
+    """
+
+    def __init__(self, tracker: StepTracker, run: Callable[[int, int], None], *,
+                 name: str) -> None:
+        import queue
+
+        self._tracker = tracker
+        self._run = run
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, layer: int) -> None:
+        self._queue.put((layer, self._tracker.round))
+
+    def _loop(self) -> None:
+        tracker = self._tracker
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            layer, round_ = item
+            if not tracker.may_update(layer, round_):
+                continue
+            try:
+                self._run(layer, tracker.updates_done[layer])
+            except LegatoError as err:
+                tracker.fail(err)
+            except BaseException as err:  # noqa: BLE001 (raised in the training thread)
+                tracker.fail(LegatoError(
+                    f"[rank {tracker.rank}] updating layer {tracker.layer_names[layer]!r} "
+                    f"failed: {type(err).__name__}: {err}"))
+
+    def stop(self, timeout_s: float) -> None:
+        self._queue.put(None)
+        self._thread.join(min(timeout_s, 60.0))
