@@ -5,11 +5,12 @@ Core types only cross them: chunks, ids, byte counts; never a framework tensor.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["ANNOUNCE_SLOTS", "CommBackend", "OrderChannel", "announcement_frames", "frame_ids"]
+__all__ = ["ANNOUNCE_SLOTS", "CommBackend", "OrderChannel", "TRANSPORT_METHODS", "Transport",
+           "announcement_frames", "frame_ids"]
 
 Done = Callable[[BaseException | None], None]
 
@@ -33,6 +34,36 @@ class OrderChannel(Protocol):
     def receive(self) -> list[int]:
         """Follower: block until the leader's next announcement; [] when it has closed."""
 
+
+@runtime_checkable
+class Transport(Protocol):
+    """What an optimizer wrapper talks to besides its CommBackend: the ranks, a channel for
+    the leader's order, small control collectives, and closing. Implemented by the gloo
+    transport (legato.adapters.gloo, used by the PyTorch and TensorFlow adapters) and by the
+    Horovod transports of both; each also makes the CommBackend for its framework's gradients
+    (`backend(...)`, whose arguments are the framework's: tensors differ). MXNet's scheduled
+    kvstore is its own backend and channel (a parameter server, not collectives).
+    """
+
+    name: str          # "torch" (gloo/NCCL groups), "gloo" (the same from TensorFlow), "horovod"
+    rank: int          # this process's global rank
+    group_rank: int    # its rank among the transport's ranks (0 leads the order)
+    world: int         # how many ranks reduce
+
+    def order_channel(self) -> OrderChannel:
+        """The channel carrying group rank 0's dispatch order to the others."""
+
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order (a control collective)."""
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Group rank 0's `obj`, on every rank."""
+
+    def close(self, healthy: bool = True) -> None:
+        """Release the groups; after a failure (`healthy=False`) without waiting for peers."""
+
+
+TRANSPORT_METHODS = ("order_channel", "all_gather_object", "broadcast_object", "close")
 
 ANNOUNCE_SLOTS = 64
 

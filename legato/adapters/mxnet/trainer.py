@@ -54,7 +54,7 @@ from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import StepTracker, close_scheduled
+from legato.core.scheduler.steps import ClosesOnExit, StepTracker, close_scheduled
 
 __all__ = ["ScheduledTrainer"]
 
@@ -83,7 +83,7 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-class ScheduledTrainer:
+class ScheduledTrainer(ClosesOnExit):
     """Wraps a `gluon.Trainer` so that `model`'s gradients go through its dist_sync kvstore in
     priority order and each layer is updated as soon as its gradients are back.
 
@@ -496,12 +496,6 @@ class ScheduledTrainer:
         close_scheduled(self._steps, self._scheduler,
                         timeout_s=self._timeout_s if timeout_s is None else timeout_s,
                         rank=self._rank, wait=lambda t: self.synchronize(t), steps=[release])
-
-    def __enter__(self) -> "ScheduledTrainer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ScheduledTrainer({self.config.describe()}, {self.plan.describe()})"

@@ -73,7 +73,7 @@ class GlooTransport:
 
         import torch.distributed as dist
 
-        from legato.adapters.torch.comm import TorchDistTransport
+        from legato.adapters.gloo import TorchDistTransport
 
         if not dist.is_initialized():
             missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -48,7 +48,8 @@ from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import LayerUpdater, StepTracker, close_scheduled
+from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
+                                         close_scheduled)
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -204,7 +205,7 @@ def _signature(fn):
         return None
 
 
-class ScheduledOptimizer:
+class ScheduledOptimizer(ClosesOnExit):
     """Wraps a Keras optimizer so that `model`'s gradients are all-reduced in priority order.
 
     Args:
@@ -658,12 +659,6 @@ class ScheduledOptimizer:
                                       steps=[lambda: self._updater.stop(timeout), restore])
         finally:
             self._transport.close(healthy=healthy)
-
-    def __enter__(self) -> "ScheduledOptimizer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "

@@ -62,7 +62,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from legato.adapters.torch.comm import TorchDistTransport, chunk_buffer, copy_back
+from legato.adapters.gloo import TorchDistTransport, chunk_buffer, copy_back
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.protocols import Done
 from legato.core.scheduler.core import CommFailed, Scheduler

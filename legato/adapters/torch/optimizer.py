@@ -64,7 +64,8 @@ from typing import Any
 
 import torch
 
-from legato.adapters.torch.comm import HorovodTransport, TorchDistTransport
+from legato.adapters.gloo import TorchDistTransport
+from legato.adapters.torch.comm import HorovodTransport
 from legato.adapters.torch.proxy import LayerGates
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
@@ -72,7 +73,8 @@ from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import LayerUpdater, StepTracker, close_scheduled
+from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
+                                         close_scheduled)
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
 from legato.core.timeline import Timeline
 
@@ -187,7 +189,7 @@ def _layers_of(model: torch.nn.Module, params: list[torch.nn.Parameter]):
     return layer_of, modules, layer_names
 
 
-class ScheduledOptimizer(torch.optim.Optimizer):
+class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     """Wraps `optimizer` so that `model`'s gradients are all-reduced in priority order.
 
     Args:
@@ -970,12 +972,6 @@ class ScheduledOptimizer(torch.optim.Optimizer):
                                 "are in %s (opens in Perfetto as it is)", self._rank,
                                 self._timeline.spill_path)
                 self._transport.close(healthy=healthy)
-
-    def __enter__(self) -> "ScheduledOptimizer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self.config.describe()}, "

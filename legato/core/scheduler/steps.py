@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 from legato.core._wait import wait_for
 from legato.core.errors import LegatoError
 
-__all__ = ["LayerUpdater", "StepTracker", "close_scheduled"]
+__all__ = ["ClosesOnExit", "LayerUpdater", "StepTracker", "close_scheduled"]
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +219,16 @@ class LayerUpdater:
     def stop(self, timeout_s: float) -> None:
         self._queue.put(None)
         self._thread.join(min(timeout_s, 60.0))
+
+
+class ClosesOnExit:
+    """`with wrapper:` closes it at the end (the scheduled optimizers of every adapter)."""
+
+    def close(self, timeout_s: float | None = None) -> None:  # pragma: no cover (overridden)
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
