@@ -7,6 +7,7 @@ gradients (C), measured in the same job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -176,16 +177,29 @@ def predict(calib: dict, method: str, config=None) -> float | None:
                     overlap=config.policy != "plain").step_s
 
 
-def make_method(method: str, model: nn.Module, settings: dict):
-    """Returns (module to call, step function, close function)."""
+def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plain"):
+    """Returns (module to call, step function, close function). `loop`: "plain", "amp"
+    (bf16 autocast and a GradScaler of the method's own: scaler.step(opt), scaler.update())
+    or "accumulate" (two backward passes per step: DDP's no_sync, legato's
+    backward_passes_per_step=2, two local passes before the plain all-reduce)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0) if loop == "amp" else None
+
+    def finish(optimizer) -> None:
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+
     if method == "ddp":
         ddp = nn.parallel.DistributedDataParallel(model)
         ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
         def step():
-            ddp_opt.step()
+            finish(ddp_opt)
             ddp_opt.zero_grad(set_to_none=True)
+        step.scaler = scaler
         return ddp, step, lambda: None
     if method == "ddp-hook":  # legato's DDP communication hook, small buckets
         from legato.adapters.torch import register_scheduled_hook
@@ -197,8 +211,9 @@ def make_method(method: str, model: nn.Module, settings: dict):
         ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
         def step():
-            ddp_opt.step()
+            finish(ddp_opt)
             ddp_opt.zero_grad(set_to_none=True)
+        step.scaler = scaler
         return ddp, step, hook.close
     if method == "allreduce":
         world = dist.get_world_size()
@@ -209,19 +224,40 @@ def make_method(method: str, model: nn.Module, settings: dict):
                 w.wait()
             for p in model.parameters():
                 p.grad.div_(world)
-            opt.step()
+            finish(opt)
             opt.zero_grad(set_to_none=True)
+        step.scaler = scaler
         return model, step, lambda: None
     from legato.adapters.torch import ScheduledOptimizer
 
+    if loop == "accumulate":
+        settings = dict(settings, backward_passes_per_step=2)
     sopt = ScheduledOptimizer(opt, model, policy=method, timeout_s=600, **settings)
 
     def close():
         sopt.close()
     def step():
-        sopt.step()
+        finish(sopt)
     step.optimizer = sopt  # for the caller: tuning state and the settings it ended with
+    step.scaler = scaler
     return model, step, close
+
+
+def train_step(model_name: str, loop: str, module, step, x, y) -> None:
+    """One training step of `loop` (see make_method) through `module` and `step`."""
+    if loop == "accumulate":
+        local = module.no_sync() if hasattr(module, "no_sync") and not hasattr(
+            step, "optimizer") else contextlib.nullcontext()
+        with local:  # DDP's no_sync holds the first pass's forward and backward
+            loss_of(model_name, module(x), y).backward()
+        loss_of(model_name, module(x), y).backward()
+    elif loop == "amp":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model_name, module(x), y)
+        step.scaler.scale(loss).backward()
+    else:
+        loss_of(model_name, module(x), y).backward()
+    step()
 
 
 def tuned_by_simulation(calib: dict, settings: dict):
@@ -243,7 +279,7 @@ def tuned_by_simulation(calib: dict, settings: dict):
 
 
 def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: int,
-        settings: dict, simulate_only: bool = False) -> None:
+        settings: dict, simulate_only: bool = False, loop: str = "plain") -> None:
     """torch.distributed ranks: every method in blocks of `steps` steps, in turn, `rounds`
     times, same job; and the simulator's prediction of each (calibrated in the same job)."""
     dist.init_process_group("gloo")
@@ -275,14 +311,12 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
         for method in methods:
             torch.manual_seed(0)
             module, step, close = make_method(method, MODELS[model_name](),
-                                              settings.get(method, {}))
+                                              settings.get(method, {}), loop)
             sopt = getattr(step, "optimizer", None)
             while sopt is not None and sopt.tuning:  # the same steps on every rank
-                loss_of(model_name, module(x), y).backward()
-                step()
+                train_step(model_name, loop, module, step, x, y)
             for _ in range(warmup):
-                loss_of(model_name, module(x), y).backward()
-                step()
+                train_step(model_name, loop, module, step, x, y)
             if sopt is not None:
                 sopt.synchronize()
                 configs[method] = sopt.config.describe()
@@ -297,8 +331,7 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
                 for i in range(1 + steps):  # the first step of a block is not timed
                     dist.barrier()
                     t0 = time.perf_counter()
-                    loss_of(model_name, module(x), y).backward()
-                    step()
+                    train_step(model_name, loop, module, step, x, y)
                     if i:
                         times[method].append(time.perf_counter() - t0)
                 if sopt is not None:
@@ -307,7 +340,7 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
         for method in methods:
             objs[method][3]()
     print("RESULT " + json.dumps({
-        "rank": rank, "model": model_name, "F": f, "B": b, "C": c, "grad_bytes": nbytes,
+        "rank": rank, "model": model_name, "loop": loop, "F": f, "B": b, "C": c, "grad_bytes": nbytes,
         "times": times, "predicted": predicted, "configs": configs,
         "predicted_actual": {m: v for m, v in actual.items() if v is not None},
         "predicted_config": predicted_config.describe(),
