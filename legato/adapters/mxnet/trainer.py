@@ -51,6 +51,7 @@ from mxnet import gluon
 from legato.adapters.mxnet.kvstore import ScheduledKVStore, check_kvstore
 from legato.adapters.mxnet.proxy import BlockGates, named_blocks
 from legato.core.errors import ConfigError, LegatoError
+from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
@@ -105,13 +106,22 @@ class ScheduledTrainer(ClosesOnExit):
         broadcast_parameters: give every worker worker 0's parameters at start (what
             gluon.Trainer does on its first step with a dist kvstore).
         queue_impl: the scheduler's priority queue: "auto", "native" or "python".
+
+    policy, the sizes and timeout_s can come from LEGATO_POLICY, LEGATO_PARTITION_BYTES,
+    LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES and LEGATO_TIMEOUT_S instead (an argument wins).
     """
 
     def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
-                 policy: str = "bytescheduler", partition_bytes: int | None = None,
+                 policy: str | None = None, partition_bytes: int | None = None,
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
-                 timeout_s: float = 300.0, broadcast_parameters: bool = True,
+                 timeout_s: float | None = None, broadcast_parameters: bool = True,
                  queue_impl: str = "auto") -> None:
+        settings, from_env = scheduler_env.adapter_settings(
+            dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
+                 merge_bytes=merge_bytes, timeout_s=timeout_s), "MXNet")
+        policy, timeout_s = settings["policy"], settings["timeout_s"]
+        partition_bytes, credit_bytes = settings["partition_bytes"], settings["credit_bytes"]
+        merge_bytes = settings["merge_bytes"]
         if isinstance(trainer, ScheduledTrainer):
             raise ConfigError("trainer is already a ScheduledTrainer; wrap a gluon.Trainer once")
         if not isinstance(trainer, gluon.Trainer):
@@ -187,8 +197,8 @@ class ScheduledTrainer(ClosesOnExit):
         ref = weakref.ref(self)
         self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
         atexit.register(self._atexit)
-        log.info("[rank %d] legato: %s; %s", self._rank, self.config.describe(),
-                 self.plan.describe())
+        log.info("[rank %d] legato: %s; %s%s", self._rank, self.config.describe(),
+                 self.plan.describe(), f" (from {', '.join(from_env)})" if from_env else "")
 
     # -- construction helpers ------------------------------------------------------------------
     @staticmethod

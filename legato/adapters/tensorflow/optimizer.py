@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
 from legato.core.errors import ConfigError, LegatoError
+from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
@@ -225,14 +226,23 @@ class ScheduledOptimizer(ClosesOnExit):
         timeout_s: how long any wait may last before failing with an error naming the rank,
             step and layer.
         broadcast_parameters: copy rank 0's variables to every rank at start.
+
+    policy, the sizes and timeout_s can come from LEGATO_POLICY, LEGATO_PARTITION_BYTES,
+    LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES and LEGATO_TIMEOUT_S instead (an argument wins).
     """
 
-    def __init__(self, optimizer, model, *, policy: str = "bytescheduler",
+    def __init__(self, optimizer, model, *, policy: str | None = None,
                  partition_bytes: int | None = None, credit_bytes: int | None = None,
                  merge_bytes: int | None = None, backend: str = "gloo",
-                 overlap_backward: bool = True, timeout_s: float = 300.0,
+                 overlap_backward: bool = True, timeout_s: float | None = None,
                  broadcast_parameters: bool = True) -> None:
         keras = _keras()
+        settings, from_env = scheduler_env.adapter_settings(
+            dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
+                 merge_bytes=merge_bytes, timeout_s=timeout_s), "TensorFlow")
+        policy, timeout_s = settings["policy"], settings["timeout_s"]
+        partition_bytes, credit_bytes = settings["partition_bytes"], settings["credit_bytes"]
+        merge_bytes = settings["merge_bytes"]
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
         if not isinstance(optimizer, keras.optimizers.Optimizer):
@@ -339,8 +349,9 @@ class ScheduledOptimizer(ClosesOnExit):
         ref = weakref.ref(self)
         self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
         atexit.register(self._atexit)
-        log.info("[rank %d] legato (tensorflow, %s): %s; %s", self._rank, self._transport.name,
-                 self.config.describe(), self.plan.describe())
+        log.info("[rank %d] legato (tensorflow, %s): %s; %s%s", self._rank,
+                 self._transport.name, self.config.describe(), self.plan.describe(),
+                 f" (from {', '.join(from_env)})" if from_env else "")
 
     @property
     def _passthrough(self) -> bool:

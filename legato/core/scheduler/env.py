@@ -17,13 +17,17 @@ wins over the default. A value that does not parse is a ConfigError naming the v
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Callable, Mapping
 
 from legato.core.errors import ConfigError
 
-__all__ = ["DEFAULTS", "VARIABLES", "parse_bytes", "resolve_settings", "sizes_for"]
+__all__ = ["DEFAULTS", "VARIABLES", "adapter_settings", "parse_bytes", "resolve_settings",
+           "sizes_for"]
+
+log = logging.getLogger(__name__)
 
 
 def parse_bytes(text: str) -> int:
@@ -137,3 +141,19 @@ def sizes_for(policy: str, settings: Mapping[str, Any],
     takes = _SIZES.get(policy, ("partition_bytes", "credit_bytes", "merge_bytes"))
     return tuple(settings[name] if name in takes or given.get(name) is not None else None
                  for name in ("partition_bytes", "credit_bytes", "merge_bytes"))
+
+
+def adapter_settings(given: Mapping[str, Any], adapter: str,
+                     environ: Mapping[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """`resolve_settings` for an adapter that takes only the settings named in `given` (the
+    TensorFlow and MXNet wrappers: policy, sizes, timeout). A LEGATO_* variable of a setting it
+    lacks is not silently dropped: the warning names the variable and the adapter."""
+    env = os.environ if environ is None else environ
+    settings, used = resolve_settings(given, {k: DEFAULTS[k] for k in given}, env)
+    for name, (variable, _, _) in VARIABLES.items():
+        if name not in given and env.get(variable, "").strip():
+            log.warning("%s is set, but the %s adapter has no %s setting yet: ignored",
+                        variable, adapter, name)
+    settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"] = sizes_for(
+        settings["policy"], settings, given)
+    return settings, used

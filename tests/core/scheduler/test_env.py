@@ -52,3 +52,17 @@ def test_sizes_a_policy_does_not_take_are_dropped_only_when_they_came_from_varia
     assert sizes_for("plain", settings) == (None, None, None)
     assert sizes_for("priority", settings) == (None, 4 << 20, None)
     assert sizes_for("plain", settings, {"partition_bytes": 1 << 20}) == (1 << 20, None, None)
+
+
+def test_an_adapter_without_a_setting_warns_about_its_variable(caplog):
+    from legato.core.scheduler.env import adapter_settings
+
+    env = {"LEGATO_POLICY": "priority", "LEGATO_COMPRESSION": "fp16",
+           "LEGATO_PARTITION_BYTES": "1MiB"}
+    with caplog.at_level("WARNING"):
+        out, used = adapter_settings(dict(policy=None, partition_bytes=None, credit_bytes=None,
+                                          merge_bytes=None, timeout_s=None), "TensorFlow", env)
+    assert out["policy"] == "priority" and out["partition_bytes"] is None  # priority has none
+    assert out["timeout_s"] == 300.0 and "LEGATO_POLICY=priority" in used
+    assert "LEGATO_COMPRESSION is set, but the TensorFlow adapter has no compression" in \
+        caplog.text
