@@ -283,3 +283,29 @@ def bad_arguments() -> None:
 
 if __name__ == "__main__":
     sys.exit("run through legato.launch")
+
+
+def clipped_gradients(steps: int) -> None:
+    """tf.clip_by_global_norm on the tape's gradients before apply_gradients: refused (legato
+    sent the unclipped ones during backward), and the job then ends at once, not after the
+    close's drain timeout."""
+    model = net()
+    model(batch(0, 0)[0])
+    opt = ScheduledOptimizer(make_optimizer("sgd"), model, timeout_s=60)
+    rank = int(os.environ.get("RANK", "0"))
+    refused = None
+    for step in range(steps):
+        x, y = batch(rank, step)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        grads, _ = tf.clip_by_global_norm(grads, 0.5)
+        try:
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        except ConfigError as err:
+            refused = err
+            break
+    assert refused is not None and "is not the one backward produced" in str(refused), refused
+    started = time.perf_counter()
+    opt.close()
+    print(f"CLIPPED_REFUSED closed in {time.perf_counter() - started:.1f} s", flush=True)

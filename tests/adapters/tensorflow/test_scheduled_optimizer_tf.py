@@ -137,3 +137,14 @@ def test_embedding_gradients_are_indexed_slices():
 def test_bad_arguments_raise_clear_errors():
     result = run_torch_job(f"{WORKERS}:bad_arguments", 1, timeout_s=100)
     assert "BAD_ARGUMENTS_OK" in result.rank(0).stdout
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_clipped_gradients_are_refused_and_the_job_ends_at_once(ranks):
+    result = run_torch_job(f"{WORKERS}:clipped_gradients", ranks, args=[3], timeout_s=120)
+    for r in range(ranks):
+        out = result.rank(r).stdout
+        assert "CLIPPED_REFUSED closed in" in out, out
+        seconds = float(out.split("CLIPPED_REFUSED closed in ")[1].split(" s")[0])
+        assert seconds < 20, f"closing after the refusal took {seconds} s"  # was 60 s
