@@ -254,13 +254,19 @@ class Scheduler:
         if self._queue is not None:
             self._queue.set_credit(credit_bytes)
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop: the leader drains its queue and tells followers; followers stop following."""
+    def close(self, timeout_s: float = 30.0, abort: bool = False) -> None:
+        """Stop: the leader drains its queue and tells followers; followers stop following.
+
+        `abort` (the optimizer failed: messages in flight may never complete when a peer
+        stopped too, as Horovod's wait for every rank's submission): the drain waits 5 s at
+        most. It still waits that long, since tearing down a group while a collective runs on
+        it aborts the process (gloo)."""
         if self._closed:
             return
+        drain_s = min(timeout_s, 5.0) if abort else timeout_s
         if self._queue is not None:
             try:
-                self._queue.shutdown(drain=self._error is None, timeout_s=timeout_s)
+                self._queue.shutdown(drain=self._error is None, timeout_s=drain_s)
             except (RuntimeError, TimeoutError) as err:
                 log.warning("[rank %d] closing the scheduler: %s", self.rank, err)
                 self._queue.shutdown(drain=False)

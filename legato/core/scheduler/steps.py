@@ -160,7 +160,8 @@ def close_scheduled(tracker: StepTracker, scheduler, *, timeout_s: float, rank: 
     finally:
         tracker.mark_closed()
         try:
-            scheduler.close(timeout_s=min(timeout_s, 60.0))
+            # after a failure, messages in flight may never complete (a peer stopped too)
+            scheduler.close(timeout_s=min(timeout_s, 60.0), abort=tracker.error is not None)
         except Exception as err:  # noqa: BLE001 (closing: log and go on)
             log.warning("[rank %d] closing the scheduler: %s", rank, err)
         healthy = healthy and scheduler.error is None

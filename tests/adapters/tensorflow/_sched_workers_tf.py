@@ -285,14 +285,14 @@ if __name__ == "__main__":
     sys.exit("run through legato.launch")
 
 
-def clipped_gradients(steps: int) -> None:
+def clipped_gradients(steps: int, backend: str = "gloo") -> None:
     """tf.clip_by_global_norm on the tape's gradients before apply_gradients: refused (legato
     sent the unclipped ones during backward), and the job then ends at once, not after the
-    close's drain timeout."""
+    close's drain timeout (under Horovod it waited 60 s for messages that never complete)."""
+    rank, _ = rank_and_size(backend)
     model = net()
     model(batch(0, 0)[0])
-    opt = ScheduledOptimizer(make_optimizer("sgd"), model, timeout_s=60)
-    rank = int(os.environ.get("RANK", "0"))
+    opt = ScheduledOptimizer(make_optimizer("sgd"), model, backend=backend, timeout_s=60)
     refused = None
     for step in range(steps):
         x, y = batch(rank, step)

@@ -140,9 +140,15 @@ def test_bad_arguments_raise_clear_errors():
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_clipped_gradients_are_refused_and_the_job_ends_at_once(ranks):
-    result = run_torch_job(f"{WORKERS}:clipped_gradients", ranks, args=[3], timeout_s=120)
+@pytest.mark.parametrize("backend, ranks", [
+    ("gloo", 1), ("gloo", 2), pytest.param("horovod", 2, marks=pytest.mark.horovod)])
+def test_clipped_gradients_are_refused_and_the_job_ends_at_once(backend, ranks):
+    if backend == "horovod":
+        result = run_horovod_job(f"{WORKERS}:clipped_gradients", ranks, args=[3, backend],
+                                 timeout_s=120)
+    else:
+        result = run_torch_job(f"{WORKERS}:clipped_gradients", ranks, args=[3, backend],
+                               timeout_s=120)
     for r in range(ranks):
         out = result.rank(r).stdout
         assert "CLIPPED_REFUSED closed in" in out, out
