@@ -288,6 +288,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                 backward_passes_per_step, int) or backward_passes_per_step < 1):
             raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} is "
                               "invalid; pass a whole number of backward passes, 1 or more")
+        if timeline is not None:  # checked before any collective call, as every setting
+            folder = os.path.dirname(os.path.abspath(os.fspath(timeline)))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ConfigError(f"timeline={os.fspath(timeline)!r}: its folder {folder} does "
+                                  "not exist or is not writable; give a path in a writable "
+                                  "folder (LEGATO_TIMELINE too)")
         wrapper = _ddp_wrapping(model)
         if wrapper is not None:
             raise ConfigError(_ddp_message(wrapper))

@@ -233,6 +233,15 @@ def bad_arguments() -> None:
         (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                     policy="plain", partition_bytes=1 << 20),
          "policy='plain' sends DDP's buckets"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    timeline="/nonexistent-folder/trace.json"),
+         "does not exist or is not writable"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    compression="int8"),
+         "compression='int8' is unknown"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    backward_passes_per_step=0),
+         "backward_passes_per_step=0 is invalid"),
     ]
     for make, expected in checks:
         try:
