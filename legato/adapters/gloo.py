@@ -87,6 +87,10 @@ class TorchCommBackend:
         self._scale = 1.0 / self.world
         self._buffers: dict[int, torch.Tensor] = {}
         self.writes = WriteCounts()
+        # The collectives started, kept until they are waited for on the closing thread: a
+        # Work holds its group, and a group whose last reference goes in one of its own worker
+        # threads (a Work finishing after close) joins that thread and aborts the process.
+        self._works: list = []
 
     def _merged_buffer(self, chunk: Chunk) -> torch.Tensor | None:
         """The chunk's kept buffer filled with its gradients, or None (not all contiguous)."""
@@ -116,6 +120,7 @@ class TorchCommBackend:
             if direct:  # a view of the gradient: this wrote to it (all_reduce bumps no version)
                 self.writes.add(chunk.parts[0].key)
         work = dist.all_reduce(wire, group=self._group, async_op=True)
+        self._works = [w for w in self._works if not w.is_completed()] + [work]
 
         def finished(fut: torch.futures.Future) -> None:
             try:
@@ -139,6 +144,18 @@ class TorchCommBackend:
             on_done(None)
 
         work.get_future().add_done_callback(finished)
+
+    def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait (on the calling thread, `timeout_s` at most each) for the collectives started,
+        finished or failed, and drop them here (see `_works`)."""
+        import datetime
+
+        for work in self._works:
+            try:
+                work.wait(datetime.timedelta(seconds=timeout_s))
+            except Exception:  # noqa: BLE001 (a failed collective is settled too)
+                pass
+        self._works = []
 
 
 def chunk_buffer(grads: Callable[[int], torch.Tensor], chunk: Chunk) -> tuple[torch.Tensor, bool]:
@@ -223,6 +240,8 @@ class TorchDistTransport:
         self.world = dist.get_world_size(self.comm_group)
         self._nccl_tried = False
         self._nccl = None  # legato.adapters.torch.comm.NativeNcclCommBackend, once chosen
+        self._backends: list[TorchCommBackend] = []  # the current one, settled before the
+        # groups go
 
     def backend(self, grads: Callable[[int], torch.Tensor],
                 device: torch.device | None = None,
@@ -259,7 +278,11 @@ class TorchDistTransport:
                 self._nccl = make_nccl_backend(grads, self.ctrl_group, device)
         if self._nccl is not None:
             return self._nccl
-        return TorchCommBackend(grads, self.comm_group, set_grad, compression)
+        for old in self._backends:  # an earlier plan's (tuning): its collectives are done
+            old.settle()
+        backend = TorchCommBackend(grads, self.comm_group, set_grad, compression)
+        self._backends = [backend]
+        return backend
 
     def order_channel(self) -> TorchOrderChannel:
         return TorchOrderChannel(self.ctrl_group)
@@ -297,6 +320,9 @@ class TorchDistTransport:
         garbage collection, where its worker threads can abort the process ("terminate called
         without an active exception"); destroying it here, on the closing thread, cannot.
         """
+        for backend in self._backends:
+            backend.settle()
+        self._backends = []
         nccl = self._nccl
         if nccl is not None:
             try:
