@@ -246,8 +246,8 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
 def train_step(model_name: str, loop: str, module, step, x, y) -> None:
     """One training step of `loop` (see make_method) through `module` and `step`."""
     if loop == "accumulate":
-        local = module.no_sync() if hasattr(module, "no_sync") and not hasattr(
-            step, "optimizer") else contextlib.nullcontext()
+        # DDP (and the DDP hook) has no_sync; legato's module is the plain model
+        local = module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
         with local:  # DDP's no_sync holds the first pass's forward and backward
             loss_of(model_name, module(x), y).backward()
         loss_of(model_name, module(x), y).backward()

@@ -53,6 +53,7 @@ from legato.adapters.mxnet.proxy import BlockGates, named_blocks
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
+from legato.core.scheduler.layers import layer_keys
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import ClosesOnExit, StepTracker, close_scheduled
@@ -116,12 +117,11 @@ class ScheduledTrainer(ClosesOnExit):
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
                  queue_impl: str = "auto") -> None:
-        settings, from_env = scheduler_env.adapter_settings(
-            dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
-                 merge_bytes=merge_bytes, timeout_s=timeout_s), "MXNet")
-        policy, timeout_s = settings["policy"], settings["timeout_s"]
-        partition_bytes, credit_bytes = settings["partition_bytes"], settings["credit_bytes"]
-        merge_bytes = settings["merge_bytes"]
+        policy, partition_bytes, credit_bytes, merge_bytes, timeout_s, from_env = \
+            scheduler_env.adapter_settings("MXNet", policy=policy,
+                                           partition_bytes=partition_bytes,
+                                           credit_bytes=credit_bytes, merge_bytes=merge_bytes,
+                                           timeout_s=timeout_s)
         if isinstance(trainer, ScheduledTrainer):
             raise ConfigError("trainer is already a ScheduledTrainer; wrap a gluon.Trainer once")
         if not isinstance(trainer, gluon.Trainer):
@@ -142,9 +142,7 @@ class ScheduledTrainer(ClosesOnExit):
         self._names = [p.name for p in self._params]
         layer_of, direct, self._layer_names = self._layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
-        self._keys_of_layer: list[list[int]] = [[] for _ in self._layer_names]
-        for key, layer in enumerate(self._layer_of_key):
-            self._keys_of_layer[layer].append(key)
+        self._keys_of_layer = layer_keys(self._layer_of_key, len(self._layer_names))
         tasks = []
         for key, p in enumerate(self._params):
             grad = p.list_grad()[0]

@@ -237,12 +237,11 @@ class ScheduledOptimizer(ClosesOnExit):
                  overlap_backward: bool = True, timeout_s: float | None = None,
                  broadcast_parameters: bool = True) -> None:
         keras = _keras()
-        settings, from_env = scheduler_env.adapter_settings(
-            dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
-                 merge_bytes=merge_bytes, timeout_s=timeout_s), "TensorFlow")
-        policy, timeout_s = settings["policy"], settings["timeout_s"]
-        partition_bytes, credit_bytes = settings["partition_bytes"], settings["credit_bytes"]
-        merge_bytes = settings["merge_bytes"]
+        policy, partition_bytes, credit_bytes, merge_bytes, timeout_s, from_env = \
+            scheduler_env.adapter_settings("TensorFlow", policy=policy,
+                                           partition_bytes=partition_bytes,
+                                           credit_bytes=credit_bytes, merge_bytes=merge_bytes,
+                                           timeout_s=timeout_s)
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
         if not isinstance(optimizer, keras.optimizers.Optimizer):

@@ -70,7 +70,7 @@ from legato.adapters.torch.proxy import LayerGates
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
-from legato.core.scheduler.layers import LayerProgress
+from legato.core.scheduler.layers import LayerProgress, layer_keys
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
@@ -268,7 +268,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         timeout_s = settings["timeout_s"]
         backward_passes_per_step = settings["backward_passes_per_step"]
         self._compression = _WIRE_DTYPES[settings["compression"]]
-        self._bpps_setting = backward_passes_per_step
+        self._bpps = backward_passes_per_step
         partition_bytes, credit_bytes, merge_bytes = scheduler_env.sizes_for(
             policy, settings, dict(partition_bytes=partition_bytes, credit_bytes=credit_bytes,
                                    merge_bytes=merge_bytes))
@@ -312,9 +312,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
 
         layer_of, modules, self._layer_names = _layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
-        self._keys_of_layer: list[list[int]] = [[] for _ in self._layer_names]
-        for key, layer in enumerate(self._layer_of_key):
-            self._keys_of_layer[layer].append(key)
+        self._keys_of_layer = layer_keys(self._layer_of_key, len(self._layer_names))
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names[id(p)] for p in self._params]
         self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
@@ -339,7 +337,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._broadcast_from_rank0()
 
         self._views = self._make_views()
-        self._bpps = backward_passes_per_step
         self._passes = [0] * len(self._params)       # backward passes since the last post
         self._posted = [False] * len(self._params)   # gradient handed to the scheduler
         self._open_posts = 0                         # posts of the step not yet stepped
@@ -354,8 +351,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         # [Note: mixed precision]
         self._amp = False                            # a GradScaler has stepped this optimizer
         self._bad: list = [None] * len(self._params)  # per key: non-finite local gradient?
-        self._cleared = 0        # hand-overs cleared by zero_grad before a step ([Note:
-        # cleared gradients])
         # Steps called and done, per-step mixed-precision decisions, failure (the core's).
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._wake_gates)
@@ -464,7 +459,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     def _check_same_plan(self) -> None:
         digests = self._transport.all_gather_object((self.plan.digest(), len(self._params),
                                                       self._tune, str(self._compression),
-                                                      self._bpps_setting))
+                                                      self._bpps))
         if any(d != digests[0] for d in digests):
             raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
                               f"({digests}); every rank must wrap the same model with the same "
@@ -617,6 +612,17 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             raise LegatoError(self._changed_message(key, "while it was being all-reduced"))
         self._reduced[key] = (now, now._version)
 
+    def _check_unchanged(self, keys, step: int) -> None:
+        """Before `step`'s update: the reduced gradients of `keys` must be as legato left them,
+        unless the user waited for them (synchronize) and may change them."""
+        if self._synced_step == step:
+            return
+        for key in keys:
+            grad, version = self._reduced[key]
+            now = self._params[key].grad
+            if now is not grad or now._version != version:
+                raise LegatoError(self._changed_message(key, "after it was reduced"))
+
     def _changed_message(self, key: int, when: str) -> str:
         return (f"[rank {self._rank}] the gradient of {self._names[key]!r} was changed {when}, "
                 "between loss.backward() and opt.step(), before legato's all-reduce was waited "
@@ -645,13 +651,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         layer's view of the optimizer, drop the gradients and open the layer's gate."""
         started = time.perf_counter()
         keys = self._keys_of_layer[layer]
-        if self._synced_step != step:
-            for key in keys:
-                grad, version = self._reduced[key]
-                now = self._params[key].grad
-                if now is not grad or now._version != version:
-                    raise LegatoError(self._changed_message(key, "after it was reduced"))
-        if self._amp_update(step, keys, self._layer_names[layer]):
+        self._check_unchanged(keys, step)
+        if self._amp_allows(self._steps.info(step), keys, self._layer_names[layer], step):
             with _profiled(f"legato.update {self._layer_names[layer]}"):
                 self._views[layer][0].step()
         for key in keys:
@@ -664,18 +665,18 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                                 time.perf_counter())
         self._steps.layers_done([layer])
 
-    def _amp_update(self, step: int, keys: list[int], what: str) -> bool:
-        """Mixed precision, before an update of `keys` in `step`: whether to step them, after
-        unscaling their reduced gradients with GradScaler's kernel ([Note: mixed precision])."""
-        inv_scale, skip = self._steps.info(step, (None, False))
+    def _amp_allows(self, amp, keys: list[int], what: str, step: int) -> bool:
+        """Mixed precision, before an update of `keys` in `step` with that step's `amp` =
+        (inverse scale or None when already unscaled, skip) or None (no scaler): whether to
+        step them, after unscaling their reduced gradients with GradScaler's kernel ([Note:
+        mixed precision])."""
+        if amp is None:
+            return True
+        inv_scale, skip = amp
         if skip:
             return False
         if inv_scale is None:
             return True
-        return self._amp_unscale(inv_scale, keys, what, step)
-
-    def _amp_unscale(self, inv_scale: torch.Tensor, keys: list[int], what: str,
-                     step: int) -> bool:
         grads = [self._params[k].grad for k in keys]
         found = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
@@ -837,15 +838,11 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     def _step_plain(self, amp) -> None:
         """Pass-through: wait for every bucket, then one step of the wrapped optimizer."""
         self._wait_this_step()
-        if self._synced_step != self._steps.steps_called:
-            for key in range(len(self._params)):
-                grad, version = self._reduced[key]
-                now = self._params[key].grad
-                if now is not grad or now._version != version:
-                    raise LegatoError(self._changed_message(key, "after it was reduced"))
+        self._check_unchanged(range(len(self._params)), self._steps.steps_called)
         self._gates.finish_observing()
         started = time.perf_counter()
-        if amp is None or (not amp[1] and self._amp_update_with(amp)):
+        if self._amp_allows(amp, list(range(len(self._params))), "the model",
+                            self._steps.steps_called):
             self._opt.step()
         for key, p in enumerate(self._params):
             p.grad = None
@@ -856,16 +853,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._open_posts = 0
         self._steps.call_step()
         self._steps.step_done()
-
-    def _amp_update_with(self, amp) -> bool:
-        """Pass-through under GradScaler: unscale every gradient (unless done), or skip."""
-        inv_scale, skip = amp
-        if skip:
-            return False
-        if inv_scale is None:
-            return True
-        return self._amp_unscale(inv_scale, list(range(len(self._params))), "the model",
-                                 self._steps.steps_called)
 
     def _sync_views(self) -> None:
         """Give every layer's view the hyperparameters and state of the wrapped optimizer now."""
@@ -914,7 +901,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                 p.grad = torch.zeros_like(p.grad)  # not the reduced buffer's view
         self._open_posts = 0
         self._synced_step = -1
-        self._cleared += 1
 
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done; called

@@ -60,9 +60,11 @@ def test_an_adapter_without_a_setting_warns_about_its_variable(caplog):
     env = {"LEGATO_POLICY": "priority", "LEGATO_COMPRESSION": "fp16",
            "LEGATO_PARTITION_BYTES": "1MiB"}
     with caplog.at_level("WARNING"):
-        out, used = adapter_settings(dict(policy=None, partition_bytes=None, credit_bytes=None,
-                                          merge_bytes=None, timeout_s=None), "TensorFlow", env)
-    assert out["policy"] == "priority" and out["partition_bytes"] is None  # priority has none
-    assert out["timeout_s"] == 300.0 and "LEGATO_POLICY=priority" in used
+        policy, partition, credit, merge, timeout, used = adapter_settings(
+            "TensorFlow", policy=None, partition_bytes=None, credit_bytes=None,
+            merge_bytes=None, timeout_s=None, environ=env)
+    assert policy == "priority" and partition is None  # priority has no partitions
+    assert credit is None and merge is None
+    assert timeout == 300.0 and "LEGATO_POLICY=priority" in used
     assert "LEGATO_COMPRESSION is set, but the TensorFlow adapter has no compression" in \
         caplog.text
