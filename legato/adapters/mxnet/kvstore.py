@@ -121,7 +121,7 @@ class ScheduledKVStore:
 
     def __init__(self, kvstore, plan: ChunkPlan, grads: Callable[[int], mx.nd.NDArray], *,
                  on_started: Callable[[Chunk], None] | None = None,
-                 timeout_s: float = 300.0) -> None:
+                 timeout_s: float = 300.0, staged: bool = False) -> None:
         check_kvstore(kvstore)
         self._kv = kvstore
         self.rank = kvstore.rank
@@ -136,7 +136,9 @@ class ScheduledKVStore:
         self._chunk_key0 = base + 1
         self._param_key0 = base + 1 + len(plan.chunks)
 
-        # Buffers (see [Note: chunk buffers]); None for a whole tensor, which is its own.
+        # Buffers (see [Note: chunk buffers]); None for a whole tensor, which is its own,
+        # unless `staged`: then every gradient is copied out when the step is called (the
+        # trainer's gradient accumulation, where the user clears the gradients after step()).
         self._buffers: list[mx.nd.NDArray | None] = []
         self._member_at: list[dict[int, int]] = []  # merged chunk: key -> element offset
         init = []
@@ -152,7 +154,7 @@ class ScheduledKVStore:
             self._member_at.append(at)
             buf = mx.nd.zeros((chunk.nbytes // first.itemsize,), ctx=grad.context,
                               dtype=grad.dtype)
-            self._buffers.append(None if whole else buf)
+            self._buffers.append(None if whole and not staged else buf)
             init.append(buf)
         self._control = mx.nd.zeros((_CONTROL_SLOTS,), dtype=np.float32)
         self._token = mx.nd.zeros((1,), dtype=np.float32)  # orders the watches (see watch)
@@ -225,13 +227,15 @@ class ScheduledKVStore:
         buf = self._buffers[chunk.id]
         return self._grads(chunk.parts[0].key).reshape((-1,)) if buf is None else buf
 
-    def copy_back(self, key: int, on_error: Callable[[BaseException], None]) -> None:
+    def copy_back(self, key: int, on_error: Callable[[BaseException], None],
+                  into: mx.nd.NDArray | None = None) -> None:
         """Have the engine copy task `key`'s reduced chunks from their buffers into its
-        gradient, after their pulls (and before whatever reads the gradient later)."""
+        gradient (or `into`, an array of its shape), after their pulls (and before whatever
+        reads that array later)."""
         moves = self._copies[key]
         if not moves:
             return
-        grad = self._grads(key)
+        grad = self._grads(key) if into is None else into
 
         def copy() -> None:
             try:

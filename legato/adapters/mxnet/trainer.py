@@ -27,6 +27,9 @@ How a step runs, after ByteScheduler's MXNet plugin:
   blocks that read that layer may go ([Note: open at report]), while later layers are still
   communicating.
 
+Gradient accumulation is gluon's own idiom: grad_req='add' on the parameters, N backward passes,
+`trainer.step(N * batch_size)`, then `zero_grad()` (see [Note: accumulation] in the code).
+
 Under policy="plain" (the pass-through) there are no gates: `step()` waits until every bucket
 is back and the update of all layers is issued, as one gluon `Trainer.step` would do.
 
@@ -117,11 +120,12 @@ class ScheduledTrainer(ClosesOnExit):
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
                  queue_impl: str = "auto") -> None:
-        policy, partition_bytes, credit_bytes, merge_bytes, timeout_s, from_env = \
-            scheduler_env.adapter_settings("MXNet", policy=policy,
-                                           partition_bytes=partition_bytes,
-                                           credit_bytes=credit_bytes, merge_bytes=merge_bytes,
-                                           timeout_s=timeout_s)
+        settings, from_env = scheduler_env.adapter_settings(
+            "MXNet", policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
+            merge_bytes=merge_bytes, timeout_s=timeout_s)
+        policy, timeout_s = settings["policy"], settings["timeout_s"]
+        partition_bytes, credit_bytes, merge_bytes = (
+            settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
         if isinstance(trainer, ScheduledTrainer):
             raise ConfigError("trainer is already a ScheduledTrainer; wrap a gluon.Trainer once")
         if not isinstance(trainer, gluon.Trainer):
@@ -169,8 +173,20 @@ class ScheduledTrainer(ClosesOnExit):
         # Collective from here on: every worker builds its trainer at the same point.
         kv = mx.kv.create(kv_arg) if isinstance(kv_arg, str) else kv_arg
         self._rank = self._steps.rank = kv.rank
+        # [Note: accumulation] gluon's idiom: grad_req='add', N backward passes, step(N * bs),
+        # zero_grad(). step() returns before the gradients are sent and zero_grad() follows at
+        # once, while legato's thread issues the updates: so with any grad_req='add' parameter
+        # every gradient is staged (copied out by an engine operation issued in step(), which
+        # the engine runs before the zeroing), and an accumulating gradient's reduced value
+        # comes back into an array of legato's, which its update reads, never into the
+        # gradient the user clears (after step(), it still holds the local sum). zero_grad()
+        # clears every gradient, so 'write' parameters beside them are treated alike.
+        self._adds = [k for k, p in enumerate(self._params) if p.grad_req == "add"]
+        self._reduced = {k: mx.nd.zeros_like(self._grad_of(k))
+                         for k in range(len(self._params))} if self._adds else {}
         self._kv = ScheduledKVStore(kv, self.plan, self._grad_of, timeout_s=self._timeout_s,
-                                    on_started=_weak_method(self._chunk_started))
+                                    on_started=_weak_method(self._chunk_started),
+                                    staged=bool(self._adds))
         try:
             self._kv.check_plan(self.plan.digest(), self.plan.describe())
             if broadcast_parameters:
@@ -249,10 +265,9 @@ class ScheduledTrainer(ClosesOnExit):
                     " every gradient's size up front: call model.initialize() and run one "
                     "forward pass (model(x)) before ScheduledTrainer, or give the layers their "
                     "input sizes (in_units=, in_channels=)")
-            if p.grad_req != "write":
-                raise ConfigError(f"parameter {p.name!r} has grad_req={p.grad_req!r}; legato "
-                                  "sends each step's gradient once, so use grad_req='write' "
-                                  "(gradient accumulation is not supported)")
+            if p.grad_req not in ("write", "add"):
+                raise ConfigError(f"parameter {p.name!r} has grad_req={p.grad_req!r}; use "
+                                  "'write', or 'add' to accumulate over several backward passes")
             if p._stype != "default" or p._grad_stype != "default":
                 raise ConfigError(f"parameter {p.name!r} is sparse; legato schedules dense "
                                   "gradients only")
@@ -344,8 +359,10 @@ class ScheduledTrainer(ClosesOnExit):
         operations, ordered after the pulls)."""
         try:
             for key in keys:
-                self._kv.copy_back(key, self._failed)
-            self._updater([self._index[k] for k in keys], [self._grad_of(k) for k in keys],
+                self._kv.copy_back(key, self._failed, self._reduced.get(key))
+            self._updater([self._index[k] for k in keys],
+                          [self._reduced[k] if k in self._reduced else self._grad_of(k)
+                           for k in keys],
                           [self._weight_of(k) for k in keys])
         except BaseException as err:
             raise LegatoError(f"[rank {self._rank}] step {self._steps.steps_updated}: updating "

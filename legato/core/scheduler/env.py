@@ -143,20 +143,23 @@ def sizes_for(policy: str, settings: Mapping[str, Any],
                  for name in ("partition_bytes", "credit_bytes", "merge_bytes"))
 
 
-def adapter_settings(adapter: str, *, policy, partition_bytes, credit_bytes, merge_bytes,
-                     timeout_s, environ: Mapping[str, str] | None = None) -> tuple:
-    """For an adapter whose wrapper takes only a policy, the sizes and a timeout (the
-    TensorFlow and MXNet wrappers): each from its argument (None: not given), else its
-    LEGATO_* variable, else the default. A LEGATO_* variable of a setting the adapter lacks is
-    not silently dropped: the warning names the variable and the adapter. Returns (policy,
-    partition_bytes, credit_bytes, merge_bytes, timeout_s, the variables used)."""
+def adapter_settings(adapter: str, *, environ: Mapping[str, str] | None = None,
+                     **given: Any) -> tuple[dict[str, Any], list[str]]:
+    """For an adapter whose wrapper takes some of the settings in DEFAULTS (the TensorFlow and
+    MXNet wrappers): each of `given` from its argument (None: not given), else its LEGATO_*
+    variable, else the default; the sizes resolved for the policy (`sizes_for`). A LEGATO_*
+    variable of a setting the adapter lacks is not silently dropped: the warning names the
+    variable and the adapter. Returns (the settings by name, the variables used)."""
     env = os.environ if environ is None else environ
-    given = dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
-                 merge_bytes=merge_bytes, timeout_s=timeout_s)
+    unknown = [name for name in given if name not in DEFAULTS]
+    if unknown:
+        raise TypeError(f"adapter_settings: unknown settings {unknown}")
     settings, used = resolve_settings(given, {k: DEFAULTS[k] for k in given}, env)
     for name, (variable, _, _) in VARIABLES.items():
         if name not in given and env.get(variable, "").strip():
             log.warning("%s is set, but the %s adapter has no %s setting yet: ignored",
                         variable, adapter, name)
-    sizes = sizes_for(settings["policy"], settings, given)
-    return (settings["policy"], *sizes, settings["timeout_s"], used)
+    if "policy" in settings:
+        settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"] = \
+            sizes_for(settings["policy"], settings, given)
+    return settings, used

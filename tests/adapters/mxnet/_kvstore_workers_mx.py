@@ -44,14 +44,19 @@ def batch(rank: int, step: int, n: int = 16):
             mx.nd.array(rs.randint(0, 10, n).astype(np.float32)))
 
 
-def train(net, trainer, rank: int, steps: int) -> None:
+def train(net, trainer, rank: int, steps: int, passes: int = 1) -> None:
+    """`passes` > 1: gluon's gradient accumulation (grad_req='add' set by the caller): that
+    many backward passes per step, step(passes * batch), then zero_grad()."""
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for step in range(steps):
-        x, y = batch(rank, step)
-        with autograd.record():
-            loss = loss_fn(net(x), y)
-        loss.backward()
-        trainer.step(x.shape[0])
+        for p in range(passes):
+            x, y = batch(rank, step * passes + p)
+            with autograd.record():
+                loss = loss_fn(net(x), y)
+            loss.backward()
+        trainer.step(x.shape[0] * passes)
+        if passes > 1:
+            net.collect_params().zero_grad()
 
 
 def gluon_trainer(net, kv, opt: str, opt_params: dict) -> gluon.Trainer:
@@ -85,26 +90,35 @@ def plan_summary(st: ScheduledTrainer) -> dict:
             "partition_bytes": st.config.partition_bytes, "policy": st.config.policy}
 
 
-def compare_with_gluon(opt_name: str, hybrid: bool, cases: list, steps: int) -> None:
+def _accumulating(net, passes: int):
+    if passes > 1:
+        for p in net.collect_params().values():
+            p.grad_req = "add"
+    return net
+
+
+def compare_with_gluon(opt_name: str, hybrid: bool, cases: list, steps: int,
+                       passes: int = 1) -> None:
     """Train with gluon.Trainer(kvstore=dist_sync, update_on_kvstore=False) once, then with
     ScheduledTrainer for each case [policy, settings] from the same init and data; parameters
-    must agree. (One gluon Trainer per job: a second one would initialize keys 0..n-1 again.)"""
+    must agree. (One gluon Trainer per job: a second one would initialize keys 0..n-1 again.)
+    `passes` > 1: both accumulate gradients that many backward passes per step."""
     kv = mx.kv.create("dist_sync")
     rank = kv.rank
     opt, opt_params = OPTIMIZERS[opt_name]
     initial = params_of(make_net(hybrid))
-    ref = make_net(hybrid)
-    train(ref, gluon_trainer(ref, kv, opt, opt_params), rank, steps)
+    ref = _accumulating(make_net(hybrid), passes)
+    train(ref, gluon_trainer(ref, kv, opt, opt_params), rank, steps, passes)
     want = params_of(ref)
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(want, initial))
     for policy, settings in cases:
-        ours = make_net(hybrid)
+        ours = _accumulating(make_net(hybrid), passes)
         inner = gluon.Trainer(ours.collect_params(), opt, dict(opt_params), kvstore=kv,
                               update_on_kvstore=False)
         st = ScheduledTrainer(inner, ours, policy=policy, timeout_s=60, **settings)
         summary = plan_summary(st)
         started = time.perf_counter()
-        train(ours, st, rank, steps)
+        train(ours, st, rank, steps, passes)
         st.synchronize()
         took = time.perf_counter() - started
         stats = st.stats

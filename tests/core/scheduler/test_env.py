@@ -60,11 +60,24 @@ def test_an_adapter_without_a_setting_warns_about_its_variable(caplog):
     env = {"LEGATO_POLICY": "priority", "LEGATO_COMPRESSION": "fp16",
            "LEGATO_PARTITION_BYTES": "1MiB"}
     with caplog.at_level("WARNING"):
-        policy, partition, credit, merge, timeout, used = adapter_settings(
-            "TensorFlow", policy=None, partition_bytes=None, credit_bytes=None,
+        settings, used = adapter_settings(
+            "MXNet", policy=None, partition_bytes=None, credit_bytes=None,
             merge_bytes=None, timeout_s=None, environ=env)
-    assert policy == "priority" and partition is None  # priority has no partitions
-    assert credit is None and merge is None
-    assert timeout == 300.0 and "LEGATO_POLICY=priority" in used
-    assert "LEGATO_COMPRESSION is set, but the TensorFlow adapter has no compression" in \
+    assert settings["policy"] == "priority"
+    assert settings["partition_bytes"] is None  # priority has no partitions
+    assert settings["credit_bytes"] is None and settings["merge_bytes"] is None
+    assert settings["timeout_s"] == 300.0 and "LEGATO_POLICY=priority" in used
+    assert "LEGATO_COMPRESSION is set, but the MXNet adapter has no compression" in \
         caplog.text
+
+
+def test_an_adapter_reads_the_settings_it_names_and_an_argument_wins():
+    from legato.core.scheduler.env import adapter_settings
+
+    env = {"LEGATO_COMPRESSION": "bf16", "LEGATO_BACKWARD_PASSES_PER_STEP": "4"}
+    settings, used = adapter_settings("TensorFlow", compression=None,
+                                      backward_passes_per_step=2, environ=env)
+    assert settings == {"compression": "bf16", "backward_passes_per_step": 2}
+    assert used == ["LEGATO_COMPRESSION=bf16"]
+    with pytest.raises(TypeError, match="unknown settings"):
+        adapter_settings("TensorFlow", wire=None, environ=env)
