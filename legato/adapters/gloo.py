@@ -67,21 +67,26 @@ class TorchCommBackend:
 
     With `compression` (torch.float16 or torch.bfloat16) a float32 or float64 chunk travels
     in that type, as DDP's fp16_compress_hook and bf16_compress_hook send it: cast, divided by
-    the world size in the narrow type, summed, and cast back into the chunk.
+    the world size in the narrow type, summed, and cast back into the chunk; with
+    `divide_after`, divided after the sum, as Horovod's Compression.fp16 with op=Average does
+    (the two differ where a halved value is subnormal in the narrow type).
 
     Args:
         grads: returns the current gradient tensor of task `key`.
         group: the process group to reduce over.
         set_grad: set_grad(key, tensor) replaces task `key`'s gradient (see above).
         compression: the dtype on the wire, or None.
+        divide_after: with compression, divide by the world size after the sum (Horovod's
+            order) rather than before (DDP's).
     """
 
     def __init__(self, grads: Callable[[int], torch.Tensor], group,
                  set_grad: Callable[[int, torch.Tensor], None] | None = None,
-                 compression: torch.dtype | None = None) -> None:
+                 compression: torch.dtype | None = None, divide_after: bool = False) -> None:
         self._grads = grads
         self._set_grad = set_grad
         self._compression = compression
+        self._divide_after = divide_after
         self._group = group
         self.world = dist.get_world_size(group)
         self._scale = 1.0 / self.world
@@ -114,7 +119,9 @@ class TorchCommBackend:
             buffer, direct = chunk_buffer(self._grads, chunk)
         wire = buffer
         if self._compression is not None and buffer.dtype in (torch.float32, torch.float64):
-            wire = buffer.to(self._compression).div_(self.world)
+            wire = buffer.to(self._compression)
+            if not self._divide_after:
+                wire.div_(self.world)
         else:
             buffer.mul_(self._scale)
             if direct:  # a view of the gradient: this wrote to it (all_reduce bumps no version)
@@ -126,6 +133,8 @@ class TorchCommBackend:
             try:
                 fut.value()
                 if wire is not buffer:
+                    if self._divide_after:
+                        wire.div_(self.world)
                     buffer.copy_(wire)
                     if direct:
                         self.writes.add(chunk.parts[0].key)
@@ -246,7 +255,7 @@ class TorchDistTransport:
     def backend(self, grads: Callable[[int], torch.Tensor],
                 device: torch.device | None = None,
                 set_grad: Callable[[int, torch.Tensor], None] | None = None,
-                compression: torch.dtype | None = None):
+                compression: torch.dtype | None = None, divide_after: bool = False):
         """The backend for gradients on `device` (collective: every rank calls it).
 
         CUDA gradients go through legato's own NCCL communicator (NativeNcclCommBackend) when
@@ -280,7 +289,7 @@ class TorchDistTransport:
             return self._nccl
         for old in self._backends:  # an earlier plan's (tuning): its collectives are done
             old.settle()
-        backend = TorchCommBackend(grads, self.comm_group, set_grad, compression)
+        backend = TorchCommBackend(grads, self.comm_group, set_grad, compression, divide_after)
         self._backends = [backend]
         return backend
 

@@ -96,14 +96,23 @@ class GlooTransport:
         self._buffers: list = []
 
     def backend(self, grads: Sequence[tf.Tensor | None], shapes: Sequence[tuple[int, ...]],
-                dtypes: Sequence[tf.DType], epoch: int):  # noqa: ARG002 (same call as Horovod's)
-        """The backend; `grads` is the adapter's list of this step's gradients, by key."""
+                dtypes: Sequence[tf.DType], epoch: int,  # noqa: ARG002 (as Horovod's)
+                compression: str | None = None):
+        """The backend; `grads` is the adapter's list of this step's gradients, by key;
+        `compression` ("fp16", "bf16" or None): the type float gradients travel in."""
         torch = self._torch
         if not self._buffers:
             self._buffers = [torch.empty(int(np.prod(s, dtype=np.int64)),
                                          dtype=_torch_dtype(torch, d)) for s, d in
                              zip(shapes, dtypes)]
-        return self._inner.backend(lambda key: self._buffers[key])
+        wire = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}[compression]
+        # divided after the sum, as Horovod's Compression.fp16 with op=Average
+        return self._inner.backend(lambda key: self._buffers[key], compression=wire,
+                                   divide_after=True)
+
+    def any_flag(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set (every rank calls it: a small all-reduce)."""
+        return self._inner.any_flag(flag)
 
     def load(self, key: int, grad: tf.Tensor) -> None:
         """Copy this step's gradient of `key` into its buffer (the one copy; see the Note)."""
@@ -155,10 +164,12 @@ class HorovodTFCommBackend:
     threads]); the reduced pieces go to `store(key, offset_bytes, tensor)`."""
 
     def __init__(self, hvd, grads: Sequence[tf.Tensor | None], epoch: int,
-                 store: Callable[[int, int, tf.Tensor], None], threads: int = 8) -> None:
+                 store: Callable[[int, int, tf.Tensor], None], threads: int = 8,
+                 compression: str | None = None) -> None:
         self._hvd = hvd
         self._grads = grads
         self._store = store
+        self._wire = {None: None, "fp16": tf.float16, "bf16": tf.bfloat16}[compression]
         self._prefix = f"legato.p{epoch}.chunk."
         self._scale = 1.0 / hvd.size()
         self._fns: dict[int, Any] = {}
@@ -171,7 +182,7 @@ class HorovodTFCommBackend:
         if fn is not None:
             return fn
         hvd, name, scale = self._hvd, f"{self._prefix}{chunk.id}", self._scale
-        parts = chunk.parts
+        parts, wire = chunk.parts, self._wire
 
         def reduce(*grads):
             pieces = []
@@ -182,8 +193,15 @@ class HorovodTFCommBackend:
                 pieces.append(flat if whole else
                               flat[part.offset // size:(part.offset + part.nbytes) // size])
             buffer = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
-            reduced = hvd.allreduce(buffer, op=hvd.Sum, prescale_factor=scale, name=name,
-                                    ignore_name_scope=True)
+            # compression as Horovod's Compression.fp16: cast, reduce, cast back
+            narrow = wire is not None and buffer.dtype in (tf.float32, tf.float64)
+            if narrow:  # divided after the sum, as Horovod's op=Average does
+                reduced = tf.cast(hvd.allreduce(tf.cast(buffer, wire), op=hvd.Sum,
+                                                postscale_factor=scale, name=name,
+                                                ignore_name_scope=True), buffer.dtype)
+            else:
+                reduced = hvd.allreduce(buffer, op=hvd.Sum, prescale_factor=scale, name=name,
+                                        ignore_name_scope=True)
             if len(pieces) == 1:
                 return [reduced]
             return tf.split(reduced, [int(p.shape[0]) for p in pieces])
@@ -247,12 +265,26 @@ class HorovodTFTransport:
         self.world = hvd.size()
         self._backend: HorovodTFCommBackend | None = None
         self._parts: dict[int, dict[int, tf.Tensor]] = {}
+        self._flag_fn = None
 
-    def backend(self, grads, shapes, dtypes, epoch: int):  # noqa: ARG002
+    def backend(self, grads, shapes, dtypes, epoch: int,  # noqa: ARG002
+                compression: str | None = None):
         if self._backend is not None:
             self._backend.close()
-        self._backend = HorovodTFCommBackend(self._hvd, grads, epoch, self._store)
+        self._backend = HorovodTFCommBackend(self._hvd, grads, epoch, self._store,
+                                             compression=compression)
         return self._backend
+
+    def any_flag(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set (every rank calls it: a small all-reduce)."""
+        if self._flag_fn is None:
+            hvd = self._hvd
+
+            def reduce(box):
+                return hvd.allreduce(box, op=hvd.Sum, name="legato.flag",
+                                     ignore_name_scope=True)
+            self._flag_fn = tf.function(reduce)  # see [Note: Horovod names]
+        return bool(self._flag_fn(tf.constant([1.0 if flag else 0.0])).numpy()[0] > 0)
 
     def load(self, key: int, grad: tf.Tensor) -> None:  # noqa: ARG002 (read in place)
         self._parts[key] = {}

@@ -22,7 +22,11 @@ subset of the variables it was built for, with each variable's slots (momentum, 
 found by the variable; it increments `iterations` once per call. legato sets `iterations` to
 the step's value before each layer's call, so learning-rate schedules and Adam's bias
 correction see one increment per step, as without legato. Options that need every gradient at
-once (`global_clipnorm`, `use_ema`, gradient accumulation, loss scaling) are refused.
+once (`global_clipnorm`, `use_ema`) are refused.
+
+Mixed precision ([Note: loss scaling]) and gradient accumulation ([Note: accumulation]) work as
+Keras does them without legato: wrap a `LossScaleOptimizer`, or give the wrapped optimizer
+`gradient_accumulation_steps=N` (or pass backward_passes_per_step=N).
 
 `apply_gradients` runs eagerly (the scheduler and the updates are Python); the forward and
 backward may run in a `tf.function` that returns the gradients, with the gates and backward
@@ -226,42 +230,58 @@ class ScheduledOptimizer(ClosesOnExit):
         timeout_s: how long any wait may last before failing with an error naming the rank,
             step and layer.
         broadcast_parameters: copy rank 0's variables to every rank at start.
+        backward_passes_per_step: gradient accumulation (Horovod's name), done as Keras does it
+            for `gradient_accumulation_steps=N`, which it sets on the wrapped optimizer: N
+            apply_gradients calls per update, the update with the average of their gradients,
+            `iterations` counting updates. Gradients are summed locally and all-reduced once,
+            during the last pass's backward. The optimizer's own gradient_accumulation_steps
+            is taken the same way.
+        compression: "fp16" or "bf16": float gradients travel in that type (cast, reduced,
+            cast back), as with Horovod's `Compression.fp16`.
 
-    policy, the sizes and timeout_s can come from LEGATO_POLICY, LEGATO_PARTITION_BYTES,
-    LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES and LEGATO_TIMEOUT_S instead (an argument wins).
+    policy, the sizes, timeout_s, backward_passes_per_step and compression can come from
+    LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
+    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP and LEGATO_COMPRESSION instead (an
+    argument wins).
     """
 
     def __init__(self, optimizer, model, *, policy: str | None = None,
                  partition_bytes: int | None = None, credit_bytes: int | None = None,
                  merge_bytes: int | None = None, backend: str = "gloo",
                  overlap_backward: bool = True, timeout_s: float | None = None,
-                 broadcast_parameters: bool = True) -> None:
+                 broadcast_parameters: bool = True,
+                 backward_passes_per_step: int | None = None,
+                 compression: str | None = None) -> None:
         keras = _keras()
-        policy, partition_bytes, credit_bytes, merge_bytes, timeout_s, from_env = \
-            scheduler_env.adapter_settings("TensorFlow", policy=policy,
-                                           partition_bytes=partition_bytes,
-                                           credit_bytes=credit_bytes, merge_bytes=merge_bytes,
-                                           timeout_s=timeout_s)
+        settings, from_env = scheduler_env.adapter_settings(
+            "TensorFlow", policy=policy, partition_bytes=partition_bytes,
+            credit_bytes=credit_bytes, merge_bytes=merge_bytes, timeout_s=timeout_s,
+            backward_passes_per_step=backward_passes_per_step,
+            compression=_compression_name(compression))
+        policy, timeout_s = settings["policy"], settings["timeout_s"]
+        partition_bytes, credit_bytes, merge_bytes = (
+            settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
+        self._compression = None if settings["compression"] == "none" else \
+            settings["compression"]
         if isinstance(optimizer, ScheduledOptimizer):
             raise ConfigError("optimizer is already a ScheduledOptimizer; wrap it once")
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise ConfigError(f"optimizer must be a keras.optimizers.Optimizer, got "
                               f"{type(optimizer).__name__}")
+        self._lso = None
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            raise ConfigError("LossScaleOptimizer skips steps on overflow, which needs every "
-                              "gradient at once; wrap the inner optimizer and use float32")
+            self._lso, optimizer = optimizer, optimizer.inner_optimizer
         refused = {"global_clipnorm": optimizer.global_clipnorm is not None,
-                   "use_ema": bool(optimizer.use_ema),
-                   "gradient_accumulation_steps": (optimizer.gradient_accumulation_steps
-                                                   or 1) > 1}
+                   "use_ema": bool(optimizer.use_ema)}
         why = {"global_clipnorm": "clips by the norm of all gradients",
-               "use_ema": "averages every variable at each apply",
-               "gradient_accumulation_steps": "accumulates every gradient before applying"}
+               "use_ema": "averages every variable at each apply"}
         for attr, bad in refused.items():
             if bad:
                 raise ConfigError(f"{type(optimizer).__name__}({attr}=...) {why[attr]}, which a "
                                   "per-layer update cannot do; use clipnorm or clipvalue (per "
                                   f"variable), or leave {attr} unset")
+        self._bpps = self._accumulation(optimizer, settings["backward_passes_per_step"],
+                                        backward_passes_per_step is not None)
         if not isinstance(model, keras.Model):
             raise ConfigError(f"model must be a keras.Model, got {type(model).__name__}")
         if backend not in ("gloo", "horovod"):
@@ -278,15 +298,22 @@ class ScheduledOptimizer(ClosesOnExit):
         if not self._vars:
             raise ConfigError("the model has no trainable variables; build it (call it once or "
                               "give it an Input) before wrapping its optimizer")
-        if optimizer.built:
-            known = {id(v) for v in optimizer._trainable_variables}
+        built = self._lso if self._lso is not None else optimizer
+        if built.built:
+            known = {id(v) for v in built._trainable_variables}
             missing = [v.path for v in self._vars if id(v) not in known]
             if missing or len(known) != len(self._vars):
                 raise ConfigError(f"the optimizer was built for other variables (missing: "
                                   f"{missing[:5]}); wrap a fresh optimizer, or one built for "
                                   "model.trainable_variables")
         else:
-            optimizer.build(self._vars)
+            built.build(self._vars)
+        if self._bpps > 1:
+            # Keras' accumulators stay zero: legato accumulates before the all-reduce and
+            # applies on the last pass only ([Note: accumulation]); resetting them after each
+            # layer's apply would rewrite every accumulator once per layer.
+            object.__setattr__(optimizer, "_backend_reset_gradient_accumulators",
+                               lambda: None)
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
         owned = _owned_layers(model)
@@ -319,7 +346,11 @@ class ScheduledOptimizer(ClosesOnExit):
         if broadcast_parameters:
             self._transport.broadcast_variables(self._model.variables)
         self._grads: list[tf.Tensor | None] = [None] * len(self._vars)
-        self._iterations0 = int(optimizer.iterations.numpy())
+        # the raw iteration count the next applied step runs at (Keras' `_iterations`: with
+        # accumulation it counts passes; a skipped loss-scaled step does not count)
+        self._next_iteration = int(optimizer._iterations.numpy())
+        self._pass = 0                   # backward passes of the current step handed over
+        self._acc: list[tf.Tensor | None] = [None] * len(self._vars)
         # Steps called and done, failure (the core's, shared with the other adapters).
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._release_gates)
@@ -335,7 +366,8 @@ class ScheduledOptimizer(ClosesOnExit):
         self._posted_in_backward = 0
         self._scheduler = Scheduler(
             self.plan, self.config,
-            self._transport.backend(self._grads, self._shapes, self._dtypes, 1),
+            self._transport.backend(self._grads, self._shapes, self._dtypes, 1,
+                                    compression=self._compression),
             order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
             on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s)
         self._gates = None
@@ -355,6 +387,28 @@ class ScheduledOptimizer(ClosesOnExit):
     @property
     def _passthrough(self) -> bool:
         return self.config.policy == "plain"
+
+    def _accumulation(self, optimizer, passes: int, given: bool) -> int:
+        """Backward passes per update: the optimizer's gradient_accumulation_steps, or
+        `passes` set on it (see [Note: accumulation])."""
+        own = optimizer.gradient_accumulation_steps or 1
+        if passes > 1 and own == 1:
+            if optimizer.built:
+                raise ConfigError(
+                    f"backward_passes_per_step={passes} on an optimizer built without "
+                    "gradient accumulation; pass a fresh optimizer, or build it with "
+                    f"gradient_accumulation_steps={passes}")
+            optimizer.gradient_accumulation_steps = passes
+            own = passes
+        elif passes != own and (given or passes > 1):
+            raise ConfigError(
+                f"backward_passes_per_step={passes} but the wrapped optimizer has "
+                f"gradient_accumulation_steps={own}; give one of them")
+        if own > 1 and self._lso is not None:
+            raise ConfigError(
+                "gradient accumulation under a LossScaleOptimizer is not supported: its "
+                "overflow check and scale change per backward pass; use one or the other")
+        return own
 
     # -- the optimizer interface ---------------------------------------------------------------
     def apply_gradients(self, grads_and_vars: Iterable) -> None:
@@ -418,6 +472,7 @@ class ScheduledOptimizer(ClosesOnExit):
         for key in self._post_order:  # what backward did not hand over (overlap off, traced)
             if posted[key] is None:
                 self._post(key, by_key[key])
+        last_pass = self._last_pass
         with self._post_lock:
             self._reads = [0] * len(self._vars)
             self._arrived = [0] * len(self._vars)
@@ -425,12 +480,63 @@ class ScheduledOptimizer(ClosesOnExit):
             self._posted = [None] * len(self._vars)
             self._from_graph = [False] * len(self._vars)
             self._posting = False
+            self._pass = 0 if last_pass else self._pass + 1
+        if not last_pass:  # [Note: accumulation]: summed locally, nothing sent, no update
+            self._next_iteration += 1
+            return None
+        info = self._step_info(by_key)
         if self._gates is not None:
             self._gates.hold_all(self._steps.steps_called)
-        self._steps.call_step()
+        self._steps.call_step(info)
         if self._passthrough or (self._gates is not None and self._gates.traced):
             self.synchronize()
         return None
+
+    # [Note: loss scaling] A LossScaleOptimizer applies a step only when every gradient is
+    # finite, and halves its scale otherwise; with plain Horovod it sees the all-reduced
+    # gradients, so every rank decides alike. Here layers are updated as their gradients come
+    # back, before the others are in, so the decision is taken when apply_gradients is called:
+    # each rank checks its own gradients and one small all-reduce tells every rank whether any
+    # was not finite (a non-finite value on any rank makes the reduced gradients non-finite,
+    # so this is the reference's decision). The scale and its growth counter change as the
+    # LossScaleOptimizer changes them; each layer's reduced gradients are divided by the
+    # step's scale before the inner optimizer's apply, and a skipped step updates nothing and
+    # does not count in `iterations`.
+    # [Note: accumulation] Keras' gradient_accumulation_steps=N: the optimizer is applied on
+    # every pass, updates on every Nth with the average of the N passes' gradients, and its
+    # raw `_iterations` counts passes (`iterations` is that divided by N). legato sums each
+    # gradient locally over the first N-1 passes (nothing goes on the wire), all-reduces the
+    # sum during the last pass's backward, and applies each layer at the last pass's
+    # iteration, where Keras divides by N. The reduced value is the same as averaging every
+    # pass's reduced gradients, up to rounding.
+    @property
+    def _last_pass(self) -> bool:
+        return self._pass == self._bpps - 1
+
+    def _step_info(self, grads) -> tuple[int, tf.Tensor | None, bool]:
+        """This step's (iteration to apply at, loss scale to divide by or None, skip): see
+        [Note: loss scaling]."""
+        iteration = self._next_iteration
+        if self._lso is None:
+            self._next_iteration += 1
+            return iteration, None, False
+        local = not all(bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads)
+        skip = self._transport.any_flag(local)
+        lso = self._lso
+        scale = tf.identity(lso.dynamic_scale)
+        if skip:  # LossScaleOptimizer's own rule: halve the scale, count from zero
+            lso.step_counter.assign(0)
+            lso.dynamic_scale.assign(lso.dynamic_scale * 0.5)
+            log.info("[rank %d] step %d: gradients not finite on some rank; the update is "
+                     "skipped and the loss scale halved", self._rank, self._steps.steps_called)
+            return iteration, scale, True
+        self._next_iteration += 1
+        if int(lso.step_counter.numpy()) == lso.dynamic_growth_steps - 1:
+            lso.step_counter.assign(0)
+            lso.dynamic_scale.assign(lso.dynamic_scale * 2.0)
+        else:
+            lso.step_counter.assign_add(1)
+        return iteration, scale, False
 
     def _checked(self, key: int, g) -> tf.Tensor:
         if isinstance(g, tf.IndexedSlices):
@@ -454,6 +560,13 @@ class ScheduledOptimizer(ClosesOnExit):
             self._posting = True
             self._posted[key] = g
             self._from_graph[key] = graph
+            if self._bpps > 1:
+                total = g if self._acc[key] is None else self._acc[key] + g
+                if not self._last_pass:
+                    self._acc[key] = total
+                    return
+                self._acc[key] = None
+                g = total
         if first:
             # The previous step's updates read legato's buffers, which this step overwrites;
             # the gates have normally waited for them already, so this costs nothing.
@@ -561,10 +674,13 @@ class ScheduledOptimizer(ClosesOnExit):
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
         self._steps.wait_updated(timeout_s=timeout_s, check=self._raise_if_failed)
+        if self._bpps > 1:  # passes since the last update count too, as in Keras
+            self._opt._iterations.assign(self._next_iteration)
 
     # Keras' model.fit calls these on its optimizer.
     def scale_loss(self, loss):
-        return loss
+        """The loss times the LossScaleOptimizer's scale (the loss itself without one)."""
+        return loss if self._lso is None else self._lso.scale_loss(loss)
 
     @property
     def built(self) -> bool:
@@ -579,8 +695,8 @@ class ScheduledOptimizer(ClosesOnExit):
 
     @property
     def optimizer(self):
-        """The wrapped Keras optimizer."""
-        return self._opt
+        """The wrapped Keras optimizer (the LossScaleOptimizer, when one was wrapped)."""
+        return self._opt if self._lso is None else self._lso
 
     @property
     def iterations(self):
@@ -593,7 +709,7 @@ class ScheduledOptimizer(ClosesOnExit):
     @property
     def variables(self):
         self.synchronize()
-        return self._opt.variables
+        return self.optimizer.variables
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -616,6 +732,7 @@ class ScheduledOptimizer(ClosesOnExit):
         step was called: its learning rate, its checks)."""
         keys = self._keys_of_layer[layer]
         grads = [self._transport.reduced(k, self._shapes[k]) for k in keys]
+        info = self._steps.info(step)
         if self._passthrough:  # one optimizer step once every layer of the step is in
             self._plain_pending.update(zip(keys, grads))
             self._plain_received += 1
@@ -624,13 +741,32 @@ class ScheduledOptimizer(ClosesOnExit):
             pending = self._plain_pending
             self._plain_pending, self._plain_received = {}, 0
             order = sorted(pending)
-            self._opt.apply([pending[k] for k in order], [self._vars[k] for k in order])
+            self._apply(info, [pending[k] for k in order], order, "the model", step)
             self._finish_layers(range(len(self._layer_names)))
             return
-        # [Note: per-layer apply]: one iterations increment per step, not per layer.
-        self._opt.iterations.assign(self._iterations0 + step)
-        self._opt.apply(grads, [self._vars[k] for k in keys])
+        self._apply(info, grads, keys, self._layer_names[layer], step)
         self._finish_layers([layer])
+
+    def _apply(self, info, grads, keys, what: str, step: int) -> None:
+        """The wrapped optimizer's update of `keys` with their reduced `grads`, at the step's
+        iteration ([Note: per-layer apply]), unscaled under loss scaling."""
+        iteration, scale, skip = info
+        if skip:
+            return
+        variables = [self._vars[k] for k in keys]
+        if scale is not None:  # as LossScaleOptimizer: divided by the step's scale
+            if not all(bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads):
+                # every rank holds the same reduced values and skips alike; only a sum of
+                # finite values that overflowed gets here
+                log.warning("[rank %d] step %d: the reduced gradients of %s are not finite "
+                            "though no rank's own were; its update is skipped", self._rank,
+                            step, what)
+                return
+            grads = [g if getattr(v, "overwrite_with_gradient", False) else g / scale
+                     for g, v in zip(grads, variables)]
+        # [Note: per-layer apply]: one iterations increment per step, not per layer.
+        self._opt._iterations.assign(iteration)
+        self._opt.apply(grads, variables)
 
     def _finish_layers(self, layers) -> None:
         layers = list(layers)
@@ -673,6 +809,20 @@ class ScheduledOptimizer(ClosesOnExit):
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "
                 f"{self.config.describe()}, {self.plan.describe()})")
+
+
+def _compression_name(value) -> str | None:
+    """compression= as given -> "fp16", "bf16", "none", or None (not given)."""
+    if value is None:
+        return None
+    if isinstance(value, tf.DType):
+        value = value.name
+    if isinstance(value, str):
+        name = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16"}.get(
+            value.strip().lower(), value.strip().lower())
+        if name in ("fp16", "bf16", "none"):
+            return name
+    raise ConfigError(f"compression={value!r} is unknown; pass 'fp16', 'bf16' or None")
 
 
 def _after(gate: tf.Tensor, t: tf.Tensor) -> tf.Tensor:

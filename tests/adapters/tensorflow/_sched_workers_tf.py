@@ -252,6 +252,16 @@ def bad_arguments() -> None:
         (lambda: ScheduledOptimizer(keras.optimizers.SGD(), model, policy="lifo"),
          "policy='lifo' is unknown"),
         (lambda: ScheduledOptimizer(keras.optimizers.SGD(), object()), "keras.Model"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(), model, compression="int8"),
+         "compression='int8' is unknown"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2), model,
+                                    backward_passes_per_step=3),
+         "gradient_accumulation_steps=2; give one of them"),
+        (lambda: ScheduledOptimizer(keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.SGD(gradient_accumulation_steps=2)), model),
+         "gradient accumulation under a LossScaleOptimizer"),
+        (lambda: ScheduledOptimizer(keras.optimizers.SGD(), model, backward_passes_per_step=0),
+         "backward_passes_per_step"),
     ]
     for fn, words in checks:
         try:
@@ -279,6 +289,104 @@ def bad_arguments() -> None:
     opt.apply_gradients(zip(grads, model.trainable_variables))  # still usable
     opt.close()
     print("BAD_ARGUMENTS_OK", flush=True)
+
+
+# -- mixed precision, accumulation, compression: legato against plain Horovod ------------------
+# Overflows forced on one rank: (step, rank) pairs whose loss is multiplied by inf; loss
+# scaling runs 2 steps more than the others (6 with the tests' 4), so that the scale grows
+# once (steps 0 and 1 good: doubled), halves twice and the growth counter restarts.
+OVERFLOWS = ((2, 1), (4, 0))
+
+
+def mixed_net() -> keras.Model:
+    """`net` under Keras' mixed_float16 policy (float16 compute, float32 variables)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return net()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def lso() -> keras.optimizers.LossScaleOptimizer:
+    # a short growth interval, so the scale also grows within the test's steps
+    return keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05, momentum=0.9),
+                                               initial_scale=2.0 ** 10, dynamic_growth_steps=2)
+
+
+def _scaled_loss(opt, model, x, y, step: int, rank: int):
+    loss = LOSS(y, model(x, training=True))
+    if (step, rank) in OVERFLOWS:
+        loss = loss * float("inf")
+    return opt.scale_loss(loss)
+
+
+def _save(out: str, name: str, rank: int, model, opt) -> None:
+    extra = {}
+    if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+        extra = {"scale": float(opt.dynamic_scale.numpy()),
+                 "counter": int(opt.step_counter.numpy())}
+    np.savez(os.path.join(out, f"params-{name}-{rank}.npz"),
+             *[v.numpy() for v in model.variables],
+             iterations=int(opt.iterations.numpy()), **extra)
+
+
+def idioms_legato(backend: str, idiom: str, steps: int, out: str) -> None:
+    """legato with a LossScaleOptimizer ("amp"), accumulation over 2 passes ("accumulate",
+    Adam with a schedule, so the iteration each update runs at matters) or fp16 compression
+    ("fp16")."""
+    rank, _ = rank_and_size(backend)
+    passes = 2 if idiom == "accumulate" else 1
+    steps += 2 if idiom == "amp" else 0
+    model = mixed_net() if idiom == "amp" else net()
+    inner = lso() if idiom == "amp" else make_optimizer(
+        "adam" if idiom == "accumulate" else "sgd")
+    opt = ScheduledOptimizer(inner, model, backend=backend, timeout_s=120,
+                             partition_bytes=64 * 1024, credit_bytes=128 * 1024,
+                             backward_passes_per_step=passes,
+                             compression="fp16" if idiom == "fp16" else None)
+    for step in range(steps * passes):
+        x, y = batch(rank, step)
+        with tf.GradientTape() as tape:
+            loss = _scaled_loss(opt, model, x, y, step, rank) if idiom == "amp" else \
+                LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+    opt.synchronize()
+    stats = opt.stats
+    opt.close()
+    _save(out, f"{backend}-{idiom}", rank, model, opt.optimizer)
+    print("STATS", stats, flush=True)
+
+
+def idioms_plain(steps: int, out: str) -> None:
+    """The same three with plain Horovod-TensorFlow (DistributedGradientTape): the
+    LossScaleOptimizer sees the reduced gradients; Keras accumulates the reduced gradients of
+    each pass; Horovod's Compression.fp16."""
+    import horovod.tensorflow as hvd
+
+    rank, _ = rank_and_size("horovod")
+    for idiom in ("amp", "accumulate", "fp16"):
+        model = mixed_net() if idiom == "amp" else net()
+        passes = 2 if idiom == "accumulate" else 1
+        steps_here = steps + 2 if idiom == "amp" else steps
+        if idiom == "amp":
+            opt = lso()
+        elif idiom == "accumulate":
+            opt = keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(1e-3, 2, 0.5),
+                                        gradient_accumulation_steps=2)
+        else:
+            opt = make_optimizer("sgd")
+        compression = hvd.Compression.fp16 if idiom == "fp16" else hvd.Compression.none
+        hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
+        for step in range(steps_here * passes):
+            x, y = batch(rank, step)
+            with tf.GradientTape() as tape:
+                loss = _scaled_loss(opt, model, x, y, step, rank) if idiom == "amp" else \
+                    LOSS(y, model(x, training=True))
+            tape = hvd.DistributedGradientTape(tape, compression=compression)
+            grads = tape.gradient(loss, [v.value for v in model.trainable_variables])
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+        _save(out, f"hvdplain-{idiom}", rank, model, opt)
 
 
 if __name__ == "__main__":

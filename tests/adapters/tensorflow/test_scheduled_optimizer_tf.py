@@ -154,3 +154,45 @@ def test_clipped_gradients_are_refused_and_the_job_ends_at_once(backend, ranks):
         assert "CLIPPED_REFUSED closed in" in out, out
         seconds = float(out.split("CLIPPED_REFUSED closed in ")[1].split(" s")[0])
         assert seconds < 20, f"closing after the refusal took {seconds} s"  # was 60 s
+
+
+@pytest.fixture(scope="module")
+def plain_idioms(tmp_path_factory) -> Path:
+    """Plain Horovod-TensorFlow with a LossScaleOptimizer, with Keras' gradient accumulation and
+    with Horovod's fp16 compression (one horovodrun job)."""
+    out = tmp_path_factory.mktemp("hvd-plain-idioms")
+    run_horovod_job(f"{WORKERS}:idioms_plain", 2, args=[STEPS, str(out)], timeout_s=250)
+    return out
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["gloo", "horovod"])
+@pytest.mark.parametrize("idiom", ["amp", "accumulate", "fp16"])
+def test_loss_scaling_accumulation_and_compression_match_plain_horovod(
+        plain_idioms, tmp_path, backend, idiom):
+    """A LossScaleOptimizer with overflows forced on one rank at a time (both ranks skip those
+    steps, halve the scale alike, and grow it after two good steps), accumulation over two
+    passes (Adam with a schedule: the update's iteration matters) and fp16 on the wire, each
+    against plain Horovod with the same idiom."""
+    run = run_horovod_job if backend == "horovod" else run_torch_job
+    result = run(f"{WORKERS}:idioms_legato", 2, args=[backend, idiom, STEPS, str(tmp_path)],
+                 timeout_s=200)
+    for r in range(2):
+        mine = params(tmp_path / f"params-{backend}-{idiom}-{r}.npz")
+        ref = params(plain_idioms / f"params-hvdplain-{idiom}-{r}.npz")
+        assert mine.keys() == ref.keys()
+        if idiom == "amp":
+            # 6 steps, two skipped (an overflow on each rank); the scale doubled once after
+            # two good steps and halved twice; the growth counter restarted at the last skip
+            assert int(ref["iterations"]) == STEPS
+            assert float(ref["scale"]) == 2.0 ** 9 and int(ref["counter"]) == 1
+        else:
+            assert int(ref["iterations"]) == STEPS
+        # accumulation sums before the all-reduce, the reference after it: rounding only
+        atol = 1e-6 if idiom == "accumulate" else 0
+        for k in mine:
+            np.testing.assert_allclose(mine[k], ref[k], rtol=0, atol=atol,
+                                       err_msg=f"{backend} {idiom} rank {r}: {k}")
+        assert f"'backend': '{backend}'" in result.rank(r).stdout
+
