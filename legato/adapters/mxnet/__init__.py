@@ -12,9 +12,9 @@ from legato.adapters.mxnet.compile import (  # noqa: E402
     last_reports,
     optimize_block,
 )
-from legato.adapters.mxnet.kvstore import ScheduledKVStore  # noqa: E402
+from legato.adapters.mxnet.comm import ScheduledKVStore  # noqa: E402
 from legato.adapters.mxnet.pipeline_profile import profile_pipeline  # noqa: E402
-from legato.adapters.mxnet.trainer import ScheduledTrainer  # noqa: E402
+from legato.adapters.mxnet.optimizer import ScheduledTrainer  # noqa: E402
 
 __all__ = ["OptimizedBlock", "ScheduledKVStore", "ScheduledTrainer", "last_compiles",
            "last_reports", "optimize_block", "profile_pipeline"]

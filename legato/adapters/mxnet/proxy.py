@@ -3,7 +3,7 @@ has been issued.
 
 `hold_all()` (at `trainer.step()`) closes every layer's gate; the trainer opens a layer's gate
 once that layer's update has been *issued* to MXNet's engine (when its last message has been
-started, trainer.py [Note: issue at start]), and a block's forward pre-hook lets it pass once
+started, optimizer.py [Note: issue at start]), and a block's forward pre-hook lets it pass once
 the layers it reads are open. Issued is enough: the engine runs the forward's reads of a weight
 after every write of that weight pushed before them (the update, which itself runs after the
 pulls), so the forward computes with the updated weight while the Python thread has already

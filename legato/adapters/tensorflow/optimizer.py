@@ -36,10 +36,8 @@ Keras compiles `apply_gradients` into its train step.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
-import weakref
 from typing import Any, Iterable
 
 import numpy as np
@@ -377,9 +375,7 @@ class ScheduledOptimizer(ClosesOnExit):
                                       around=self._hooked_call if overlap_backward else None)
         self._updater = LayerUpdater(self._steps, self._update_layer,
                                      name=f"legato-tf-update-r{self._rank}")
-        ref = weakref.ref(self)
-        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
-        atexit.register(self._atexit)
+        self._close_at_exit()
         log.info("[rank %d] legato (tensorflow, %s): %s; %s%s", self._rank,
                  self._transport.name, self.config.describe(), self.plan.describe(),
                  f" (from {', '.join(from_env)})" if from_env else "")
@@ -797,7 +793,7 @@ class ScheduledOptimizer(ClosesOnExit):
             if self._gates is not None:
                 self._gates.release_all()
                 self._gates.remove()
-            atexit.unregister(self._atexit)
+            self._forget_exit()
 
         try:
             healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,

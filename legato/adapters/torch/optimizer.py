@@ -52,14 +52,12 @@ was called (to clip) uses that check too.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -370,9 +368,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._hooks += self._compute_hooks(modules)
         self._updater = LayerUpdater(self._steps, self._update_layer,
                                      name=f"legato-update-r{self._rank}")
-        ref = weakref.ref(self)
-        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
-        atexit.register(self._atexit)
+        self._close_at_exit()
         log.info("[rank %d] legato: %s; %s%s", self._rank, self.config.describe(),
                  self.plan.describe(), f" (from {', '.join(from_env)})" if from_env else "")
 
@@ -945,7 +941,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                 h.remove()
             self._gates.release_all()
             self._gates.remove()
-            atexit.unregister(self._atexit)
+            self._forget_exit()
 
         try:
             healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,

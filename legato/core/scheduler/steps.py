@@ -223,10 +223,25 @@ class LayerUpdater:
 
 
 class ClosesOnExit:
-    """`with wrapper:` closes it at the end (the scheduled optimizers of every adapter)."""
+    """`with wrapper:` closes it at the end, and so does the interpreter's exit once
+    `_close_at_exit()` was called (the scheduled optimizers of every adapter)."""
 
     def close(self, timeout_s: float | None = None) -> None:  # pragma: no cover (overridden)
         raise NotImplementedError
+
+    def _close_at_exit(self) -> None:
+        """Close at interpreter exit unless closed before (holds no reference to self)."""
+        import atexit
+        import weakref
+
+        ref = weakref.ref(self)
+        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
+        atexit.register(self._atexit)
+
+    def _forget_exit(self) -> None:
+        import atexit
+
+        atexit.unregister(self._atexit)
 
     def __enter__(self):
         return self

@@ -145,6 +145,17 @@ def issue_order(policy: str, settings: dict, steps: int) -> None:
                           update_on_kvstore=False)
     st = ScheduledTrainer(inner, net, policy=policy, timeout_s=60, **settings)
     start = [float(np.abs(p).sum()) for p in params_of(net)]
+    # The first message of each step reports done 0.5 s late, so that every gradient's
+    # readiness has reached the scheduler before the window frees: on a busy machine the
+    # first message could otherwise come back before the engine had posted the others.
+    begin, started = st.kvstore.start, [0]
+
+    def first_late(chunk, on_done) -> None:
+        first = started[0] % len(st.plan.chunks) == 0
+        started[0] += 1
+        begin(chunk, (lambda err: threading.Timer(0.5, on_done, (err,)).start())
+              if first else on_done)
+    st.kvstore.start = first_late
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for step in range(steps):
         x, y = batch(rank, step)
@@ -282,3 +293,67 @@ def errors_in_step() -> None:
         gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}, kvstore=kv,
                       update_on_kvstore=False), net, timeout_s=20))
     print("ERRORS OK", flush=True)
+
+
+# -- mixed precision ------------------------------------------------------------------------
+# (step, worker) pairs whose scaled loss is multiplied by inf: a forced overflow on one worker.
+OVERFLOWS = ((2, 1), (4, 0))
+
+
+def _train_amp(net, trainer, scaler_of, rank: int, steps: int) -> list[float]:
+    """MXNet's AMP loop (bfloat16 on CPU, dynamic loss scaling); the loss scale each step's
+    loss was scaled by (read after the forward, when amp.scale_loss reads it)."""
+    from mxnet.contrib import amp
+
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    scales = []
+    for step in range(steps):
+        x, y = batch(rank, step)
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+            if (step, rank) in OVERFLOWS:
+                loss = loss * float("inf")
+            with amp.scale_loss(loss, trainer) as scaled:
+                scales.append(scaler_of().loss_scale)
+                autograd.backward(scaled)
+        trainer.step(x.shape[0])
+    return scales
+
+
+def compare_amp_with_gluon(cases: list, steps: int) -> None:
+    """bfloat16 AMP with dynamic loss scaling (growth every 2 good steps, so the scale also
+    grows) and overflows forced on one worker at a time: gluon's Trainer, then ScheduledTrainer
+    per case; parameters and the loss scale must agree."""
+    from mxnet.contrib import amp
+
+    amp.init(target_dtype="bfloat16")
+    kv = mx.kv.create("dist_sync")
+    rank = kv.rank
+    opt, opt_params = OPTIMIZERS["sgd"]
+    ref = make_net()
+    trainer = gluon_trainer(ref, kv, opt, opt_params)
+    amp.init_trainer(trainer)
+    trainer._amp_loss_scaler._scale_seq_len = 2
+    want_scales = _train_amp(ref, trainer, lambda: trainer._amp_loss_scaler, rank, steps)
+    want_scales.append(trainer._amp_loss_scaler._next_loss_scale)  # what the next step uses
+    want = params_of(ref)
+    for policy, settings in cases:
+        ours = make_net()
+        inner = gluon.Trainer(ours.collect_params(), opt, dict(opt_params), kvstore=kv,
+                              update_on_kvstore=False)
+        amp.init_trainer(inner)
+        inner._amp_loss_scaler._scale_seq_len = 2
+        st = ScheduledTrainer(inner, ours, policy=policy, timeout_s=60, **settings)
+        scales = _train_amp(ours, st, lambda: inner._amp_loss_scaler, rank, steps)
+        st.synchronize()
+        stats = st.stats
+        st.close()
+        scales.append(inner._amp_loss_scaler._next_loss_scale)
+        got = params_of(ours)
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(got, want))
+        print("AMP " + json.dumps({"policy": policy, "scales": scales,
+                                   "want_scales": want_scales, "worst": worst,
+                                   "exact": all(np.array_equal(a, b)
+                                                for a, b in zip(got, want)),
+                                   "steps_done": stats["steps_done"]}), flush=True)
+

@@ -86,6 +86,25 @@ def test_gradient_accumulation_matches_gluon():
         assert case["moved"] > 1e-3 and case["stats"]["steps_done"] == 4
 
 
+@pytest.mark.timeout(150)
+def test_mixed_precision_with_loss_scaling_matches_gluon():
+    """MXNet's AMP on CPU (bfloat16, amp.init_trainer, amp.scale_loss) with an overflow forced
+    on each worker in turn: both workers skip those steps and the loss scale falls and grows as
+    under gluon's Trainer; parameters bit-identical."""
+    cases = [["bytescheduler", BS], ["plain", {}], ["fifo", {}]]
+    result = job("compare_amp_with_gluon", cases, 6, timeout_s=120)
+    got = lines(result, "AMP")
+    assert len(got) == 6
+    for case in got:
+        assert case["scales"] == case["want_scales"], case
+        # the scale each step used, then the next one's: it grows after two good steps and
+        # falls after each overflow (MXNet's LossScaler applies a change one step late)
+        assert case["want_scales"] == [2.0 ** 16] * 3 + [2.0 ** 17] + [2.0 ** 16] * 2 + [
+            2.0 ** 15], case
+        assert case["exact"], case
+        assert case["steps_done"] == 6
+
+
 # -- priority order --------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_front_layers_are_started_first_when_all_are_ready():

@@ -131,10 +131,11 @@ class ScheduledKVStore:
         self._on_started = on_started
         self._timeout_s = timeout_s
         self._closed = False
-        base = _reserve_keys(kvstore, 1 + len(plan.chunks) + len(plan.tasks))
+        base = _reserve_keys(kvstore, 2 + len(plan.chunks) + len(plan.tasks))
         self._control_key = base
         self._chunk_key0 = base + 1
         self._param_key0 = base + 1 + len(plan.chunks)
+        self._flag_key = self._param_key0 + len(plan.tasks)  # see finite_count
 
         # Buffers (see [Note: chunk buffers]); None for a whole tensor, which is its own,
         # unless `staged`: then every gradient is copied out when the step is called (the
@@ -158,9 +159,10 @@ class ScheduledKVStore:
             init.append(buf)
         self._control = mx.nd.zeros((_CONTROL_SLOTS,), dtype=np.float32)
         self._token = mx.nd.zeros((1,), dtype=np.float32)  # orders the watches (see watch)
-        keys = [self._control_key] + [self._chunk_key0 + c.id for c in plan.chunks]
+        keys = ([self._control_key, self._flag_key]
+                + [self._chunk_key0 + c.id for c in plan.chunks])
         # Collective: worker 0 pushes the initial values, then all workers meet in a barrier.
-        self._kv.init(keys, [self._control.copy()] + init)
+        self._kv.init(keys, [self._control.copy(), mx.nd.zeros((1,), dtype=np.float32)] + init)
 
         # Per task: (buffered chunk id, byte offset in the gradient, byte offset in the chunk's
         # buffer, bytes) for every chunk of it that has a buffer of its own.
@@ -245,6 +247,19 @@ class ScheduledKVStore:
                 on_error(err)
 
         after([self._buffers[c] for c, _, _, _ in moves], [grad], copy, _PRIORITY)
+
+    def finite_count(self, grads: Sequence[mx.nd.NDArray]) -> mx.nd.NDArray:
+        """Issue (asynchronously, in the engine) this worker's check that `grads` are all
+        finite and its sum over the workers; returns the array that will hold how many workers'
+        gradients were all finite (mixed precision's skip decision; every worker calls it once
+        per step, after the step's watches)."""
+        flag = mx.nd.ones((1,), dtype=np.float32)
+        for at in range(0, len(grads), 200):  # as MXNet's LossScaler, 200 arrays per call
+            part = grads[at:at + 200]
+            mx.nd.multi_all_finite(*part, num_arrays=len(part), init_output=False, out=flag)
+        self._kv.push(self._flag_key, flag, priority=_PRIORITY + 1)
+        self._kv.pull(self._flag_key, out=flag, priority=_PRIORITY + 1)
+        return flag
 
     # -- construction-time collectives (the constructing thread, before the scheduler runs) ----
     def _control_round(self, values: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@
 
 How a step runs, after ByteScheduler's MXNet plugin:
 - `step()` checks that backward produced every gradient, issues the copies of gradients into
-  partition and merged buffers (kvstore.py, [Note: staged copies]), closes every layer's gate
+  partition and merged buffers (comm.py, [Note: staged copies]), closes every layer's gate
   (proxy.py) and hands the step to a ready-watcher thread, which waits for each gradient in
   backward order (`wait_to_read()`, last layer first) and tells the core `Scheduler`;
 - the scheduler (legato.core.scheduler, unchanged) has cut and merged the gradients into
@@ -29,6 +29,8 @@ How a step runs, after ByteScheduler's MXNet plugin:
 
 Gradient accumulation is gluon's own idiom: grad_req='add' on the parameters, N backward passes,
 `trainer.step(N * batch_size)`, then `zero_grad()` (see [Note: accumulation] in the code).
+Mixed precision is MXNet's AMP: `amp.init_trainer(gluon_trainer)`, then `amp.scale_loss(loss,
+scheduled_trainer)` as usual ([Note: loss scaling]).
 
 Under policy="plain" (the pass-through) there are no gates: `step()` waits until every bucket
 is back and the update of all layers is issued, as one gluon `Trainer.step` would do.
@@ -41,7 +43,6 @@ gluon.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 import weakref
@@ -51,7 +52,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from legato.adapters.mxnet.kvstore import ScheduledKVStore, check_kvstore
+from legato.adapters.mxnet.comm import ScheduledKVStore, check_kvstore
 from legato.adapters.mxnet.proxy import BlockGates, named_blocks
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
@@ -59,7 +60,8 @@ from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import layer_keys
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.steps import ClosesOnExit, StepTracker, close_scheduled
+from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
+                                         close_scheduled)
 
 __all__ = ["ScheduledTrainer"]
 
@@ -82,6 +84,13 @@ def _weak_method(method):
 
 def _ignore(_chunk) -> None:
     """The scheduler's on_chunk_done: nothing to do, the update was issued at start."""
+
+
+class _OneGradient:
+    """What MXNet's LossScaler.has_overflow reads of a parameter: its gradients (`_grad`)."""
+
+    def __init__(self, grad: mx.nd.NDArray) -> None:
+        self._grad = [grad]
 
 
 def _listing(names: list[str]) -> str:
@@ -159,7 +168,6 @@ class ScheduledTrainer(ClosesOnExit):
                                       key=lambda k: (self._layer_of_key[k], k), reverse=True)
         self._opt = trainer._optimizer
         self._updater = trainer._updaters[0]
-        self._scale = trainer._scale
 
         self._cv = threading.Condition()  # the chunk counts below
         # Steps called and done (here: every layer's update issued), failure: the core's.
@@ -191,7 +199,7 @@ class ScheduledTrainer(ClosesOnExit):
             self._kv.check_plan(self.plan.digest(), self.plan.describe())
             if broadcast_parameters:
                 self._kv.broadcast([self._weight_of(k) for k in range(len(self._params))])
-            # A window needs one order on every worker (see kvstore.py, [Note: one order with
+            # A window needs one order on every worker (see comm.py, [Note: one order with
             # a window]): worker 0 leads.
             channel = (self._kv.order_channel() if self.config.credit_bytes is not None
                        else None)
@@ -208,9 +216,11 @@ class ScheduledTrainer(ClosesOnExit):
                                     timeout_s=self._timeout_s, queue_impl=queue_impl)
         self._ready = _weak_method(self._grad_ready)
         self._failed = _weak_method(self._fail)
-        ref = weakref.ref(self)
-        self._atexit = lambda: ref() is not None and ref().close()  # noqa: E731
-        atexit.register(self._atexit)
+        # [Note: loss scaling] updates of loss-scaled steps are issued from a thread of their
+        # own, once the step's skip decision is known.
+        self._scaled_updates: LayerUpdater | None = None
+        self._skips: dict[int, bool] = {}
+        self._close_at_exit()
         log.info("[rank %d] legato: %s; %s%s", self._rank, self.config.describe(),
                  self.plan.describe(), f" (from {', '.join(from_env)})" if from_env else "")
 
@@ -317,7 +327,7 @@ class ScheduledTrainer(ClosesOnExit):
     # -- readiness, completion, updates --------------------------------------------------------
     def _grad_ready(self, key: int) -> None:
         """Backward has written task `key`'s gradient (an engine priority thread, see
-        kvstore.py [Note: threads]): tell the scheduler."""
+        comm.py [Note: threads]): tell the scheduler."""
         self._scheduler.tensor_ready(key)
 
     def _chunk_started(self, chunk) -> None:
@@ -335,7 +345,7 @@ class ScheduledTrainer(ClosesOnExit):
                     if last:
                         self._started_in_step = 0
                 if last:
-                    self._update_all()
+                    self._issue(0)
                 return
             ready = []
             with self._cv:
@@ -350,9 +360,45 @@ class ScheduledTrainer(ClosesOnExit):
                         self._layer_unstarted[layer] = len(self._keys_of_layer[layer])
                         ready.append(layer)
             for layer in ready:
-                self._update_layer(layer)
+                self._issue(layer)
         except BaseException as err:  # noqa: BLE001 (raised in the training thread)
             self._fail(err)
+
+    def _issue(self, layer: int) -> None:
+        """Issue `layer`'s update (under "plain": every layer's) now, or, when the step's loss
+        is scaled, from the thread that waits for its skip decision ([Note: loss scaling])."""
+        if self._steps.info(self._steps.steps_updated) is None:
+            self._update_all() if self._passthrough else self._update_layer(layer)
+        else:
+            self._scaled_updates.put(layer)
+
+    # [Note: loss scaling] MXNet's AMP (`amp.init_trainer(trainer)`, `amp.scale_loss(loss,
+    # trainer)`) skips a step whose reduced gradients are not all finite and then lowers the
+    # scale: gluon's Trainer checks after its all-reduce, before any update. Here each layer is
+    # updated as soon as its gradients are back, so each worker checks its own gradients in
+    # the engine when backward ends and one small kvstore message sums the answers (a
+    # non-finite gradient on any worker makes the reduced ones non-finite, so this is gluon's
+    # decision); the scaled step's updates are issued from a thread of their own once it is
+    # known, and the loss scaler is told it as gluon would tell it (its own has_overflow, on
+    # one array holding the answer), so its scale changes as without legato.
+    def _skip(self, step: int) -> bool:
+        if step not in self._skips:
+            finite = int(self._steps.info(step).asnumpy()[0])
+            overflow = finite < self._kv.num_workers
+            answer = _OneGradient(mx.nd.array([np.nan if overflow else 0.0], dtype=np.float32))
+            self._skips = {step: self._trainer._amp_loss_scaler.has_overflow([answer])}
+        return self._skips[step]
+
+    def _scaled_update(self, layer: int, step: int) -> None:
+        """The updater thread's part for a loss-scaled step (see [Note: loss scaling])."""
+        if not self._skip(step):
+            self._update_all() if self._passthrough else self._update_layer(layer)
+            return
+        if self._passthrough:
+            self._steps.step_done()
+        else:
+            self._gates.release(layer)
+            self._steps.layers_done([layer])
 
     def _apply(self, keys: list[int], what: str) -> None:
         """Copy `keys`' reduced gradients into place and run the updater on them (engine
@@ -426,13 +472,20 @@ class ScheduledTrainer(ClosesOnExit):
             # that the previous step's chunks are done (the engine has usually finished them:
             # this step's forward and backward were waiting for them).
             self._scheduler.wait_steps(step, self._timeout_s)
-        self._opt.rescale_grad = self._scale / batch_size
+        # gluon's rescale; amp.scale_loss sets the trainer's _scale to undo its loss scale
+        self._opt.rescale_grad = self._trainer._scale / batch_size
         for k in range(len(self._params)):
             self._weight_of(k)._fresh_grad = False
         if not self._passthrough:
             self._gates.finish_observing()
             self._gates.hold_all(step)  # before any update of this step can open a gate
-        self._steps.call_step()
+        finite = None
+        if getattr(self._trainer, "_amp_loss_scaler", None) is not None:
+            if self._scaled_updates is None:
+                self._scaled_updates = LayerUpdater(self._steps, self._scaled_update,
+                                                    name=f"legato-mx-amp-r{self._rank}")
+            finite = self._kv.finite_count([self._grad_of(k) for k in self._backward_order])
+        self._steps.call_step(finite)
         for key in self._backward_order:  # backward order: last layer first
             self._kv.watch(key, self._ready if self._windowed else None, self._failed)
         if not self._windowed:
@@ -454,6 +507,24 @@ class ScheduledTrainer(ClosesOnExit):
     @property
     def learning_rate(self) -> float:
         return self._opt.learning_rate
+
+    # MXNet's AMP reads and sets these on the trainer it is given (amp.scale_loss(loss,
+    # trainer)): they are the wrapped Trainer's (call amp.init_trainer on the gluon.Trainer).
+    @property
+    def _amp_loss_scaler(self):
+        return getattr(self._trainer, "_amp_loss_scaler", None)
+
+    @property
+    def _amp_original_scale(self):
+        return self._trainer._amp_original_scale
+
+    @property
+    def _scale(self) -> float:
+        return self._trainer._scale
+
+    @_scale.setter
+    def _scale(self, value: float) -> None:
+        self._trainer._scale = value
 
     def set_learning_rate(self, lr: float) -> None:
         """Set the learning rate for the next steps (the steps taken keep theirs)."""
@@ -511,12 +582,14 @@ class ScheduledTrainer(ClosesOnExit):
             return
 
         def release() -> None:
+            if self._scaled_updates is not None:
+                self._scaled_updates.stop(self._timeout_s)
             if self._channel is not None:
                 self._channel.close()
             self._gates.release_all()
             self._gates.remove()
             self._kv.close()
-            atexit.unregister(self._atexit)
+            self._forget_exit()
 
         close_scheduled(self._steps, self._scheduler,
                         timeout_s=self._timeout_s if timeout_s is None else timeout_s,
