@@ -12,14 +12,18 @@ keeps its trace up to the crash: the file opens as it is in Perfetto or chrome:/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 from legato.core._files import atomic_json
 
-__all__ = ["Timeline"]
+__all__ = ["SchedulerTrace", "Timeline", "check_trace_path"]
+
+log = logging.getLogger(__name__)
 
 LANES = {"compute": 0, "queue": 1, "comm": 2, "update": 3}
 
@@ -141,3 +145,85 @@ def _metadata(pids) -> list[dict]:
         meta += [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid,
                   "args": {"name": lane}} for lane, tid in LANES.items()]
     return meta
+
+
+def check_trace_path(path: str | os.PathLike) -> None:
+    """Refuse a trace path whose folder is missing or not writable (ConfigError), before a job
+    starts rather than when it ends."""
+    from legato.core.errors import ConfigError
+
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"timeline={os.fspath(path)!r}: its folder {folder} does not exist or "
+                          "is not writable; give a path in a writable folder (LEGATO_TIMELINE "
+                          "too)")
+
+
+class SchedulerTrace:
+    """A scheduled optimizer's trace, the same for every adapter: the scheduler's events
+    (`on_event`, given to the Scheduler: a message waiting, then on the wire), the adapter's
+    spans (`span`: forward, backward, updates), spilled as they come to
+    `<path>.rank<N>.partial.json`, and at the end gathered onto rank 0 and written to `path`
+    (`finish`). When a job ends badly the gathered trace is not written and each rank's spill
+    is kept (it opens as it is).
+
+    Args:
+        path: the trace to write (its folder checked by `check_trace_path` first).
+        rank: this rank.
+        plan, chunk_names: the communication plan and a name per chunk (`set_plan` when it
+            changes: the tuner).
+    """
+
+    def __init__(self, path: str | os.PathLike, rank: int, plan, chunk_names: Sequence[str]):
+        self.path = path
+        self.rank = rank
+        self.timeline = Timeline(rank, spill=f"{os.fspath(path)}.rank{rank}.partial.json")
+        self.set_plan(plan, chunk_names)
+
+    def set_plan(self, plan, chunk_names: Sequence[str]) -> None:
+        self._plan = plan
+        self._chunk_names = list(chunk_names)
+
+    def on_event(self, kind: str, chunk_id: int, when: float) -> None:
+        tl = self.timeline
+        if kind == "ready":
+            tl.begin("queue", chunk_id, when)
+        elif kind == "start":
+            tl.end("queue", chunk_id, f"wait {chunk_id}", when)
+            tl.begin("comm", chunk_id, when)
+        elif kind == "done":
+            chunk = self._plan.chunks[chunk_id]
+            tl.end("comm", chunk_id, f"msg {chunk_id}: {self._chunk_names[chunk_id]}", when,
+                   bytes=chunk.nbytes, layer=chunk.layer)
+
+    def span(self, lane: str, name: str, start: float, end: float | None = None) -> None:
+        self.timeline.span(lane, name, start, time.perf_counter() if end is None else end)
+
+    def write(self, all_gather: Callable[[list[dict]], list[list[dict]]], lead: bool,
+              path: str | os.PathLike | None = None) -> str | None:
+        """Gather every rank's events (`all_gather(mine)`: a collective returning every rank's
+        list, in group rank order) and write them on the `lead` rank (group rank 0) to `path`
+        (default: the trace's own). Returns the path written, on the lead rank."""
+        gathered = all_gather(self.timeline.events())
+        if not lead:
+            return None
+        written = self.timeline.write(path or self.path, gathered[1:])  # the lead's are first
+        log.info("[rank %d] timeline of %d ranks written to %s", self.rank, len(gathered),
+                 written)
+        return str(written)
+
+    def finish(self, healthy: bool, all_gather: Callable[[list[dict]], list[list[dict]]],
+               lead: bool) -> None:
+        """At close: when the job ended cleanly, `write` and drop the spill; otherwise keep
+        the spill and say where it is."""
+        try:
+            if healthy:
+                self.write(all_gather, lead)
+                self.timeline.close_spill(remove=True)
+        finally:
+            spill = self.timeline.spill_path
+            if spill is not None and spill.exists():
+                self.timeline.close_spill()
+                log.warning("[rank %d] the timeline was not gathered; this rank's spans are in "
+                            "%s (opens in Perfetto as it is)", self.rank, spill)
+

@@ -11,14 +11,16 @@ that many int32 chunk ids; a count of 0 means "no more".
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
+import time
 from typing import Callable, Sequence
 
 from legato.core.errors import LegatoError
 
-__all__ = ["SocketOrderChannel", "local_host"]
+__all__ = ["SocketOrderChannel", "TraceGather", "local_host"]
 
 
 def local_host() -> str:
@@ -136,3 +138,60 @@ class SocketOrderChannel:
                 pass
         self._peers = []
         self._sock = None
+
+
+class TraceGather:
+    """Every worker's timeline events onto worker 0, at close, over a connection of legato's
+    own ([Note: why not the kvstore]: a worker that failed would leave the others waiting in a
+    kvstore pull for ever; a socket gives up after a timeout). Building one is collective, at
+    construction: worker 0 listens and `exchange` gives every worker its address.
+    A message is the sender's int32 rank, an int64 byte count, then that many bytes of JSON."""
+
+    def __init__(self, rank: int, num_workers: int,
+                 exchange: Callable[[tuple[str, int] | None], tuple[str, int]]) -> None:
+        self.rank = rank
+        self._others = num_workers - 1
+        self._server: socket.socket | None = None
+        if rank == 0:
+            self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._server.bind((local_host(), 0))
+            self._server.listen(max(1, self._others))
+            self._address = exchange(self._server.getsockname()[:2])
+        else:
+            self._address = exchange(None)
+
+    def all_gather(self, events: list, timeout_s: float) -> list[list]:
+        """Worker 0: its `events` first, then each other worker's that arrived within
+        `timeout_s` (in rank order); the others send theirs and get []."""
+        if self.rank != 0:
+            data = json.dumps(events).encode()
+            with socket.create_connection(self._address, timeout=timeout_s) as sock:
+                sock.sendall(struct.pack("<iq", self.rank, len(data)) + data)
+            return []
+        got: dict[int, list] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(got) < self._others:
+                self._server.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    peer, _ = self._server.accept()
+                except socket.timeout:
+                    break
+                with peer:
+                    peer.settimeout(max(0.1, deadline - time.monotonic()))
+                    rank, size = struct.unpack("<iq", _recv_exact(peer, 12))
+                    got[rank] = json.loads(_recv_exact(peer, size))
+        finally:
+            self.close()
+        if len(got) < self._others:
+            missing = sorted(set(range(1, self._others + 1)) - set(got))
+            raise LegatoError(f"[rank 0] the timelines of workers {missing} did not arrive "
+                              f"within {timeout_s:g} s; their spans are in their "
+                              "<timeline>.rank<N>.partial.json")
+        return [events] + [got[r] for r in sorted(got)]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+

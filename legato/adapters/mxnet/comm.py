@@ -58,7 +58,7 @@ import mxnet as mx
 import numpy as np
 
 from legato.adapters.mxnet._engine import after, copy_bytes
-from legato.adapters.mxnet._order import SocketOrderChannel
+from legato.adapters.mxnet._order import SocketOrderChannel, TraceGather
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk, ChunkPlan
@@ -307,6 +307,11 @@ class ScheduledKVStore:
         """Worker 0's dispatch order for the other workers (collective; see _order.py)."""
         return SocketOrderChannel(self.rank, self.num_workers, self._exchange_address,
                                   timeout_s=self._timeout_s)
+
+    def trace_gather(self) -> TraceGather:
+        """What gathers every worker's timeline onto worker 0 at close (collective; see
+        _order.py)."""
+        return TraceGather(self.rank, self.num_workers, self._exchange_address)
 
     def _exchange_address(self, address: tuple[str, int] | None) -> tuple[str, int]:
         """One control round: worker 0 pushes its (IPv4, port), the others zeros."""

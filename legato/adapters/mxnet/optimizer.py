@@ -43,6 +43,7 @@ gluon.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import weakref
@@ -62,6 +63,7 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
+from legato.core.timeline import SchedulerTrace, check_trace_path
 
 __all__ = ["ScheduledTrainer"]
 
@@ -119,19 +121,27 @@ class ScheduledTrainer(ClosesOnExit):
         broadcast_parameters: give every worker worker 0's parameters at start (what
             gluon.Trainer does on its first step with a dist kvstore).
         queue_impl: the scheduler's priority queue: "auto", "native" or "python".
+        timeline: write a Chrome trace (Perfetto) of every worker's messages (waiting, then
+            push and pull) to this path on worker 0 at `close()`. Each worker also writes its
+            spans as they come to `<timeline>.rank<N>.partial.json`, kept when the job ends
+            badly. Every worker must give one, or none.
 
-    policy, the sizes and timeout_s can come from LEGATO_POLICY, LEGATO_PARTITION_BYTES,
-    LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES and LEGATO_TIMEOUT_S instead (an argument wins).
+    policy, the sizes, timeout_s and timeline can come from LEGATO_POLICY,
+    LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S and
+    LEGATO_TIMELINE instead (an argument wins).
     """
 
     def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
                  policy: str | None = None, partition_bytes: int | None = None,
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
-                 queue_impl: str = "auto") -> None:
+                 queue_impl: str = "auto", timeline: str | None = None) -> None:
         settings, from_env = scheduler_env.adapter_settings(
             "MXNet", policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
-            merge_bytes=merge_bytes, timeout_s=timeout_s)
+            merge_bytes=merge_bytes, timeout_s=timeout_s, timeline=timeline)
+        timeline = settings["timeline"]
+        if timeline is not None:
+            check_trace_path(timeline)
         policy, timeout_s = settings["policy"], settings["timeout_s"]
         partition_bytes, credit_bytes, merge_bytes = (
             settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
@@ -196,7 +206,12 @@ class ScheduledTrainer(ClosesOnExit):
                                     on_started=_weak_method(self._chunk_started),
                                     staged=bool(self._adds))
         try:
-            self._kv.check_plan(self.plan.digest(), self.plan.describe())
+            # the timeline's gathering is collective too: its setting is part of the check
+            self._kv.check_plan(
+                hashlib.sha256(f"{self.plan.digest()} {timeline is not None}".encode()
+                               ).hexdigest(),
+                f"{self.plan.describe()}, timeline {'on' if timeline else 'off'}")
+            self._trace_gather = self._kv.trace_gather() if timeline is not None else None
             if broadcast_parameters:
                 self._kv.broadcast([self._weight_of(k) for k in range(len(self._params))])
             # A window needs one order on every worker (see comm.py, [Note: one order with
@@ -210,10 +225,16 @@ class ScheduledTrainer(ClosesOnExit):
         self._gates = BlockGates(model, direct, len(self._layer_names),
                                  timeout_s=self._timeout_s, check_error=self._raise_if_failed,
                                  rank=self._rank, layer_names=self._layer_names)
+        self._trace = None
+        if timeline is not None:
+            self._trace = SchedulerTrace(timeline, self._rank, self.plan,
+                                         [", ".join(self._names[k] for k in c.keys)
+                                          for c in self.plan.chunks])
         self._scheduler = Scheduler(self.plan, self.config, self._kv, order=channel,
                                     leader=channel is None or self._rank == 0,
                                     on_chunk_done=_ignore, rank=self._rank,
-                                    timeout_s=self._timeout_s, queue_impl=queue_impl)
+                                    timeout_s=self._timeout_s, queue_impl=queue_impl,
+                                    on_event=self._trace.on_event if self._trace else None)
         self._ready = _weak_method(self._grad_ready)
         self._failed = _weak_method(self._fail)
         # [Note: loss scaling] updates of loss-scaled steps are issued from a thread of their
@@ -581,6 +602,8 @@ class ScheduledTrainer(ClosesOnExit):
         if self._steps.closed:
             return
 
+        timeout = self._timeout_s if timeout_s is None else timeout_s
+
         def release() -> None:
             if self._scaled_updates is not None:
                 self._scaled_updates.stop(self._timeout_s)
@@ -588,12 +611,23 @@ class ScheduledTrainer(ClosesOnExit):
                 self._channel.close()
             self._gates.release_all()
             self._gates.remove()
-            self._kv.close()
-            self._forget_exit()
 
-        close_scheduled(self._steps, self._scheduler,
-                        timeout_s=self._timeout_s if timeout_s is None else timeout_s,
-                        rank=self._rank, wait=lambda t: self.synchronize(t), steps=[release])
+        healthy = False
+        try:
+            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
+                                      rank=self._rank, wait=lambda t: self.synchronize(t),
+                                      steps=[release])
+        finally:
+            try:
+                if self._trace is not None:
+                    gather = self._trace_gather
+                    self._trace.finish(healthy, lambda events: gather.all_gather(
+                        events, min(timeout, 60.0)), self._rank == 0)
+            finally:
+                if self._trace_gather is not None:
+                    self._trace_gather.close()
+                self._kv.close()
+                self._forget_exit()
 
     def __repr__(self) -> str:
         return f"ScheduledTrainer({self.config.describe()}, {self.plan.describe()})"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -53,6 +54,7 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
+from legato.core.timeline import SchedulerTrace, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -100,8 +102,9 @@ class _LayerGates:
     """
 
     def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int,
-                 around=None) -> None:
+                 around=None, trace=None) -> None:
         self._around = around  # around(layer, call, args, kwargs): runs a gated layer's call
+        self._trace = trace    # a SchedulerTrace: forward spans of eager calls
         self._gates = Gates(len(layers), timeout_s=timeout_s, check_error=check_error,
                             rank=rank)
         self._all = tuple(range(len(layers)))
@@ -143,9 +146,12 @@ class _LayerGates:
                 return own(*args, **kwargs)
             if not graph:
                 self.wait(waits, name)
-            if self._around is None:
-                return own(*args, **kwargs)
-            return self._around(index, own, args, kwargs, graph)
+            started = time.perf_counter()
+            out = (own(*args, **kwargs) if self._around is None else
+                   self._around(index, own, args, kwargs, graph))
+            if self._trace is not None and not graph:
+                self._trace.span("compute", f"forward {name}", started)
+            return out
         gated.__wrapped__ = own
         gated.__signature__ = _signature(own)
         had = "call" in layer.__dict__
@@ -236,11 +242,15 @@ class ScheduledOptimizer(ClosesOnExit):
             is taken the same way.
         compression: "fp16" or "bf16": float gradients travel in that type (cast, reduced,
             cast back), as with Horovod's `Compression.fp16`.
+        timeline: write a Chrome trace (Perfetto) of every rank to this path at `close()`:
+            per-message queueing and transfer, per-layer forward (eager) and update. Each rank
+            also writes its spans as they come to `<timeline>.rank<N>.partial.json`, kept
+            when the job ends badly (it opens as it is).
 
-    policy, the sizes, timeout_s, backward_passes_per_step and compression can come from
-    LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
-    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP and LEGATO_COMPRESSION instead (an
-    argument wins).
+    policy, the sizes, timeout_s, backward_passes_per_step, compression and timeline can come
+    from LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
+    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP, LEGATO_COMPRESSION and LEGATO_TIMELINE
+    instead (an argument wins).
     """
 
     def __init__(self, optimizer, model, *, policy: str | None = None,
@@ -249,13 +259,16 @@ class ScheduledOptimizer(ClosesOnExit):
                  overlap_backward: bool = True, timeout_s: float | None = None,
                  broadcast_parameters: bool = True,
                  backward_passes_per_step: int | None = None,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, timeline: str | None = None) -> None:
         keras = _keras()
         settings, from_env = scheduler_env.adapter_settings(
             "TensorFlow", policy=policy, partition_bytes=partition_bytes,
             credit_bytes=credit_bytes, merge_bytes=merge_bytes, timeout_s=timeout_s,
             backward_passes_per_step=backward_passes_per_step,
-            compression=_compression_name(compression))
+            compression=_compression_name(compression), timeline=timeline)
+        timeline = settings["timeline"]
+        if timeline is not None:  # before any collective call
+            check_trace_path(timeline)
         policy, timeout_s = settings["policy"], settings["timeout_s"]
         partition_bytes, credit_bytes, merge_bytes = (
             settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
@@ -362,17 +375,24 @@ class ScheduledOptimizer(ClosesOnExit):
         self._from_graph = [False] * len(self._vars)
         self._posting = False
         self._posted_in_backward = 0
+        self._trace = None
+        if timeline is not None:
+            self._trace = SchedulerTrace(
+                timeline, self._rank, self.plan,
+                [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks])
         self._scheduler = Scheduler(
             self.plan, self.config,
             self._transport.backend(self._grads, self._shapes, self._dtypes, 1,
                                     compression=self._compression),
             order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
-            on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s)
+            on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s,
+            on_event=self._trace.on_event if self._trace is not None else None)
         self._gates = None
         if not self._passthrough:
             self._gates = _LayerGates(model, self._layers, self._timeout_s,
                                       self._raise_if_failed, self._rank,
-                                      around=self._hooked_call if overlap_backward else None)
+                                      around=self._hooked_call if overlap_backward else None,
+                                      trace=self._trace)
         self._updater = LayerUpdater(self._steps, self._update_layer,
                                      name=f"legato-tf-update-r{self._rank}")
         self._close_at_exit()
@@ -761,8 +781,11 @@ class ScheduledOptimizer(ClosesOnExit):
             grads = [g if getattr(v, "overwrite_with_gradient", False) else g / scale
                      for g, v in zip(grads, variables)]
         # [Note: per-layer apply]: one iterations increment per step, not per layer.
+        started = time.perf_counter()
         self._opt._iterations.assign(iteration)
         self._opt.apply(grads, variables)
+        if self._trace is not None:
+            self._trace.span("update", f"update {what}", started)
 
     def _finish_layers(self, layers) -> None:
         layers = list(layers)
@@ -800,7 +823,12 @@ class ScheduledOptimizer(ClosesOnExit):
                                       rank=self._rank, wait=lambda t: self.synchronize(t),
                                       steps=[lambda: self._updater.stop(timeout), restore])
         finally:
-            self._transport.close(healthy=healthy)
+            try:
+                if self._trace is not None:
+                    self._trace.finish(healthy, self._transport.all_gather_object,
+                                       self._transport.group_rank == 0)
+            finally:
+                self._transport.close(healthy=healthy)
 
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "

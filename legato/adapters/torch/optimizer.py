@@ -74,7 +74,7 @@ from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
-from legato.core.timeline import Timeline
+from legato.core.timeline import SchedulerTrace, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -120,11 +120,6 @@ def _compression_name(value) -> str | None:
                 isinstance(value, str) and value.lower() in (name, str(dtype))):
             return name
     raise ConfigError(f"compression={value!r} is unknown; pass 'fp16', 'bf16' or None")
-
-
-def _spill_path(timeline, rank: int) -> str:
-    """Where a rank's spans go as they are recorded: beside the trace, one file per rank."""
-    return f"{os.fspath(timeline)}.rank{rank}.partial.json"
 
 
 def _tensors(out):
@@ -287,11 +282,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             raise ConfigError(f"backward_passes_per_step={backward_passes_per_step!r} is "
                               "invalid; pass a whole number of backward passes, 1 or more")
         if timeline is not None:  # checked before any collective call, as every setting
-            folder = os.path.dirname(os.path.abspath(os.fspath(timeline)))
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise ConfigError(f"timeline={os.fspath(timeline)!r}: its folder {folder} does "
-                                  "not exist or is not writable; give a path in a writable "
-                                  "folder (LEGATO_TIMELINE too)")
+            check_trace_path(timeline)
         wrapper = _ddp_wrapping(model)
         if wrapper is not None:
             raise ConfigError(_ddp_message(wrapper))
@@ -353,9 +344,10 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._wake_gates)
 
-        self._timeline_path = timeline
-        self._timeline = (Timeline(self._rank, spill=_spill_path(timeline, self._rank))
-                          if timeline is not None else None)
+        self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        self._trace = (SchedulerTrace(timeline, self._rank, self.plan, self._chunk_names)
+                       if timeline is not None else None)
+        self._timeline = self._trace.timeline if self._trace is not None else None
         self._step_times: list[float] = []
         self._last_step_at: float | None = None
         self._start_scheduler()
@@ -381,13 +373,15 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         """A scheduler for the current plan (at construction and after each tuning boundary)."""
         self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
         self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        if self._trace is not None:
+            self._trace.set_plan(self.plan, self._chunk_names)
         self._scheduler_step0 = self._steps.steps_called
         self._scheduler = Scheduler(
             self.plan, self.config, self._backend_for_plan(),
             order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
             on_chunk_done=self._chunk_done,
             rank=self._rank, timeout_s=self._timeout_s,
-            on_event=self._record if self._timeline is not None else None)
+            on_event=self._trace.on_event if self._trace is not None else None)
 
     def _backend_for_plan(self):
         if isinstance(self._transport, TorchDistTransport):
@@ -485,18 +479,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         return views
 
     # -- timeline ------------------------------------------------------------------------------
-    def _record(self, kind: str, chunk_id: int, when: float) -> None:
-        tl = self._timeline
-        chunk = self.plan.chunks[chunk_id]
-        if kind == "ready":
-            tl.begin("queue", chunk_id, when)
-        elif kind == "start":
-            tl.end("queue", chunk_id, f"wait {chunk_id}", when)
-            tl.begin("comm", chunk_id, when)
-        elif kind == "done":
-            tl.end("comm", chunk_id, f"msg {chunk_id}: {self._chunk_names[chunk_id]}", when,
-                   bytes=chunk.nbytes, layer=chunk.layer)
-
     def _compute_hooks(self, modules) -> list:
         """Forward and backward spans per module holding parameters. A backward span runs
         from the gradient of the module's output to the last gradient of its own parameters:
@@ -535,19 +517,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         A collective over legato's control group, which the scheduler uses while it runs: every
         rank calls it after `close()` (which calls it by itself when `timeline` was given).
         """
-        if self._timeline is None:
+        if self._trace is None:
             raise ConfigError("no timeline is being recorded; pass timeline='trace.json'")
         if not self._steps.closed:
             raise ConfigError("write_timeline() runs after close(), on every rank")
-        target = path or self._timeline_path
-        gathered = self._transport.all_gather_object(self._timeline.events())
-        if self._transport.group_rank != 0:
-            return None
-        others = [ev for r, ev in enumerate(gathered) if r != 0]
-        written = self._timeline.write(target, others)
-        log.info("[rank %d] timeline of %d ranks written to %s", self._rank, len(gathered),
-                 written)
-        return str(written)
+        return self._trace.write(self._transport.all_gather_object,
+                                 self._transport.group_rank == 0, path)
 
     # -- backward side -------------------------------------------------------------------------
     def _grad_of(self, key: int) -> torch.Tensor:
@@ -949,16 +924,10 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                                       steps=[lambda: self._updater.stop(timeout), unhook])
         finally:
             try:
-                if healthy and self._timeline is not None:
-                    self.write_timeline()
-                    self._timeline.close_spill(remove=True)
+                if self._trace is not None:
+                    self._trace.finish(healthy, self._transport.all_gather_object,
+                                       self._transport.group_rank == 0)
             finally:
-                if self._timeline is not None and self._timeline.spill_path is not None \
-                        and self._timeline.spill_path.exists():
-                    self._timeline.close_spill()
-                    log.warning("[rank %d] the timeline was not gathered; this rank's spans "
-                                "are in %s (opens in Perfetto as it is)", self._rank,
-                                self._timeline.spill_path)
                 self._transport.close(healthy=healthy)
 
     def __repr__(self) -> str:

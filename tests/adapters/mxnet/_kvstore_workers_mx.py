@@ -357,3 +357,31 @@ def compare_amp_with_gluon(cases: list, steps: int) -> None:
                                                 for a, b in zip(got, want)),
                                    "steps_done": stats["steps_done"]}), flush=True)
 
+
+def timeline(path: str, steps: int) -> None:
+    """`steps` steps with timeline=path on every worker (a window: the order channel and the
+    trace gathering share the control key's address exchange)."""
+    kv = mx.kv.create("dist_sync")
+    net = make_net()
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=kv,
+                          update_on_kvstore=False)
+    st = ScheduledTrainer(inner, net, policy="bytescheduler", timeout_s=60,
+                          partition_bytes=64 * 1024, merge_bytes=4096, timeline=path)
+    train(net, st, kv.rank, steps)
+    st.close()
+    print("TIMELINE_DONE", flush=True)
+
+
+def timeline_on_one_worker(path: str) -> None:
+    """Only worker 0 asks for a timeline: both are refused at construction (the gathering at
+    close would otherwise wait for a worker that never sends)."""
+    kv = mx.kv.create("dist_sync")
+    net = make_net()
+    inner = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01}, kvstore=kv,
+                          update_on_kvstore=False)
+    try:
+        ScheduledTrainer(inner, net, timeout_s=60, timeline=path if kv.rank == 0 else None)
+    except ConfigError as err:
+        assert "timeline on" in str(err) or "timeline off" in str(err), err
+        print("TIMELINE_REFUSED", flush=True)
+

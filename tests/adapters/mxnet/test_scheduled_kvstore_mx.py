@@ -105,6 +105,26 @@ def test_mixed_precision_with_loss_scaling_matches_gluon():
         assert case["steps_done"] == 6
 
 
+@pytest.mark.timeout(120)
+def test_timeline_gathers_every_workers_messages_on_worker_0(tmp_path):
+    trace_path = tmp_path / "trace.json"
+    job("timeline", str(trace_path), 3)
+    spans = [e for e in json.loads(trace_path.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    for rank in (0, 1):
+        comm = [e for e in spans if e["pid"] == rank and e["cat"] == "comm"]
+        assert len(comm) == 3 * 22  # every message of the 3 steps (22 per step)
+        assert {e["cat"] for e in spans if e["pid"] == rank} == {"queue", "comm"}
+    assert not list(tmp_path.glob("trace.json.*")), "spill or temporary file left behind"
+
+
+@pytest.mark.timeout(120)
+def test_a_timeline_on_one_worker_only_is_refused_on_both(tmp_path):
+    result = job("timeline_on_one_worker", str(tmp_path / "trace.json"))
+    workers = [p for p in result.procs if p.name.startswith("worker")]
+    assert len(workers) == 2 and all("TIMELINE_REFUSED" in p.stdout for p in workers)
+
+
 # -- priority order --------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_front_layers_are_started_first_when_all_are_ready():

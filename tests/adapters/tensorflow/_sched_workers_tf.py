@@ -389,6 +389,21 @@ def idioms_plain(steps: int, out: str) -> None:
         _save(out, f"hvdplain-{idiom}", rank, model, opt)
 
 
+def timeline(backend: str, out: str) -> None:
+    """Two steps with LEGATO_TIMELINE set by the test (an unchanged script)."""
+    rank, _ = rank_and_size(backend)
+    model = net()
+    opt = ScheduledOptimizer(make_optimizer("sgd"), model, backend=backend, timeout_s=120,
+                             partition_bytes=64 * 1024, credit_bytes=128 * 1024)
+    for step in range(2):
+        x, y = batch(rank, step)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+    opt.close()
+
+
 if __name__ == "__main__":
     sys.exit("run through legato.launch")
 

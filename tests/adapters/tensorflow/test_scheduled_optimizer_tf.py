@@ -4,6 +4,7 @@ jobs and over legato's gloo transport, against plain Horovod-TensorFlow training
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -195,4 +196,25 @@ def test_loss_scaling_accumulation_and_compression_match_plain_horovod(
             np.testing.assert_allclose(mine[k], ref[k], rtol=0, atol=atol,
                                        err_msg=f"{backend} {idiom} rank {r}: {k}")
         assert f"'backend': '{backend}'" in result.rank(r).stdout
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("backend", ["gloo", pytest.param("horovod", marks=pytest.mark.horovod)])
+def test_legato_timeline_gives_a_chrome_trace_of_both_ranks(tmp_path, backend):
+    """LEGATO_TIMELINE on an unchanged script: rank 0 writes both ranks' messages, forwards
+    and updates; the per-rank spill files are gone after a clean end."""
+    trace_path = tmp_path / "trace.json"
+    run = run_horovod_job if backend == "horovod" else run_torch_job
+    run(f"{WORKERS}:timeline", 2, args=[backend, str(tmp_path)], timeout_s=150,
+        env={"LEGATO_TIMELINE": str(trace_path)})
+    spans = [e for e in json.loads(trace_path.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    for rank in (0, 1):
+        mine = [e for e in spans if e["pid"] == rank]
+        assert {e["cat"] for e in mine} == {"compute", "queue", "comm", "update"}, rank
+        comm = [e for e in mine if e["cat"] == "comm"]
+        assert len(comm) == 2 * len({e["name"] for e in comm})  # every message, both steps
+        names = {e["name"] for e in mine}
+        assert "forward conv1" in names and "update head" in names, names
+    assert not list(tmp_path.glob("trace.json.*")), "spill or temporary file left behind"
 
