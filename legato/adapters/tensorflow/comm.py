@@ -33,6 +33,7 @@ the chunk's slicing and merging in one graph.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import os
 from typing import Any, Callable, Sequence
@@ -62,10 +63,13 @@ class GlooTransport:
     """legato's gloo groups over torch.distributed, fed by TensorFlow gradients via DLPack.
 
     torch.distributed is initialized here (gloo) from the environment torchrun and
-    `legato.launch` set (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) unless the process did it.
+    `legato.launch` set (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) unless the process did it;
+    then it is destroyed when the last transport that relies on it closes (a process may hold
+    several ScheduledOptimizers: a GAN's two).
     """
 
     name = "gloo"
+    _default_users = 0  # open transports on a default group legato initialized
 
     def __init__(self, timeout_s: float) -> None:
         torch = _torch()
@@ -85,9 +89,12 @@ class GlooTransport:
                     "WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or use backend='horovod' under "
                     "horovodrun")
             dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            GlooTransport._default_users = 0
             self._owns_default = True
         else:
-            self._owns_default = False
+            self._owns_default = GlooTransport._default_users > 0
+        if self._owns_default:
+            GlooTransport._default_users += 1
         self._torch = torch
         self._inner = TorchDistTransport(None, timeout_s)
         self.rank = self._inner.rank
@@ -147,7 +154,9 @@ class GlooTransport:
         if self._owns_default:
             import torch.distributed as dist
 
-            if dist.is_initialized():
+            self._owns_default = False
+            GlooTransport._default_users -= 1
+            if GlooTransport._default_users == 0 and dist.is_initialized():
                 dist.destroy_process_group()
 
 
@@ -165,12 +174,12 @@ class HorovodTFCommBackend:
 
     def __init__(self, hvd, grads: Sequence[tf.Tensor | None], epoch: int,
                  store: Callable[[int, int, tf.Tensor], None], threads: int = 8,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, prefix: str = "legato.") -> None:
         self._hvd = hvd
         self._grads = grads
         self._store = store
         self._wire = {None: None, "fp16": tf.float16, "bf16": tf.bfloat16}[compression]
-        self._prefix = f"legato.p{epoch}.chunk."
+        self._prefix = f"{prefix}p{epoch}.chunk."
         self._scale = 1.0 / hvd.size()
         self._fns: dict[int, Any] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(threads,
@@ -230,11 +239,12 @@ class HorovodTFCommBackend:
 class HorovodOrderChannel:
     """Rank 0's dispatch decisions, broadcast over Horovod (see [Note: one order, Horovod])."""
 
-    def __init__(self, hvd) -> None:
+    def __init__(self, hvd, prefix: str = "legato.") -> None:
         self._hvd = hvd
+        name = f"{prefix}order"
 
         def bcast(buf):
-            return hvd.broadcast(buf, root_rank=0, name="legato.order", ignore_name_scope=True)
+            return hvd.broadcast(buf, root_rank=0, name=name, ignore_name_scope=True)
 
         self._bcast = tf.function(bcast)  # see [Note: Horovod names]
 
@@ -247,9 +257,14 @@ class HorovodOrderChannel:
 
 
 class HorovodTFTransport:
-    """Horovod (horovod.tensorflow) as the transport: hvd.init() must have been called."""
+    """Horovod (horovod.tensorflow) as the transport: hvd.init() must have been called.
+
+    Horovod matches tensors across ranks by name, so each transport (each ScheduledOptimizer
+    of a process: a GAN's two) names its tensors with a prefix of its own, numbered in the
+    order they are built (the same on every rank)."""
 
     name = "horovod"
+    _created = itertools.count()
 
     def __init__(self) -> None:
         try:
@@ -261,6 +276,7 @@ class HorovodTFTransport:
             raise BackendUnavailable("Horovod has not been initialized; call hvd.init() before "
                                      "ScheduledOptimizer(..., backend='horovod')")
         self._hvd = hvd
+        self._prefix = f"legato.o{next(HorovodTFTransport._created)}."
         self.rank = self.group_rank = hvd.rank()
         self.world = hvd.size()
         self._backend: HorovodTFCommBackend | None = None
@@ -272,17 +288,16 @@ class HorovodTFTransport:
         if self._backend is not None:
             self._backend.close()
         self._backend = HorovodTFCommBackend(self._hvd, grads, epoch, self._store,
-                                             compression=compression)
+                                             compression=compression, prefix=self._prefix)
         return self._backend
 
     def any_flag(self, flag: bool) -> bool:
         """Whether any rank's `flag` is set (every rank calls it: a small all-reduce)."""
         if self._flag_fn is None:
-            hvd = self._hvd
+            hvd, name = self._hvd, f"{self._prefix}flag"
 
             def reduce(box):
-                return hvd.allreduce(box, op=hvd.Sum, name="legato.flag",
-                                     ignore_name_scope=True)
+                return hvd.allreduce(box, op=hvd.Sum, name=name, ignore_name_scope=True)
             self._flag_fn = tf.function(reduce)  # see [Note: Horovod names]
         return bool(self._flag_fn(tf.constant([1.0 if flag else 0.0])).numpy()[0] > 0)
 
@@ -299,20 +314,20 @@ class HorovodTFTransport:
         return tf.reshape(flat, shape)
 
     def order_channel(self) -> "HorovodOrderChannel":
-        return HorovodOrderChannel(self._hvd)
+        return HorovodOrderChannel(self._hvd, self._prefix)
 
     def all_gather_object(self, obj) -> list:
-        return self._hvd.allgather_object(obj, name="legato.gather")
+        return self._hvd.allgather_object(obj, name=f"{self._prefix}gather")
 
     def broadcast_object(self, obj):
-        return self._hvd.broadcast_object(obj, root_rank=0, name="legato.decision")
+        return self._hvd.broadcast_object(obj, root_rank=0, name=f"{self._prefix}decision")
 
     def broadcast_variables(self, variables: Sequence[tf.Variable]) -> None:
         # hvd.broadcast_variables assigns inside a tf.function, which Keras 3 variables do not
         # support; one eager broadcast per variable instead.
         for i, v in enumerate(variables):
             v.assign(self._hvd.broadcast(tf.convert_to_tensor(v), root_rank=0,
-                                         name=f"legato.bcast.{i}"))
+                                         name=f"{self._prefix}bcast.{i}"))
 
     def close(self, healthy: bool = True) -> None:  # noqa: ARG002
         if self._backend is not None:

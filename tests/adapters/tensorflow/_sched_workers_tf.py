@@ -389,6 +389,29 @@ def idioms_plain(steps: int, out: str) -> None:
         _save(out, f"hvdplain-{idiom}", rank, model, opt)
 
 
+def two_optimizers(backend: str, steps: int, out: str) -> None:
+    """Two models, each with its own ScheduledOptimizer (SGD and Adam), stepped in turn in one
+    loop, as a GAN's generator and discriminator are; each must train as alone."""
+    rank, _ = rank_and_size(backend)
+    models = {name: net() for name in ("sgd", "adam")}
+    opts = {name: ScheduledOptimizer(make_optimizer(name), model, backend=backend,
+                                     timeout_s=120, partition_bytes=64 * 1024,
+                                     credit_bytes=128 * 1024)
+            for name, model in models.items()}
+    for step in range(steps):
+        x, y = batch(rank, step)
+        for name, model in models.items():
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, model(x, training=True))
+            opts[name].apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                           model.trainable_variables))
+    for name, model in models.items():
+        opts[name].close()
+        np.savez(os.path.join(out, f"params-{backend}-two-{name}-{rank}.npz"),
+                 *[v.numpy() for v in model.variables],
+                 iterations=int(opts[name].iterations.numpy()))
+
+
 def timeline(backend: str, out: str) -> None:
     """Two steps with LEGATO_TIMELINE set by the test (an unchanged script)."""
     rank, _ = rank_and_size(backend)

@@ -218,3 +218,17 @@ def test_legato_timeline_gives_a_chrome_trace_of_both_ranks(tmp_path, backend):
         assert "forward conv1" in names and "update head" in names, names
     assert not list(tmp_path.glob("trace.json.*")), "spill or temporary file left behind"
 
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend", ["gloo", "horovod"])
+def test_two_optimizers_in_one_process_each_match_plain_horovod(plain, tmp_path, backend):
+    """Each ScheduledOptimizer names its Horovod tensors with a prefix of its own; two in one
+    loop (SGD on one model, Adam on another) each end as plain Horovod does alone."""
+    run = run_horovod_job if backend == "horovod" else run_torch_job
+    run(f"{WORKERS}:two_optimizers", 2, args=[backend, STEPS, str(tmp_path)], timeout_s=200)
+    for r in range(2):
+        for name in ("sgd", "adam"):
+            assert_same(tmp_path / f"params-{backend}-two-{name}-{r}.npz",
+                        plain / f"params-hvdplain-{name}-{r}.npz")
+
