@@ -22,9 +22,10 @@ import threading
 from typing import Callable, Sequence
 
 import mxnet as mx
+import numpy as np
 from mxnet.base import NDArrayHandle, _LIB, check_call
 
-__all__ = ["after", "copy_bytes"]
+__all__ = ["after", "copy_bytes", "copy_elements"]
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +91,24 @@ def copy_bytes(dst: mx.nd.NDArray, dst_offset: int, src: mx.nd.NDArray, src_offs
     """memmove `nbytes` from `src`'s memory at `src_offset` to `dst`'s at `dst_offset` (CPU,
     contiguous; call it from a function run by `after` that reads `src` and writes `dst`)."""
     ctypes.memmove(_address(dst) + dst_offset, _address(src) + src_offset, nbytes)
+
+
+def _view(array: mx.nd.NDArray, offset: int, count: int) -> np.ndarray:
+    """`count` elements of `array`'s memory from element `offset`, as a numpy array (no copy)."""
+    dtype = np.dtype(array.dtype)
+    raw = (ctypes.c_char * (count * dtype.itemsize)).from_address(
+        _address(array) + offset * dtype.itemsize)
+    return np.frombuffer(raw, dtype=dtype, count=count)
+
+
+def copy_elements(dst: mx.nd.NDArray, dst_offset: int, src: mx.nd.NDArray, src_offset: int,
+                  count: int) -> None:
+    """Copy `count` elements from `src` at element `src_offset` to `dst` at `dst_offset`,
+    converting between their types when they differ (numpy's rounding: to nearest, ties to
+    even, as MXNet's Cast); same contract as `copy_bytes`."""
+    if dst.dtype == src.dtype:
+        size = np.dtype(src.dtype).itemsize
+        copy_bytes(dst, dst_offset * size, src, src_offset * size, count * size)
+    else:
+        _view(dst, dst_offset, count)[...] = _view(src, src_offset, count)
+

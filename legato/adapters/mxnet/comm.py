@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 import mxnet as mx
 import numpy as np
 
-from legato.adapters.mxnet._engine import after, copy_bytes
+from legato.adapters.mxnet._engine import after, copy_elements
 from legato.adapters.mxnet._order import SocketOrderChannel, TraceGather
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.protocols import Done
@@ -121,7 +121,8 @@ class ScheduledKVStore:
 
     def __init__(self, kvstore, plan: ChunkPlan, grads: Callable[[int], mx.nd.NDArray], *,
                  on_started: Callable[[Chunk], None] | None = None,
-                 timeout_s: float = 300.0, staged: bool = False) -> None:
+                 timeout_s: float = 300.0, staged: bool = False,
+                 wire: np.dtype | None = None) -> None:
         check_kvstore(kvstore)
         self._kv = kvstore
         self.rank = kvstore.rank
@@ -140,6 +141,8 @@ class ScheduledKVStore:
         # Buffers (see [Note: chunk buffers]); None for a whole tensor, which is its own,
         # unless `staged`: then every gradient is copied out when the step is called (the
         # trainer's gradient accumulation, where the user clears the gradients after step()).
+        # With `wire` (compression), float gradients are copied into buffers of that type.
+        staged = staged or wire is not None
         self._buffers: list[mx.nd.NDArray | None] = []
         self._member_at: list[dict[int, int]] = []  # merged chunk: key -> element offset
         init = []
@@ -153,8 +156,9 @@ class ScheduledKVStore:
                 at[part.key] = offset
                 offset += part.nbytes // plan.task(part.key).itemsize
             self._member_at.append(at)
+            narrow = wire is not None and np.dtype(grad.dtype) in (np.float32, np.float64)
             buf = mx.nd.zeros((chunk.nbytes // first.itemsize,), ctx=grad.context,
-                              dtype=grad.dtype)
+                              dtype=wire if narrow else grad.dtype)
             self._buffers.append(None if whole and not staged else buf)
             init.append(buf)
         self._control = mx.nd.zeros((_CONTROL_SLOTS,), dtype=np.float32)
@@ -164,8 +168,8 @@ class ScheduledKVStore:
         # Collective: worker 0 pushes the initial values, then all workers meet in a barrier.
         self._kv.init(keys, [self._control.copy(), mx.nd.zeros((1,), dtype=np.float32)] + init)
 
-        # Per task: (buffered chunk id, byte offset in the gradient, byte offset in the chunk's
-        # buffer, bytes) for every chunk of it that has a buffer of its own.
+        # Per task: (buffered chunk id, element offset in the gradient, element offset in the
+        # chunk's buffer, elements) for every chunk of it that has a buffer of its own.
         self._copies: dict[int, list[tuple[int, int, int, int]]] = {}
         for task in plan.tasks:
             moves = []
@@ -174,8 +178,9 @@ class ScheduledKVStore:
                     continue
                 chunk = plan.chunks[chunk_id]
                 part = next(p for p in chunk.parts if p.key == task.key)
-                at = self._member_at[chunk_id][task.key] * task.itemsize if chunk.merged else 0
-                moves.append((chunk_id, part.offset, at, part.nbytes))
+                at = self._member_at[chunk_id][task.key] if chunk.merged else 0
+                moves.append((chunk_id, part.offset // task.itemsize, at,
+                              part.nbytes // task.itemsize))
             self._copies[task.key] = moves
 
     # -- readiness ------------------------------------------------------------------------------
@@ -193,8 +198,8 @@ class ScheduledKVStore:
 
         def ready() -> None:
             try:
-                for chunk_id, grad_at, buf_at, nbytes in moves:
-                    copy_bytes(self._buffers[chunk_id], buf_at, grad, grad_at, nbytes)
+                for chunk_id, grad_at, buf_at, count in moves:
+                    copy_elements(self._buffers[chunk_id], buf_at, grad, grad_at, count)
                 if on_ready is not None:
                     on_ready(key)
             except BaseException as err:  # noqa: BLE001 (reported to the training thread)
@@ -241,8 +246,8 @@ class ScheduledKVStore:
 
         def copy() -> None:
             try:
-                for chunk_id, grad_at, buf_at, nbytes in moves:
-                    copy_bytes(grad, grad_at, self._buffers[chunk_id], buf_at, nbytes)
+                for chunk_id, grad_at, buf_at, count in moves:
+                    copy_elements(grad, grad_at, self._buffers[chunk_id], buf_at, count)
             except BaseException as err:  # noqa: BLE001 (reported to the training thread)
                 on_error(err)
 

@@ -125,21 +125,31 @@ class ScheduledTrainer(ClosesOnExit):
             push and pull) to this path on worker 0 at `close()`. Each worker also writes its
             spans as they come to `<timeline>.rank<N>.partial.json`, kept when the job ends
             badly. Every worker must give one, or none.
+        compression: "fp16": float gradients travel (and are summed on the servers) in
+            float16, as with Horovod's Compression.fp16: every gradient is copied into a
+            buffer of that type and the sum copied back.
 
-    policy, the sizes, timeout_s and timeline can come from LEGATO_POLICY,
-    LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S and
-    LEGATO_TIMELINE instead (an argument wins).
+    policy, the sizes, timeout_s, timeline and compression can come from LEGATO_POLICY,
+    LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S,
+    LEGATO_TIMELINE and LEGATO_COMPRESSION instead (an argument wins).
     """
 
     def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
                  policy: str | None = None, partition_bytes: int | None = None,
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
-                 queue_impl: str = "auto", timeline: str | None = None) -> None:
+                 queue_impl: str = "auto", timeline: str | None = None,
+                 compression: str | None = None) -> None:
         settings, from_env = scheduler_env.adapter_settings(
             "MXNet", policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
-            merge_bytes=merge_bytes, timeout_s=timeout_s, timeline=timeline)
+            merge_bytes=merge_bytes, timeout_s=timeout_s, timeline=timeline,
+            compression=compression)
         timeline = settings["timeline"]
+        compression = str(settings["compression"]).lower()
+        if compression not in ("none", "fp16"):
+            raise ConfigError(f"compression={settings['compression']!r} is unknown here; pass "
+                              "'fp16' or None (MXNet's kvstore has no bfloat16)")
+        wire = np.dtype(np.float16) if compression == "fp16" else None
         if timeline is not None:
             check_trace_path(timeline)
         policy, timeout_s = settings["policy"], settings["timeout_s"]
@@ -204,13 +214,14 @@ class ScheduledTrainer(ClosesOnExit):
                          for k in range(len(self._params))} if self._adds else {}
         self._kv = ScheduledKVStore(kv, self.plan, self._grad_of, timeout_s=self._timeout_s,
                                     on_started=_weak_method(self._chunk_started),
-                                    staged=bool(self._adds))
+                                    staged=bool(self._adds), wire=wire)
         try:
             # the timeline's gathering is collective too: its setting is part of the check
             self._kv.check_plan(
-                hashlib.sha256(f"{self.plan.digest()} {timeline is not None}".encode()
-                               ).hexdigest(),
-                f"{self.plan.describe()}, timeline {'on' if timeline else 'off'}")
+                hashlib.sha256(f"{self.plan.digest()} {timeline is not None} {compression}"
+                               .encode()).hexdigest(),
+                f"{self.plan.describe()}, timeline {'on' if timeline else 'off'}, "
+                f"compression {compression}")
             self._trace_gather = self._kv.trace_gather() if timeline is not None else None
             if broadcast_parameters:
                 self._kv.broadcast([self._weight_of(k) for k in range(len(self._params))])

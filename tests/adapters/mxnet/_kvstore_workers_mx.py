@@ -5,6 +5,7 @@ lines the test checks and raises (exit 1, traceback in stderr) when a check fail
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -384,4 +385,32 @@ def timeline_on_one_worker(path: str) -> None:
     except ConfigError as err:
         assert "timeline on" in str(err) or "timeline off" in str(err), err
         print("TIMELINE_REFUSED", flush=True)
+
+
+def compressed(steps: int) -> None:
+    """fp16 on the wire against gluon's float32 Trainer from the same start: close (float16
+    rounding of the gradients), not equal (the messages really were float16)."""
+    kv = mx.kv.create("dist_sync")
+    rank = kv.rank
+    opt, opt_params = OPTIMIZERS["sgd"]
+    ref = make_net()
+    train(ref, gluon_trainer(ref, kv, opt, opt_params), rank, steps)
+    want = params_of(ref)
+    for policy, settings in [["bytescheduler", {"partition_bytes": 64 * 1024,
+                                                "merge_bytes": 4096}], ["plain", {}]]:
+        ours = make_net()
+        inner = gluon.Trainer(ours.collect_params(), opt, dict(opt_params), kvstore=kv,
+                              update_on_kvstore=False)
+        st = ScheduledTrainer(inner, ours, policy=policy, timeout_s=60, compression="fp16",
+                              **settings)
+        wire = {np.dtype(b.dtype).name for b in st.kvstore._buffers}
+        train(ours, st, rank, steps)
+        st.close()
+        got = params_of(ours)
+        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(got, want))
+        scale = max(float(np.max(np.abs(a))) for a in want)
+        digest = hashlib.sha256(b"".join(a.tobytes() for a in got)).hexdigest()
+        print("COMPRESSED " + json.dumps({"policy": policy, "wire": sorted(wire),
+                                          "worst": worst, "scale": scale,
+                                          "digest": digest}), flush=True)
 

@@ -125,6 +125,23 @@ def test_a_timeline_on_one_worker_only_is_refused_on_both(tmp_path):
     assert len(workers) == 2 and all("TIMELINE_REFUSED" in p.stdout for p in workers)
 
 
+@pytest.mark.timeout(120)
+def test_fp16_compression_sends_float16_and_stays_close_to_gluon():
+    """compression="fp16": every message buffer is float16; after 5 steps the parameters are
+    within float16 rounding of gluon's float32 Trainer but not equal to them, and the same
+    under bytescheduler (partitions, merges) as under plain (the servers sum each element
+    in float16 whatever the message boundaries)."""
+    result = job("compressed", 5)
+    got = lines(result, "COMPRESSED")
+    assert len(got) == 4
+    for case in got:
+        assert case["wire"] == ["float16"], case
+        assert 0 < case["worst"] < 1e-2 * case["scale"], case
+    for rank_cases in (got[:2], got[2:]):
+        assert {c["policy"] for c in rank_cases} == {"bytescheduler", "plain"}
+        assert rank_cases[0]["digest"] == rank_cases[1]["digest"]
+
+
 # -- priority order --------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_front_layers_are_started_first_when_all_are_ready():

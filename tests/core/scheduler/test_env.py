@@ -57,7 +57,7 @@ def test_sizes_a_policy_does_not_take_are_dropped_only_when_they_came_from_varia
 def test_an_adapter_without_a_setting_warns_about_its_variable(caplog):
     from legato.core.scheduler.env import adapter_settings
 
-    env = {"LEGATO_POLICY": "priority", "LEGATO_COMPRESSION": "fp16",
+    env = {"LEGATO_POLICY": "priority", "LEGATO_TUNE": "1",
            "LEGATO_PARTITION_BYTES": "1MiB"}
     with caplog.at_level("WARNING"):
         settings, used = adapter_settings(
@@ -67,8 +67,7 @@ def test_an_adapter_without_a_setting_warns_about_its_variable(caplog):
     assert settings["partition_bytes"] is None  # priority has no partitions
     assert settings["credit_bytes"] is None and settings["merge_bytes"] is None
     assert settings["timeout_s"] == 300.0 and "LEGATO_POLICY=priority" in used
-    assert "LEGATO_COMPRESSION is set, but the MXNet adapter has no compression" in \
-        caplog.text
+    assert "LEGATO_TUNE is set, but the MXNet adapter has no tune" in caplog.text
 
 
 def test_an_adapter_reads_the_settings_it_names_and_an_argument_wins():
