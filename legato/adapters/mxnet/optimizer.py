@@ -623,22 +623,18 @@ class ScheduledTrainer(ClosesOnExit):
             self._gates.release_all()
             self._gates.remove()
 
-        healthy = False
-        try:
-            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
-                                      rank=self._rank, wait=lambda t: self.synchronize(t),
-                                      steps=[release])
-        finally:
-            try:
-                if self._trace is not None:
-                    gather = self._trace_gather
-                    self._trace.finish(healthy, lambda events: gather.all_gather(
-                        events, min(timeout, 60.0)), self._rank == 0)
-            finally:
-                if self._trace_gather is not None:
-                    self._trace_gather.close()
-                self._kv.close()
-                self._forget_exit()
+        def drop(_healthy: bool) -> None:
+            if self._trace_gather is not None:
+                self._trace_gather.close()
+            self._kv.close()
+            self._forget_exit()
+
+        gather = self._trace_gather
+        close_scheduled(self._steps, self._scheduler, timeout_s=timeout, rank=self._rank,
+                        wait=lambda t: self.synchronize(t), steps=[release], trace=self._trace,
+                        all_gather=gather and (lambda events: gather.all_gather(
+                            events, min(timeout, 60.0))),
+                        lead=self._rank == 0, release=drop)
 
     def __repr__(self) -> str:
         return f"ScheduledTrainer({self.config.describe()}, {self.plan.describe()})"

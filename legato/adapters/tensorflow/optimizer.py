@@ -810,7 +810,6 @@ class ScheduledOptimizer(ClosesOnExit):
         if self._steps.closed:
             return
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        healthy = False
 
         def restore() -> None:
             if self._gates is not None:
@@ -818,17 +817,12 @@ class ScheduledOptimizer(ClosesOnExit):
                 self._gates.remove()
             self._forget_exit()
 
-        try:
-            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
-                                      rank=self._rank, wait=lambda t: self.synchronize(t),
-                                      steps=[lambda: self._updater.stop(timeout), restore])
-        finally:
-            try:
-                if self._trace is not None:
-                    self._trace.finish(healthy, self._transport.all_gather_object,
-                                       self._transport.group_rank == 0)
-            finally:
-                self._transport.close(healthy=healthy)
+        close_scheduled(self._steps, self._scheduler, timeout_s=timeout, rank=self._rank,
+                        wait=lambda t: self.synchronize(t),
+                        steps=[lambda: self._updater.stop(timeout), restore], trace=self._trace,
+                        all_gather=self._transport.all_gather_object,
+                        lead=self._transport.group_rank == 0,
+                        release=lambda healthy: self._transport.close(healthy=healthy))
 
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "

@@ -909,7 +909,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         if self._steps.closed:
             return
         timeout = self._timeout_s if timeout_s is None else timeout_s
-        healthy = False
 
         def unhook() -> None:
             for h in self._hooks:
@@ -918,17 +917,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._gates.remove()
             self._forget_exit()
 
-        try:
-            healthy = close_scheduled(self._steps, self._scheduler, timeout_s=timeout,
-                                      rank=self._rank, wait=self._wait_updates,
-                                      steps=[lambda: self._updater.stop(timeout), unhook])
-        finally:
-            try:
-                if self._trace is not None:
-                    self._trace.finish(healthy, self._transport.all_gather_object,
-                                       self._transport.group_rank == 0)
-            finally:
-                self._transport.close(healthy=healthy)
+        close_scheduled(self._steps, self._scheduler, timeout_s=timeout, rank=self._rank,
+                        wait=self._wait_updates,
+                        steps=[lambda: self._updater.stop(timeout), unhook], trace=self._trace,
+                        all_gather=self._transport.all_gather_object,
+                        lead=self._transport.group_rank == 0,
+                        release=lambda healthy: self._transport.close(healthy=healthy))
 
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self.config.describe()}, "

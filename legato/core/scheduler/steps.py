@@ -146,33 +146,46 @@ class StepTracker:
 
 
 def close_scheduled(tracker: StepTracker, scheduler, *, timeout_s: float, rank: int,
-                    wait: Callable[[float], None], steps: Sequence[Callable[[], None]]) -> bool:
+                    wait: Callable[[float], None], steps: Sequence[Callable[[], None]],
+                    trace=None, all_gather: Callable[[list], list] | None = None,
+                    lead: bool = False,
+                    release: Callable[[bool], None] | None = None) -> bool:
     """Shut a scheduled optimizer down in the order every adapter needs: wait for its work
     (`wait(timeout)`, skipped after a failure), mark the tracker closed, close the scheduler
     (the leader drains its queue and tells the followers), then run every clean-up step in
-    `steps`, each whatever the earlier ones raised. Returns whether everything finished
-    cleanly (then the transport may close gracefully and a timeline be gathered)."""
+    `steps`, each whatever the earlier ones raised; then finish the `trace` (a
+    legato.core.timeline.SchedulerTrace: gathered with `all_gather` and written on the `lead`
+    rank after a clean end) and `release(healthy)` the transport, both whatever happened
+    before. Returns whether everything finished cleanly."""
     healthy = False
     try:
-        if tracker.error is None and scheduler.error is None:
-            wait(timeout_s)
-            healthy = True
-    finally:
-        tracker.mark_closed()
         try:
-            # after a failure, messages in flight may never complete (a peer stopped too)
-            scheduler.close(timeout_s=min(timeout_s, 60.0), abort=tracker.error is not None)
-        except Exception as err:  # noqa: BLE001 (closing: log and go on)
-            log.warning("[rank %d] closing the scheduler: %s", rank, err)
-        healthy = healthy and scheduler.error is None
-        errors = []
-        for step in steps:
+            if tracker.error is None and scheduler.error is None:
+                wait(timeout_s)
+                healthy = True
+        finally:
+            tracker.mark_closed()
             try:
-                step()
-            except Exception as err:  # noqa: BLE001 (every step runs; the first is raised)
-                errors.append(err)
-        if errors:
-            raise errors[0]
+                # after a failure, messages in flight may never complete (a peer stopped too)
+                scheduler.close(timeout_s=min(timeout_s, 60.0), abort=tracker.error is not None)
+            except Exception as err:  # noqa: BLE001 (closing: log and go on)
+                log.warning("[rank %d] closing the scheduler: %s", rank, err)
+            healthy = healthy and scheduler.error is None
+            errors = []
+            for step in steps:
+                try:
+                    step()
+                except Exception as err:  # noqa: BLE001 (every step runs; the first is raised)
+                    errors.append(err)
+            if errors:
+                raise errors[0]
+    finally:
+        try:
+            if trace is not None:
+                trace.finish(healthy, all_gather, lead)
+        finally:
+            if release is not None:
+                release(healthy)
     return healthy
 
 
