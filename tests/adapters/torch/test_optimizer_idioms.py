@@ -74,8 +74,12 @@ def test_clip_grad_norm_on_gradients_in_flight_fails_with_the_fix(policy):
     version counters, not from comparing values."""
     result = run_torch_job(f"{WORKERS}:clip_idioms", 2, args=["bare", policy, 5],
                            timeout_s=120)
-    for r in range(2):
-        assert "clipping without synchronize refused" in result.rank(r).stdout
+    outs = [result.rank(r).stdout for r in range(2)]
+    # each rank refuses its own clip, unless its peer refused first and stopped: then its
+    # next message fails (a LegatoError too), which is not a wrong result either
+    assert any("clipping without synchronize refused" in out for out in outs), outs
+    assert all("clipping without synchronize refused" in out or "stopped with its peer" in out
+               for out in outs), outs
 
 
 @pytest.mark.timeout(120)
