@@ -815,6 +815,8 @@ class ScheduledOptimizer(ClosesOnExit):
             if self._gates is not None:
                 self._gates.release_all()
                 self._gates.remove()
+            if "_backend_reset_gradient_accumulators" in self._opt.__dict__:
+                object.__delattr__(self._opt, "_backend_reset_gradient_accumulators")
             self._forget_exit()
 
         close_scheduled(self._steps, self._scheduler, timeout_s=timeout, rank=self._rank,
