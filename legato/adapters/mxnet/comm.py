@@ -50,6 +50,7 @@ worker runs its own queue (order=None), as the core does for Horovod.
 
 from __future__ import annotations
 
+import collections
 import socket
 import weakref
 from typing import Callable, Sequence
@@ -137,6 +138,7 @@ class ScheduledKVStore:
         self._chunk_key0 = base + 1
         self._param_key0 = base + 1 + len(plan.chunks)
         self._flag_key = self._param_key0 + len(plan.tasks)  # see finite_count
+        self._flags: collections.deque = collections.deque()  # finite_count's, to push
 
         # Buffers (see [Note: chunk buffers]); None for a whole tensor, which is its own,
         # unless `staged`: then every gradient is copied out when the step is called (the
@@ -216,6 +218,10 @@ class ScheduledKVStore:
             on_done(LegatoError(f"[rank {self.rank}] the scheduled kvstore is closed"))
             return
         try:
+            while self._flags:  # see finite_count
+                flag = self._flags.popleft()
+                self._kv.push(self._flag_key, flag, priority=_PRIORITY + 1)
+                self._kv.pull(self._flag_key, out=flag, priority=_PRIORITY + 1)
             buf = self._send_array(chunk)
             key = self._chunk_key0 + chunk.id
             self._kv.push(key, buf, priority=_PRIORITY - chunk.layer)
@@ -255,15 +261,16 @@ class ScheduledKVStore:
 
     def finite_count(self, grads: Sequence[mx.nd.NDArray]) -> mx.nd.NDArray:
         """Issue (asynchronously, in the engine) this worker's check that `grads` are all
-        finite and its sum over the workers; returns the array that will hold how many workers'
-        gradients were all finite (mixed precision's skip decision; every worker calls it once
-        per step, after the step's watches)."""
+        finite; returns the array that will hold how many workers' gradients were all finite
+        (mixed precision's skip decision; every worker calls it once per step, before the
+        step's chunks can start). Its sum over the workers is pushed and pulled by the
+        dispatching thread, with the step's first chunk ([Note: threads]: the only thread that
+        touches the kvstore while the scheduler runs), before anything can read it."""
         flag = mx.nd.ones((1,), dtype=np.float32)
         for at in range(0, len(grads), 200):  # as MXNet's LossScaler, 200 arrays per call
             part = grads[at:at + 200]
             mx.nd.multi_all_finite(*part, num_arrays=len(part), init_output=False, out=flag)
-        self._kv.push(self._flag_key, flag, priority=_PRIORITY + 1)
-        self._kv.pull(self._flag_key, out=flag, priority=_PRIORITY + 1)
+        self._flags.append(flag)
         return flag
 
     # -- construction-time collectives (the constructing thread, before the scheduler runs) ----
