@@ -58,7 +58,7 @@ from legato.adapters.mxnet.proxy import BlockGates, named_blocks
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
-from legato.core.scheduler.layers import layer_keys
+from legato.core.scheduler.layers import LayerProgress, layer_keys
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
@@ -189,13 +189,13 @@ class ScheduledTrainer(ClosesOnExit):
         self._opt = trainer._optimizer
         self._updater = trainer._updaters[0]
 
-        self._cv = threading.Condition()  # the chunk counts below
+        self._cv = threading.Condition()  # the pass-through's count of started chunks
         # Steps called and done (here: every layer's update issued), failure: the core's.
         self._steps = StepTracker(self._layer_names, rank=-1, timeout_s=self._timeout_s,
                                   on_fail=self._wake_gates,
                                   suspect="a server or peer worker may be dead or stuck")
-        self._unstarted = [len(self.plan.chunks_of(k)) for k in range(len(self._params))]
-        self._layer_unstarted = [len(keys) for keys in self._keys_of_layer]
+        # per layer: its chunks started (the core's count, fed with starts, not completions)
+        self._started = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
         self._started_in_step = 0
 
         # Collective from here on: every worker builds its trainer at the same point.
@@ -379,18 +379,7 @@ class ScheduledTrainer(ClosesOnExit):
                 if last:
                     self._issue(0)
                 return
-            ready = []
-            with self._cv:
-                for key in chunk.keys:
-                    self._unstarted[key] -= 1
-                    if self._unstarted[key]:
-                        continue
-                    self._unstarted[key] = len(self.plan.chunks_of(key))
-                    layer = self._layer_of_key[key]
-                    self._layer_unstarted[layer] -= 1
-                    if not self._layer_unstarted[layer]:
-                        self._layer_unstarted[layer] = len(self._keys_of_layer[layer])
-                        ready.append(layer)
+            _, ready = self._started.chunk_done(chunk)
             for layer in ready:
                 self._issue(layer)
         except BaseException as err:  # noqa: BLE001 (raised in the training thread)
