@@ -536,7 +536,7 @@ class ScheduledOptimizer(ClosesOnExit):
         if self._lso is None:
             self._next_iteration += 1
             return iteration, None, False
-        local = not all(bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads)
+        local = not _all_finite(grads)
         skip = self._transport.any_flag(local)
         lso = self._lso
         scale = tf.identity(lso.dynamic_scale)
@@ -771,7 +771,7 @@ class ScheduledOptimizer(ClosesOnExit):
             return
         variables = [self._vars[k] for k in keys]
         if scale is not None:  # as LossScaleOptimizer: divided by the step's scale
-            if not all(bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads):
+            if not _all_finite(grads):
                 # every rank holds the same reduced values and skips alike; only a sum of
                 # finite values that overflowed gets here
                 log.warning("[rank %d] step %d: the reduced gradients of %s are not finite "
@@ -829,6 +829,12 @@ class ScheduledOptimizer(ClosesOnExit):
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self._transport.name}, "
                 f"{self.config.describe()}, {self.plan.describe()})")
+
+
+def _all_finite(grads) -> bool:
+    """Whether every value of every tensor is finite (one host read for them all, as Keras'
+    LossScaleOptimizer.check_finite)."""
+    return bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
 
 
 def _compression_name(value) -> str | None:
