@@ -30,6 +30,7 @@ import datetime
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -342,8 +343,7 @@ class PipelineTrainer:
                               f"this trainer has {[list(n) for n in self.stage_ids]}; build the "
                               "trainer with the plan the checkpoint was saved with")
         for s in self.stages:
-            state = torch.load(folder / f"stage-{s}.pt", map_location=self.device,
-                               weights_only=False)
+            state = _load_tensors(folder / f"stage-{s}.pt", self.device)
             if state.get("stage") != s or tuple(state.get("nodes", ())) != self.stage_ids[s]:
                 raise ConfigError(f"{folder}/stage-{s}.pt holds stage {state.get('stage')} "
                                   f"({state.get('nodes')}), not stage {s}; the folder mixes "
@@ -355,7 +355,7 @@ class PipelineTrainer:
             j = self.schedule.stage_ranks[s].index(self.rank)
             extra = folder / f"stage-{s}.replica-{j}.pt"
             if j > 0 and extra.exists():
-                buffers = torch.load(extra, map_location=self.device, weights_only=False)
+                buffers = _load_tensors(extra, self.device)
                 with torch.no_grad():
                     for name, b in self.modules[s].named_buffers():
                         b.copy_(buffers["buffers"][name])
@@ -363,6 +363,29 @@ class PipelineTrainer:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+def _load_tensors(path: Path, device) -> dict:
+    """Read a checkpoint file holding tensors and plain values only (`weights_only=True`): an
+    unpickled file could run any code, so one holding other objects is refused, not loaded."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path} is missing from the checkpoint; pass a folder written by "
+                          "PipelineTrainer.save_checkpoint, with every stage's file") from err
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path} holds objects other than tensors and plain values "
+                          f"({first}); legato loads checkpoints with weights_only=True so that "
+                          "loading one cannot run code. Save the module's and optimizer's "
+                          "state_dict only (PipelineTrainer.save_checkpoint does)") from err
+    except (RuntimeError, OSError, EOFError) as err:
+        raise ConfigError(f"{path} is not a readable torch checkpoint ({err}); it may be "
+                          "truncated: save the checkpoint again") from err
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path} holds a {type(state).__name__}, not a checkpoint dict; pass "
+                          "a folder written by PipelineTrainer.save_checkpoint")
+    return state
+
+
 def _normalize_plan(plan: Any, replicas: Sequence[int] | None
                     ) -> tuple[list, list[int], list[tuple[int, ...]] | None]:
     """(per stage: layer ids or a count, replicas per stage, ranks per stage or None)."""

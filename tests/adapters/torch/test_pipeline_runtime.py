@@ -231,6 +231,38 @@ def test_checkpoint_of_another_plan_is_a_clear_error(one_rank, tmp_path):
         assert torch.equal(value, same.modules[0].state_dict()[name])
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what weights_only=False would run from a checkpoint."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch ran-from-checkpoint",))
+
+
+def test_checkpoint_loading_runs_no_code_and_names_a_bad_file(one_rank, tmp_path, monkeypatch):
+    tr = trainer()
+    tr.step(*W.batch(0))
+    folder = tr.save_checkpoint(tmp_path / "ck")
+    good = torch.load(folder / "stage-0.pt", weights_only=True)
+    monkeypatch.chdir(tmp_path)
+    torch.save({**good, "extra": _RunsCode()}, folder / "stage-0.pt")
+    with pytest.raises(ConfigError, match=r"stage-0.pt holds objects other than tensors and "
+                                          r"plain values .*cannot run code"):
+        trainer(W.mlp(seed=5)).load_checkpoint(folder)
+    assert not (tmp_path / "ran-from-checkpoint").exists()
+    (folder / "stage-0.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"stage-0.pt is not a readable torch checkpoint"):
+        trainer(W.mlp(seed=5)).load_checkpoint(folder)
+    (folder / "stage-0.pt").unlink()
+    with pytest.raises(ConfigError, match=r"stage-0.pt is missing from the checkpoint"):
+        trainer(W.mlp(seed=5)).load_checkpoint(folder)
+    torch.save(good, folder / "stage-0.pt")            # the real state loads as before
+    same = trainer(W.mlp(seed=5))
+    same.load_checkpoint(folder)
+    assert same.steps_done == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(stages=[4, 4]), r"world_size=1; launch 2 processes"),
     (dict(microbatches=5), r"does not split into microbatches=5 equal parts.*multiple of 5"),
