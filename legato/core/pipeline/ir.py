@@ -152,6 +152,26 @@ class Action:
 
     __repr__ = __str__
 
+    def message_key(self, rank: int) -> tuple[str, int, int, int, int]:
+        """The message a SEND_*/RECV_* on `rank` sends or receives: (direction "F" or "B",
+        receiving stage, microbatch, sending rank, receiving rank). A send and the receive that
+        matches it have the same key; the verifier and the simulators pair messages by it.
+
+        Raises:
+            ScheduleError: the action is not a send or receive.
+        """
+        k = self.kind
+        if k is ActionKind.SEND_F:
+            return ("F", self.stage + 1, self.microbatch, rank, self.peer)
+        if k is ActionKind.SEND_B:
+            return ("B", self.stage - 1, self.microbatch, rank, self.peer)
+        if k is ActionKind.RECV_F:
+            return ("F", self.stage, self.microbatch, self.peer, rank)
+        if k is ActionKind.RECV_B:
+            return ("B", self.stage, self.microbatch, self.peer, rank)
+        raise ScheduleError(f"{self} is not a send or receive; only SEND_*/RECV_* carry a "
+                            "message")
+
     @classmethod
     def parse(cls, text: str) -> Action:
         """The action whose text form is `text` (the inverse of `str`).

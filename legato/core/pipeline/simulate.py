@@ -253,13 +253,6 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
         return {K.FORWARD: c.forward_s, K.BACKWARD: c.backward_s, K.BACKWARD_INPUT: c.input_s,
                 K.BACKWARD_WEIGHT: c.weight_s, K.STEP: c.optimizer_step_s}.get(a.kind, 0.0)
 
-    def key(rank: int, a: Action) -> tuple:
-        if a.kind is K.SEND_F:
-            return ("F", a.stage + 1, a.microbatch, rank, a.peer)
-        if a.kind is K.SEND_B:
-            return ("B", a.stage - 1, a.microbatch, rank, a.peer)
-        return ("F" if a.kind is K.RECV_F else "B", a.stage, a.microbatch, a.peer, rank)
-
     progress = True
     while progress:
         progress = False
@@ -273,11 +266,11 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
                     start = max(now, link_free[(rank, a.peer)])
                     end = start + link.transfer_s(nbytes)
                     link_free[(rank, a.peer)] = end
-                    arrival[key(rank, a)] = end
+                    arrival[a.message_key(rank)] = end
                 elif a.kind.is_recv:
-                    if key(rank, a) not in arrival:
+                    if a.message_key(rank) not in arrival:
                         break
-                    start, end = now, max(now, arrival[key(rank, a)])
+                    start, end = now, max(now, arrival[a.message_key(rank)])
                 elif a.kind is K.ALLREDUCE:
                     group = reached[(a.stage, a.microbatch)]
                     group.setdefault(rank, now)
@@ -302,14 +295,6 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
     bubble = 1.0 - work / (schedule.num_ranks * makespan) if makespan > 0 else 0.0
     return SimResult(schedule.name, makespan, busy, bubble,
                      _peak_memory(report, stage_costs), tuple(spans), report)
-
-
-def _message(rank: int, a: Action) -> tuple:
-    if a.kind is K.SEND_F:
-        return ("F", a.stage + 1, a.microbatch, rank, a.peer)
-    if a.kind is K.SEND_B:
-        return ("B", a.stage - 1, a.microbatch, rank, a.peer)
-    return ("F" if a.kind is K.RECV_F else "B", a.stage, a.microbatch, a.peer, rank)
 
 
 def _simulate_shared(schedule: Schedule, costs: list[StageCost], link: Link, ar_link: Link,
@@ -353,14 +338,14 @@ def _simulate_shared(schedule: Schedule, costs: list[StageCost], link: Link, ar_
                                        ].output_bytes
                         start = max(now, link_free[(rank, a.peer)])
                         link_free[(rank, a.peer)] = start + link.transfer_s(nbytes)
-                        arrival[_message(rank, a)] = link_free[(rank, a.peer)]
+                        arrival[a.message_key(rank)] = link_free[(rank, a.peer)]
                         spans.append(Span(rank, a, start, link_free[(rank, a.peer)]))
                         pc[rank] += 1
                     elif a.kind.is_recv:
-                        if _message(rank, a) not in arrival:
+                        if a.message_key(rank) not in arrival:
                             break
                         began[rank] = now
-                        wake[rank] = max(now, arrival[_message(rank, a)])
+                        wake[rank] = max(now, arrival[a.message_key(rank)])
                     elif a.kind is K.ALLREDUCE:
                         group = reached[(a.stage, a.microbatch)]
                         if rank not in group:

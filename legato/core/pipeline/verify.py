@@ -92,17 +92,6 @@ def _fail(schedule: Schedule, rank: int, step: int, what: str) -> ScheduleError:
                          action=action)
 
 
-def _message_key(rank: int, a: Action) -> tuple:
-    """(direction, receiving stage, microbatch, sender, receiver) of a send or receive."""
-    if a.kind is K.SEND_F:
-        return ("F", a.stage + 1, a.microbatch, rank, a.peer)
-    if a.kind is K.RECV_F:
-        return ("F", a.stage, a.microbatch, a.peer, rank)
-    if a.kind is K.SEND_B:
-        return ("B", a.stage - 1, a.microbatch, rank, a.peer)
-    return ("B", a.stage, a.microbatch, a.peer, rank)
-
-
 def _check_placement(schedule: Schedule) -> dict[tuple, tuple[int, int]]:
     """Each action on a rank hosting its stage, peers hosting the neighbour stage, and every
     message sent once and received once. Returns message key -> (rank, step) of its send."""
@@ -128,7 +117,7 @@ def _check_placement(schedule: Schedule) -> dict[tuple, tuple[int, int]]:
             if a.peer not in schedule.stage_ranks[other]:
                 raise _fail(schedule, rank, step, f"peer rank {a.peer} does not host stage "
                             f"{other} (its ranks: {schedule.stage_ranks[other]})")
-            key = _message_key(rank, a)
+            key = a.message_key(rank)
             table = sends if sending else recvs
             if key in table:
                 raise _fail(schedule, rank, step, f"the same message is "
@@ -311,7 +300,7 @@ def verify(schedule: Schedule) -> VerifyReport:
             acts = schedule.actions[rank]
             while st.pc < len(acts):
                 a = acts[st.pc]
-                if a.kind.is_recv and _message_key(rank, a) not in issued:
+                if a.kind.is_recv and a.message_key(rank) not in issued:
                     break
                 if a.kind is K.ALLREDUCE:
                     group = (a.stage, a.microbatch)
@@ -325,7 +314,7 @@ def verify(schedule: Schedule) -> VerifyReport:
                         break
                     st.rounds[a.stage] += 1
                 if a.kind.is_send:
-                    issued.add(_message_key(rank, a))
+                    issued.add(a.message_key(rank))
                 run(rank, st.pc, a, st)
                 order.append((rank, st.pc))
                 st.pc += 1
@@ -388,7 +377,7 @@ def _deadlock(schedule: Schedule, states: dict[int, _RankState],
             continue
         a = acts[st.pc]
         if a.kind.is_recv:
-            src, step = sends[_message_key(rank, a)]
+            src, step = sends[a.message_key(rank)]
             blocked[rank] = (f"rank {rank} step {st.pc} ({a}) waits for rank {src} to issue "
                              f"{schedule.actions[src][step]} (its step {step}; it is at step "
                              f"{states[src].pc})")

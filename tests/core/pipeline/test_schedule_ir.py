@@ -65,6 +65,26 @@ def test_every_generated_action_round_trips():
                 assert Action.parse(str(a)) == a
 
 
+def test_a_send_and_its_receive_have_one_message_key():
+    """Rank 3 sends stage 1's output of microbatch 0 to rank 5, which runs stage 2; the gradient
+    comes back from stage 2 on rank 5 to stage 1 on rank 3."""
+    assert Action.parse("1SEND_F0@5").message_key(3) == ("F", 2, 0, 3, 5)
+    assert Action.parse("2RECV_F0@3").message_key(5) == ("F", 2, 0, 3, 5)
+    assert Action.parse("2SEND_B0@3").message_key(5) == ("B", 1, 0, 5, 3)
+    assert Action.parse("1RECV_B0@5").message_key(3) == ("B", 1, 0, 5, 3)
+    paired = 0
+    for schedule in every_schedule():          # every generated send is received exactly once
+        sends = [a.message_key(r) for r, acts in schedule.actions.items() for a in acts
+                 if a.kind.is_send]
+        recvs = [a.message_key(r) for r, acts in schedule.actions.items() for a in acts
+                 if a.kind.is_recv]
+        assert len(set(sends)) == len(sends) and sorted(sends) == sorted(recvs)
+        paired += len(sends)
+    assert paired > 100
+    with pytest.raises(ScheduleError, match="1F0 is not a send or receive"):
+        Action.parse("1F0").message_key(0)
+
+
 @pytest.mark.parametrize("text", ["1X0", "01F0", "1F", "F0", "1F0@", "1F-1", "", "1F0v",
                                   "1SEND_F0@03", "1 F0"])
 def test_malformed_action_names_the_text_and_the_form(text):
