@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow plans that leave workers idle")
     p.add_argument("--max-states", type=int, metavar="N",
                    help="cut points searched exactly before the graph is linearized "
-                        "(default 1000 for one level, 300 for several)")
+                        "(default 1000 for one level, 500 for several)")
     p.add_argument("--simulate", metavar="SCHEDULE",
                    choices=["gpipe", "1f1b", "pipedream", "2bw", "interleaved-1f1b"],
                    help="also simulate the plan under this schedule")

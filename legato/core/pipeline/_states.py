@@ -12,6 +12,15 @@ in the width of the graph (221,564 for Inception-v3), so the planner bounds it:
 - `coarsened`: when even that order is longer than `max_states`, consecutive layers are grouped
   at compute quantiles, each group boundary moved to the smallest activation cut near it.
 
+`--mode pipedream` plans over PipeDream's own state space instead (`antichain`, built by
+`_antichain_dag` below from the description of its released optimizer): the antichains reached
+from the first source by advancing one layer of an *augmented* antichain at a time, in a
+depth-first topological order of that antichain DAG; a stage may end at state j after state k
+only when k precedes j in the DAG, and the activations a state sends on are those of its
+augmented antichain (its maximal layers plus every earlier layer with an edge leaving the
+maximal layers' predecessors), not only of its maximal layers. When the DAG has more than
+`max_states` states the bounded spaces above are used, with a note.
+
 Masks are Python ints over `node_ids` (bit i = node_ids[i]). `stop_reason` is EXHAUSTED for an
 exact space and BUDGET when `max_states` cut the enumeration short.
 """
@@ -42,8 +51,10 @@ class StateSpace:
     update_s: np.ndarray             # optimizer step time over the ideal's parameters
     cut_bytes: np.ndarray            # activations leaving the ideal (layers with a successor out)
     frontier_bytes: np.ndarray       # activations of the ideal's maximal layers (PipeDream's)
-    preds: list[np.ndarray]          # preds[j]: indices k with masks[k] a proper subset of masks[j]
-    kind: str                        # "exact", "linearized" or "coarsened"
+    preds: list[np.ndarray]          # preds[j]: indices k a stage may start after to end at j
+    #                                  (masks[k] a proper subset of masks[j]; antichain: k
+    #                                  reaches j in the antichain DAG)
+    kind: str                        # "exact", "antichain", "linearized" or "coarsened"
     notes: list[str]
     attached: dict[str, str]         # dropped layer -> the layer whose stage it joins
     stop_reason: StopReason = StopReason.EXHAUSTED   # BUDGET: max_states bounded the ideals
@@ -118,8 +129,154 @@ def _enumerate_ideals(n: int, pred_mask: list[int], limit: int) -> list[int] | N
     return list(seen)
 
 
-def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace:
-    """Build the cut points of `profile` within `max_states` (see the module docstring)."""
+def _antichain_dag(n: int, out: list[list[int]], anc: list[int], desc: list[int],
+                   first: int, limit: int):
+    """PipeDream's antichain DAG over layers 0..n-1 (indices in file-derived topological order).
+
+    Returns (augmented antichains, DAG successor lists) with states numbered in discovery order,
+    or None past `limit` states. A state is an antichain (its maximal layers); its augmented
+    form adds every predecessor p of an antichain layer a with an edge leaving a's predecessors
+    (to neither a predecessor of a nor a itself). A next state replaces one layer x of the
+    augmented form by a successor y of x that is not in the antichain and has no descendant in
+    the augmented form, and keeps the maximal layers of the result."""
+    def augment(antichain: tuple[int, ...]) -> list[int]:
+        extra = set()
+        for a in antichain:
+            inside = anc[a] | (1 << a)
+            m = anc[a]
+            while m:
+                p = (m & -m).bit_length() - 1
+                m &= m - 1
+                if any(not (inside >> o) & 1 for o in out[p]):
+                    extra.add(p)
+        return sorted(extra) + list(antichain)
+
+    def maximal(layers: list[int]) -> tuple[int, ...]:
+        bits = 0
+        for x in layers:
+            bits |= 1 << x
+        kept: list[int] = []
+        for x in layers:
+            if not desc[x] & bits and x not in kept:
+                kept.append(x)
+        return tuple(kept)
+
+    key = lambda a: frozenset(a)  # noqa: E731
+    start = (first,)
+    ids = {key(start): 0}
+    augmented = [augment(start)]
+    edges: list[list[int]] = [[]]
+    expanded: set[frozenset] = set()
+    queue = [start]
+    head = 0
+    while head < len(queue):
+        antichain = queue[head]
+        head += 1
+        k = key(antichain)
+        if k in expanded:
+            continue
+        expanded.add(k)
+        aug = augmented[ids[k]]
+        aug_bits = 0
+        for x in aug:
+            aug_bits |= 1 << x
+        members = set(antichain)
+        for x in aug:
+            for y in out[x]:
+                if y in members or desc[y] & aug_bits:
+                    continue
+                nxt = maximal([y if z == x else z for z in aug])
+                nk = key(nxt)
+                if nk not in ids:
+                    if len(ids) >= limit:
+                        return None
+                    ids[nk] = len(augmented)
+                    augmented.append(augment(nxt))
+                    edges.append([])
+                edges[ids[k]].append(ids[nk])
+                queue.append(nxt)
+    return augmented, edges
+
+
+def _dag_order(edges: list[list[int]]) -> list[int]:
+    """Reverse post-order of a depth-first search that starts from the states in discovery
+    order and follows each state's edges in the order they were found (PipeDream's sort)."""
+    done = [False] * len(edges)
+    post: list[int] = []
+    for root in range(len(edges)):
+        if done[root]:
+            continue
+        done[root] = True
+        stack = [(root, iter(edges[root]))]
+        while stack:
+            node, it = stack[-1]
+            for nxt in it:
+                if not done[nxt]:
+                    done[nxt] = True
+                    stack.append((nxt, iter(edges[nxt])))
+                    break
+            else:
+                stack.pop()
+                post.append(node)
+    return post[::-1]
+
+
+def _antichain_space(profile: LayerProfile, order: list[str], index: dict[str, int],
+                     succ_mask: list[int], max_states: int):
+    """(masks, frontier bytes, preds) of PipeDream's antichain DAG, or None when it has more
+    than `max_states` states or does not end at the whole graph."""
+    n = len(order)
+    out = [[] for _ in range(n)]
+    for a, b in profile.edges:
+        if a in index and b in index:
+            out[index[a]].append(index[b])
+    desc = [0] * n
+    for i in range(n - 1, -1, -1):
+        m = succ_mask[i]
+        d = m
+        while m:
+            j = (m & -m).bit_length() - 1
+            m &= m - 1
+            d |= desc[j]
+        desc[i] = d
+    anc = [0] * n
+    for i in range(n):                 # `order` is topological: predecessors come first
+        for j in out[i]:
+            anc[j] |= anc[i] | (1 << i)
+    has_pred = [bool(a) for a in anc]
+    file_pos = {x.id: p for p, x in enumerate(profile.nodes)}
+    sources = sorted((i for i in range(n) if not has_pred[i]), key=lambda i: file_pos[order[i]])
+    if not sources:
+        return None
+    built = _antichain_dag(n, out, anc, desc, sources[0], max_states)
+    if built is None:
+        return None
+    augmented, edges = built
+    topo = _dag_order(edges)
+    where = {s: t for t, s in enumerate(topo)}
+    masks, frontier = [], []
+    act = [float(profile.node(x).activation_bytes) for x in order]
+    for s in topo:
+        m = 0
+        for x in augmented[s]:
+            m |= anc[x] | (1 << x)
+        masks.append(m)
+        frontier.append(sum(act[x] for x in augmented[s]))
+    if masks[-1] != (1 << n) - 1:
+        return None
+    reach = [0] * len(topo)            # bit k set: state k precedes state t in the DAG
+    for t, s in enumerate(topo):
+        for nxt in edges[s]:
+            reach[where[nxt]] |= reach[t] | (1 << t)
+    preds = [np.array([k for k in range(t) if (reach[t] >> k) & 1], dtype=np.int64)
+             for t in range(len(topo))]
+    return masks, np.array(frontier), preds
+
+
+def build_states(profile: LayerProfile, *, max_states: int = 1000,
+                 space: str = "ideals") -> StateSpace:
+    """Build the cut points of `profile` within `max_states` (see the module docstring);
+    `space="antichain"` builds PipeDream's antichain DAG instead of every ideal."""
     kept, attached = _drop_io(profile)
     succ, pred = profile.successors(), profile.predecessors()
     order = [x for x in profile.topological_order() if x in set(kept)]
@@ -137,8 +294,14 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
                      "sinks) join the stage of the layer they feed or read; their costs are "
                      "not counted (as PipeDream zeroes them)")
 
-    masks = _enumerate_ideals(n, pred_mask, max_states)
-    kind = "exact"
+    dag = None
+    if space == "antichain":
+        dag = _antichain_space(profile, order, index, succ_mask, max_states)
+        if dag is None:
+            notes.append(f"PipeDream's antichain DAG of this graph has more than {max_states} "
+                         "states; planned over the bounded cut points below instead")
+    masks = dag[0] if dag is not None else _enumerate_ideals(n, pred_mask, max_states)
+    kind = "antichain" if dag is not None else "exact"
     if masks is None:
         linear = _depth_first_order(order, succ, pred)
         cuts = list(range(1, n + 1))
@@ -158,7 +321,8 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
             + (f", grouping {n} layers into {len(masks)} runs at compute quantiles"
                if kind == "coarsened" else "")
             + " (raise max_states for an exact search)")
-    masks.sort(key=lambda m: (m.bit_count(), m))
+    if dag is None:
+        masks.sort(key=lambda m: (m.bit_count(), m))
 
     nodes = {x: profile.node(x) for x in order}
     vec = lambda f: np.array([f(nodes[x]) for x in order], dtype=np.float64)  # noqa: E731
@@ -175,13 +339,15 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000) -> StateSpace
                     cut[j] += act[i]
                 if not succ_mask[i] & m:
                     frontier[j] += act[i]
-    preds = []
-    for j, m in enumerate(masks):
-        preds.append(np.array([k for k in range(j) if masks[k] != m and masks[k] & ~m == 0],
-                              dtype=np.int64))
+    if dag is not None:
+        frontier, preds = dag[1], dag[2]
+    else:
+        preds = [np.array([k for k in range(j) if masks[k] != m and masks[k] & ~m == 0],
+                          dtype=np.int64) for j, m in enumerate(masks)]
     return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, bits @ upd,
                       cut, frontier, preds, kind, notes, attached,
-                      StopReason.EXHAUSTED if kind == "exact" else StopReason.BUDGET)
+                      StopReason.EXHAUSTED if kind in ("exact", "antichain")
+                      else StopReason.BUDGET)
 
 
 def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,

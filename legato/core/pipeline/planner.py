@@ -4,12 +4,14 @@ many workers replicate each stage, and which ranks run it.
 Dynamic programming over the cut points of the layer DAG (`_states.py`), the workers of each
 topology level and each stage's replication. Two cost modes:
 
-- `pipedream`: the arithmetic of PipeDream's released optimizer
-  (`optimizer_graph_hierarchical.py`), so that answers can be checked against PipeDream's tool.
+- `pipedream`: the state space and arithmetic of PipeDream's released optimizer
+  (`optimizer_graph_hierarchical.py`); its answers are checked against that tool's own
+  (tests/data/pipedream_golden.json).
   A stage on m workers takes `(C + 4(m-1)W/(B m)) / m` (compute and weight all-reduce added);
-  activation transfer `2a/(B m)` counts only when an activation compression ratio is given (and
-  is divided by it); with a memory cap a stage is rejected when
-  `ceil((M - used)/m) * (stage activations + stage parameters)` exceeds it.
+  activation transfer `2a/(B m)` into and out of a stage (a: a state's augmented antichain)
+  counts only when an activation compression ratio is given (and is divided by it); with a
+  memory cap a stage is rejected when `ceil((M - used)/m) * (stage activations + stage
+  parameters)` exceeds it.
 - `paper`: the paper's equations. A stage takes `max(C, 2(m-1)W/B) / m` (all-reduce overlaps
   compute), a split costs `2a/B` for the activations and gradients crossing it, and a worker's
   memory is `W * v + optimizer state + stage activations * v` with `v = ceil(workers from this
@@ -22,9 +24,11 @@ plus (microbatches - 1) times the slowest, by a min-sum DP under each candidate 
 slowest stage.
 
 Topology levels are solved innermost first; a level's best times become the compute times of the
-next (PipeDream's hierarchical scheme). [Note: PipeDream's loop admits a split point k when it is
-not a predecessor of the row's start; legato requires the row's start to be a proper subset of k,
-which is the same on chains and excludes meaningless stages on DAGs.]
+next (PipeDream's hierarchical scheme). The states are every ideal in `paper` mode and PipeDream's
+antichain DAG in `pipedream` mode (`_states.py`). [In pipedream mode, as in PipeDream's loop, an
+inner level's sub-pipeline may start after any state earlier in the DAG's order, its costs the
+differences of the states' totals; in paper mode the start must be a proper subset of the end,
+which excludes meaningless stages on DAGs.]
 """
 
 from __future__ import annotations
@@ -256,19 +260,21 @@ def _solve(c: _Costs, sub: np.ndarray, preds: list[np.ndarray], rows: int, *,
     r_all = np.arange(1, M + 1, dtype=np.float64)
     bounded = math.isfinite(cap)
     for j in range(S):
-        valid = sub[:rows, j]
+        vr = np.flatnonzero(sub[:rows, j])          # the rows that may end at state j
+        if len(vr) == 0:
+            continue
         # base: the row's start..j as one stage on r replicas
-        par = c.params[:rows, j][:, None]
-        base = _stage_time(c, c.compute[:rows, j][:, None], par, r_all[None, :],
-                           c.update[:rows, j][:, None], base=True)
-        ok = _memory_ok(c, par, c.acts[:rows, j][:, None], c.opt[:rows, j][:, None],
+        par = c.params[vr, j][:, None]
+        base = _stage_time(c, c.compute[vr, j][:, None], par, r_all[None, :],
+                           c.update[vr, j][:, None], base=True)
+        ok = _memory_ok(c, par, c.acts[vr, j][:, None], c.opt[vr, j][:, None],
                         r_all[None, :], M - r_all[None, :])
-        base = np.where(ok & valid[:, None], base, np.inf)
+        base = np.where(ok, base, np.inf)
         if c.straight:
             base[:, 1:] = np.inf
         if bounded:
             base = np.where(base <= cap, base, np.inf)
-        A[:, j, 1:] = base
+        A[vr, j, 1:] = base
         ks = preds[j]
         if len(ks) == 0 or M == 1:
             continue
@@ -280,27 +286,33 @@ def _solve(c: _Costs, sub: np.ndarray, preds: list[np.ndarray], rows: int, *,
             last = np.where(last <= cap, last, np.inf)
             xfer = np.where(xfer <= cap, xfer, np.inf)
         ka, ko = c.acts[ks + 1, j][:, None], c.opt[ks + 1, j][:, None]
+        before = A[vr][:, ks, :]              # final: every k in preds(j) precedes j (nv, nK, M+1)
+        here = A[vr, j, :]                    # (nv, M+1), written back below
+        ck, cm = choice_k[vr, j, :], choice_m[vr, j, :]
+        nv = len(vr)
         for r in range(2, M + 1):
             if c.fewer:
-                better = A[:, j, r - 1] < A[:, j, r]
-                A[:, j, r] = np.where(better, A[:, j, r - 1], A[:, j, r])
-                choice_k[:, j, r] = np.where(better, _CARRY, choice_k[:, j, r])
+                better = here[:, r - 1] < here[:, r]
+                here[:, r] = np.where(better, here[:, r - 1], here[:, r])
+                ck[:, r] = np.where(better, _CARRY, ck[:, r])
             mp = np.arange(1, 2 if c.straight else r)                # replicas of the last stage
             ok = _memory_ok(c, kp, ka, ko, mp[None, :].astype(np.float64), M - r)
             lt = np.where(ok, last[:, mp - 1], np.inf)[None]                  # (1, nK, nm)
-            prev = A[:, ks][:, :, r - mp]                                      # (rows, nK, nm)
+            prev = before[:, :, r - mp]                                        # (nv, nK, nm)
             xt = xfer[None, :, mp - 1]
             if combine == "sum":
                 cand = prev + lt + xt
             else:
                 cand = np.maximum(np.maximum(prev, lt), xt)
-            flat = cand.reshape(rows, -1)
+            flat = cand.reshape(nv, -1)
             idx = np.argmin(flat, axis=1)            # first minimum: smallest k, then fewest m'
-            best = flat[np.arange(rows), idx]
-            improve = (best < A[:, j, r]) & valid
-            A[:, j, r] = np.where(improve, best, A[:, j, r])
-            choice_k[:, j, r] = np.where(improve, ks[idx // len(mp)], choice_k[:, j, r])
-            choice_m[:, j, r] = np.where(improve, mp[idx % len(mp)], choice_m[:, j, r])
+            best = flat[np.arange(nv), idx]
+            improve = best < here[:, r]
+            here[:, r] = np.where(improve, best, here[:, r])
+            ck[:, r] = np.where(improve, ks[idx // len(mp)], ck[:, r])
+            cm[:, r] = np.where(improve, mp[idx % len(mp)], cm[:, r])
+        A[vr, j, :] = here
+        choice_k[vr, j, :], choice_m[vr, j, :] = ck, cm
     return A, choice_k, choice_m
 
 
@@ -354,7 +366,7 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         memory_bytes: per-worker memory cap.
         straight: no stage replication. fewer_machines: allow leaving workers idle.
         max_states: bound on cut points before the graph is linearized (see `_states.py`);
-            default 1000 for one topology level, 300 for several (an inner level is solved
+            default 1000 for one topology level, 500 for several (an inner level is solved
             for every start point, which costs the cube of the states).
         max_caps: sync objective: bound on slowest-stage candidates tried.
     Returns:
@@ -378,18 +390,24 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         raise PlanError(f"activation_compression_ratio={activation_compression_ratio} must be "
                         "positive")
     if max_states is None:
-        max_states = 1000 if len(topology.levels) == 1 else 300
+        max_states = 1000 if len(topology.levels) == 1 else 500
     if max_states < 2:
         raise PlanError(f"max_states={max_states} must be at least 2")
     if max_caps < 1:
         raise PlanError(f"max_caps={max_caps} must be at least 1 (sync objective: candidate "
                         "bounds on the slowest stage to try)")
-    space = build_states(profile, max_states=max_states)
+    space = build_states(profile, max_states=max_states,
+                         space="antichain" if mode == "pipedream" else "ideals")
     S = space.size
-    sub = np.zeros((S + 1, S), dtype=bool)
-    sub[0, :] = True
-    for j, ks in enumerate(space.preds):
-        sub[ks + 1, j] = True
+    if space.kind == "antichain":
+        # PipeDream's rows: a run of states may start after state i-1 and end at any later
+        # state j of its order (costs are differences of the states' totals)
+        sub = np.triu(np.ones((S + 1, S), dtype=bool))
+    else:
+        sub = np.zeros((S + 1, S), dtype=bool)
+        sub[0, :] = True
+        for j, ks in enumerate(space.preds):
+            sub[ks + 1, j] = True
 
     def diff(total: np.ndarray) -> np.ndarray:
         prefix = np.concatenate([[0.0], total])
@@ -539,10 +557,13 @@ def _stages(space: StateSpace, profile: LayerProfile, segments, levels, mode: st
                    np.zeros((1, 1)), space.cut_bytes, space.frontier_bytes, None, None, False, False, microbatches)
     stages = []
     member: dict[str, int] = {}
+    placed = 0
     for i, (row, j, ranks, r_inner) in enumerate(segments):
-        lower = space.masks[row - 1] if row > 0 else 0
-        for x in space.nodes_of(space.masks[j] & ~lower):
+        # a stage holds the layers of its last state not placed before (the difference from
+        # the previous state when that is a subset, as it always is outside PipeDream's rows)
+        for x in space.nodes_of(space.masks[j] & ~placed):
             member[x] = i
+        placed |= space.masks[j]
     for x, host in space.attached.items():
         member[x] = member[host]
     for i, (row, j, ranks, r_inner) in enumerate(segments):

@@ -69,7 +69,7 @@ def test_every_shipped_profile_plans_at_sixteen_workers(name):
     result = plan(p, 16, bandwidth="1GB/s")
     _check_partition(p, result, 16)
     assert result.speedup > 0.99           # never worse than data parallelism: DP is a plan
-    if result.state_space != "exact":
+    if result.state_space not in ("exact", "antichain"):
         assert any("cut points" in n for n in result.notes)
 
 
@@ -111,8 +111,10 @@ def _random_profile(rng: random.Random, n: int, chain: bool) -> LayerProfile:
 
 def _brute_force(profile: LayerProfile, M: int, B: float, *, mode: str, objective: str = "async",
                  mb: int = 1, ratio=None, memory=None, straight=False, fewer=False) -> float:
-    """Every chain of ideals and every replica assignment, costed by the definitions."""
-    space = build_states(profile, max_states=10_000)
+    """Every chain of states and every replica assignment, costed by the definitions (the
+    states: every ideal, or PipeDream's antichain DAG in pipedream mode)."""
+    space = build_states(profile, max_states=10_000,
+                        space="antichain" if mode == "pipedream" else "ideals")
     full = space.size - 1
     C, P, A, O, U = (space.compute_s, space.parameter_bytes, space.activation_bytes,
                      space.optimizer_state_bytes, space.update_s)
@@ -282,7 +284,9 @@ def test_coarsened_when_even_the_order_is_too_long():
 
 def test_stop_reason_says_whether_a_limit_cut_the_search_short():
     chain = _random_profile(random.Random(1), 8, True)
-    exact = plan(chain, 4)
+    exact = plan(chain, 4)        # pipedream mode: PipeDream's antichain DAG, all of it
+    assert (exact.state_space, exact.stop_reason) == ("antichain", StopReason.EXHAUSTED)
+    exact = plan(chain, 4, mode="paper")
     assert (exact.state_space, exact.stop_reason) == ("exact", StopReason.EXHAUSTED)
     dag = _random_profile(random.Random(3), 40, False)
     assert build_states(dag, max_states=8).stop_reason is StopReason.BUDGET
@@ -362,3 +366,27 @@ def test_topology_parse_errors():
     with pytest.raises(Exception, match="not like 4x4"):
         Topology.parse("four", "1GB/s")
     assert Topology.parse("4x2", "10GB/s").workers == 8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pipedreams_antichain_states_are_ideals_along_subsets(seed):
+    """Every state of the antichain DAG is an ideal of the layer DAG, the last is every layer,
+    a DAG predecessor is a proper subset, and the DAG is a subset of the ideals (a chain's
+    states are its prefixes)."""
+    rng = random.Random(seed)
+    profile = _random_profile(rng, rng.randint(4, 9), chain=seed == 0)
+    dag = build_states(profile, space="antichain")
+    ideals = build_states(profile, space="ideals")
+    assert dag.kind == "antichain" and ideals.kind == "exact"
+    index = {x: i for i, x in enumerate(dag.node_ids)}
+    for m in dag.masks:
+        for a, b in profile.edges:
+            if a in index and b in index and (m >> index[b]) & 1:
+                assert (m >> index[a]) & 1          # closed under predecessors
+    assert dag.masks[-1] == (1 << len(dag.node_ids)) - 1
+    assert set(dag.masks) <= set(ideals.masks) and len(set(dag.masks)) == dag.size
+    for j, ks in enumerate(dag.preds):
+        for k in ks:
+            assert dag.masks[k] != dag.masks[j] and dag.masks[k] & ~dag.masks[j] == 0
+    if seed == 0:
+        assert dag.size == ideals.size == len(dag.node_ids)
