@@ -24,6 +24,7 @@ from legato.adapters.torch.pipeline import (  # noqa: E402
     layer_ids,
     microbatch_rng,
     microbatch_seed,
+    share_plan,
     split_model,
 )
 from legato.adapters.torch.pipeline_profile import profile_pipeline  # noqa: E402
@@ -31,4 +32,4 @@ from legato.adapters.torch.pipeline_profile import profile_pipeline  # noqa: E40
 __all__ = ["PipelineCommError", "PipelineTrainer", "ScheduledCommHook", "ScheduledOptimizer",
            "VersionRecord", "last_compiles", "last_reports", "layer_ids", "legato_backend",
            "microbatch_rng", "microbatch_seed", "profile_pipeline", "register_scheduled_hook",
-           "split_model"]
+           "share_plan", "split_model"]

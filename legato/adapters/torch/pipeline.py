@@ -27,6 +27,7 @@ of the last stage compute losses; a replica of it averages its own share); other
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.pipeline import Schedule, Span, VerifyReport, get_schedule, verify
 
 __all__ = ["PipelineCommError", "PipelineTrainer", "VersionRecord", "layer_ids",
-           "microbatch_rng", "microbatch_seed", "split_model"]
+           "microbatch_rng", "microbatch_seed", "share_plan", "split_model"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "legato.pipeline.checkpoint"
@@ -151,6 +152,10 @@ class PipelineTrainer:
         # every rank creates every group, in the same order
         self._ctrl = dist.new_group(list(range(self.world_size)), timeout=timeout,
                                     backend="gloo")
+        # before any group that depends on the plan: every rank must run the same one
+        self.plan_digest = _plan_digest(self.schedule, self.stage_ids)
+        _check_same_plan(self.plan_digest, self.rank, self.world_size, self._ctrl,
+                         self.stage_ids, self.schedule)
         p2p = (self._ctrl if self.backend == "gloo" else
                dist.new_group(list(range(self.world_size)), timeout=timeout,
                               backend=self.backend))
@@ -360,6 +365,73 @@ class PipelineTrainer:
                     for name, b in self.modules[s].named_buffers():
                         b.copy_(buffers["buffers"][name])
         self.steps_done = int(manifest["steps_done"])
+
+
+def share_plan(plan: Any = None, *, src: int = 0, group: Any = None) -> Any:
+    """Give every rank rank `src`'s plan: plan (profile and `plan(...)`) on one rank, share it.
+
+    Profiling and planning on every rank can give different plans under timing noise; a job
+    whose ranks disagree cannot run. Call on every rank after `dist.init_process_group`, with
+    the `Plan` on `src` (other ranks pass nothing); returns the same `Plan` everywhere. It
+    travels as the plan's JSON, not a pickle.
+
+    Raises:
+        ConfigError: torch.distributed is not initialised, or `src` passed no `Plan`.
+    """
+    from legato.core.pipeline import Plan
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("torch.distributed is not initialised; call dist.init_process_group "
+                          "on every rank before share_plan")
+    rank = dist.get_rank()
+    payload = b""
+    if rank == src:
+        if not isinstance(plan, Plan):
+            payload = b"!" + (f"rank {src} passed a {type(plan).__name__}, not a legato "
+                              "Plan").encode()
+        else:
+            payload = json.dumps(plan.to_json()).encode()
+    size = torch.tensor([len(payload)], dtype=torch.int64)
+    dist.broadcast(size, src=src, group=group)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if rank == src:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src=src, group=group)
+    data = bytes(buf.tolist())
+    if data.startswith(b"!"):
+        raise ConfigError(data[1:].decode() + "; pass the plan on rank "
+                          f"{src} (plan(profile, ...)) and nothing on the others")
+    return Plan.from_json(json.loads(data.decode()), where=f"the plan shared by rank {src}")
+
+
+def _plan_digest(schedule: Schedule, stage_ids: Sequence[Sequence[str]]) -> bytes:
+    """SHA-256 of what every rank must agree on: the stages' layers, their ranks, and every
+    rank's action list (which fixes the schedule, its options and the microbatches)."""
+    text = json.dumps({"stages": [list(n) for n in stage_ids],
+                       "ranks": [list(r) for r in schedule.stage_ranks],
+                       "schedule": schedule.name,
+                       "actions": {str(r): [str(a) for a in acts]
+                                   for r, acts in sorted(schedule.actions.items())}},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).digest()
+
+
+def _check_same_plan(digest: bytes, rank: int, world: int, group: Any,
+                     stage_ids: Sequence[Sequence[str]], schedule: Schedule) -> None:
+    """Refuse, on every rank and before the first step, a job whose ranks hold different plans
+    or schedules (they would die inside the transport with mismatched message sizes)."""
+    mine = torch.frombuffer(bytearray(digest), dtype=torch.uint8).clone()
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    differ = [r for r in range(world) if not torch.equal(every[r], every[0])]
+    if differ:
+        shape = "-".join(str(len(r)) for r in schedule.stage_ranks)
+        raise ConfigError(
+            f"the ranks do not run the same plan: rank(s) {differ} hold another plan or "
+            f"schedule than rank 0 (this is rank {rank}: {len(stage_ids)} stages, replicas "
+            f"{shape}, schedule {schedule.name!r}, digest {digest.hex()[:12]}); plan on one "
+            "rank and give every rank that plan (legato.adapters.torch.share_plan, or one "
+            "saved plan file loaded everywhere), with the same schedule and microbatches")
 
 
 # -- helpers --------------------------------------------------------------------------------------

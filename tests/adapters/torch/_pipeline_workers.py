@@ -343,6 +343,41 @@ def dead_peer(mode: str) -> None:
     os._exit(1)
 
 
+def plan_agreement() -> None:
+    """Rank 0 profiles and plans, share_plan gives every rank its plan, and a trainer runs it.
+    Then each rank builds a trainer with its own stages (rank 1 cuts elsewhere): every rank
+    must refuse it at construction, before the first step."""
+    from legato.adapters.torch import profile_pipeline, share_plan
+    from legato.core.errors import ConfigError
+    from legato.core.pipeline import plan as make_plan
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mine = None
+    if rank == 0:
+        prof = profile_pipeline(mlp(), batch(0)[0], warmup=0, repeats=1)
+        mine = make_plan(prof, 2, straight=True)
+    shared = share_plan(mine)
+    print(f"rank {rank}: shared plan {[list(s.nodes) for s in shared.stages]}", flush=True)
+    trainer = PipelineTrainer(mlp(), shared, example_inputs=batch(0)[0],
+                              loss_fn=F.cross_entropy, optimizer=make_opt(0.0),
+                              schedule="1f1b", microbatches=2, timeout_s=30)
+    trainer.step(*batch(0))
+    print(f"rank {rank}: trained, plan digest={trainer.plan_digest.hex()}", flush=True)
+    stages = CKPT_CASE["stages"] if rank == 0 else S2_OTHER
+    try:
+        PipelineTrainer(mlp(), stages, example_inputs=batch(0)[0], loss_fn=F.cross_entropy,
+                        optimizer=make_opt(0.0), schedule="1f1b", microbatches=2, timeout_s=30)
+    except ConfigError as err:
+        print(f"rank {rank}: refused: {err}", flush=True)
+        os._exit(0)
+    print(f"rank {rank}: a mismatched plan was accepted", flush=True)
+    os._exit(1)
+
+
+S2_OTHER = [["fc1", "act1"], ["bn", "fc2", "drop", "act2", "fc3", "fc4"]]
+
+
 def gpu_smoke(steps: int) -> None:
     """One rank on CUDA with NCCL: interleaved 1F1B with two virtual stages on the rank (data
     handed over locally), against the single-process reference on the same GPU."""

@@ -159,6 +159,21 @@ def test_dead_or_stalled_peer_gives_a_clear_error_not_a_hang(mode):
         assert result.rank(1).returncode == 17
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_rank_zero_plans_every_rank_gets_it_and_a_mismatch_is_refused_at_start():
+    result = run_torch_job(f"{WORKERS}:plan_agreement", 2, timeout_s=100, grace_s=30,
+                           check=False)
+    shared = lines(result, 2, "shared plan")
+    assert len({ln.split(": ", 1)[1] for ln in shared}) == 1, shared       # the same plan
+    digests = lines(result, 2, "plan digest=")
+    assert len({ln.split("digest=")[1] for ln in digests}) == 1, digests
+    refused = lines(result, 2, "refused:")
+    assert all("the ranks do not run the same plan: rank(s) [1]" in ln for ln in refused)
+    assert all("share_plan" in ln for ln in refused)
+    assert all(result.rank(r).returncode == 0 for r in range(2)), result.summary()
+
+
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
 def test_cuda_nccl_interleaved_matches_reference():
@@ -229,6 +244,17 @@ def test_checkpoint_of_another_plan_is_a_clear_error(one_rank, tmp_path):
     assert same.steps_done == 1 and same.versions() == {0: 1}
     for name, value in tr.modules[0].state_dict().items():
         assert torch.equal(value, same.modules[0].state_dict()[name])
+
+
+def test_share_plan_round_trips_a_plan_and_refuses_anything_else(one_rank):
+    from legato.adapters.torch import share_plan
+
+    prof = profile_pipeline(W.mlp(), W.batch(0)[0], warmup=0, repeats=1)
+    planned = plan(prof, 1)
+    assert share_plan(planned).to_json() == planned.to_json()
+    with pytest.raises(ConfigError, match=r"rank 0 passed a list, not a legato Plan; pass the "
+                                          r"plan on rank 0"):
+        share_plan([["fc1"]])
 
 
 class _RunsCode:
