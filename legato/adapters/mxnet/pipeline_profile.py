@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import statistics
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,6 +23,7 @@ from mxnet import autograd, gluon, nd
 
 from legato.adapters._pipeline_graph import (
     BACKWARD_MODES,
+    calibrate_times,
     check_counts,
     first_line,
     layer_node,
@@ -39,7 +42,7 @@ def profile_pipeline(net: gluon.Block, example_inputs: Any, *,
                      loss_fn: Callable[[Any], nd.NDArray] | None = None,
                      optimizer: mx.optimizer.Optimizer | gluon.Trainer | None = None,
                      warmup: int = 2, repeats: int = 5,
-                     split_backward: bool = True) -> LayerProfile:
+                     split_backward: bool = True, calibrate: bool = True) -> LayerProfile:
     """Profile a Gluon `nn.Sequential`/`nn.HybridSequential` for pipeline planning.
 
     Layers: the children, in order (a chain; ids are the child names, "0", "1", ...). Other
@@ -63,10 +66,17 @@ def profile_pipeline(net: gluon.Block, example_inputs: Any, *,
             `loss.backward()` does (bind labels with a lambda); default: the sum of the output.
         optimizer: an `mx.optimizer.Optimizer` or a `gluon.Trainer`; if given, each child's
             optimizer-state bytes are the bytes of the state arrays the optimizer creates for
-            its parameters (`create_state_multi_precision`, on a shallow copy); else 0.
+            its parameters (`create_state_multi_precision`, on a shallow copy), and its
+            `update_s` the median time of that optimizer's `update_multi_precision` over
+            copies of the child's parameters with zero gradients; else 0.
         warmup: untimed runs per layer and measurement.
         repeats: timed runs per layer and measurement (the median is kept).
         split_backward: also measure input-gradient and weight-gradient time separately.
+        calibrate: then time whole training passes of the net as it is (hybridized or not:
+            the forward with the loss under `autograd.record`, then `loss.backward()`) and
+            scale every child's forward times, and every backward time, to add up to them
+            ([Note: calibration] in legato/adapters/_pipeline_graph.py); the scales are in
+            `meta["calibration"]`. The parameters' gradients are put back as they were.
 
     Returns:
         A `LayerProfile`; times in seconds and sizes in bytes for one minibatch of the example's
@@ -128,14 +138,26 @@ def profile_pipeline(net: gluon.Block, example_inputs: Any, *,
                                   f"recorded input: {first_line(err)}") from err
             nodes.append([name, child, fwd, bwd])
         loss_meta = _time_loss(loss_fn, captured[-1], warmup, repeats)
+        updates = (_update_times(optimizer, params, ctx, warmup, repeats)
+                   if optimizer is not None else {})
+        calibration = _whole_model_s(net, x, loss_fn, warmup, repeats) if calibrate else None
     last = nodes[-1]
     last[2] += loss_meta["loss_forward_s"]
     last[3] = {m: b + loss_meta["loss_backward_s"] if m != "weight" else b
                for m, b in last[3].items()}
     loss_meta["loss_added_to"] = last[0]
+    if calibration is not None:
+        fwds, bwds, loss_meta["calibration"] = calibrate_times(
+            [e[2] for e in nodes], [e[3] for e in nodes], calibration,
+            "the net as given: forward with the loss under autograd.record, then "
+            "loss.backward()")
+        for entry, f, b in zip(nodes, fwds, bwds):
+            entry[2], entry[3] = f, b
     profile_nodes = tuple(
-        layer_node(name, _desc(child), fwd, bwd, [_nbytes(a) for a in _arrays(captured[i])],
-                   owned[name], state.get(name, 0), split_backward=split_backward)
+        dataclasses.replace(
+            layer_node(name, _desc(child), fwd, bwd, [_nbytes(a) for a in _arrays(captured[i])],
+                       owned[name], state.get(name, 0), split_backward=split_backward),
+            update_s=updates.get(name, 0.0))
         for i, (name, child, fwd, bwd) in enumerate(nodes))
     edges = tuple((children[i][0], children[i + 1][0]) for i in range(len(children) - 1))
     meta = {"model": type(net).__name__, "source": SOURCE, "framework": "mxnet",
@@ -312,17 +334,93 @@ def _layer_step(child: gluon.Block, saved: Any, input_grad: bool, weights: list
     return step
 
 
+def _sum_loss(out: Any) -> nd.NDArray:
+    parts = [a.sum() for a in _arrays(out) if _floating(a)]
+    if not parts:
+        raise ConfigError("the model's output holds no floating-point NDArray to sum as "
+                          "the default loss; pass loss_fn(output) -> NDArray")
+    return nd.add_n(*parts) if len(parts) > 1 else parts[0]
+
+
+def _update_times(optimizer: mx.optimizer.Optimizer, params: dict[str, list], ctx: mx.Context,
+                  warmup: int, repeats: int) -> dict[str, float]:
+    """Per child, the median time of one `update_multi_precision` of the optimizer over copies
+    of its own parameters (zero gradients), on a shallow copy with its own update counters
+    (the user's optimizer counts nothing)."""
+    probe = copy.copy(optimizer)
+    probe._all_index_update_counts = {0: {}}
+    probe._index_update_count = probe._all_index_update_counts[0]
+    seen: set[int] = set()
+    out: dict[str, float] = {}
+    index = 1 << 30                    # indices of no real parameter: no lr_mult/wd_mult lookups
+    for name, ps in params.items():
+        mine = [p for p in ps if id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        if not mine:
+            continue
+        try:
+            work = []
+            for p in mine:
+                w = p.data(ctx).copy()
+                work.append((index, w, nd.zeros_like(w),
+                             probe.create_state_multi_precision(index, w)))
+                index += 1
+            times = []
+            for r in range(max(1, warmup) + repeats):
+                nd.waitall()
+                t0 = time.perf_counter()
+                for i, w, g, st in work:
+                    probe.update_multi_precision(i, w, g, st)
+                nd.waitall()
+                if r >= max(1, warmup):
+                    times.append(time.perf_counter() - t0)
+        except Exception as err:
+            raise ConfigError(f"timing an update of the {type(optimizer).__name__} over layer "
+                              f"{name!r}'s parameters failed ({first_line(err)}); pass "
+                              "optimizer=None to record no update time") from err
+        out[name] = statistics.median(times)
+    return out
+
+
+def _whole_model_s(net: gluon.Block, x: nd.NDArray, loss_fn: Callable | None, warmup: int,
+                   repeats: int) -> tuple[float, float]:
+    """Median forward (with the loss) and backward seconds of whole training passes of the net;
+    every parameter's gradient is put back afterwards (data is restored by the caller)."""
+    fn = loss_fn if loss_fn is not None else _sum_loss
+    trainable = [p for p in net.collect_params().values()
+                 if p.grad_req != "null" and p._data is not None]
+    saved = [[g.copy() for g in p.list_grad()] for p in trainable]
+    fwd, bwd = [], []
+    try:
+        for r in range(warmup + repeats):
+            nd.waitall()
+            t0 = time.perf_counter()
+            with autograd.record(train_mode=True):
+                loss = fn(net(x))
+            nd.waitall()
+            t1 = time.perf_counter()
+            loss.backward()
+            nd.waitall()
+            t2 = time.perf_counter()
+            if r >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+    except ConfigError:
+        raise
+    except Exception as err:
+        raise ConfigError(f"timing whole training passes of the net failed ({first_line(err)}); "
+                          "pass calibrate=False to keep the per-layer times") from err
+    finally:
+        for p, grads in zip(trainable, saved):
+            for g, c in zip(p.list_grad(), grads):
+                c.copyto(g)
+        nd.waitall()
+    return statistics.median(fwd), statistics.median(bwd)
+
+
 def _time_loss(loss_fn: Callable | None, output: Any, warmup: int, repeats: int) -> dict:
     label = "sum of outputs" if loss_fn is None else getattr(loss_fn, "__name__", "loss_fn")
-
-    def default(out: Any) -> nd.NDArray:
-        parts = [a.sum() for a in _arrays(out) if _floating(a)]
-        if not parts:
-            raise ConfigError("the model's output holds no floating-point NDArray to sum as "
-                              "the default loss; pass loss_fn(output) -> NDArray")
-        return nd.add_n(*parts) if len(parts) > 1 else parts[0]
-
-    fn = loss_fn if loss_fn is not None else default
+    fn = loss_fn if loss_fn is not None else _sum_loss
 
     def step(_mode: str) -> tuple[float, float]:
         leaves: list[nd.NDArray] = []

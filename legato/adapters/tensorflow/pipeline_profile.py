@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from typing import Any, Callable, Iterator
 
@@ -24,6 +25,7 @@ import tensorflow as tf
 from legato.adapters._pipeline_graph import (
     BACKWARD_MODES,
     Op,
+    calibrate_times,
     check_counts,
     first_line,
     group_ops,
@@ -58,7 +60,8 @@ class _Layer:
 def profile_pipeline(model: keras.Model, example_inputs: Any, *,
                      loss_fn: Callable[[Any], Any] | None = None,
                      optimizer: keras.optimizers.Optimizer | None = None, warmup: int = 2,
-                     repeats: int = 5, split_backward: bool = True) -> LayerProfile:
+                     repeats: int = 5, split_backward: bool = True,
+                     calibrate: bool = True) -> LayerProfile:
     """Profile a Keras model for pipeline planning: its layer DAG and each layer's costs.
 
     Layers: the layers of a `keras.Sequential` (a chain; ids are the layer names), or the
@@ -88,10 +91,18 @@ def profile_pipeline(model: keras.Model, example_inputs: Any, *,
         optimizer: if given, each layer's optimizer-state bytes are the bytes of the slot
             variables (at least one dimension; iteration counters and learning rates are not
             counted) that a fresh optimizer from its config creates when built on the layer's
-            trainable variables; else 0.
+            trainable variables, and its `update_s` the median time of that optimizer's
+            `apply_gradients` on copies of the layer's variables, compiled with `tf.function`
+            as `model.fit` runs it; else 0.
         warmup: untimed runs per layer and measurement.
         repeats: timed runs per layer and measurement (the median is kept).
         split_backward: also measure input-gradient and weight-gradient time separately.
+        calibrate: then time whole training passes of the model as `model.fit` runs them
+            (compiled with `tf.function`: the forward with the loss, and the forward with the
+            loss and its gradient, the backward being their difference) and scale every
+            layer's forward times, and every backward time, to add up to them ([Note:
+            calibration] in legato/adapters/_pipeline_graph.py); the scales are in
+            `meta["calibration"]`.
 
     Returns:
         A `LayerProfile`; times in seconds and sizes in bytes for one minibatch of the example's
@@ -143,6 +154,10 @@ def profile_pipeline(model: keras.Model, example_inputs: Any, *,
                                   f"recorded input: {first_line(err)}") from err
             nodes.append([layer, fwd, bwd])
         loss_meta = _time_loss(loss_fn, output, sync, warmup, repeats)
+        updates = (_update_times(optimizer, owned_vars, sync, warmup, repeats)
+                   if optimizer is not None else {})
+        calibration = (_whole_model_s(model, args[0] if sequential else args, loss_fn, sync,
+                                      warmup, repeats) if calibrate else None)
     sinks = [entry for entry in nodes if entry[0].produces_model_output]
     if sinks:  # the loss runs on the last stage
         entry = sinks[-1]
@@ -150,10 +165,18 @@ def profile_pipeline(model: keras.Model, example_inputs: Any, *,
         entry[2] = {m: b + loss_meta["loss_backward_s"] if m != "weight" else b
                     for m, b in entry[2].items()}
         loss_meta["loss_added_to"] = entry[0].id
+    if calibration is not None:
+        fwds, bwds, loss_meta["calibration"] = calibrate_times(
+            [e[1] for e in nodes], [e[2] for e in nodes], calibration,
+            "tf.function: forward with the loss; forward, loss and gradient (their difference)")
+        for entry, f, b in zip(nodes, fwds, bwds):
+            entry[1], entry[2] = f, b
     profile_nodes = tuple(
-        layer_node(layer.id, layer.desc, fwd, bwd, [_nbytes(t) for t in layer.outputs],
-                   owned.get(layer.id, 0), state.get(layer.id, 0),
-                   split_backward=split_backward)
+        dataclasses.replace(
+            layer_node(layer.id, layer.desc, fwd, bwd, [_nbytes(t) for t in layer.outputs],
+                       owned.get(layer.id, 0), state.get(layer.id, 0),
+                       split_backward=split_backward),
+            update_s=updates.get(layer.id, 0.0))
         for layer, fwd, bwd in nodes)
     first = args[0]
     meta = {"model": type(model).__name__, "source": SOURCE, "framework": "tensorflow",
@@ -398,6 +421,76 @@ def _optimizer_state_bytes(optimizer: keras.optimizers.Optimizer,
                               "optimizer=None to record 0 optimizer-state bytes") from err
         out[layer_id] = sum(_var_bytes(v) for v in fresh.variables if len(v.shape) > 0)
     return out
+
+
+def _update_times(optimizer: keras.optimizers.Optimizer, owned: dict[str, list],
+                  sync: Callable[[], None], warmup: int, repeats: int) -> dict[str, float]:
+    """Per layer, the median time of one `apply_gradients` (compiled, as `model.fit` runs it)
+    of a fresh copy of `optimizer` over copies of the layer's variables, zero gradients."""
+    out: dict[str, float] = {}
+    for layer_id, variables in owned.items():
+        if not variables:
+            continue
+        try:
+            fresh = type(optimizer).from_config(optimizer.get_config())
+            copies = [keras.Variable(v.numpy(), dtype=v.dtype, trainable=True)
+                      for v in variables]
+            zeros = [tf.zeros(c.shape, dtype=c.dtype) for c in copies]
+            fresh.build(copies)
+            apply = tf.function(lambda: fresh.apply_gradients(zip(zeros, copies)))
+            times = []
+            for r in range(max(1, warmup) + repeats):
+                sync()
+                t0 = time.perf_counter()
+                apply()
+                sync()
+                if r >= max(1, warmup):
+                    times.append(time.perf_counter() - t0)
+        except Exception as err:
+            raise ConfigError(f"timing an update of the {type(optimizer).__name__} over layer "
+                              f"{layer_id!r}'s variables failed ({first_line(err)}); pass "
+                              "optimizer=None to record no update time") from err
+        out[layer_id] = statistics.median(times)
+    return out
+
+
+def _whole_model_s(model: keras.Model, x: Any, loss_fn: Callable | None,
+                   sync: Callable[[], None], warmup: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of a compiled forward with the loss, and of a compiled forward, loss and
+    gradient minus it (variables are restored by the caller)."""
+    fn = loss_fn if loss_fn is not None else _sum_loss
+    variables = model.trainable_variables
+
+    def loss_of() -> Any:
+        flat = tf.nest.flatten(model(x, training=True))
+        return fn(flat[0] if len(flat) == 1 else flat)
+
+    @tf.function
+    def forward() -> Any:
+        return loss_of()
+
+    @tf.function
+    def forward_backward() -> Any:
+        with tf.GradientTape() as tape:
+            loss = loss_of()
+        return tape.gradient(loss, variables) if variables else loss
+
+    fwd, both = [], []
+    try:
+        for r in range(max(1, warmup) + repeats):      # the first run traces: never timed
+            for fn_, times in ((forward, fwd), (forward_backward, both)):
+                sync()
+                t0 = time.perf_counter()
+                fn_()
+                sync()
+                if r >= max(1, warmup):
+                    times.append(time.perf_counter() - t0)
+    except Exception as err:
+        raise ConfigError(f"timing whole training passes of the model compiled with tf.function "
+                          f"failed ({first_line(err)}); make loss_fn traceable (TensorFlow ops "
+                          "only), or pass calibrate=False to keep the per-layer times") from err
+    f = statistics.median(fwd)
+    return f, statistics.median(both) - f
 
 
 def _layer_step(layer: _Layer, sync: Callable[[], None]) -> Callable[[str], tuple[float, float]]:

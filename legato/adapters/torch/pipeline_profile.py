@@ -26,6 +26,7 @@ import torch.fx
 from legato.adapters._pipeline_graph import (
     BACKWARD_MODES,
     Op,
+    calibrate_times,
     check_counts,
     first_line,
     group_ops,
@@ -152,16 +153,11 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
                     for m, b in entry[2].items()}
         loss_meta["loss_added_to"] = entry[0].id
     if calibration is not None:
-        fwd_sum = sum(entry[1] for entry in nodes)
-        bwd_sum = sum(entry[2]["full"] for entry in nodes)
-        f_scale = calibration[0] / fwd_sum if fwd_sum > 0 else 1.0
-        b_scale = calibration[1] / bwd_sum if bwd_sum > 0 else 1.0
-        for entry in nodes:
-            entry[1] *= f_scale
-            entry[2] = {m: b * b_scale for m, b in entry[2].items()}
-        loss_meta["calibration"] = {"forward_scale": f_scale, "backward_scale": b_scale,
-                                    "forward_measured_s": calibration[0],
-                                    "backward_measured_s": calibration[1]}
+        fwds, bwds, loss_meta["calibration"] = calibrate_times(
+            [e[1] for e in nodes], [e[2] for e in nodes], calibration,
+            "eager forward with the loss, then loss.backward()")
+        for entry, f, b in zip(nodes, fwds, bwds):
+            entry[1], entry[2] = f, b
     profile_nodes = tuple(
         dataclasses.replace(
             layer_node(layer.id, layer.desc, fwd, bwd,
@@ -541,14 +537,9 @@ def _sum_loss(output: Any) -> torch.Tensor:
 
 def _whole_model_s(model: torch.nn.Module, args: tuple, loss_fn: Callable | None,
                    sync: Callable[[], None], warmup: int, repeats: int) -> tuple[float, float]:
-    """Median forward (with the loss) and backward time of whole training passes.
-
-    [Note: calibration] Each layer timed alone on its own input runs with its weights and
-    input hot in cache and without the autograd bookkeeping of a whole graph; on a 2-core CPU
-    the per-layer sums came out 15-25% below real passes of the same model. The per-layer
-    times keep the shares, whole passes give the totals. The user's gradients are set aside
-    and put back (buffers and random state are restored by the caller).
-    """
+    """Median forward (with the loss) and backward time of whole training passes
+    ([Note: calibration] in legato/adapters/_pipeline_graph.py). The user's gradients are set
+    aside and put back (buffers and random state are restored by the caller)."""
     fn = loss_fn if loss_fn is not None else _sum_loss
     params = _trainable(model.parameters())
     saved = [p.grad for p in params]

@@ -94,6 +94,33 @@ def test_times_are_positive_split_and_follow_the_work():
                for n in unsplit.nodes)
 
 
+@pytest.mark.parametrize("hybrid", [True, False])
+def test_calibration_scales_layers_to_whole_passes(hybrid):
+    net = cnn(hybrid)
+    if hybrid:
+        net.hybridize()                      # whole passes run the net as the user runs it
+    x = nd.random.normal(shape=(32, 3, 8, 8))
+    prof = profile_pipeline(net, x, **FAST)
+    cal = prof.meta["calibration"]
+    assert cal["forward_measured_s"] > 0 and cal["backward_measured_s"] > 0
+    assert sum(n.forward_s for n in prof.nodes) == pytest.approx(cal["forward_measured_s"])
+    assert sum(n.backward_s for n in prof.nodes) == pytest.approx(cal["backward_measured_s"])
+    assert "calibration" not in profile_pipeline(net, x, calibrate=False, **FAST).meta
+
+
+def test_update_time_is_measured_with_an_optimizer():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(8, in_units=8), gluon.nn.Activation("relu"),
+            gluon.nn.Dense(1024, in_units=8), gluon.nn.Dense(1024, in_units=1024))
+    net.initialize()
+    adam = mx.optimizer.Adam()
+    prof = profile_pipeline(net, nd.ones((4, 8)), optimizer=adam, **FAST)
+    assert prof.node("1").update_s == 0.0                   # relu: no parameters
+    assert prof.node("3").update_s > 0 and prof.node("0").update_s > 0
+    assert adam.num_update == 0 and not adam._index_update_count   # the user's counts nothing
+    assert all(n.update_s == 0.0 for n in profile_pipeline(net, nd.ones((4, 8)), **FAST).nodes)
+
+
 def test_model_is_left_as_it_was():
     net = cnn()
     x = nd.random.normal(shape=(4, 3, 8, 8))

@@ -135,6 +135,39 @@ def test_times_are_positive_split_and_follow_the_work():
                for n in unsplit.nodes)
 
 
+def test_calibration_scales_layers_to_whole_compiled_passes():
+    model = branchy()
+    x = np.random.default_rng(0).standard_normal((64, 12)).astype("float32")
+    prof = profile_pipeline(model, x, **FAST)
+    cal = prof.meta["calibration"]
+    assert "tf.function" in cal["how"] and cal["forward_measured_s"] > 0
+    assert sum(n.forward_s for n in prof.nodes) == pytest.approx(cal["forward_measured_s"])
+    if cal["backward_measured_s"] > 0:               # a difference of two medians
+        assert sum(n.backward_s for n in prof.nodes) == pytest.approx(
+            cal["backward_measured_s"])
+    raw = profile_pipeline(model, x, calibrate=False, **FAST)
+    assert "calibration" not in raw.meta
+    eager_only = lambda out: tf.constant(float(np.sum(out.numpy())))  # noqa: E731
+    with pytest.raises(ConfigError, match="make loss_fn traceable .* calibrate=False"):
+        profile_pipeline(model, x, loss_fn=eager_only, **FAST)
+    assert profile_pipeline(model, x, loss_fn=eager_only, calibrate=False, **FAST).nodes
+
+
+def test_update_time_is_measured_with_an_optimizer():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="small"),
+                              keras.layers.ReLU(name="relu"),
+                              keras.layers.Dense(1024, name="wide"),
+                              keras.layers.Dense(1024, name="big")])
+    adam = keras.optimizers.Adam()
+    prof = profile_pipeline(model, np.ones((4, 8), "float32"), optimizer=adam, **FAST)
+    assert prof.node("relu").update_s == 0.0               # no variables
+    assert prof.node("big").update_s > 0 and prof.node("small").update_s > 0
+    assert not adam.built                                   # the user's optimizer untouched
+    assert all(n.update_s == 0.0 for n in profile_pipeline(
+        model, np.ones((4, 8), "float32"), **FAST).nodes)
+
+
 def test_model_and_optimizer_are_left_as_they_were():
     model = cnn()
     x = np.random.default_rng(1).standard_normal((4, 8, 8, 3)).astype("float32")
