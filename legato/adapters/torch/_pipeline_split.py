@@ -134,10 +134,21 @@ def is_plain_sequential(model: nn.Module) -> bool:
 
 
 # -- layer ids ----------------------------------------------------------------------------------
-class _Traced:
-    """An FX trace of a model with its layer groups (as the profiler forms them)."""
+class Traced:
+    """The one FX capture of a model that both the profiler and the splitter use: the trace,
+    every node's value from one run of the example (no grad; buffers and random state
+    restored), and the layer groups (`group_ops`), so that a plan made from a profile names the
+    layers the splitter cuts.
 
-    def __init__(self, model: nn.Module, args: tuple) -> None:
+    Args:
+        model: the module to trace.
+        args: the example's positional arguments.
+        purpose: "profile" or "split" (for the messages).
+        clone: keep copies of the values (the profiler reruns layers on them later).
+    """
+
+    def __init__(self, model: nn.Module, args: tuple, *, purpose: str = "split",
+                 clone: bool = False) -> None:
         cls = type(model).__name__
         try:
             self.gm = torch.fx.symbolic_trace(model)
@@ -148,43 +159,49 @@ class _Traced:
                 "FX-traceable (no Python control flow on tensor values; see 'Limitations of "
                 "Symbolic Tracing' in the torch.fx docs)") from err
         values: dict[torch.fx.Node, Any] = {}
+        keep = (lambda v: map_tensors(v, lambda t: t.detach().clone())) if clone else (
+            lambda v: v)
 
         class _Capture(torch.fx.Interpreter):
             def run_node(self, n: torch.fx.Node) -> Any:
                 out = super().run_node(n)
-                values[n] = out
+                values[n] = out if n.op == "get_attr" else keep(out)
                 return out
 
         try:
             with preserved(model):
-                _Capture(self.gm).run(*args)
+                self.output_value = _Capture(self.gm).run(*args)
         except Exception as err:
             raise _run_failed(model, args, err) from err
         self.values = values
 
-        def trainable_attr(n: torch.fx.Node) -> bool:
-            v = values.get(n)
-            return n.op == "get_attr" and isinstance(v, nn.Parameter) and v.requires_grad
-
         ops: list[Op] = []
         outputs: list[torch.fx.Node] = []
+        self.placeholders: list[torch.fx.Node] = []
         for n in self.gm.graph.nodes:
-            if n.op == "output":
+            if n.op == "placeholder":
+                self.placeholders.append(n)
+            elif n.op == "output":
                 outputs = list(n.all_input_nodes)
                 self.output = n
             elif n.op in _CALLS:
                 ins = n.all_input_nodes
                 ops.append(Op(
                     key=n, name=str(n.target) if n.op == "call_module" else n.name,
-                    is_layer=n.op == "call_module", has_params=any(map(trainable_attr, ins)),
+                    is_layer=n.op == "call_module", has_params=any(map(self.trainable_attr, ins)),
                     inputs=tuple(a for a in ins if a.op not in ("placeholder", "get_attr")),
                     reads_model_input=any(a.op == "placeholder" for a in ins),
                     yields_tensor=bool(tensors_of(values[n]))))
-        groups, _, self.group_of = group_ops(ops, outputs)
-        if not groups:
+        self.groups, self.edges, self.group_of = group_ops(ops, outputs)
+        if not self.groups:
             raise ConfigError(f"{cls} has no layers: its traced forward calls no module and "
-                              "computes nothing from its inputs; there is nothing to split")
-        self.ids = [g.id for g in groups]
+                              f"computes nothing from its inputs; there is nothing to {purpose}")
+        self.ids = [g.id for g in self.groups]
+
+    def trainable_attr(self, n: torch.fx.Node) -> bool:
+        """Whether `n` reads a trainable parameter directly (`get_attr`)."""
+        v = self.values.get(n)
+        return n.op == "get_attr" and isinstance(v, nn.Parameter) and v.requires_grad
 
 
 def layer_ids(model: nn.Module, example_inputs: Any) -> list[str]:
@@ -196,7 +213,7 @@ def layer_ids(model: nn.Module, example_inputs: Any) -> list[str]:
     """
     if is_plain_sequential(model):
         return [n for n, m in model._modules.items() if m is not None]
-    return _Traced(model, as_args(example_inputs, "example_inputs")).ids
+    return Traced(model, as_args(example_inputs, "example_inputs")).ids
 
 
 def _run_failed(model: nn.Module, args: tuple, err: Exception) -> ConfigError:
@@ -317,7 +334,7 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
                              last=s == len(nodes) - 1) for s, ns in enumerate(nodes)]
         kind = "sequential"
     else:
-        traced = _Traced(model, micro)
+        traced = Traced(model, micro)
         nodes = resolve_stages(traced.ids, stages, name)
         modules = _fx_stages(traced, nodes, name)
         kind = "fx"
@@ -328,7 +345,7 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
     return ModelSplit(kind, nodes, modules, boundaries, inputs)
 
 
-def _fx_stages(traced: _Traced, nodes: list[tuple[str, ...]], model_name: str
+def _fx_stages(traced: Traced, nodes: list[tuple[str, ...]], model_name: str
                ) -> list[nn.Module]:
     gm, group_of = traced.gm, traced.group_of
     last = len(nodes) - 1

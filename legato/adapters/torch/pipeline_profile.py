@@ -34,7 +34,7 @@ from legato.adapters._pipeline_graph import (
     time_layer,
     time_loss,
 )
-from legato.adapters.torch._pipeline_split import map_tensors, tensors_of
+from legato.adapters.torch._pipeline_split import Traced, map_tensors, tensors_of
 from legato.core.errors import ConfigError
 from legato.core.pipeline.profile import LayerProfile
 
@@ -301,53 +301,11 @@ def _sequential_layers(model: torch.nn.Sequential, args: tuple):
 
 # -- layers of an FX trace ------------------------------------------------------------------------
 def _fx_layers(model: torch.nn.Module, args: tuple):
-    cls = type(model).__name__
-    try:
-        gm = torch.fx.symbolic_trace(model)
-    except Exception as err:
-        raise ConfigError(
-            f"{cls} is not an nn.Sequential and torch.fx cannot trace it ({first_line(err)}); "
-            "wrap its layers in an nn.Sequential, or make its forward FX-traceable (no Python "
-            "control flow on tensor values; see 'Limitations of Symbolic Tracing' in the "
-            "torch.fx docs)") from err
-    values: dict[torch.fx.Node, Any] = {}
-
-    class _Capture(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            out = super().run_node(n)
-            values[n] = out if n.op == "get_attr" else _clone(out)
-            return out
-
-    try:
-        with torch.no_grad():
-            output = _Capture(gm).run(*args)
-    except Exception as err:
-        raise _run_failed(model, args, err) from err
-
-    def trainable_attr(n: torch.fx.Node) -> bool:
-        v = values.get(n)
-        return n.op == "get_attr" and isinstance(v, torch.nn.Parameter) and v.requires_grad
-
-    ops: list[Op] = []
-    model_outputs: list[torch.fx.Node] = []
-    placeholders: list[torch.fx.Node] = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            placeholders.append(n)
-        elif n.op == "output":
-            model_outputs = list(n.all_input_nodes)
-        elif n.op != "get_attr":
-            ins = n.all_input_nodes
-            ops.append(Op(
-                key=n, name=str(n.target) if n.op == "call_module" else n.name,
-                is_layer=n.op == "call_module", has_params=any(map(trainable_attr, ins)),
-                inputs=tuple(a for a in ins if a.op not in ("placeholder", "get_attr")),
-                reads_model_input=any(a.op == "placeholder" for a in ins),
-                yields_tensor=bool(_tensors(values[n]))))
-    groups, edges, group_of = group_ops(ops, model_outputs)
-    if not groups:
-        raise ConfigError(f"{cls} has no layers: its traced forward calls no module and "
-                          "computes nothing from its inputs; there is nothing to profile")
+    traced = Traced(model, args, purpose="profile", clone=True)   # the splitter's capture too
+    gm, values, groups, edges, group_of = (traced.gm, traced.values, traced.groups,
+                                           traced.edges, traced.group_of)
+    trainable_attr, output, placeholders = (traced.trainable_attr, traced.output_value,
+                                            traced.placeholders)
     layers = []
     for g in groups:
         members = set(g.members)
