@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Callable, Hashable, Iterable, Sequence
+import time
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from legato.core.errors import ConfigError
 from legato.core.pipeline.profile import LayerNode
@@ -159,6 +160,22 @@ def time_loss(step: Callable[[str], tuple[float, float]], label: str, expects: s
         raise ConfigError(f"loss_fn(output) failed: {first_line(err)}; pass loss_fn(output) "
                           f"-> {expects}") from err
     return {"loss": label, "loss_forward_s": fwd, "loss_backward_s": bwd["full"]}
+
+def median_seconds(run: Callable[[], Any], sync: Callable[[], None], *, warmup: int,
+                   repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` timed calls after max(1, `warmup`) untimed
+    ones (the first call may trace or build), with `sync()` (device synchronization) around
+    each."""
+    times = []
+    for r in range(max(1, warmup) + repeats):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        if r >= max(1, warmup):
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
 
 def calibrate_times(forward: list[float], backward: list[dict[str, float]],
               measured: tuple[float, float], how: str) -> tuple[list[float], list[dict], dict]:

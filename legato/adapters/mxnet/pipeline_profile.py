@@ -27,6 +27,7 @@ from legato.adapters._pipeline_graph import (
     check_counts,
     first_line,
     layer_node,
+    median_seconds,
     time_layer,
     time_loss,
 )
@@ -365,20 +366,16 @@ def _update_times(optimizer: mx.optimizer.Optimizer, params: dict[str, list], ct
                 work.append((index, w, nd.zeros_like(w),
                              probe.create_state_multi_precision(index, w)))
                 index += 1
-            times = []
-            for r in range(max(1, warmup) + repeats):
-                nd.waitall()
-                t0 = time.perf_counter()
+
+            def update(work=work) -> None:
                 for i, w, g, st in work:
                     probe.update_multi_precision(i, w, g, st)
-                nd.waitall()
-                if r >= max(1, warmup):
-                    times.append(time.perf_counter() - t0)
+
+            out[name] = median_seconds(update, nd.waitall, warmup=warmup, repeats=repeats)
         except Exception as err:
             raise ConfigError(f"timing an update of the {type(optimizer).__name__} over layer "
                               f"{name!r}'s parameters failed ({first_line(err)}); pass "
                               "optimizer=None to record no update time") from err
-        out[name] = statistics.median(times)
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
 import time
 from typing import Any, Callable, Iterator
 
@@ -30,6 +29,7 @@ from legato.adapters._pipeline_graph import (
     first_line,
     group_ops,
     layer_node,
+    median_seconds,
     time_layer,
     time_loss,
 )
@@ -438,19 +438,11 @@ def _update_times(optimizer: keras.optimizers.Optimizer, owned: dict[str, list],
             zeros = [tf.zeros(c.shape, dtype=c.dtype) for c in copies]
             fresh.build(copies)
             apply = tf.function(lambda: fresh.apply_gradients(zip(zeros, copies)))
-            times = []
-            for r in range(max(1, warmup) + repeats):
-                sync()
-                t0 = time.perf_counter()
-                apply()
-                sync()
-                if r >= max(1, warmup):
-                    times.append(time.perf_counter() - t0)
+            out[layer_id] = median_seconds(apply, sync, warmup=warmup, repeats=repeats)
         except Exception as err:
             raise ConfigError(f"timing an update of the {type(optimizer).__name__} over layer "
                               f"{layer_id!r}'s variables failed ({first_line(err)}); pass "
                               "optimizer=None to record no update time") from err
-        out[layer_id] = statistics.median(times)
     return out
 
 
@@ -475,22 +467,14 @@ def _whole_model_s(model: keras.Model, x: Any, loss_fn: Callable | None,
             loss = loss_of()
         return tape.gradient(loss, variables) if variables else loss
 
-    fwd, both = [], []
-    try:
-        for r in range(max(1, warmup) + repeats):      # the first run traces: never timed
-            for fn_, times in ((forward, fwd), (forward_backward, both)):
-                sync()
-                t0 = time.perf_counter()
-                fn_()
-                sync()
-                if r >= max(1, warmup):
-                    times.append(time.perf_counter() - t0)
+    try:                                   # the first run of each traces: never timed
+        f = median_seconds(forward, sync, warmup=warmup, repeats=repeats)
+        both = median_seconds(forward_backward, sync, warmup=warmup, repeats=repeats)
     except Exception as err:
         raise ConfigError(f"timing whole training passes of the model compiled with tf.function "
                           f"failed ({first_line(err)}); make loss_fn traceable (TensorFlow ops "
                           "only), or pass calibrate=False to keep the per-layer times") from err
-    f = statistics.median(fwd)
-    return f, statistics.median(both) - f
+    return f, both - f
 
 
 def _layer_step(layer: _Layer, sync: Callable[[], None]) -> Callable[[str], tuple[float, float]]:
