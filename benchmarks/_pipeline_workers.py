@@ -190,7 +190,13 @@ def _costs_from_timeline(spans, plan, profile):
     def med(stage, kind):
         return statistics.fmean(got.get((stage, kind), [0.0]))
 
-    return [StageCost(forward_s=med(i, "F"), backward_s=med(i, "B"),
+    def backward(i):      # a run with split backwards (zb-h1) times I and W, not B
+        if (i, "B") in got or (i, "I") not in got:
+            return med(i, "B"), None, None
+        return med(i, "I") + med(i, "W"), med(i, "I"), med(i, "W")
+
+    return [StageCost(forward_s=med(i, "F"), backward_s=backward(i)[0],
+                      backward_input_s=backward(i)[1], backward_weight_s=backward(i)[2],
                       optimizer_step_s=med(i, "STEP"), output_bytes=c.output_bytes,
                       activation_bytes=c.activation_bytes, parameter_bytes=c.parameter_bytes,
                       optimizer_state_bytes=c.optimizer_state_bytes)

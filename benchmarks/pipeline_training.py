@@ -7,7 +7,8 @@ planned pipeline against data parallelism on a shaped link (issue 4, item 8).
     bandwidth is shared as in the run), a link fitted to gloo round trips and, where ranks
     outnumber cores, processor sharing (`simulate(..., cores=)`); the runtime's step time is
     the median of --steps steps. Target: makespan error <= 15%. Also shown: the simulator given
-    the per-stage action times measured in the other schedule's run ("calibrated").
+    the per-stage action times measured in the other schedule's run ("calibrated"), and
+    ZB-H1 against 1F1B (step time, simulated bubble, measured idle time between actions).
 (c) memory: from the same runs, the step time of 1F1B against GPipe and the peak activation
     bytes each rank held (tensors autograd saved for backward, weights excluded, measured with
     saved_tensors_hooks) next to the simulator's bound.
@@ -53,7 +54,8 @@ def part_sim(args) -> list[dict]:
     for ranks in args.ranks:
         prefix = str(ROOT / "docs" / "img" / f"pipeline_{ranks}ranks") if args.gantt else None
         job = run_torch_job(f"{WORKERS}:vs_sim", ranks, timeout_s=args.job_timeout,
-                            args=["mlp", 256, 8, ["gpipe", "1f1b", "interleaved-1f1b"],
+                            args=["mlp", 256, 8, ["gpipe", "1f1b", "interleaved-1f1b",
+                                                  "zb-h1"],
                                   args.steps, 2, prefix])
         res = _result(job)
         out.append(res)
@@ -75,6 +77,16 @@ def part_sim(args) -> list[dict]:
         g, o = res["runs"]["gpipe"], res["runs"]["1f1b"]
         print(f"  1F1B vs GPipe: throughput {g['measured_s'] / o['measured_s']:.2f}x, peak "
               f"activations on rank 0 {o['peak_activation_bytes_measured'][0] / max(1, g['peak_activation_bytes_measured'][0]):.2f}x")
+        if "zb-h1" in res["runs"]:
+            z = res["runs"]["zb-h1"]
+            idle = lambda r: sum(r["gaps_between_actions_s"].values()) / len(  # noqa: E731
+                r["gaps_between_actions_s"])
+            print(f"  ZB-H1 vs 1F1B: throughput {o['measured_s'] / z['measured_s']:.2f}x; "
+                  f"simulated bubble {z['bubble_simulated']:.1%} vs {o['bubble_simulated']:.1%}; "
+                  f"measured idle between actions per rank {idle(z) * 1e3:.1f} ms vs "
+                  f"{idle(o) * 1e3:.1f} ms; peak activations on the last rank "
+                  f"{z['peak_activation_bytes_measured'][-1] / 2**20:.1f} MiB vs "
+                  f"{o['peak_activation_bytes_measured'][-1] / 2**20:.1f} MiB")
     return out
 
 

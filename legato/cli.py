@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut points searched exactly before the graph is linearized "
                         "(default 1000 for one level, 500 for several)")
     p.add_argument("--simulate", metavar="SCHEDULE",
-                   choices=["gpipe", "1f1b", "pipedream", "2bw", "interleaved-1f1b"],
+                   choices=["gpipe", "1f1b", "pipedream", "2bw", "interleaved-1f1b", "zb-h1"],
                    help="also simulate the plan under this schedule")
     p.add_argument("--gantt", metavar="PNG", help="with --simulate: draw its Gantt chart")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")

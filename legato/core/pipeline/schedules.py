@@ -1,5 +1,6 @@
 """Schedule generators: GPipe, 1F1B-flush, PipeDream (async 1F1B with weight stashing, vertical
-sync, round-robin over replicated stages), PipeDream-2BW and interleaved 1F1B.
+sync, round-robin over replicated stages), PipeDream-2BW, interleaved 1F1B and zero-bubble
+ZB-H1.
 
 Every generator takes the number of pipeline stages and of microbatches and returns a
 `Schedule`. It first orders each rank's computation (F, B, STEP, ...), then
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from legato.core.pipeline.ir import Action, ActionKind, Schedule, ScheduleError
 
 __all__ = ["SCHEDULES", "add_communication", "get_schedule", "gpipe", "interleaved_1f1b",
-           "one_f_one_b", "pipedream", "pipedream_2bw"]
+           "one_f_one_b", "pipedream", "pipedream_2bw", "zb_h1"]
 
 K = ActionKind
 
@@ -74,10 +75,12 @@ def _update(stage: int, layout: list[tuple[int, ...]], round_: int) -> list[Acti
 
 def add_communication(compute: dict[int, list[Action]], stage_ranks: list[tuple[int, ...]],
                       *, split_backward: bool = False) -> dict[int, list[Action]]:
-    """Insert RECV_F before each F and SEND_F after it, RECV_B before each B and SEND_B after.
+    """Insert RECV_F before each F and SEND_F after it, RECV_B before each B (or I) and SEND_B
+    after.
 
     Peers follow the round-robin rule (`Schedule.rank_for`); no message is sent between two
-    stages on one rank. With `split_backward`, each B becomes I, SEND_B, W.
+    stages on one rank. With `split_backward`, each B becomes I, SEND_B, W; a schedule that
+    places its own W (zero bubble) gives I and W and leaves `split_backward` off.
 
     Args:
         compute: rank -> its computation in order (F, B, STEP, ALLREDUCE, STASH, RESTORE).
@@ -102,13 +105,13 @@ def add_communication(compute: dict[int, list[Action]], stage_ranks: list[tuple[
                 acts.append(a)
                 if s < last and (dst := rank_for(s + 1, i)) != rank:
                     acts.append(Action(s, K.SEND_F, i, dst))
-            elif a.kind is K.BACKWARD:
+            elif a.kind in (K.BACKWARD, K.BACKWARD_INPUT):   # I: a schedule placing W itself
                 if s < last and (src := rank_for(s + 1, i)) != rank:
                     acts.append(Action(s, K.RECV_B, i, src))
                 acts.append(Action(s, K.BACKWARD_INPUT, i) if split_backward else a)
                 if s > 0 and (dst := rank_for(s - 1, i)) != rank:
                     acts.append(Action(s, K.SEND_B, i, dst))
-                if split_backward:
+                if split_backward and a.kind is K.BACKWARD:
                     acts.append(Action(s, K.BACKWARD_WEIGHT, i))
             else:
                 acts.append(a)
@@ -234,6 +237,50 @@ def interleaved_1f1b(num_stages: int, num_microbatches: int, *, virtual_stages: 
     return _schedule("interleaved-1f1b", compute, layout, m, split_backward,
                      synchronous=True, virtual_stages=v, microbatches_per_step=m,
                      num_steps=1)
+
+
+def zb_h1(num_stages: int, num_microbatches: int, *, replicas: Sequence[int] | None = None
+          ) -> Schedule:
+    """ZB-H1, the zero-bubble schedule of Qi et al. (ICLR'24) that keeps 1F1B's memory.
+
+    Every backward is split into I (input gradient, on the critical path: the previous stage
+    waits for it) and W (weight gradient, which nothing waits for). Stage s runs 1F1B's order
+    of F and I, and after each I the oldest W only while more than s are pending; the s
+    deferred W's run after the last I, while the stages before it drain. Stage s then holds at
+    most p activations (1F1B: p - s), the memory of 1F1B's first stage, and with F, I and W
+    each taking t the bubble is (p - 1) t instead of 1F1B's 3 (p - 1) t: the paper's
+    (p - 1)(T_F + T_B - T_W).
+
+    Args:
+        num_stages: pipeline depth p.
+        num_microbatches: microbatches m per minibatch (one optimizer step).
+        replicas: straight pipelines only (None or all 1).
+    Returns:
+        The schedule.
+    """
+    layout = _layout(num_stages, num_microbatches, replicas)
+    if any(len(r) > 1 for r in layout):
+        raise ScheduleError(f"zb-h1: replicas={[len(r) for r in layout]}; the zero-bubble "
+                            "schedule runs straight pipelines only: drop replication, or use "
+                            "1f1b with split_backward=True")
+    compute: dict[int, list[Action]] = {}
+    for s, (rank,) in enumerate(layout):
+        ops: list[Action] = []
+        pending: list[int] = []
+        for kind, i in _one_f_one_b(range(num_microbatches), num_stages - s):
+            if kind == "F":
+                ops.append(Action(s, K.FORWARD, i))
+                continue
+            ops.append(Action(s, K.BACKWARD_INPUT, i))
+            pending.append(i)
+            if len(pending) > s:
+                ops.append(Action(s, K.BACKWARD_WEIGHT, pending.pop(0)))
+        ops += [Action(s, K.BACKWARD_WEIGHT, i) for i in pending]
+        compute[rank] = ops + _update(s, layout, 0)
+    sched = _schedule("zb-h1", compute, layout, num_microbatches, False, synchronous=True,
+                      microbatches_per_step=num_microbatches, num_steps=1)
+    sched.meta["split_backward"] = True
+    return sched
 
 
 # -- asynchronous schedules -----------------------------------------------------------------
@@ -365,6 +412,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "pipedream": pipedream,
     "1f1b-rr": pipedream,
     "2bw": pipedream_2bw,
+    "zb-h1": zb_h1,
 }
 
 

@@ -44,7 +44,7 @@ def lines(result, ranks: int, text: str) -> list[str]:
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_path):
-    """GPipe, 1F1B, 1F1B with split backward (I/W), an FX model with a skip connection (two
+    """GPipe, 1F1B, 1F1B with split backward (I/W), ZB-H1, an FX model with a skip connection (two
     tensors cross the cut), interleaved 1F1B (4 virtual stages on 2 ranks) and a Plan from the
     planner: after 3 SGD-momentum steps every parameter and BatchNorm buffer, and the loss,
     equal a single-process run of the same stage modules on the same microbatches (loss / m,
@@ -67,6 +67,7 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
          "schedule": "interleaved-1f1b", "m": 4, "options": {"virtual_stages": 2}},
         {"label": "planned-gpipe", "model": "residual", "plan": plan_path, "schedule": "gpipe",
          "m": 2},
+        {"label": "zb-h1-2", "model": "mlp", "stages": S2, "schedule": "zb-h1", "m": 4},
     ]
     result = run_torch_job(f"{WORKERS}:sync_exact", 2, args=[cases, 3], timeout_s=150)
     for case in cases:
@@ -76,12 +77,16 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
 def test_sync_schedules_are_bit_identical_on_three_ranks_with_replicas():
-    """Three stages (an FX one passes the skip tensor through the middle stage), and a
-    replicated stage: replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two
+    """Three stages (an FX one passes the skip tensor through the middle stage), ZB-H1 (weight
+    gradients deferred past later microbatches' input gradients), and a replicated stage: replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two
     replicas' accumulated gradients (two terms: exact)."""
     cases = [
         {"label": "gpipe-3", "model": "mlp", "stages": S3, "schedule": "gpipe", "m": 4},
         {"label": "1f1b-3", "model": "mlp", "stages": S3, "schedule": "1f1b", "m": 4},
+        {"label": "zb-h1-3", "model": "mlp", "stages": S3, "schedule": "zb-h1", "m": 6},
+        {"label": "fx-zb-h1-3", "model": "residual",
+         "stages": [["fc1"], ["fc2", "drop", "fc3"], ["add", "head"]], "schedule": "zb-h1",
+         "m": 3},
         {"label": "fx-1f1b-3", "model": "residual",
          "stages": [["fc1"], ["fc2", "drop", "fc3"], ["add", "head"]], "schedule": "1f1b",
          "m": 3},

@@ -19,6 +19,7 @@ from legato.core.pipeline.schedules import (
     one_f_one_b,
     pipedream,
     pipedream_2bw,
+    zb_h1,
 )
 from legato.core.pipeline.simulate import Link, StageCost, simulate
 from legato.core.pipeline.schedules import get_schedule
@@ -115,6 +116,31 @@ def test_optimizer_step_time_is_not_compute():
     result = simulate(one_f_one_b(2, 2), StageCost(1.0, 1.0, optimizer_step_s=5.0))
     assert result.makespan_s == pytest.approx(6.0 + 5.0)
     assert result.busy_s == {0: 4.0, 1: 4.0}
+
+
+@pytest.mark.parametrize("tf, tb, tw", [(1.0, 1.0, 1.0), (1.0, 1.5, 0.8), (2.0, 1.0, 0.5),
+                                        (0.4, 0.3, 0.2)])
+def test_zero_bubble_h1_bubble_is_the_papers(tf, tb, tw):
+    """Qi et al., Zero Bubble Pipeline Parallelism (ICLR'24) §3.1: with T_W <= T_F, ZB-H1's
+    bubble is (p - 1)(T_F + T_B - T_W) where 1F1B's is (p - 1)(T_F + T_B + T_W) (m >= p)."""
+    cost = StageCost(tf, tb + tw, backward_input_s=tb, backward_weight_s=tw)
+    for p, m in [(2, 2), (2, 5), (3, 6), (4, 4), (4, 8), (6, 13)]:
+        zb = simulate(zb_h1(p, m), cost)
+        assert zb.makespan_s == pytest.approx(m * (tf + tb + tw) + (p - 1) * (tf + tb - tw))
+        flush = simulate(one_f_one_b(p, m), cost)
+        assert flush.makespan_s == pytest.approx((m + p - 1) * (tf + tb + tw))
+        assert sum(zb.busy_s.values()) == pytest.approx(sum(flush.busy_s.values()))
+
+
+def test_zero_bubble_h1_holds_no_more_than_1f1bs_first_stage():
+    p, m = 4, 8
+    cost = StageCost(1.0, 2.0, 1.0, 1.0, activation_bytes=100, parameter_bytes=10_000)
+    zb = simulate(zb_h1(p, m), cost).peak_memory_bytes
+    flush = simulate(one_f_one_b(p, m), cost).peak_memory_bytes
+    assert zb == {s: 10_000 + 100 * p for s in range(p)}       # W frees the activations
+    assert max(zb.values()) == max(flush.values())
+    with pytest.raises(Exception, match="zb-h1: replicas=.*straight pipelines only"):
+        zb_h1(2, 4, replicas=[2, 1])
 
 
 def test_peak_memory_1f1b_vs_gpipe_vs_pipedream():

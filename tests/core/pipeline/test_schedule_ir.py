@@ -24,6 +24,7 @@ from legato.core.pipeline.schedules import (
     one_f_one_b,
     pipedream,
     pipedream_2bw,
+    zb_h1,
 )
 
 K = ActionKind
@@ -56,6 +57,7 @@ def every_schedule():
     yield pipedream(2, 6, replicas=[3, 1], split_backward=True)
     yield pipedream_2bw(3, 4, num_steps=3)
     yield interleaved_1f1b(2, 4, virtual_stages=3, split_backward=True)
+    yield zb_h1(4, 6)
 
 
 def test_every_generated_action_round_trips():
@@ -187,13 +189,13 @@ def test_add_communication_skips_messages_within_a_rank():
 
 def test_registry_names_and_unknown_name():
     assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved-1f1b", "pipedream", "1f1b-rr",
-                              "2bw"}
+                              "2bw", "zb-h1"}
     assert get_schedule("1f1b") is one_f_one_b and get_schedule("2bw") is pipedream_2bw
     assert get_schedule("interleaved-1f1b")(2, 4, virtual_stages=2).num_stages == 4
     with pytest.raises(ScheduleError) as err:
         get_schedule("zero-bubble")
     assert "'zero-bubble'" in str(err.value)
-    assert "1f1b, 1f1b-rr, 2bw, gpipe, interleaved-1f1b, pipedream" in str(err.value)
+    assert "1f1b, 1f1b-rr, 2bw, gpipe, interleaved-1f1b, pipedream, zb-h1" in str(err.value)
 
 
 @pytest.mark.parametrize("call, match", [
