@@ -28,8 +28,14 @@ from legato.adapters.torch.pipeline import (  # noqa: E402
     split_model,
 )
 from legato.adapters.torch.pipeline_profile import profile_pipeline  # noqa: E402
+from legato.adapters.torch.torch_pipelining import (  # noqa: E402
+    TorchPipeline,
+    read_torch_schedule,
+    torch_pipeline,
+)
 
 __all__ = ["PipelineCommError", "PipelineTrainer", "ScheduledCommHook", "ScheduledOptimizer",
-           "VersionRecord", "last_compiles", "last_reports", "layer_ids", "legato_backend",
-           "microbatch_rng", "microbatch_seed", "profile_pipeline", "register_scheduled_hook",
-           "share_plan", "split_model"]
+           "TorchPipeline", "VersionRecord", "last_compiles", "last_reports", "layer_ids",
+           "legato_backend", "microbatch_rng", "microbatch_seed", "profile_pipeline",
+           "read_torch_schedule", "register_scheduled_hook", "share_plan", "split_model",
+           "torch_pipeline"]

@@ -4,6 +4,7 @@ single-process references they are checked against."""
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import time
 
@@ -376,6 +377,58 @@ def plan_agreement() -> None:
 
 
 S2_OTHER = [["fc1", "act1"], ["bn", "fc2", "drop", "act2", "fc3", "fc4"]]
+
+
+def torch_runtime(cases: list[dict], steps: int, csv_dir: str) -> None:
+    """Each case: the same stages and microbatches under PipelineTrainer (legato's runtime, the
+    legato schedule named in the case) and under torch.distributed.pipelining (the torch
+    schedule named in the case), SGD with momentum on both. The ranks holding each runtime's
+    last stage print its losses; every rank prints the largest difference over the stages both
+    runtimes put on it; rank 0 writes torch's schedule CSV."""
+    from legato.adapters.torch import torch_pipeline
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for case in cases:
+        model = mlp()
+        model.drop.p = 0.0                    # no dropout: torch draws its own masks
+        x0 = batch(0)[0]
+        trainer = PipelineTrainer(copy.deepcopy(model), case["stages"], example_inputs=x0,
+                                  loss_fn=F.cross_entropy, optimizer=make_opt(0.9),
+                                  schedule=case["legato"], microbatches=case["m"],
+                                  schedule_options=case.get("options"), timeout_s=60)
+        ours = []
+        for n in range(steps):
+            x, y = batch(n)
+            ours.append(trainer.step(x if trainer.is_first else None,
+                                     y if trainer.is_last else None))
+        pipe = torch_pipeline(copy.deepcopy(model), case["stages"], example_inputs=x0,
+                              microbatches=case["m"], loss_fn=F.cross_entropy,
+                              schedule=case["torch"])
+        params = pipe.parameters()          # a rank of parameter-free stages has none
+        opt = torch.optim.SGD(params, lr=LR, momentum=0.9) if params else None
+        theirs = []
+        for n in range(steps):
+            x, y = batch(n)
+            theirs.append(pipe.step(x if pipe.is_first else None, y if pipe.is_last else None))
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            pipe.dump_csv(os.path.join(csv_dir, f"{case['label']}.csv"))
+        if trainer.is_last:
+            print(f"rank {rank}: {case['label']} legato losses "
+                  f"{[float(v) for v in ours]}", flush=True)
+        if pipe.is_last:
+            print(f"rank {rank}: {case['label']} torch losses "
+                  f"{[float(v) for v in theirs]}", flush=True)
+        both = sorted(set(pipe.modules) & set(trainer.stages))
+        diff = max([0.0] + [(a.double() - b.double()).abs().max().item() for s in both
+                            for a, b in zip(pipe.modules[s].state_dict().values(),
+                                            trainer.modules[s].state_dict().values())])
+        print(f"rank {rank}: {case['label']} stages {both} max difference {diff:.3e}",
+              flush=True)
+    dist.destroy_process_group()
 
 
 def gpu_smoke(steps: int) -> None:
