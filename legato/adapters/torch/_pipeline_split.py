@@ -198,6 +198,45 @@ class Traced:
                               f"computes nothing from its inputs; there is nothing to {purpose}")
         self.ids = [g.id for g in self.groups]
 
+    def same_stage(self) -> list[dict]:
+        """Layers the runtime can only run in one stage: a non-tensor value (an int from
+        `x.size()`, a shape) flowing from one layer to another, and layers sharing a trainable
+        parameter (tied weights, a module called twice). The planner cuts nowhere between them
+        (`LayerProfile.meta["same_stage"]`)."""
+        out: list[dict] = []
+        seen: set[tuple[str, str]] = set()
+        for n in self.gm.graph.nodes:
+            dst = self.group_of.get(n)
+            if n.op not in _CALLS or dst is None:
+                continue
+            for a in n.all_input_nodes:
+                src = self.group_of.get(a)
+                if src is None or src == dst or (src, dst) in seen:
+                    continue
+                value = self.values.get(a)
+                if not isinstance(value, torch.Tensor):
+                    seen.add((src, dst))
+                    out.append({"nodes": [src, dst],
+                                "why": f"{a.name} (of type {type(value).__name__}, not a tensor) "
+                                       f"flows from {src} to {dst}"})
+        users: dict[int, tuple[str, list[str]]] = {}
+        for g in self.groups:
+            for n in g.members:
+                params = (self.gm.get_submodule(n.target).named_parameters()
+                          if n.op == "call_module" else
+                          [(a.target, self.values[a]) for a in n.all_input_nodes
+                           if self.trainable_attr(a)])
+                for name, p in params:
+                    if p.requires_grad:
+                        entry = users.setdefault(id(p), (name if n.op != "call_module"
+                                                         else f"{n.target}.{name}", []))
+                        if g.id not in entry[1]:
+                            entry[1].append(g.id)
+        for name, ids in users.values():
+            if len(ids) > 1:
+                out.append({"nodes": ids, "why": f"they share the parameter {name}"})
+        return out
+
     def trainable_attr(self, n: torch.fx.Node) -> bool:
         """Whether `n` reads a trainable parameter directly (`get_attr`)."""
         v = self.values.get(n)

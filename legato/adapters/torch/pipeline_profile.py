@@ -124,9 +124,10 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
     with _preserved(model, device):
         if _is_plain_sequential(model):
             layers, edges, output, inputs_meta = _sequential_layers(model, args)
+            same_stage = _shared_parameters(layers)
             graph = "sequential"
         else:
-            layers, edges, output, inputs_meta = _fx_layers(model, args)
+            layers, edges, output, inputs_meta, same_stage = _fx_layers(model, args)
             graph = "fx"
         owned = _owned_parameter_bytes(layers)
         state, updates = (_optimizer_state_bytes(optimizer, layers, warmup, repeats)
@@ -173,6 +174,8 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
             "warmup": warmup, "repeats": repeats, "split_backward": split_backward,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "inputs": inputs_meta, **loss_meta}
+    if same_stage:
+        meta["same_stage"] = same_stage
     return LayerProfile(profile_nodes, tuple(edges), meta)
 
 
@@ -299,9 +302,22 @@ def _sequential_layers(model: torch.nn.Sequential, args: tuple):
     return layers, edges, calls[-1][1], inputs_meta
 
 
+def _shared_parameters(layers: list[_Layer]) -> list[dict]:
+    """Children of an nn.Sequential that share a trainable parameter (tied weights)."""
+    users: dict[int, list[str]] = {}
+    for layer in layers:
+        for p in layer.params:
+            ids = users.setdefault(id(p), [])
+            if layer.id not in ids:
+                ids.append(layer.id)
+    return [{"nodes": ids, "why": "they share a parameter"} for ids in users.values()
+            if len(ids) > 1]
+
+
 # -- layers of an FX trace ------------------------------------------------------------------------
 def _fx_layers(model: torch.nn.Module, args: tuple):
     traced = Traced(model, args, purpose="profile", clone=True)   # the splitter's capture too
+    same_stage = traced.same_stage()
     gm, values, groups, edges, group_of = (traced.gm, traced.values, traced.groups,
                                            traced.edges, traced.group_of)
     trainable_attr, output, placeholders = (traced.trainable_attr, traced.output_value,
@@ -333,7 +349,7 @@ def _fx_layers(model: torch.nn.Module, args: tuple):
                    if any(p in n.all_input_nodes for n in g.members)]
         inputs_meta.append({"name": p.name, "readers": readers,
                             "bytes": sum(_nbytes(t) for t in _tensors(values.get(p)))})
-    return layers, edges, output, inputs_meta
+    return layers, edges, output, inputs_meta, same_stage
 
 
 def _fx_runner(gm: torch.fx.GraphModule, group, ext: list) -> Callable[[list], list]:

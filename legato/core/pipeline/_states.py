@@ -21,6 +21,10 @@ augmented antichain (its maximal layers plus every earlier layer with an edge le
 maximal layers' predecessors), not only of its maximal layers. When the DAG has more than
 `max_states` states the bounded spaces above are used, with a note.
 
+Every space keeps only cut points that leave each group of `meta["same_stage"]` whole: layers
+the runtime must run in one stage (a non-tensor value such as an int from `x.size()` flows
+between them, or they share a parameter). The profilers record them.
+
 Masks are Python ints over `node_ids` (bit i = node_ids[i]). `stop_reason` is EXHAUSTED for an
 exact space and BUDGET when `max_states` cut the enumeration short.
 """
@@ -127,6 +131,29 @@ def _enumerate_ideals(n: int, pred_mask: list[int], limit: int) -> list[int] | N
         frontier = nxt
     seen.discard(0)
     return list(seen)
+
+
+def _same_stage(profile: LayerProfile, index: dict[str, int], attached: dict[str, str]
+                ) -> list[tuple[int, str]]:
+    """The profile's `meta["same_stage"]` as (mask of layers, why): layers the runtime can only
+    run in one stage (a non-tensor value flows between them, they share a parameter)."""
+    out = []
+    for entry in profile.meta.get("same_stage") or ():
+        try:
+            ids, why = list(entry["nodes"]), str(entry.get("why", ""))
+        except (TypeError, KeyError) as err:
+            raise ProfileError(f"meta.same_stage holds {entry!r}; each entry must be "
+                               "{\"nodes\": [layer ids], \"why\": text}") from err
+        unknown = [x for x in ids if attached.get(x, x) not in index]
+        if unknown:
+            raise ProfileError(f"meta.same_stage names layers {unknown} that the profile does "
+                               "not have; profile the model again")
+        mask = 0
+        for x in ids:
+            mask |= 1 << index[attached.get(x, x)]
+        if mask.bit_count() > 1:
+            out.append((mask, why))
+    return out
 
 
 def _antichain_dag(n: int, out: list[list[int]], anc: list[int], desc: list[int],
@@ -294,6 +321,8 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000,
                      "sinks) join the stage of the layer they feed or read; their costs are "
                      "not counted (as PipeDream zeroes them)")
 
+    together = _same_stage(profile, index, attached)
+    pre_dropped = 0
     dag = None
     if space == "antichain":
         dag = _antichain_space(profile, order, index, succ_mask, max_states)
@@ -304,23 +333,38 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000,
     kind = "antichain" if dag is not None else "exact"
     if masks is None:
         linear = _depth_first_order(order, succ, pred)
-        cuts = list(range(1, n + 1))
+        prefixes = [0]
+        for x in linear:
+            prefixes.append(prefixes[-1] | (1 << index[x]))
+        # only prefixes that keep every same-stage group whole can be cut points
+        allowed = [c for c in range(1, n + 1)
+                   if c == n or all(prefixes[c] & g in (0, g) for g, _ in together)]
+        cuts = allowed
+        pre_dropped = n - len(allowed)
         kind = "linearized"
-        if n > max_states:
-            cuts = _coarse_cuts(linear, index, profile, succ_mask, max_states)
+        if len(allowed) > max_states:
+            cuts = _coarse_cuts(linear, index, profile, succ_mask, max_states, set(allowed))
             kind = "coarsened"
-        masks = []
-        for c in cuts:
-            m = 0
-            for x in linear[:c]:
-                m |= 1 << index[x]
-            masks.append(m)
+        masks = [prefixes[c] for c in cuts]
         notes.append(
             f"the layer graph has more than {max_states} cut points (ideals); planned over the "
             f"{len(masks)} prefixes of one depth-first layer order"
             + (f", grouping {n} layers into {len(masks)} runs at compute quantiles"
                if kind == "coarsened" else "")
             + " (raise max_states for an exact search)")
+    if together:
+        full = (1 << n) - 1
+        keep = [all(m & g in (0, g) for g, _ in together) or m == full for m in masks]
+        dropped = keep.count(False) + pre_dropped
+        if dag is not None:
+            where = {old: new for new, old in enumerate(i for i, k in enumerate(keep) if k)}
+            dag = ([m for m, k in zip(masks, keep) if k], dag[1][np.array(keep)],
+                   [np.array([where[k] for k in ks if k in where], dtype=np.int64)
+                    for ks, k in zip(dag[2], keep) if k])
+        masks = [m for m, k in zip(masks, keep) if k]
+        why = "; ".join(f"{', '.join(sorted(order[i] for i in range(n) if (g >> i) & 1))}: "
+                        f"{w}" for g, w in together)
+        notes.append(f"{dropped} cut points dropped to keep layers in one stage ({why})")
     if dag is None:
         masks.sort(key=lambda m: (m.bit_count(), m))
 
@@ -351,9 +395,9 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000,
 
 
 def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,
-                 succ_mask: list[int], groups: int) -> list[int]:
-    """`groups` prefix lengths of `linear`: compute quantiles, each moved to the smallest
-    activation cut within half a group of it."""
+                 succ_mask: list[int], groups: int, allowed: set[int]) -> list[int]:
+    """`groups` prefix lengths of `linear` among `allowed`: compute quantiles, each moved to
+    the smallest activation cut within half a group of it."""
     n = len(linear)
     cost = np.array([profile.node(x).compute_s for x in linear])
     cum = np.cumsum(cost)
@@ -376,6 +420,7 @@ def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile
         lo, hi = max(1, target - half), min(n - 1, target + half)
         if lo > hi:
             continue
-        best = min(range(lo, hi + 1), key=lambda c: (crossing[c], abs(c - target)))
-        chosen.add(best)
+        near = [c for c in range(lo, hi + 1) if c in allowed]
+        if near:
+            chosen.add(min(near, key=lambda c: (crossing[c], abs(c - target))))
     return sorted(chosen)

@@ -277,6 +277,11 @@ def _solve(c: _Costs, sub: np.ndarray, preds: list[np.ndarray], rows: int, *,
         A[vr, j, 1:] = base
         ks = preds[j]
         if len(ks) == 0 or M == 1:
+            if c.fewer:                 # no earlier state: only leaving workers idle helps
+                for r in range(2, M + 1):
+                    better = A[vr, j, r - 1] < A[vr, j, r]
+                    A[vr, j, r] = np.where(better, A[vr, j, r - 1], A[vr, j, r])
+                    choice_k[vr, j, r] = np.where(better, _CARRY, choice_k[vr, j, r])
             continue
         kp = c.params[ks + 1, j][:, None]
         last = _stage_time(c, c.compute[ks + 1, j][:, None], kp, r_all[None, :],

@@ -52,7 +52,34 @@ def residual(seed: int = 0) -> Residual:
     return Residual()
 
 
-MODELS = {"mlp": mlp, "residual": residual}
+class Attn(nn.Module):
+    """Attention over 4 tokens of 4 features: `B, D = h.size()` sends ints from `mix` to the
+    `view` after the attention (nanoGPT's `B, T, C = x.size()`); `tie` shares mix's weight with
+    proj (tied weights)."""
+
+    def __init__(self, tie: bool = False) -> None:
+        super().__init__()
+        self.fc_in, self.mix = nn.Linear(6, 16), nn.Linear(16, 16)
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.proj, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        if tie:
+            self.proj.weight = self.mix.weight
+
+    def forward(self, x):
+        h = self.mix(torch.relu(self.fc_in(x)))
+        B, D = h.size()
+        t = h.view(B, 4, 4)
+        att = torch.softmax(self.q(t) @ self.k(t).transpose(1, 2), dim=-1)
+        y = (att @ self.v(t)).view(B, D)
+        return self.head(torch.relu(self.proj(y) + h))
+
+
+def attn(seed: int = 0, tie: bool = False) -> Attn:
+    torch.manual_seed(seed)
+    return Attn(tie)
+
+
+MODELS = {"mlp": mlp, "residual": residual, "attn": attn}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

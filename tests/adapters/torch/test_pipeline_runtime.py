@@ -55,6 +55,11 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
     planned = plan(prof, 2, straight=True)
     assert len(planned.stages) == 2
     plan_path = str(planned.save(tmp_path / "plan.json"))
+    # ints from x.size() flow inside the attention: the planner keeps them in one stage
+    attn_prof = profile_pipeline(W.attn(), W.batch(0)[0], warmup=0, repeats=1)
+    attn_plan = plan(attn_prof, 2, straight=True)
+    assert len(attn_plan.stages) == 2
+    attn_path = str(attn_plan.save(tmp_path / "attn.json"))
     cases = [
         {"label": "gpipe-2", "model": "mlp", "stages": S2, "schedule": "gpipe", "m": 3},
         {"label": "1f1b-2", "model": "mlp", "stages": S2, "schedule": "1f1b", "m": 4},
@@ -68,6 +73,8 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
         {"label": "planned-gpipe", "model": "residual", "plan": plan_path, "schedule": "gpipe",
          "m": 2},
         {"label": "zb-h1-2", "model": "mlp", "stages": S2, "schedule": "zb-h1", "m": 4},
+        {"label": "planned-attn", "model": "attn", "plan": attn_path, "schedule": "1f1b",
+         "m": 3},
     ]
     result = run_torch_job(f"{WORKERS}:sync_exact", 2, args=[cases, 3], timeout_s=150)
     for case in cases:
@@ -260,6 +267,27 @@ def test_share_plan_round_trips_a_plan_and_refuses_anything_else(one_rank):
     with pytest.raises(ConfigError, match=r"rank 0 passed a list, not a legato Plan; pass the "
                                           r"plan on rank 0"):
         share_plan([["fc1"]])
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_every_plan_cuts_where_the_runtime_can(tie):
+    """Ints from `x.size()` flow from `mix` into the attention's `view`, and with `tie` mix and
+    proj share a weight: the profile says so, and no plan of 2 to 5 workers, in either cost
+    mode, state space or objective, cuts between them (the splitter accepts every plan)."""
+    model, x = W.attn(tie=tie), W.batch(0)[0]
+    prof = profile_pipeline(model, x, warmup=0, repeats=1)
+    groups = [sorted(e["nodes"]) for e in prof.meta["same_stage"]]
+    assert ["mix", "view_1"] in groups
+    assert (["mix", "proj"] in groups) == tie
+    for workers in (2, 3, 4, 5):
+        for kw in ({"mode": "pipedream"}, {"mode": "paper"}, {"max_states": 4},
+                   {"mode": "paper", "objective": "sync", "microbatches": 3}):
+            p = plan(prof, workers, straight=True, fewer_machines=True, **kw)
+            stage_of = p.stage_of
+            for g in groups:
+                assert len({stage_of[n] for n in g}) == 1, (workers, kw, g)
+            split_model(model, [list(s.nodes) for s in p.stages], x)
+            assert any("to keep layers in one stage" in n for n in p.notes)
 
 
 class _RunsCode:

@@ -24,6 +24,7 @@ from legato.core.pipeline import (
     plan,
 )
 from legato.core.pipeline._states import build_states
+from legato.core.pipeline.profile import ProfileError
 from legato.core.stop import StopReason
 
 SEED = int(os.environ.get("LEGATO_TEST_SEED", "0"))   # other seeds: other random instances
@@ -390,3 +391,42 @@ def test_pipedreams_antichain_states_are_ideals_along_subsets(seed):
             assert dag.masks[k] != dag.masks[j] and dag.masks[k] & ~dag.masks[j] == 0
     if seed == 0:
         assert dag.size == ideals.size == len(dag.node_ids)
+
+
+@pytest.mark.parametrize("space", ["ideals", "antichain"])
+def test_same_stage_groups_are_never_cut(space):
+    """meta["same_stage"]: layers the runtime can only run together (a non-tensor value between
+    them, tied weights). No state cuts a group; plans keep each group in one stage."""
+    rng = random.Random(7)
+    base = _random_profile(rng, 8, chain=False)
+    ids = [n.id for n in base.nodes]
+    groups = [[ids[1], ids[4]], [ids[2], ids[6]]]
+    prof = LayerProfile(base.nodes, base.edges,
+                        {**base.meta, "same_stage": [{"nodes": g, "why": "test"} for g in groups]})
+    states = build_states(prof, space=space)
+    index = {x: i for i, x in enumerate(states.node_ids)}
+    for m in states.masks:
+        for g in groups:
+            inside = {(m >> index[x]) & 1 for x in g}
+            assert len(inside) == 1 or m == states.masks[-1]
+    assert states.size < build_states(base, space=space).size
+    for mode in ("pipedream", "paper"):
+        for workers in (2, 3, 4):
+            p = plan(prof, workers, mode=mode, fewer_machines=True)
+            for g in groups:
+                assert len({p.stage_of[x] for x in g}) == 1
+    bad = LayerProfile(base.nodes, base.edges, {"same_stage": [{"nodes": ["nope", ids[0]]}]})
+    with pytest.raises(ProfileError, match=r"names layers \['nope'\] that the profile does not"):
+        build_states(bad)
+    with pytest.raises(ProfileError, match="each entry must be"):
+        build_states(LayerProfile(base.nodes, base.edges, {"same_stage": ["x"]}))
+
+
+def test_one_state_and_fewer_machines_leaves_workers_idle():
+    """A graph with one cut point (everything one stage) on 3 straight workers with
+    fewer_machines: one stage on one worker, not 'no plan'."""
+    base = _random_profile(random.Random(3), 3, chain=True)
+    ids = [n.id for n in base.nodes]
+    prof = LayerProfile(base.nodes, base.edges, {"same_stage": [{"nodes": ids, "why": "t"}]})
+    p = plan(prof, 3, straight=True, fewer_machines=True)
+    assert len(p.stages) == 1 and p.workers_used == 1
