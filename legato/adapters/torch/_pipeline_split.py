@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import difflib
+import re
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -134,6 +135,20 @@ def is_plain_sequential(model: nn.Module) -> bool:
 
 
 # -- layer ids ----------------------------------------------------------------------------------
+def _layer_name(n: torch.fx.Node) -> str:
+    """A layer's id: a module call's qualified name (`blocks.0.attn.proj`); a function or
+    method call inside a module is named by that module's path and the operation
+    (`blocks.0.attn.view`: FX's own names, `view_10`, say nothing of where it is); one in the
+    model's own forward keeps FX's name."""
+    if n.op == "call_module":
+        return str(n.target)
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return n.name
+    path = next(reversed(stack.values()))[0] if isinstance(stack, dict) else ""
+    return f"{path}.{re.sub(r'_[0-9]+$', '', n.name)}" if path else n.name
+
+
 class Traced:
     """The one FX capture of a model that both the profiler and the splitter use: the trace,
     every node's value from one run of the example (no grad; buffers and random state
@@ -187,7 +202,7 @@ class Traced:
             elif n.op in _CALLS:
                 ins = n.all_input_nodes
                 ops.append(Op(
-                    key=n, name=str(n.target) if n.op == "call_module" else n.name,
+                    key=n, name=_layer_name(n),
                     is_layer=n.op == "call_module", has_params=any(map(self.trainable_attr, ins)),
                     inputs=tuple(a for a in ins if a.op not in ("placeholder", "get_attr")),
                     reads_model_input=any(a.op == "placeholder" for a in ins),

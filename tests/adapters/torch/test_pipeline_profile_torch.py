@@ -95,16 +95,16 @@ def test_sequential_is_a_chain_of_its_children_with_exact_sizes():
 def test_resnet_block_skip_connection_is_a_branch_in_the_dag():
     prof = profile_pipeline(ResNetish(), torch.randn(2, 3, 8, 8), **FAST)
     ids = [n.id for n in prof.nodes]
-    # relu after bn1 is folded into bn1; the add (two producers) is its own node, with the
-    # relu, pooling and flatten after it folded in
-    assert ids == ["stem", "block.conv1", "block.bn1", "block.conv2", "add", "head"]
+    # relu after bn1 is folded into bn1; the add (two producers) is its own node, named by the
+    # module whose forward runs it (block), with the relu, pooling and flatten after it folded in
+    assert ids == ["stem", "block.conv1", "block.bn1", "block.conv2", "block.add", "head"]
     assert set(prof.edges) == {("stem", "block.conv1"), ("block.conv1", "block.bn1"),
-                               ("block.bn1", "block.conv2"), ("block.conv2", "add"),
-                               ("stem", "add"), ("add", "head")}
+                               ("block.bn1", "block.conv2"), ("block.conv2", "block.add"),
+                               ("stem", "block.add"), ("block.add", "head")}
     assert not prof.is_chain
-    assert prof.predecessors()["add"] == ["block.conv2", "stem"]
+    assert prof.predecessors()["block.add"] == ["block.conv2", "stem"]
     assert prof.node("block.bn1").desc.endswith("+ relu")
-    assert prof.node("add").activation_bytes == 2 * 8 * 4  # pooled and flattened: (2, 8) fp32
+    assert prof.node("block.add").activation_bytes == 2 * 8 * 4  # pooled, flattened: (2, 8) fp32
     assert prof.node("stem").activation_bytes == 2 * 8 * 8 * 8 * 4
     assert prof.meta["graph"] == "fx" and prof.meta["loss_added_to"] == "head"
 
