@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from legato.adapters._pipeline_graph import Op, first_line, group_ops
 from legato.core.errors import ConfigError
@@ -135,6 +136,113 @@ def is_plain_sequential(model: nn.Module) -> bool:
 
 
 # -- layer ids ----------------------------------------------------------------------------------
+class RNNLayers(nn.Module):
+    """A multi-layer `nn.LSTM`/`nn.GRU`/`nn.RNN` as a stack of one-layer ones that share its
+    parameters (the same `Parameter` objects: the model trains as before), so that each layer
+    is a layer of the pipeline. Outputs, final states and gradients are bit-identical on CPU;
+    with `dropout > 0` the masks between layers are drawn by `F.dropout` instead of inside the
+    fused kernel."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.dropout = float(rnn.dropout)
+        dirs = 2 if rnn.bidirectional else 1
+        width = (getattr(rnn, "proj_size", 0) or rnn.hidden_size) * dirs
+        self.dirs, self.lstm = dirs, isinstance(rnn, nn.LSTM)   # static: FX sees no tuples
+        first = next(rnn.parameters())
+        self.layers = nn.ModuleList()
+        for layer in range(rnn.num_layers):
+            kw: dict[str, Any] = dict(
+                input_size=rnn.input_size if layer == 0 else width,
+                hidden_size=rnn.hidden_size, num_layers=1, bias=rnn.bias,
+                batch_first=rnn.batch_first, bidirectional=rnn.bidirectional,
+                device=first.device, dtype=first.dtype)
+            if isinstance(rnn, nn.LSTM):
+                kw["proj_size"] = rnn.proj_size
+            if type(rnn) is nn.RNN:
+                kw["nonlinearity"] = rnn.nonlinearity
+            one = type(rnn)(**kw)
+            for name in list(one._flat_weights_names):
+                # _parameters, not getattr: under FX tracing getattr yields a Proxy
+                setattr(one, name, rnn._parameters[name.replace("_l0", f"_l{layer}")])
+            self.layers.append(one)
+
+    def forward(self, x: Any, hx: Any = None) -> Any:
+        hs, cs = [], []
+        for k, layer in enumerate(self.layers):
+            if k > 0 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, True)
+            if hx is None:
+                x, state = layer(x)
+            elif isinstance(hx, tuple):
+                x, state = layer(x, tuple(h[k * self.dirs:(k + 1) * self.dirs] for h in hx))
+            else:
+                x, state = layer(x, hx[k * self.dirs:(k + 1) * self.dirs])
+            if self.lstm:
+                h_k, c_k = state
+                hs.append(h_k)
+                cs.append(c_k)
+            else:
+                hs.append(state)
+        h = torch.cat(hs, 0)
+        return (x, (h, torch.cat(cs, 0))) if cs else (x, h)
+
+
+def _stacked_rnn(m: nn.Module) -> bool:
+    return type(m) in (nn.LSTM, nn.GRU, nn.RNN) and m.num_layers > 1
+
+
+class _Tracer(torch.fx.Tracer):
+    """FX's tracer, except that a multi-layer RNN is traced as `RNNLayers` (its layers become
+    `<path>.layers.<k>`); the model itself is not changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra: dict[str, nn.Module] = {}
+        self.unrolled: list[torch.fx.Node] = []       # nodes made while tracing RNNLayers
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        if _stacked_rnn(m):
+            path = super().path_of_module(m)
+            stacked = RNNLayers(m)
+            for k, one in enumerate(stacked.layers):
+                self.extra[f"{path}.layers.{k}"] = one
+            before = set(self.graph.nodes)
+            out = stacked.forward(*args, **kwargs)
+            self.unrolled += [n for n in self.graph.nodes if n not in before]
+            return out
+        return super().call_module(m, forward, args, kwargs)
+
+    def path_of_module(self, mod: nn.Module) -> str:
+        for path, m in self.extra.items():
+            if m is mod:
+                return path
+        return super().path_of_module(mod)
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace`, with multi-layer RNNs traced layer by layer (`_Tracer`)."""
+    if not any(_stacked_rnn(m) for m in model.modules()):
+        return torch.fx.symbolic_trace(model)
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    # final states nobody reads (`out, _ = self.lstm(x)`) would join every layer's state into
+    # one node and send them all down the pipeline: drop them
+    for n in reversed(tracer.unrolled):
+        if not n.users and n.op == "call_function":
+            graph.erase_node(n)
+    root: dict[str, Any] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            root[n.target] = tracer.extra.get(n.target) or model.get_submodule(n.target)
+        elif n.op == "get_attr":
+            owner, _, attr = n.target.rpartition(".")
+            root[n.target] = getattr(model.get_submodule(owner) if owner else model, attr)
+    gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
+    gm.train(model.training)
+    return gm
+
+
 def _layer_name(n: torch.fx.Node) -> str:
     """A layer's id: a module call's qualified name (`blocks.0.attn.proj`); a function or
     method call inside a module is named by that module's path and the operation
@@ -166,7 +274,7 @@ class Traced:
                  clone: bool = False) -> None:
         cls = type(model).__name__
         try:
-            self.gm = torch.fx.symbolic_trace(model)
+            self.gm = _trace(model)
         except Exception as err:
             raise ConfigError(
                 f"{cls} is not an nn.Sequential and torch.fx cannot trace it "

@@ -79,7 +79,26 @@ def attn(seed: int = 0, tie: bool = False) -> Attn:
     return Attn(tie)
 
 
-MODELS = {"mlp": mlp, "residual": residual, "attn": attn}
+class LSTMModel(nn.Module):
+    """A 3-layer nn.LSTM language-model-like net: the planner sees each LSTM layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(2, 8)
+        self.rnn = nn.LSTM(8, 8, num_layers=3, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h, _ = self.rnn(self.emb(x.view(-1, 3, 2)))
+        return self.head(h[:, -1])
+
+
+def lstm(seed: int = 0) -> LSTMModel:
+    torch.manual_seed(seed)
+    return LSTMModel()
+
+
+MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm}
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,6 +75,9 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
         {"label": "zb-h1-2", "model": "mlp", "stages": S2, "schedule": "zb-h1", "m": 4},
         {"label": "planned-attn", "model": "attn", "plan": attn_path, "schedule": "1f1b",
          "m": 3},
+        {"label": "lstm-layers", "model": "lstm",
+         "stages": [["view", "emb", "rnn.layers.0"], ["rnn.layers.1", "rnn.layers.2", "head"]],
+         "schedule": "1f1b", "m": 3},
     ]
     result = run_torch_job(f"{WORKERS}:sync_exact", 2, args=[cases, 3], timeout_s=150)
     for case in cases:
@@ -288,6 +291,38 @@ def test_every_plan_cuts_where_the_runtime_can(tie):
                 assert len({stage_of[n] for n in g}) == 1, (workers, kw, g)
             split_model(model, [list(s.nodes) for s in p.stages], x)
             assert any("to keep layers in one stage" in n for n in p.notes)
+
+
+@pytest.mark.parametrize("make, kw", [(nn.LSTM, {}), (nn.GRU, {"batch_first": True}),
+                                      (nn.LSTM, {"bidirectional": True}),
+                                      (nn.LSTM, {"proj_size": 3}), (nn.RNN, {})])
+def test_a_multi_layer_rnn_is_split_into_its_layers(make, kw):
+    """A 3-layer RNN becomes three layers of the pipeline (rnn.layers.0..2) sharing the
+    model's own parameters; the stacked one-layer RNNs give the fused module's outputs, final
+    states and gradients bit for bit; the model is not changed."""
+    from legato.adapters.torch._pipeline_split import RNNLayers
+
+    torch.manual_seed(0)
+    rnn = make(5, 8, num_layers=3, **kw)
+    x = torch.randn(4, 7, 5)
+    ref, got = rnn(x), RNNLayers(rnn)(x)
+    flat = lambda o: [o[0], *(o[1] if isinstance(o[1], tuple) else (o[1],))]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(ref), flat(got)))
+    ref[0].sum().backward()
+    g_ref = [p.grad.clone() for p in rnn.parameters()]
+    rnn.zero_grad(set_to_none=True)
+    got[0].sum().backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(g_ref, rnn.parameters()))
+    model, xb = W.lstm(), W.batch(0)[0]
+    ids = layer_ids(model, xb)
+    assert ids == ["view", "emb", "rnn.layers.0", "rnn.layers.1", "rnn.layers.2", "head"]
+    assert type(model.rnn) is nn.LSTM and model.rnn.num_layers == 3          # untouched
+    split = split_model(model, [ids[:3], ids[3:]], xb)
+    mine = {id(p) for p in model.parameters()}
+    assert all(id(p) in mine for m in split.modules for p in m.parameters())   # the same weights
+    with torch.no_grad():
+        assert torch.equal(split.modules[1](*(lambda o: o if isinstance(o, tuple) else (o,))(
+            split.modules[0](xb))), model(xb))
 
 
 class _RunsCode:
