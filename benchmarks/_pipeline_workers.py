@@ -176,33 +176,6 @@ def _allreduce_s(nbytes: int, repeats: int = 3) -> float:
     return box[0]
 
 
-def _costs_from_timeline(spans, plan, profile):
-    """Per-stage StageCost from measured spans: mean F, B and STEP of each stage (a makespan
-    is a sum of durations, so the mean, not the median, is what adds up)."""
-    from legato.core.pipeline import StageCost
-    from legato.core.pipeline.predict import stage_costs
-
-    base = stage_costs(profile, plan, fraction=1.0)
-    got: dict[tuple[int, str], list[float]] = {}
-    for sp in spans:
-        got.setdefault((sp.action.stage, sp.action.kind.value), []).append(sp.end_s - sp.start_s)
-
-    def med(stage, kind):
-        return statistics.fmean(got.get((stage, kind), [0.0]))
-
-    def backward(i):      # a run with split backwards (zb-h1) times I and W, not B
-        if (i, "B") in got or (i, "I") not in got:
-            return med(i, "B"), None, None
-        return med(i, "I") + med(i, "W"), med(i, "I"), med(i, "W")
-
-    return [StageCost(forward_s=med(i, "F"), backward_s=backward(i)[0],
-                      backward_input_s=backward(i)[1], backward_weight_s=backward(i)[2],
-                      optimizer_step_s=med(i, "STEP"), output_bytes=c.output_bytes,
-                      activation_bytes=c.activation_bytes, parameter_bytes=c.parameter_bytes,
-                      optimizer_state_bytes=c.optimizer_state_bytes)
-            for i, c in enumerate(base)]
-
-
 def _sgd(params):
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
 
@@ -286,7 +259,7 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
            gantt_prefix: str | None) -> None:
     """Straight pipeline over every rank: predicted makespan and peak activation memory against
     the measured step time and the activation bytes autograd really held."""
-    from legato.core.pipeline import Link, plan as make_plan
+    from legato.core.pipeline import Link, plan as make_plan, simulate
     from legato.core.pipeline.predict import predict
 
     dist.init_process_group("gloo")
@@ -317,7 +290,17 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
         trainer, step = _trainer(copy.deepcopy(model),
                                  [list(st.nodes) for st in this_plan.stages] if inter
                                  else this_plan, x, y, name, m, meter, options)
-        times = _timed(step, steps, warmup)
+        # [calibration by a warm-up] the warm-up steps' own timeline gives each stage's action
+        # times with everything the running pipeline shares in them; the steps measured after
+        # it are then predicted by the simulator from those costs
+        _timed(step, max(1, warmup), 0)
+        from legato.core.pipeline.predict import costs_from_timeline, schedule_for, stage_costs
+
+        warm_costs = costs_from_timeline(trainer.timeline(gather=True),
+                                         stage_costs(profile, this_plan, fraction=1.0))
+        warm_sim = simulate(schedule_for(this_plan, name, microbatches=m, **options),
+                            warm_costs, Link(link.alpha_s, link.bandwidth_Bps))
+        times = _timed(step, steps, 0)
         spans = trainer.timeline(gather=True)
         peaks = [None] * world
         dist.all_gather_object(peaks, meter.peak)
@@ -338,7 +321,8 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
         for (rank, stage), n in pred.result.report.peak_in_flight.items():
             act_bound[rank] += costs[stage].activation_bytes * n
         if not inter:
-            measured_costs[name] = _costs_from_timeline(spans, result_plan, profile)
+            measured_costs[name] = costs_from_timeline(spans, stage_costs(profile, result_plan,
+                                                                          fraction=1.0))
         gaps: dict[int, float] = {}
         for r in range(world):
             mine = sorted((sp for sp in spans if sp.rank == r), key=lambda sp: sp.start_s)
@@ -349,6 +333,8 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
             "gaps_between_actions_s": gaps,
             "simulated_s": pred.result.makespan_s,
             "error": pred.result.makespan_s / statistics.median(times) - 1,
+            "warmup_calibrated_s": warm_sim.makespan_s,
+            "warmup_error": warm_sim.makespan_s / statistics.median(times) - 1,
             "bubble_simulated": pred.result.bubble_fraction,
             "peak_activation_bytes_measured": peaks,
             "peak_activation_bytes_simulated": [act_bound[r] for r in sorted(act_bound)],

@@ -7,8 +7,10 @@ planned pipeline against data parallelism on a shaped link (issue 4, item 8).
     bandwidth is shared as in the run), a link fitted to gloo round trips and, where ranks
     outnumber cores, processor sharing (`simulate(..., cores=)`); the runtime's step time is
     the median of --steps steps. Target: makespan error <= 15%. Also shown: the simulator given
-    the per-stage action times measured in the other schedule's run ("calibrated"), and
-    ZB-H1 against 1F1B (step time, simulated bubble, measured idle time between actions).
+    the per-stage action times measured in the warm-up steps of the same run ("warm-up",
+    `costs_from_timeline`: what the running pipeline shares is in them) or in another
+    schedule's run ("other run"); PipeDream's asynchronous 1F1B too; and ZB-H1 against 1F1B
+    (step time, simulated bubble, measured idle time between actions).
 (c) memory: from the same runs, the step time of 1F1B against GPipe and the peak activation
     bytes each rank held (tensors autograd saved for backward, weights excluded, measured with
     saved_tensors_hooks) next to the simulator's bound.
@@ -54,26 +56,28 @@ def part_sim(args) -> list[dict]:
     for ranks in args.ranks:
         prefix = str(ROOT / "docs" / "img" / f"pipeline_{ranks}ranks") if args.gantt else None
         job = run_torch_job(f"{WORKERS}:vs_sim", ranks, timeout_s=args.job_timeout,
-                            args=["mlp", 256, 8, ["gpipe", "1f1b", "interleaved-1f1b",
-                                                  "zb-h1"],
+                            args=["mlp", 256, 8, ["gpipe", "1f1b", "pipedream",
+                                                  "interleaved-1f1b", "zb-h1"],
                                   args.steps, 2, prefix])
         res = _result(job)
         out.append(res)
         print(f"\n(a)/(c) MLP, straight pipeline over {ranks} ranks, 8 microbatches, "
               f"median of {args.steps} steps")
         print(f"  {'schedule':<16} {'measured ms':>11} {'from profile':>12} {'error':>7} "
-              f"{'calibrated':>10} {'error':>7}   peak activations MiB per rank: measured / "
-              "simulated")
+              f"{'warm-up':>8} {'error':>7} {'other run':>9} {'error':>7}   peak activations "
+              "MiB per rank: measured / simulated")
         for name, r in res["runs"].items():
             mem = " ".join(f"{a / 2**20:.1f}/{b / 2**20:.1f}" for a, b in
                            zip(r["peak_activation_bytes_measured"],
                                r["peak_activation_bytes_simulated"]))
-            cal = (f"{r['calibrated_s'] * 1e3:>10.1f} {r['calibrated_error']:>+7.1%}"
-                   if "calibrated_s" in r else f"{'-':>10} {'-':>7}")
+            cal = (f"{r['calibrated_s'] * 1e3:>9.1f} {r['calibrated_error']:>+7.1%}"
+                   if "calibrated_s" in r else f"{'-':>9} {'-':>7}")
             print(f"  {name:<16} {r['measured_s'] * 1e3:>11.1f} {r['simulated_s'] * 1e3:>12.1f} "
-                  f"{r['error']:>+7.1%} {cal}   {mem}")
-        print("  (calibrated: the simulator given each stage's mean F, B and STEP measured in "
-              "the other schedule's run)")
+                  f"{r['error']:>+7.1%} {r['warmup_calibrated_s'] * 1e3:>8.1f} "
+                  f"{r['warmup_error']:>+7.1%} {cal}   {mem}")
+        print("  (warm-up: the simulator given each stage's mean action times, sends included, "
+              "from the warm-up steps of the same run; other run: from the measured steps of "
+              "another schedule's run)")
         g, o = res["runs"]["gpipe"], res["runs"]["1f1b"]
         print(f"  1F1B vs GPipe: throughput {g['measured_s'] / o['measured_s']:.2f}x, peak "
               f"activations on rank 0 {o['peak_activation_bytes_measured'][0] / max(1, g['peak_activation_bytes_measured'][0]):.2f}x")

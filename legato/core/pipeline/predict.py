@@ -24,7 +24,8 @@ from legato.core.pipeline.profile import LayerProfile
 from legato.core.pipeline.schedules import get_schedule
 from legato.core.pipeline.simulate import Link, SimResult, StageCost, simulate
 
-__all__ = ["Prediction", "batch_fraction", "predict", "schedule_for", "stage_costs"]
+__all__ = ["Prediction", "batch_fraction", "costs_from_timeline", "predict", "schedule_for",
+           "stage_costs"]
 
 WHOLE_MINIBATCH = ("pipedream", "1f1b-rr")
 NO_REPLICAS = ("interleaved-1f1b",)
@@ -99,6 +100,44 @@ def stage_costs(profile: LayerProfile, plan: Plan, *, fraction: float,
             parameter_bytes=st.parameter_bytes,
             optimizer_state_bytes=st.optimizer_state_bytes))
     return costs
+
+
+def costs_from_timeline(spans: Sequence, base: Sequence[StageCost]) -> list[StageCost]:
+    """Per-stage costs measured in a pipeline's own run: the calibration of a short warm-up.
+
+    Layers timed alone on an idle machine miss what the stages of a running pipeline share
+    (cores, memory bandwidth, the transport's threads); a step or two of the pipeline itself
+    measures each action with all of that in it. Each stage's forward, backward (or input and
+    weight halves), optimizer step and message issue (`send_s`: the sender's own time per
+    SEND) is the mean of its spans (a makespan is a sum of durations: the mean is what adds
+    up); sizes come from `base` (`stage_costs` of the plan).
+
+    Args:
+        spans: the run's `Span`s (e.g. `PipelineTrainer.timeline(gather=True)` after a warm-up
+            step; a SEND's span is its issue).
+        base: one `StageCost` per stage, for the byte counts and for kinds the run lacks.
+    Returns:
+        One `StageCost` per stage.
+    """
+    got: dict[tuple[int, ActionKind], list[float]] = {}
+    for sp in spans:
+        got.setdefault((sp.action.stage, sp.action.kind), []).append(sp.end_s - sp.start_s)
+    out = []
+    K = ActionKind
+    for s, c in enumerate(base):
+        def mean(kind: ActionKind, default: float, s: int = s) -> float:
+            v = got.get((s, kind))
+            return sum(v) / len(v) if v else default
+        split = (s, K.BACKWARD_INPUT) in got and (s, K.BACKWARD) not in got
+        sends = got.get((s, K.SEND_F), []) + got.get((s, K.SEND_B), [])
+        inp, wgt = mean(K.BACKWARD_INPUT, c.input_s), mean(K.BACKWARD_WEIGHT, c.weight_s)
+        out.append(dataclasses.replace(
+            c, forward_s=mean(K.FORWARD, c.forward_s),
+            backward_s=inp + wgt if split else mean(K.BACKWARD, c.backward_s),
+            backward_input_s=inp if split else None, backward_weight_s=wgt if split else None,
+            optimizer_step_s=mean(K.STEP, c.optimizer_step_s),
+            send_s=sum(sends) / len(sends) if sends else c.send_s))
+    return out
 
 
 def _ids(profile: LayerProfile) -> set[str]:

@@ -83,6 +83,10 @@ class StageCost:
         activation_bytes: memory held per microbatch in flight (forward done, backward not).
         parameter_bytes: one weight version.
         optimizer_state_bytes: optimizer state (one copy, whatever the versions).
+        send_s: processor time the sending rank spends issuing one message of this stage (its
+            activation forward or its input gradient backward: copying, posting the isend);
+            the rank goes on after it while the link carries the bytes. Measured in a
+            pipeline's own run (`costs_from_timeline`); 0 when costs come from a profile.
     """
 
     forward_s: float
@@ -94,6 +98,7 @@ class StageCost:
     activation_bytes: int = 0
     parameter_bytes: int = 0
     optimizer_state_bytes: int = 0
+    send_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -263,10 +268,12 @@ def simulate(schedule: Schedule, costs: StageCost | Sequence[StageCost],
                 if a.kind.is_send:
                     nbytes = stage_costs[a.stage if a.kind is K.SEND_F else a.stage - 1
                                          ].output_bytes
-                    start = max(now, link_free[(rank, a.peer)])
+                    issued = now + stage_costs[a.stage].send_s      # the sender's own time
+                    start = max(issued, link_free[(rank, a.peer)])
                     end = start + link.transfer_s(nbytes)
                     link_free[(rank, a.peer)] = end
                     arrival[a.message_key(rank)] = end
+                    clock[rank] = issued
                 elif a.kind.is_recv:
                     if a.message_key(rank) not in arrival:
                         break
@@ -318,11 +325,23 @@ def _simulate_shared(schedule: Schedule, costs: list[StageCost], link: Link, ar_
         return {K.FORWARD: c.forward_s, K.BACKWARD: c.backward_s, K.BACKWARD_INPUT: c.input_s,
                 K.BACKWARD_WEIGHT: c.weight_s, K.STEP: c.optimizer_step_s}.get(a.kind, 0.0)
 
+    def post(rank: int, a: Action, issued: float) -> None:
+        """The link carries a message issued at `issued` (its span: the transfer)."""
+        nbytes = costs[a.stage if a.kind is K.SEND_F else a.stage - 1].output_bytes
+        start = max(issued, link_free[(rank, a.peer)])
+        link_free[(rank, a.peer)] = start + link.transfer_s(nbytes)
+        arrival[a.message_key(rank)] = link_free[(rank, a.peer)]
+        spans.append(Span(rank, a, start, link_free[(rank, a.peer)]))
+
     def finish(rank: int, end: float) -> None:
         a = schedule.actions[rank][pc[rank]]
-        spans.append(Span(rank, a, began.pop(rank), end))
-        if a.kind.is_compute:
-            busy[rank] += spans[-1].end_s - spans[-1].start_s
+        if a.kind.is_send:                 # issued: the link carries it from here
+            began.pop(rank)
+            post(rank, a, end)
+        else:
+            spans.append(Span(rank, a, began.pop(rank), end))
+            if a.kind.is_compute:
+                busy[rank] += spans[-1].end_s - spans[-1].start_s
         pc[rank] += 1
 
     while True:
@@ -334,13 +353,12 @@ def _simulate_shared(schedule: Schedule, costs: list[StageCost], link: Link, ar_
                 while rank not in left and rank not in wake and pc[rank] < len(acts):
                     a = acts[pc[rank]]
                     if a.kind.is_send:
-                        nbytes = costs[a.stage if a.kind is K.SEND_F else a.stage - 1
-                                       ].output_bytes
-                        start = max(now, link_free[(rank, a.peer)])
-                        link_free[(rank, a.peer)] = start + link.transfer_s(nbytes)
-                        arrival[a.message_key(rank)] = link_free[(rank, a.peer)]
-                        spans.append(Span(rank, a, start, link_free[(rank, a.peer)]))
-                        pc[rank] += 1
+                        if costs[a.stage].send_s > 0:     # issuing takes processor time
+                            began[rank] = now
+                            left[rank] = costs[a.stage].send_s
+                        else:
+                            post(rank, a, now)
+                            pc[rank] += 1
                     elif a.kind.is_recv:
                         if a.message_key(rank) not in arrival:
                             break

@@ -99,6 +99,37 @@ def test_transfers_share_a_link_one_at_a_time():
     assert result.makespan_s == pytest.approx(60.0)
 
 
+def test_issuing_a_message_takes_the_senders_time():
+    """send_s: rank 0 runs F0, issues it (0.5), F1, issues it; rank 1 gets F0 at 1.5 and F1
+    at 3; backwards mirror it: 8 time units where free sends take 6."""
+    cost = StageCost(1.0, 1.0, send_s=0.5)
+    free = Link(0.0, 1e30)
+    assert simulate(gpipe(2, 2), StageCost(1.0, 1.0), free).makespan_s == pytest.approx(6.0)
+    assert simulate(gpipe(2, 2), cost, free).makespan_s == pytest.approx(8.0)
+    # on one shared core every issue is work too: 2 x (2 F + 2 B + 2 sends)
+    assert simulate(gpipe(2, 2), cost, free, cores=1).makespan_s == pytest.approx(10.0)
+    for sched in (one_f_one_b(4, 8), pipedream(3, 6)):
+        assert simulate(sched, cost, Link(0.01, 1e6)).makespan_s == pytest.approx(
+            simulate(sched, cost, Link(0.01, 1e6), cores=4).makespan_s)
+
+
+def test_costs_from_a_pipelines_own_timeline():
+    from legato.core.pipeline import Action, Span
+    from legato.core.pipeline.predict import costs_from_timeline
+
+    base = [StageCost(9.0, 9.0, output_bytes=100), StageCost(9.0, 9.0, optimizer_step_s=7.0)]
+    spans = [Span(0, Action.parse("0F0"), 0.0, 1.0), Span(0, Action.parse("0F1"), 2.0, 5.0),
+             Span(0, Action.parse("0SEND_F0@1"), 1.0, 1.5), Span(1, Action.parse("1I0"), 0, 2.0),
+             Span(1, Action.parse("1W0"), 2.0, 3.0), Span(1, Action.parse("1SEND_B0@0"), 3, 3.25),
+             Span(0, Action.parse("0B0"), 5.0, 9.0)]
+    got = costs_from_timeline(spans, base)
+    assert got[0].forward_s == 2.0 and got[0].backward_s == 4.0 and got[0].send_s == 0.5
+    assert got[0].output_bytes == 100 and got[0].optimizer_step_s == 0.0
+    assert (got[1].backward_input_s, got[1].backward_weight_s, got[1].backward_s) == (2, 1, 3)
+    assert got[1].forward_s == 9.0 and got[1].optimizer_step_s == 7.0   # not run: the base's
+    assert got[1].send_s == 0.25
+
+
 def test_ring_all_reduce_within_a_replicated_stage():
     ring = Link(alpha_s=0.001, bandwidth_Bps=1e9)
     costs = [StageCost(1.0, 1.0, parameter_bytes=3 * 10**9), StageCost(1.0, 1.0)]
