@@ -37,6 +37,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.func import functional_call
 
+try:   # torch's own input/weight split of a stage's backward ([Note: split backward])
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+except ImportError:  # pragma: no cover - torch builds without pipelining
+    stage_backward_input = stage_backward_weight = None
+
 from legato.adapters._pipeline_graph import first_line
 from legato.adapters.torch._pipeline_split import TensorSpec
 from legato.core.errors import ConfigError, LegatoError
@@ -126,6 +131,8 @@ class _InFlight:
     heads: list[torch.Tensor]
     record: VersionRecord
     grads: list[torch.Tensor | None] | None = None
+    # after I: the intermediate gradients W starts from (torch's split backward), or None
+    param_groups: list | None = None
 
 
 class Program:
@@ -349,7 +356,23 @@ class Interpreter:
         if weight_targets and rec.on_snapshot:
             for w in weights:
                 w.grad = None
-        if heads and targets:
+        if a.kind is K.BACKWARD_INPUT and heads and inputs and weights and \
+                stage_backward_input is not None:
+            # [Note: split backward] I keeps the gradients flowing into every op that reads a
+            # weight (torch.distributed.pipelining's stage_backward_input), so that W computes
+            # only the weight gradients from them (stage_backward_weight) instead of running
+            # the whole backward again: I + W then cost one backward, as zero-bubble schedules
+            # assume. A stage without input gradients (the first) leaves all of it to W.
+            # (clones of the outputs: torch detaches what it is given in place, which breaks
+            # an output its own op saved for backward, as tanh and softmax do, and a view)
+            _, rec.param_groups = stage_backward_input(
+                [h.clone() for h in heads],
+                None if all(g is None for g in rec.grads) else rec.grads, inputs,
+                iter(weights))
+        elif a.kind is K.BACKWARD_WEIGHT and rec.param_groups is not None:
+            stage_backward_weight(iter(weights), rec.param_groups)
+            rec.param_groups = None
+        elif heads and targets:
             # a full backward reaches exactly the targets (the stage's input leaves and the
             # weights it ran with), and inputs= costs ~10% on small stages: leave it out there
             torch.autograd.backward(heads, rec.grads,
