@@ -98,7 +98,30 @@ def lstm(seed: int = 0) -> LSTMModel:
     return LSTMModel()
 
 
-MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm}
+class DictOut(nn.Module):
+    """Returns a dict (logits and an auxiliary head), as many models in the wild do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 16)
+        self.head, self.aux = nn.Linear(16, 4), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return {"logits": self.head(h), "aux": self.aux(h)}
+
+
+def dictout(seed: int = 0) -> DictOut:
+    torch.manual_seed(seed)
+    return DictOut()
+
+
+def dict_loss(out, y):
+    return F.cross_entropy(out["logits"], y) + 0.1 * out["aux"].pow(2).mean()
+
+
+MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm, "dictout": dictout}
+LOSSES = {"dictout": dict_loss}          # others: F.cross_entropy
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +144,8 @@ def build(case: dict, **extra) -> PipelineTrainer:
     plan = Plan.load(case["plan"]) if "plan" in case else case["stages"]
     return PipelineTrainer(
         MODELS[case["model"]](), plan, example_inputs=batch(0)[0],
-        loss_fn=F.cross_entropy, optimizer=make_opt(case.get("momentum", 0.9)),
+        loss_fn=LOSSES.get(case["model"], F.cross_entropy),
+        optimizer=make_opt(case.get("momentum", 0.9)),
         schedule=case["schedule"], microbatches=case["m"], replicas=case.get("replicas"),
         schedule_options=case.get("options"), seed=7, timeout_s=60, **extra)
 
@@ -149,7 +173,7 @@ def reference_sync(case: dict, steps: int, schedule):
             for s, mod in enumerate(mods):
                 with microbatch_rng(7, n, s, i):
                     h = mod(*h)
-            loss = F.cross_entropy(h, ys[i])
+            loss = LOSSES.get(case["model"], F.cross_entropy)(h, ys[i])
             losses.append(loss.detach())
             (loss / m).backward()
             for s, parts in acc.items():
@@ -203,7 +227,7 @@ def emulate_async(case: dict, steps: int, schedule):
             for t, mod in enumerate(mods):
                 with microbatch_rng(7, n, t, i):
                     h = torch.func.functional_call(mod, leaves[t], h)
-            loss = F.cross_entropy(h, ys[i])
+            loss = LOSSES.get(case["model"], F.cross_entropy)(h, ys[i])
             losses.append(loss.detach())
             flat = [w for d in leaves for w in d.values()]
             g = torch.autograd.grad(loss / mps if mps != 1 else loss, flat)

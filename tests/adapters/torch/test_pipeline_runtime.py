@@ -75,6 +75,8 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
         {"label": "zb-h1-2", "model": "mlp", "stages": S2, "schedule": "zb-h1", "m": 4},
         {"label": "planned-attn", "model": "attn", "plan": attn_path, "schedule": "1f1b",
          "m": 3},
+        {"label": "dict-output", "model": "dictout", "stages": [["a"], ["b", "head", "aux"]],
+         "schedule": "1f1b", "m": 3},
         {"label": "lstm-layers", "model": "lstm",
          "stages": [["view", "emb", "rnn.layers.0"], ["rnn.layers.1", "rnn.layers.2", "head"]],
          "schedule": "1f1b", "m": 3},
