@@ -192,14 +192,68 @@ def _stacked_rnn(m: nn.Module) -> bool:
     return type(m) in (nn.LSTM, nn.GRU, nn.RNN) and m.num_layers > 1
 
 
+class _ConcreteProxy(torch.fx.Proxy):
+    """A proxy whose truth value is its value on the example (see `_Tracer`)."""
+
+    def __bool__(self) -> bool:
+        value = self.tracer.values.get(self.node, _UNKNOWN)
+        if value is _UNKNOWN:
+            return super().__bool__()
+        return bool(value)
+
+
+_UNKNOWN = object()
+
+
 class _Tracer(torch.fx.Tracer):
     """FX's tracer, except that a multi-layer RNN is traced as `RNNLayers` (its layers become
-    `<path>.layers.<k>`); the model itself is not changed."""
+    `<path>.layers.<k>`) and, given `example` arguments, every node's value on them is computed
+    as the graph is built, so that Python control flow on values (`assert t <= block_size`,
+    `if x.shape[0] > 1:`) takes the branch the example takes: the graph is specialized to the
+    example's shapes, as torch.export specializes to its example. The model is not changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, example: tuple | None = None) -> None:
         super().__init__()
         self.extra: dict[str, nn.Module] = {}
         self.unrolled: list[torch.fx.Node] = []       # nodes made while tracing RNNLayers
+        self.example = example
+        self.values: dict[torch.fx.Node, Any] = {}
+        self._placeholders = 0
+        # buffers as graph values: nanoGPT's mask slice `self.bias[:, :, :T, :T]` indexes a
+        # buffer with a traced T, which a plain tensor refuses
+        self.proxy_buffer_attributes = example is not None
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ConcreteProxy(node, self) if self.example is not None else super().proxy(node)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example is not None:
+            from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+            with _maybe_revert_all_patches():        # run the real ops, not the tracer's
+                self.values[p.node] = self._value(p.node)
+        return p
+
+    def _value(self, n: torch.fx.Node) -> Any:
+        val = lambda a: torch.fx.node.map_arg(a, lambda m: self.values[m])  # noqa: E731
+        if n.op == "placeholder":
+            i = self._placeholders
+            self._placeholders += 1
+            return self.example[i] if i < len(self.example) else (n.args[0] if n.args else None)
+        if n.op == "get_attr":
+            owner, _, attr = n.target.rpartition(".")
+            return getattr(self.root.get_submodule(owner) if owner else self.root, attr)
+        args, kwargs = val(n.args), val(n.kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_module":
+            module = self.extra.get(n.target) or self.root.get_submodule(n.target)
+            return module(*args, **kwargs)
+        return None
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         if _stacked_rnn(m):
@@ -220,11 +274,20 @@ class _Tracer(torch.fx.Tracer):
         return super().path_of_module(mod)
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
-    """`torch.fx.symbolic_trace`, with multi-layer RNNs traced layer by layer (`_Tracer`)."""
-    if not any(_stacked_rnn(m) for m in model.modules()):
-        return torch.fx.symbolic_trace(model)
-    tracer = _Tracer()
+def _trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """`torch.fx.symbolic_trace`, with multi-layer RNNs traced layer by layer; a model whose
+    forward branches or asserts on values is traced again on the example (`_Tracer`)."""
+    rnn = any(_stacked_rnn(m) for m in model.modules())
+    try:
+        if not rnn:
+            return torch.fx.symbolic_trace(model)
+        return _graph_module(model, _Tracer())
+    except torch.fx.proxy.TraceError:
+        with preserved(model):
+            return _graph_module(model, _Tracer(example=args))
+
+
+def _graph_module(model: nn.Module, tracer: _Tracer) -> torch.fx.GraphModule:
     graph = tracer.trace(model)
     # final states nobody reads (`out, _ = self.lstm(x)`) would join every layer's state into
     # one node and send them all down the pipeline: drop them
@@ -274,7 +337,7 @@ class Traced:
                  clone: bool = False) -> None:
         cls = type(model).__name__
         try:
-            self.gm = _trace(model)
+            self.gm = _trace(model, args)
         except Exception as err:
             raise ConfigError(
                 f"{cls} is not an nn.Sequential and torch.fx cannot trace it "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import os
 import time
 
@@ -116,11 +117,75 @@ def dictout(seed: int = 0) -> DictOut:
     return DictOut()
 
 
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: `B, T, C = x.size()`, a causal-mask buffer sliced by T."""
+
+    def __init__(self, n_embd: int = 8, n_head: int = 2, block_size: int = 4) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
+        self.n_head = n_head
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size))
+                             .view(1, 1, block_size, block_size))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = (F.softmax(att, dim=-1) @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(8), CausalSelfAttention(), nn.LayerNorm(8)
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """A nanoGPT-style decoder as people write it: an assert on a traced length, positions
+    from torch.arange(t), a shape branch; the 6 input features are 3 tokens of 2."""
+
+    def __init__(self, block_size: int = 4) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.wte, self.wpe = nn.Linear(2, 8), nn.Embedding(block_size, 8)
+        self.h = nn.ModuleList([GPTBlock() for _ in range(2)])
+        self.ln_f, self.head = nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = x.view(x.shape[0], 3, 2)
+        b, t, _ = x.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}"
+        pos = torch.arange(0, t, dtype=torch.long, device=x.device)
+        h = self.wte(x) + self.wpe(pos)
+        for block in self.h:
+            h = block(h)
+        h = self.ln_f(h)
+        if h.shape[0] > 1:
+            h = h[:, -1, :]
+        return self.head(h)
+
+
+def gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT()
+
+
 def dict_loss(out, y):
     return F.cross_entropy(out["logits"], y) + 0.1 * out["aux"].pow(2).mean()
 
 
-MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm, "dictout": dictout}
+MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm, "dictout": dictout,
+          "gpt": gpt}
 LOSSES = {"dictout": dict_loss}          # others: F.cross_entropy
 
 

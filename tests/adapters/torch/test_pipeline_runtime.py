@@ -60,6 +60,10 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
     attn_plan = plan(attn_prof, 2, straight=True)
     assert len(attn_plan.stages) == 2
     attn_path = str(attn_plan.save(tmp_path / "attn.json"))
+    # nanoGPT as written: an assert and a branch on traced shapes, a mask buffer sliced by T
+    gpt_plan = plan(profile_pipeline(W.gpt(), W.batch(0)[0], warmup=0, repeats=1), 2,
+                    straight=True)
+    gpt_path = str(gpt_plan.save(tmp_path / "gpt.json"))
     cases = [
         {"label": "gpipe-2", "model": "mlp", "stages": S2, "schedule": "gpipe", "m": 3},
         {"label": "1f1b-2", "model": "mlp", "stages": S2, "schedule": "1f1b", "m": 4},
@@ -75,6 +79,8 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
         {"label": "zb-h1-2", "model": "mlp", "stages": S2, "schedule": "zb-h1", "m": 4},
         {"label": "planned-attn", "model": "attn", "plan": attn_path, "schedule": "1f1b",
          "m": 3},
+        {"label": "planned-gpt", "model": "gpt", "plan": gpt_path, "schedule": "1f1b",
+         "m": 4},
         {"label": "dict-output", "model": "dictout", "stages": [["a"], ["b", "head", "aux"]],
          "schedule": "1f1b", "m": 3},
         {"label": "lstm-layers", "model": "lstm",
