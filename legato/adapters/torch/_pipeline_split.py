@@ -199,6 +199,12 @@ class _ConcreteProxy(torch.fx.Proxy):
         value = self.tracer.values.get(self.node, _UNKNOWN)
         if value is _UNKNOWN:
             return super().__bool__()
+        if isinstance(value, torch.Tensor):
+            # a branch on data (`if x.sum() > 0:`): another batch may go the other way
+            raise torch.fx.proxy.TraceError(
+                f"forward branches on a tensor's value ({self.node.name}), which differs "
+                "from batch to batch: no trace can follow it (use torch.where, or move the "
+                "branch out of forward)")
         return bool(value)
 
 

@@ -227,7 +227,8 @@ class Identity(nn.Module):
 
 
 @pytest.mark.parametrize("model, x, words", [
-    (Branchy(), torch.randn(2, 3), ["not an nn.Sequential", "FX-traceable", "wrap"]),
+    (Branchy(), torch.randn(2, 3), ["not an nn.Sequential", "FX-traceable", "wrap",
+                                     "branches on a tensor's value"]),
     (nn.Sequential(), torch.randn(2, 3), ["empty nn.Sequential", "no layers"]),
     (Identity(), torch.randn(2, 3), ["has no layers"]),
     (cnn(), torch.randn(2, 5, 16, 16), ["example_inputs", "[2, 5, 16, 16]", "failed"]),
