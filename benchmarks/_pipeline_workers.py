@@ -294,12 +294,20 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
         # times with everything the running pipeline shares in them; the steps measured after
         # it are then predicted by the simulator from those costs
         _timed(step, max(1, warmup), 0)
-        from legato.core.pipeline.predict import costs_from_timeline, schedule_for, stage_costs
+        from legato.core.pipeline.predict import (
+            costs_from_timeline,
+            link_from_timeline,
+            schedule_for,
+            stage_costs,
+        )
 
-        warm_costs = costs_from_timeline(trainer.timeline(gather=True),
-                                         stage_costs(profile, this_plan, fraction=1.0))
+        warm_spans = trainer.timeline(gather=True)
+        base_costs = stage_costs(profile, this_plan, fraction=1.0)
+        warm_costs = costs_from_timeline(warm_spans, base_costs)
+        warm_link = link_from_timeline(warm_spans, base_costs,
+                                       Link(link.alpha_s, link.bandwidth_Bps))
         warm_sim = simulate(schedule_for(this_plan, name, microbatches=m, **options),
-                            warm_costs, Link(link.alpha_s, link.bandwidth_Bps))
+                            warm_costs, warm_link)
         times = _timed(step, steps, 0)
         spans = trainer.timeline(gather=True)
         peaks = [None] * world
@@ -334,6 +342,7 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
             "simulated_s": pred.result.makespan_s,
             "error": pred.result.makespan_s / statistics.median(times) - 1,
             "warmup_calibrated_s": warm_sim.makespan_s,
+            "warmup_link": {"alpha_s": warm_link.alpha_s, "bandwidth_Bps": warm_link.bandwidth_Bps},
             "warmup_error": warm_sim.makespan_s / statistics.median(times) - 1,
             "bubble_simulated": pred.result.bubble_fraction,
             "peak_activation_bytes_measured": peaks,

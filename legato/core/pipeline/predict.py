@@ -24,8 +24,8 @@ from legato.core.pipeline.profile import LayerProfile
 from legato.core.pipeline.schedules import get_schedule
 from legato.core.pipeline.simulate import Link, SimResult, StageCost, simulate
 
-__all__ = ["Prediction", "batch_fraction", "costs_from_timeline", "predict", "schedule_for",
-           "stage_costs"]
+__all__ = ["Prediction", "batch_fraction", "costs_from_timeline", "link_from_timeline", "predict",
+           "schedule_for", "stage_costs"]
 
 WHOLE_MINIBATCH = ("pipedream", "1f1b-rr")
 NO_REPLICAS = ("interleaved-1f1b",)
@@ -138,6 +138,37 @@ def costs_from_timeline(spans: Sequence, base: Sequence[StageCost]) -> list[Stag
             optimizer_step_s=mean(K.STEP, c.optimizer_step_s),
             send_s=sum(sends) / len(sends) if sends else c.send_s))
     return out
+
+
+def link_from_timeline(spans: Sequence, base: Sequence[StageCost], link: Link) -> Link:
+    """The link as a running pipeline saw it, from its own timeline.
+
+    A message whose receiver was already waiting when it was sent shows its whole transfer:
+    from the end of the send's issue to the end of the wait. The returned link keeps `link`'s
+    bandwidth and takes as its latency the median of what those transfers took beyond
+    bytes / bandwidth (on a shared machine the transport's threads compete with compute, which
+    a round trip timed on idle ranks does not see). Without such a message, `link` itself.
+
+    Args:
+        spans: the run's `Span`s, on one clock (`PipelineTrainer.timeline(gather=True)`).
+        base: one `StageCost` per stage (message sizes: `output_bytes`).
+        link: the link to adjust (e.g. fitted to round trips).
+    """
+    sends = {sp.action.message_key(sp.rank): sp for sp in spans if sp.action.kind.is_send}
+    excess = []
+    for sp in spans:
+        if not sp.action.kind.is_recv:
+            continue
+        sent = sends.get(sp.action.message_key(sp.rank))
+        if sent is None or sp.start_s > sent.end_s:       # the data may have waited for it
+            continue
+        a = sp.action
+        nbytes = base[a.stage - 1 if a.kind is ActionKind.RECV_F else a.stage].output_bytes
+        excess.append(sp.end_s - sent.end_s - nbytes / link.bandwidth_Bps)
+    if not excess:
+        return link
+    excess.sort()
+    return Link(max(0.0, excess[len(excess) // 2]), link.bandwidth_Bps)
 
 
 def _ids(profile: LayerProfile) -> set[str]:

@@ -130,6 +130,22 @@ def test_costs_from_a_pipelines_own_timeline():
     assert got[1].send_s == 0.25
 
 
+def test_link_from_a_pipelines_own_timeline():
+    """Rank 1 waits from t=0 for 0SEND_F0 (issued 1.0-1.5, arrives 3.5): 2 s for 100 bytes at
+    100 B/s is 1 s beyond the bytes; the gradient back arrived while nobody waited (ignored)."""
+    from legato.core.pipeline import Action, Span
+    from legato.core.pipeline.predict import link_from_timeline
+
+    base = [StageCost(1.0, 1.0, output_bytes=100), StageCost(1.0, 1.0)]
+    spans = [Span(0, Action.parse("0SEND_F0@1"), 1.0, 1.5),
+             Span(1, Action.parse("1RECV_F0@0"), 0.0, 3.5),
+             Span(1, Action.parse("1SEND_B0@0"), 5.0, 5.1),
+             Span(0, Action.parse("0RECV_B0@1"), 9.0, 9.0)]
+    got = link_from_timeline(spans, base, Link(0.01, 100.0))
+    assert got == Link(1.0, 100.0)
+    assert link_from_timeline(spans[2:], base, Link(0.01, 100.0)) == Link(0.01, 100.0)
+
+
 def test_ring_all_reduce_within_a_replicated_stage():
     ring = Link(alpha_s=0.001, bandwidth_Bps=1e9)
     costs = [StageCost(1.0, 1.0, parameter_bytes=3 * 10**9), StageCost(1.0, 1.0)]
