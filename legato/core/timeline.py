@@ -17,15 +17,42 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 from legato.core._files import atomic_json
 
-__all__ = ["SchedulerTrace", "Timeline", "check_trace_path"]
+__all__ = ["SchedulerTrace", "SpannedBackend", "Timeline", "check_trace_path"]
 
 log = logging.getLogger(__name__)
 
 LANES = {"compute": 0, "queue": 1, "comm": 2, "update": 3}
+
+
+class SpannedBackend:
+    """A CommBackend whose every message starts inside a span of the framework's own profiler,
+    named `legato.msg ID: TENSORS` (torch.profiler's record_function, TensorFlow's TraceMe,
+    MXNet's profiler tasks): the framework's collective or kvstore events of that message
+    appear under it. The span covers the start (issuing) of the message; its time on the wire
+    is the `comm` lane of legato's own timeline. Every other attribute is the backend's.
+
+    Args:
+        backend: the backend (`start(chunk, on_done)`).
+        span: opens a span of the given name (a context manager); cheap when no profiler runs.
+        names: chunk id -> the names of the tensors it carries.
+    """
+
+    def __init__(self, backend, span: Callable[[str], ContextManager],
+                 names: Callable[[int], str]) -> None:
+        self._backend = backend
+        self._span = span
+        self._names = names
+
+    def start(self, chunk, on_done) -> None:
+        with self._span(f"legato.msg {chunk.id}: {self._names(chunk.id)}"):
+            self._backend.start(chunk, on_done)
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
 
 
 class Timeline:

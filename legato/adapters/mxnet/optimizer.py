@@ -43,6 +43,7 @@ gluon.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -63,11 +64,29 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
-from legato.core.timeline import SchedulerTrace, check_trace_path
+from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledTrainer"]
 
 log = logging.getLogger(__name__)
+
+_DOMAIN: list = []   # MXNet's profiler domain "legato", made at the first span
+
+
+@contextlib.contextmanager
+def _profiled(name: str):
+    """A task of MXNet's profiler in the domain "legato" (recorded while
+    `mx.profiler.set_state("run")`, in `mx.profiler.dump()`'s trace beside the engine's
+    operators). legato's threads issue the messages and updates, which MXNet's engine runs
+    later: the span covers the issuing; the operators themselves are MXNet's own events."""
+    if not _DOMAIN:
+        _DOMAIN.append(mx.profiler.Domain("legato"))
+    task = mx.profiler.Task(_DOMAIN[0], name)
+    task.start()
+    try:
+        yield
+    finally:
+        task.stop()
 
 
 def _weak_method(method):
@@ -237,11 +256,12 @@ class ScheduledTrainer(ClosesOnExit):
                                  timeout_s=self._timeout_s, check_error=self._raise_if_failed,
                                  rank=self._rank, layer_names=self._layer_names)
         self._trace = None
+        chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
         if timeline is not None:
-            self._trace = SchedulerTrace(timeline, self._rank, self.plan,
-                                         [", ".join(self._names[k] for k in c.keys)
-                                          for c in self.plan.chunks])
-        self._scheduler = Scheduler(self.plan, self.config, self._kv, order=channel,
+            self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
+        self._scheduler = Scheduler(self.plan, self.config,
+                                    SpannedBackend(self._kv, _profiled, chunk_names.__getitem__),
+                                    order=channel,
                                     leader=channel is None or self._rank == 0,
                                     on_chunk_done=_ignore, rank=self._rank,
                                     timeout_s=self._timeout_s, queue_impl=queue_impl,
@@ -404,7 +424,8 @@ class ScheduledTrainer(ClosesOnExit):
     # one array holding the answer), so its scale changes as without legato.
     def _skip(self, step: int) -> bool:
         if step not in self._skips:
-            finite = int(self._steps.info(step).asnumpy()[0])
+            with _profiled("legato.overflow_flag"):
+                finite = int(self._steps.info(step).asnumpy()[0])
             overflow = finite < self._kv.num_workers
             answer = _OneGradient(mx.nd.array([np.nan if overflow else 0.0], dtype=np.float32))
             self._skips = {step: self._trainer._amp_loss_scaler.has_overflow([answer])}
@@ -425,15 +446,19 @@ class ScheduledTrainer(ClosesOnExit):
         """Copy `keys`' reduced gradients into place and run the updater on them (engine
         operations, ordered after the pulls)."""
         try:
-            for key in keys:
-                self._kv.copy_back(key, self._failed, self._reduced.get(key))
-            self._updater([self._index[k] for k in keys],
-                          [self._reduced[k] if k in self._reduced else self._grad_of(k)
-                           for k in keys],
-                          [self._weight_of(k) for k in keys])
+            with _profiled(f"legato.update {what}"):
+                self._apply_now(keys)
         except BaseException as err:
             raise LegatoError(f"[rank {self._rank}] step {self._steps.steps_updated}: updating "
                               f"{what} failed: {type(err).__name__}: {err}") from err
+
+    def _apply_now(self, keys: list[int]) -> None:
+        for key in keys:
+            self._kv.copy_back(key, self._failed, self._reduced.get(key))
+        self._updater([self._index[k] for k in keys],
+                      [self._reduced[k] if k in self._reduced else self._grad_of(k)
+                       for k in keys],
+                      [self._weight_of(k) for k in keys])
 
     def _update_layer(self, layer: int) -> None:
         """Issue one layer's update and open its gate (see [Note: issue at start])."""

@@ -74,7 +74,7 @@ from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
 from legato.core.scheduler.tune import OnlineTuner, TuneSettings
-from legato.core.timeline import SchedulerTrace, check_trace_path
+from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
 
@@ -92,20 +92,6 @@ def _profiled(name: str):
     `experimental_config=torch._C._profiler._ExperimentalConfig(profile_all_threads=True)`,
     so the span is always opened (about a microsecond when no profiler runs)."""
     return torch.profiler.record_function(name)
-
-
-class _ProfiledBackend:
-    """Starts each message inside a torch.profiler span naming it (`legato.msg ID: tensors`),
-    under which torch's own collective events (gloo:all_reduce, nccl:all_reduce) appear."""
-
-    def __init__(self, backend, owner: "ScheduledOptimizer") -> None:
-        self._backend = backend
-        self._owner = owner
-
-    def start(self, chunk, on_done) -> None:
-        with torch.profiler.record_function(
-                f"legato.msg {chunk.id}: {self._owner._chunk_names[chunk.id]}"):
-            self._backend.start(chunk, on_done)
 
 
 _WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -389,7 +375,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                                                         self._set_grad, self._compression)
         else:
             self._backend_now = self._transport.backend(self._grad_of, self._compression)
-        return _ProfiledBackend(self._backend_now, self)
+        return SpannedBackend(self._backend_now, _profiled, lambda i: self._chunk_names[i])
 
     def _boundary(self) -> None:
         """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the

@@ -368,7 +368,14 @@ def timeline(path: str, steps: int) -> None:
                           update_on_kvstore=False)
     st = ScheduledTrainer(inner, net, policy="bytescheduler", timeout_s=60,
                           partition_bytes=64 * 1024, merge_bytes=4096, timeline=path)
+    # MXNet's own profiler records legato's spans too (path.profile-RANK.json)
+    mx.profiler.set_config(profile_all=True, aggregate_stats=False,
+                           filename=f"{path}.profile-{kv.rank}.json")
+    mx.profiler.set_state("run")
     train(net, st, kv.rank, steps)
+    st.synchronize()
+    mx.profiler.set_state("stop")
+    mx.profiler.dump()
     st.close()
     print("TIMELINE_DONE", flush=True)
 

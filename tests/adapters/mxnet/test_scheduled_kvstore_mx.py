@@ -115,7 +115,14 @@ def test_timeline_gathers_every_workers_messages_on_worker_0(tmp_path):
         comm = [e for e in spans if e["pid"] == rank and e["cat"] == "comm"]
         assert len(comm) == 3 * 22  # every message of the 3 steps (22 per step)
         assert {e["cat"] for e in spans if e["pid"] == rank} == {"queue", "comm"}
-    assert not list(tmp_path.glob("trace.json.*")), "spill or temporary file left behind"
+        # MXNet's own profiler shows legato's messages and updates as tasks of its domain
+        profile = json.loads((tmp_path / f"trace.json.profile-{rank}.json").read_text())
+        ours = [e["name"] for e in profile["traceEvents"]
+                if e.get("cat") == "legato" and e.get("ph") == "b"]
+        assert sum(n.startswith("legato.msg ") for n in ours) == 3 * 22, ours
+        assert sum(n.startswith("legato.update ") for n in ours) > 0, ours
+    assert not list(tmp_path.glob(".trace.json.*")), "temporary file left behind"
+    assert not list(tmp_path.glob("trace.json.rank*")), "spill file left behind"
 
 
 @pytest.mark.timeout(120)

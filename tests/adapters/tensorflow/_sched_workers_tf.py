@@ -413,17 +413,21 @@ def two_optimizers(backend: str, steps: int, out: str) -> None:
 
 
 def timeline(backend: str, out: str) -> None:
-    """Two steps with LEGATO_TIMELINE set by the test (an unchanged script)."""
+    """Two steps with LEGATO_TIMELINE set by the test (an unchanged script), recorded by
+    TensorFlow's profiler too (into out/profile-RANK)."""
     rank, _ = rank_and_size(backend)
     model = net()
     opt = ScheduledOptimizer(make_optimizer("sgd"), model, backend=backend, timeout_s=120,
                              partition_bytes=64 * 1024, credit_bytes=128 * 1024)
+    tf.profiler.experimental.start(os.path.join(out, f"profile-{rank}"))
     for step in range(2):
         x, y = batch(rank, step)
         with tf.GradientTape() as tape:
             loss = LOSS(y, model(x, training=True))
         opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
                                 model.trainable_variables))
+    opt.synchronize()
+    tf.profiler.experimental.stop()
     opt.close()
 
 

@@ -202,7 +202,8 @@ def test_loss_scaling_accumulation_and_compression_match_plain_horovod(
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("horovod", marks=pytest.mark.horovod)])
 def test_legato_timeline_gives_a_chrome_trace_of_both_ranks(tmp_path, backend):
     """LEGATO_TIMELINE on an unchanged script: rank 0 writes both ranks' messages, forwards
-    and updates; the per-rank spill files are gone after a clean end."""
+    and updates; the per-rank spill files are gone after a clean end. TensorFlow's own
+    profiler shows legato's messages and updates."""
     trace_path = tmp_path / "trace.json"
     run = run_horovod_job if backend == "horovod" else run_torch_job
     run(f"{WORKERS}:timeline", 2, args=[backend, str(tmp_path)], timeout_s=150,
@@ -217,6 +218,13 @@ def test_legato_timeline_gives_a_chrome_trace_of_both_ranks(tmp_path, backend):
         names = {e["name"] for e in mine}
         assert "forward conv1" in names and "update head" in names, names
     assert not list(tmp_path.glob("trace.json.*")), "spill or temporary file left behind"
+    # TensorFlow's profiler recorded legato's messages and updates (TraceMe spans, opened on
+    # legato's threads) in each rank's XPlane file, as TensorBoard's trace viewer reads it.
+    for rank in (0, 1):
+        planes = list((tmp_path / f"profile-{rank}").rglob("*.xplane.pb"))
+        assert len(planes) == 1, planes
+        data = planes[0].read_bytes()
+        assert b"legato.msg 0: " in data and b"legato.update head" in data, rank
 
 
 @pytest.mark.horovod
