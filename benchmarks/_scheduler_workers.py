@@ -349,8 +349,12 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
     dist.destroy_process_group()
 
 
-def run_horovod(model_name: str, steps: int, warmup: int, rounds: int) -> None:
-    """horovodrun ranks: hvd.DistributedOptimizer."""
+def run_horovod(model_name: str, steps: int, warmup: int, rounds: int,
+                loop: str = "plain") -> None:
+    """horovodrun ranks: hvd.DistributedOptimizer, in `loop` as Horovod documents it:
+    "accumulate" with backward_passes_per_step=2; "amp" under bf16 autocast with a
+    GradScaler (backward, opt.synchronize(), scaler.step(opt) inside
+    opt.skip_synchronize(), scaler.update())."""
     import horovod.torch as hvd
 
     hvd.init()
@@ -361,14 +365,27 @@ def run_horovod(model_name: str, steps: int, warmup: int, rounds: int) -> None:
         model = MODELS[model_name]()
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01,
                                                        momentum=0.9),
-                                       named_parameters=model.named_parameters())
+                                       named_parameters=model.named_parameters(),
+                                       backward_passes_per_step=2 if loop == "accumulate"
+                                       else 1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0) if loop == "amp" else None
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         for i in range(warmup + steps):
             hvd.allreduce(torch.zeros(1), name="barrier")
             t0 = time.perf_counter()
             opt.zero_grad()
-            loss_of(model_name, model(x), y).backward()
-            opt.step()
+            if loop == "amp":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = loss_of(model_name, model(x), y)
+                scaler.scale(loss).backward()
+                opt.synchronize()
+                with opt.skip_synchronize():
+                    scaler.step(opt)
+                scaler.update()
+            else:
+                for _ in range(2 if loop == "accumulate" else 1):
+                    loss_of(model_name, model(x), y).backward()
+                opt.step()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     print("RESULT " + json.dumps({"rank": hvd.rank(), "model": model_name,

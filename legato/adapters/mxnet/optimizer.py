@@ -429,6 +429,8 @@ class ScheduledTrainer(ClosesOnExit):
             overflow = finite < self._kv.num_workers
             answer = _OneGradient(mx.nd.array([np.nan if overflow else 0.0], dtype=np.float32))
             self._skips = {step: self._trainer._amp_loss_scaler.has_overflow([answer])}
+            if self._skips[step]:
+                self._steps.skipped(step)
         return self._skips[step]
 
     def _scaled_update(self, layer: int, step: int) -> None:
@@ -655,7 +657,4 @@ class ScheduledTrainer(ClosesOnExit):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
-                "messages_per_step": len(self.plan.chunks),
-                "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": self._scheduler.issued_total, "config": self.config.describe()}
+        return self._steps.stats(self.plan, self.config, self._scheduler.issued_total)

@@ -45,10 +45,10 @@ import numpy as np
 import tensorflow as tf
 
 from legato.adapters.tensorflow.comm import GlooTransport, HorovodTFTransport
+from legato.adapters.tensorflow.proxy import LayerGates, owned_layers
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
-from legato.core.scheduler.gates import Gates
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
@@ -72,153 +72,6 @@ def _keras():
     import keras
 
     return keras
-
-
-def _owned_layers(model) -> list[tuple[Any, list]]:
-    """Layers (depth first, in the order Keras tracks them) with the trainable variables each
-    holds itself (not through sublayers)."""
-    out, seen = [], set()
-
-    def visit(layer) -> None:
-        subs = list(layer._flatten_layers(include_self=False, recursive=False))
-        inner = {id(v) for s in subs for v in s.trainable_variables}
-        own = [v for v in layer.trainable_variables
-               if id(v) not in inner and id(v) not in seen]
-        if own:
-            seen.update(id(v) for v in own)
-            out.append((layer, own))
-        for s in subs:
-            visit(s)
-
-    visit(model)
-    return out
-
-
-class _LayerGates:
-    """One gate per layer; a layer's `call` waits until its own variables are updated.
-
-    Each gated layer's `call` is replaced, on the instance, by a wrapper that waits for the
-    layer's gate in eager mode and is transparent while a tf.function traces it (then
-    `traced` is set: the optimizer must finish each step's updates before returning).
-    `remove()` restores the layers' own `call`.
-
-    The first forward is observed, as in the PyTorch adapter's gates: a layer whose variables
-    are read by a parent without calling the layer never runs its `call`, so from then on the
-    model's own `call` waits for those layers; until then, and in inference (training not
-    true), the model's `call` waits for every layer.
-    """
-
-    def __init__(self, model, layers: list, timeout_s: float, check_error, rank: int,
-                 around=None, trace=None) -> None:
-        self._around = around  # around(layer, call, args, kwargs): runs a gated layer's call
-        self._trace = trace    # a SchedulerTrace: forward spans of eager calls
-        self._gates = Gates(len(layers), timeout_s=timeout_s, check_error=check_error,
-                            rank=rank)
-        self._all = tuple(range(len(layers)))
-        self.traced = False
-        self._observing = True
-        self._ran: set[int] = set()
-        self._root_waits: tuple[int, ...] = self._all
-        self._patched: list = []
-        root = None
-        for index, layer in enumerate(layers):
-            if layer is model:
-                root = index
-            self._patch(layer, index, layer.name)
-        if root is None:
-            self._patch(model, None, "the model")
-
-    def _patch(self, layer, index: int | None, name: str) -> None:
-        own = layer.call
-
-        def gated(*args, **kwargs):
-            graph = not tf.executing_eagerly()
-            if graph and self._around is None:
-                self.traced = True  # no gates in a graph without the optimizer's hooks
-                return own(*args, **kwargs)
-            if self._observing and index is not None:
-                self._ran.add(index)
-            waits: tuple[int, ...] = () if index is None else (index,)
-            if index is None:  # the model's own call
-                training = bool(kwargs.get("training"))
-                if graph:  # see [Note: compiled steps]; what to wait for is decided per run
-                    gate = self.graph_gate(
-                        lambda: self._root_waits if training else self._all, name)
-                    args = tf.nest.map_structure(
-                        lambda t: _after(gate, t) if tf.is_tensor(t) else t, args)
-                else:
-                    waits = self._root_waits if training else self._all
-                    if waits:
-                        self.wait(waits, name)
-                return own(*args, **kwargs)
-            if not graph:
-                self.wait(waits, name)
-            started = time.perf_counter()
-            out = (own(*args, **kwargs) if self._around is None else
-                   self._around(index, own, args, kwargs, graph))
-            if self._trace is not None and not graph:
-                self._trace.span("compute", f"forward {name}", started)
-            return out
-        gated.__wrapped__ = own
-        gated.__signature__ = _signature(own)
-        had = "call" in layer.__dict__
-        object.__setattr__(layer, "call", gated)
-        self._patched.append((layer, own, had))
-
-    def graph_gate(self, layers, name: str, before=None) -> tf.Tensor:
-        """An op that waits (when the graph runs) until `layers` (a tuple, or a function giving
-        one when the graph runs) are updated; `before()` runs first, on every run."""
-        def run():
-            if before is not None:
-                before()
-            waits = layers() if callable(layers) else layers
-            if waits:
-                self.wait(waits, name)
-            return np.int32(0)
-        return tf.py_function(run, [], tf.int32, name="legato_gate")
-
-    def finish_observing(self) -> None:
-        """After the first forward (see the class doc)."""
-        if not self._observing:
-            return
-        self._observing = False
-        self._root_waits = tuple(i for i in self._all if i not in self._ran)
-        if self._root_waits:
-            log.debug("[rank %d] layers %s never ran their call; the model's call waits for "
-                      "their update", self._gates.rank, self._root_waits)
-
-    def wait(self, layers: tuple[int, ...], name: str) -> None:
-        self._gates.wait(layers, name)
-
-    def hold_all(self, step: int) -> None:
-        self.finish_observing()
-        self._gates.hold_all(step)
-
-    def release(self, layer: int) -> None:
-        self._gates.release(layer)
-
-    def release_all(self) -> None:
-        self._gates.release_all()
-
-    def remove(self) -> None:
-        for layer, own, had in self._patched:
-            if had:
-                object.__setattr__(layer, "call", own)
-            else:
-                try:
-                    object.__delattr__(layer, "call")
-                except AttributeError:
-                    pass
-        self._patched = []
-
-
-def _signature(fn):
-    import inspect
-
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
 
 
 class ScheduledOptimizer(ClosesOnExit):
@@ -334,7 +187,7 @@ class ScheduledOptimizer(ClosesOnExit):
                                lambda: None)
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
-        owned = _owned_layers(model)
+        owned = owned_layers(model)
         self._layers = [layer for layer, _ in owned]
         self._layer_names = [layer.name for layer, _ in owned]
         layer_of = {id(v): i for i, (_, vs) in enumerate(owned) for v in vs}
@@ -396,7 +249,7 @@ class ScheduledOptimizer(ClosesOnExit):
             on_event=self._trace.on_event if self._trace is not None else None)
         self._gates = None
         if not self._passthrough:
-            self._gates = _LayerGates(model, self._layers, self._timeout_s,
+            self._gates = LayerGates(model, self._layers, self._timeout_s,
                                       self._raise_if_failed, self._rank,
                                       around=self._hooked_call if overlap_backward else None,
                                       trace=self._trace)
@@ -551,8 +404,7 @@ class ScheduledOptimizer(ClosesOnExit):
         if skip:  # LossScaleOptimizer's own rule: halve the scale, count from zero
             lso.step_counter.assign(0)
             lso.dynamic_scale.assign(lso.dynamic_scale * 0.5)
-            log.info("[rank %d] step %d: gradients not finite on some rank; the update is "
-                     "skipped and the loss scale halved", self._rank, self._steps.steps_called)
+            self._steps.skipped(self._steps.steps_called)   # and the loss scale halved
             return iteration, scale, True
         self._next_iteration += 1
         if int(lso.step_counter.numpy()) == lso.dynamic_growth_steps - 1:
@@ -737,10 +589,7 @@ class ScheduledOptimizer(ClosesOnExit):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
-                "messages_per_step": len(self.plan.chunks),
-                "bytes_per_step": self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": self._scheduler.issued_total, "config": self.config.describe(),
+        return {**self._steps.stats(self.plan, self.config, self._scheduler.issued_total),
                 "backend": self._transport.name,
                 "sent_during_backward": self._posted_in_backward, "forward_traced": bool(
                     self._gates is not None and self._gates.traced)}
@@ -780,11 +629,7 @@ class ScheduledOptimizer(ClosesOnExit):
         variables = [self._vars[k] for k in keys]
         if scale is not None:  # as LossScaleOptimizer: divided by the step's scale
             if not _all_finite(grads):
-                # every rank holds the same reduced values and skips alike; only a sum of
-                # finite values that overflowed gets here
-                log.warning("[rank %d] step %d: the reduced gradients of %s are not finite "
-                            "though no rank's own were; its update is skipped", self._rank,
-                            step, what)
+                self._steps.update_skipped(step, what)
                 return
             grads = [g if getattr(v, "overwrite_with_gradient", False) else g / scale
                      for g, v in zip(grads, variables)]
@@ -858,11 +703,6 @@ def _compression_name(value) -> str | None:
         if name in ("fp16", "bf16", "none"):
             return name
     raise ConfigError(f"compression={value!r} is unknown; pass 'fp16', 'bf16' or None")
-
-
-def _after(gate: tf.Tensor, t: tf.Tensor) -> tf.Tensor:
-    with tf.control_dependencies([gate]):
-        return tf.identity(t)
 
 
 def _recording() -> bool:

@@ -638,10 +638,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         found = torch.zeros((), dtype=torch.float32, device=inv_scale.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
         if found.item():
-            # Every rank holds the same reduced values, so every rank skips it alike; only a
-            # sum of finite values that overflowed gets here (DDP would skip the whole step).
-            log.warning("[rank %d] step %d: the reduced gradients of %s are not finite though "
-                        "no rank's own were; its update is skipped", self._rank, step, what)
+            self._steps.update_skipped(step, what)
             return False
         return True
 
@@ -757,11 +754,15 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             scaler.unscale_(self)        # reads param_groups, which waits for the gradients
         self._amp = True
         if state["stage"] is OptState.UNSCALED:  # checked on the reduced gradients
-            found = sum(float(v.item()) for v in state["found_inf_per_device"].values())
-            return None, bool(found)
+            found = bool(sum(float(v.item()) for v in state["found_inf_per_device"].values()))
+            if found:
+                self._steps.skipped(self._steps.steps_called)
+            return None, found
         local = bool(torch.stack([b.to("cpu") for b in self._bad]).any().item())
         with _profiled("legato.overflow_flag"):
             skip = self._transport.any_flag(local)
+        if skip:
+            self._steps.skipped(self._steps.steps_called)
         scale = scaler._scale
         state["found_inf_per_device"] = {scale.device: torch.full(
             (), 1.0 if skip else 0.0, dtype=torch.float32, device=scale.device)}
@@ -921,11 +922,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"steps": self._steps.steps_called, "steps_done": self._steps.steps_updated,
-                "messages_per_step": len(self.plan.chunks), "bytes_per_step":
-                self.plan.total_bytes, "layers": len(self._layer_names),
-                "issued": self._issued_before + self._scheduler.issued_total,
-                "config": self.config.describe(),
+        return {**self._steps.stats(self.plan, self.config,
+                                    self._issued_before + self._scheduler.issued_total),
                 "tuner": None if self._tuner is None or self._transport.group_rank != 0
                 else self._tuner.summary()}
 

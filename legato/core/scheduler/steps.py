@@ -6,8 +6,9 @@ are reduced. `StepTracker` counts both sides: steps called, and per layer the up
 (or skipped), a step being done when every layer's update is; it keeps per-step information
 that the updates of that step need (a mixed-precision step's unscale factor and skip
 decision), drops the updates of gradients that were cleared before their step
-(`void_round`), records the first failure of any thread, and lets the training thread wait
-(`synchronize`) with errors that name the rank and the step. `close_scheduled` is the
+(`void_round`), counts the steps and updates skipped under mixed precision, records the
+first failure of any thread, and lets the training thread wait (`synchronize`) with errors
+that name the rank and the step. `close_scheduled` is the
 shut-down order all three adapters follow. Framework-free: the adapters bring the gradients,
 the optimizer steps and the gates.
 """
@@ -55,6 +56,8 @@ class StepTracker:
         self._info: dict[int, Any] = {}
         self.round = 0                   # which hand-over of gradients queued updates are for
         self._voided: set[int] = set()
+        self.steps_skipped = 0           # steps every rank skipped (mixed precision overflow)
+        self.updates_skipped = 0         # layer updates skipped on non-finite reduced values
 
     # -- the training thread ---------------------------------------------------------------
     def call_step(self, info: Any = None) -> int:
@@ -70,6 +73,23 @@ class StepTracker:
     def info(self, step: int, default: Any = None) -> Any:
         with self.cv:
             return self._info.get(step, default)
+
+    def skipped(self, step: int) -> None:
+        """`step` is skipped on every rank (a rank's gradients were not finite: the ranks'
+        shared mixed-precision decision); its updates run as no-ops."""
+        with self.cv:
+            self.steps_skipped += 1
+        log.info("[rank %d] step %d: gradients not finite on some rank; the update is "
+                 "skipped", self.rank, step)
+
+    def update_skipped(self, step: int, what: str) -> None:
+        """The reduced gradients of `what` in `step` are not finite though no rank's own were
+        (a sum of finite values overflowed): every rank holds the same values and skips that
+        update alike (a data-parallel job would have skipped the whole step)."""
+        with self.cv:
+            self.updates_skipped += 1
+        log.warning("[rank %d] step %d: the reduced gradients of %s are not finite though no "
+                    "rank's own were; its update is skipped", self.rank, step, what)
 
     def void_round(self) -> None:
         """The gradients handed over since the last step were cleared: the layer updates
@@ -138,6 +158,14 @@ class StepTracker:
                          f"{len(self.layer_names)} layers updated); {self._suspect}"),
                      poll_s=1.0)
         check()
+
+    def stats(self, plan, config, issued: int) -> dict[str, Any]:
+        """What every adapter's `stats()` reports: steps called, done and skipped, the plan's
+        messages and bytes per step, layers, messages issued and the policy in force."""
+        return {"steps": self.steps_called, "steps_done": self.steps_updated,
+                "steps_skipped": self.steps_skipped, "messages_per_step": len(plan.chunks),
+                "bytes_per_step": plan.total_bytes, "layers": len(self.layer_names),
+                "issued": issued, "config": config.describe()}
 
     def mark_closed(self) -> None:
         with self.cv:

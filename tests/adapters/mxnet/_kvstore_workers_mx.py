@@ -356,7 +356,8 @@ def compare_amp_with_gluon(cases: list, steps: int) -> None:
                                    "want_scales": want_scales, "worst": worst,
                                    "exact": all(np.array_equal(a, b)
                                                 for a, b in zip(got, want)),
-                                   "steps_done": stats["steps_done"]}), flush=True)
+                                   "steps_done": stats["steps_done"],
+                                   "steps_skipped": stats["steps_skipped"]}), flush=True)
 
 
 def timeline(path: str, steps: int) -> None:

@@ -353,6 +353,7 @@ def idioms_legato(backend: str, idiom: str, steps: int, out: str) -> None:
                                 model.trainable_variables))
     opt.synchronize()
     stats = opt.stats
+    assert stats["steps_skipped"] == (len(OVERFLOWS) if idiom == "amp" else 0), stats
     opt.close()
     _save(out, f"{backend}-{idiom}", rank, model, opt.optimizer)
     print("STATS", stats, flush=True)

@@ -108,6 +108,7 @@ def amp_matches_ddp(opt_name: str, policy: str, settings: dict, steps: int,
         (scalers[0].get_scale(), scalers[1].get_scale())
     assert scalers[0].state_dict() == scalers[1].state_dict()
     assert skipped[0] == skipped[1] == len(overflow), (skipped, overflow)
+    assert opt.stats["steps_skipped"] == len(overflow), opt.stats
     opt.close()
     print(f"rank {rank}: amp {model_name} {dtype} {opt_name}/{policy} clip={clip} "
           f"accumulate={accumulate} matches "
