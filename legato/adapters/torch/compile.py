@@ -2,11 +2,13 @@
 (the TorchScript exporter), rewritten by `legato.core.rewrite.optimize`, and run in
 onnxruntime on CPU.
 
-    import legato.adapters.torch           # registers the backend
     fast = torch.compile(model.eval(), backend="legato", options={"budget": 50})
     with torch.inference_mode():
         y = fast(x)
     legato.adapters.torch.compile.last_reports()[-1].explain()
+
+An installed legato is found by torch through its `torch_dynamo_backends` entry point, with no
+import first; from a source tree on PYTHONPATH, `import legato.adapters.torch` registers it.
 
 Options (`options={...}`, or module defaults from `configure(...)`): every keyword argument of
 `optimize` (budget, time_limit_s, rounds, threads, level, rtol, atol, rules, ...), plus
@@ -324,9 +326,17 @@ class _OrtGraph:
 
 
 def _register() -> None:
+    """Make backend="legato" known to torch.compile. An installed legato declares it as a
+    `torch_dynamo_backends` entry point, which torch loads by itself (registering here too
+    would make torch's own load of the entry point fail as a duplicate); a source tree on
+    PYTHONPATH has no entry point, so importing this module registers it."""
+    from importlib.metadata import entry_points
+
     from torch._dynamo.backends.registry import lookup_backend
     from torch._dynamo.exc import InvalidBackend
 
+    if any(ep.name == BACKEND for ep in entry_points(group="torch_dynamo_backends")):
+        return
     try:
         lookup_backend(BACKEND)
     except InvalidBackend:
