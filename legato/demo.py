@@ -79,8 +79,9 @@ def _scheduler(args: argparse.Namespace) -> bool:
 
     root = repo_root()
     if root is None:
-        print("the scheduler demo runs from a source checkout (benchmarks/ is not installed)")
-        return False
+        print("skipped: the scheduler demo runs benchmarks/, which only a source checkout has "
+              "(an installed legato has no benchmarks)")
+        return True
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("tc"):
         print("skipped: shaping a private loopback needs root, unshare and tc; run "
               "`legato bench scheduler` as root")
@@ -106,7 +107,8 @@ def _pipeline(args: argparse.Namespace) -> bool:
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
-        print("skipped: torch is not installed here (make setup puts it in .venv)")
+        print("skipped: torch is not installed here (pip install 'legato[torch]'; make setup puts "
+              "it in .venv)")
         return True
     from legato._demo_pipeline import run_demo
 
@@ -128,7 +130,8 @@ def _rewrite(args: argparse.Namespace) -> bool:
     missing = [m for m in ("onnx", "onnxruntime", "onnx_ir", "onnxscript")
                if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"skipped: {', '.join(missing)} not installed here (make setup puts them in .venv)")
+        print(f"skipped: {', '.join(missing)} not installed here (pip install 'legato[onnx]'; "
+              "make setup puts them in .venv)")
         return True
     import collections
 
@@ -211,7 +214,8 @@ def _parity(args: argparse.Namespace) -> bool:
     missing = [m for m in ("sklearn", "onnxruntime", "aiohttp", "hdrh", "torch")
                if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"skipped: {', '.join(missing)} not installed here (make setup puts them in .venv)")
+        print(f"skipped: {', '.join(missing)} not installed here (pip install "
+              "'legato[torch,parity]'; make setup puts them in .venv)")
         return True
     import asyncio
     import tempfile
@@ -232,7 +236,8 @@ def _parity(args: argparse.Namespace) -> bool:
     queries = [x[None] for x in datasets.load("digits").x_test]
 
     async def one(policy: str) -> dict:
-        fe = Frontend(ServeConfig(str(out / "base.onnx"), str(out / "parity.onnx"), k=2,
+        fe = Frontend(ServeConfig(model=str(out / "base.onnx"),
+                                  parity_model=str(out / "parity.onnx"), k=2,
                                   workers=4, policy=policy, deadline_ms=200, port=0,
                                   inject=faults))
         await fe.start()

@@ -97,14 +97,16 @@ print(json.dumps({"usable": True, "version": tf2onnx.__version__, "reason": ""})
 }
 
 _INSTALL_HINT = {
-    "torch": "pip install torch==2.13.0 (make .stamps/venv)",
-    "tensorflow": "pip install tensorflow-cpu==2.21.0 (make .stamps/venv)",
-    "horovod": "build it with scripts/build_horovod.sh .venv (make .stamps/horovod)",
-    "mxnet": "create .venv-mxnet with `make .stamps/venv-mxnet` (mxnet 1.9.1 needs numpy<1.24), "
-             "or set LEGATO_MXNET_PYTHON to an interpreter that has mxnet",
-    "onnx": "pip install onnx", "onnxruntime": "pip install onnxruntime",
-    "onnx_ir": "pip install onnx-ir", "onnxscript": "pip install onnxscript",
-    "tf2onnx": "pip install tf2onnx",
+    "torch": "pip install 'legato[torch]' (make setup: .venv)",
+    "tensorflow": "pip install 'legato[tensorflow]' or 'legato[tensorflow-cpu]' (make setup: "
+                  ".venv)",
+    "horovod": "build it with scripts/build_horovod.sh .venv (make setup)",
+    "mxnet": "pip install 'legato[mxnet]' in an environment of its own (mxnet 1.9.1 needs "
+             "numpy<1.24; make setup: .venv-mxnet), or set LEGATO_MXNET_PYTHON to an "
+             "interpreter that has mxnet",
+    "onnx": "pip install 'legato[onnx]'", "onnxruntime": "pip install 'legato[onnx]'",
+    "onnx_ir": "pip install 'legato[onnx]'", "onnxscript": "pip install 'legato[onnx]'",
+    "tf2onnx": "pip install 'legato[tensorflow]'",
 }
 
 

@@ -18,9 +18,16 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnx_ir.passes.common as ir_passes
+
+from legato._extras import require
+
+require("onnx", "onnx_ir", "onnxruntime",
+        what="legato's compile backends (torch.compile(backend='legato'), optimize_function, "
+             "optimize_block)")
+
+import onnx  # noqa: E402
+import onnx_ir as ir  # noqa: E402
+import onnx_ir.passes.common as ir_passes  # noqa: E402
 
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.rewrite import Report, optimize

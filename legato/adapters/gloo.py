@@ -12,8 +12,13 @@ from __future__ import annotations
 import logging
 from typing import Callable, Sequence
 
-import torch
-import torch.distributed as dist
+from legato._extras import require
+
+require("torch", what="legato's gloo transport (legato.adapters.gloo: ScheduledOptimizer's "
+        "backend='gloo', also from TensorFlow, runs on torch.distributed)")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from legato.core.errors import BackendUnavailable, ConfigError
 from legato.core.protocols import ANNOUNCE_SLOTS, Done, announcement_frames, frame_ids

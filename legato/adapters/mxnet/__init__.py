@@ -2,9 +2,9 @@
 (ScheduledTrainer), the pipeline profiler, and graph rewriting of Gluon blocks (mx.onnx export,
 legato's optimizer, onnxruntime)."""
 
-from legato.adapters._require import require_framework
+from legato._extras import require
 
-require_framework("mxnet")
+require("mxnet", what="legato.adapters.mxnet")
 
 from legato.adapters.mxnet.compile import (  # noqa: E402
     OptimizedBlock,

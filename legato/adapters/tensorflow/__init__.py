@@ -2,9 +2,9 @@
 Horovod's TensorFlow ops or legato's gloo transport), the pipeline profiler, and graph rewriting
 of functions and SavedModels (tf2onnx, legato's optimizer, onnxruntime)."""
 
-from legato.adapters._require import require_framework
+from legato._extras import require
 
-require_framework("tensorflow")
+require("tensorflow", what="legato.adapters.tensorflow")
 
 from legato.adapters.tensorflow.compile import (  # noqa: E402
     OptimizedFunction,

@@ -165,7 +165,9 @@ class OptimizedFunction(CompiledWithFallback):
             self._fall_back(reason)
 
     def _build(self) -> str | None:
-        import tf2onnx
+        from legato._extras import require
+
+        tf2onnx = require("tf2onnx", what="optimize_function and optimize_saved_model")
 
         helpers = _onnx()
         start = time.perf_counter()

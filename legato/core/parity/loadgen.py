@@ -58,7 +58,7 @@ async def run_load(url: str, queries: Sequence[np.ndarray], rate: float, *, n: i
         from hdrh.histogram import HdrHistogram
     except ImportError as err:
         raise BackendUnavailable(f"the load generator needs aiohttp and hdrhistogram ({err}); "
-                                 "`make setup` installs them in .venv") from err
+                                 "pip install 'legato[serve]'") from err
     if not queries:
         raise ConfigError("no queries to send")
     bodies = [_npy(q) for q in queries]

@@ -433,6 +433,9 @@ _LABELS = {K.FORWARD: "forward", K.BACKWARD: "backward", K.BACKWARD_INPUT: "inpu
 def _draw_gantt(file, timeline: Sequence[Span], stages: dict[int, tuple[int, ...]],
                 makespan_s: float, title: str, dpi: int) -> None:
     """Draw with matplotlib's Agg canvas (no pyplot, no global backend change)."""
+    from legato._extras import require
+
+    require("matplotlib", what="a Gantt chart of the schedule (--gantt)")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

@@ -3,6 +3,12 @@ measured costs, cost-based search, and `optimize(model)` (`optimize_file(src, ds
 any size), which returns a rewritten ONNX model only when it is measured faster with equal
 outputs."""
 
+from legato._extras import require
+
+require("onnx", "onnx_ir", "onnxruntime", what="legato's graph rewriting (legato.core.rewrite)")
+
+# ruff: noqa: E402 (the imports below need the packages checked above)
+
 from legato.core.rewrite.explain import MatchResult, explain_model, explain_rule, near_misses
 from legato.core.rewrite.generate import GenerateResult, GenerationError, generate_rules
 from legato.core.rewrite.ops import OPS, OpDef, ShapeError, get_op

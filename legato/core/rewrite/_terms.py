@@ -37,7 +37,8 @@ def z3_module():
     try:
         import z3
     except ImportError:
-        raise BackendUnavailable("formal verification needs Z3; pip install z3-solver") from None
+        raise BackendUnavailable("formal verification needs Z3 (z3-solver), which is not installed "
+                                 "here: pip install 'legato[rewrite]'") from None
     return z3
 
 

@@ -50,8 +50,9 @@ def make_queue(credit_bytes: int | None = None, mode: str = "overshoot", *,
         raise ValueError(f"impl='{impl}' is unknown; pass 'auto', 'native' or 'python'")
     if impl == "native" and _native is None:
         from legato.core.errors import BackendUnavailable
-        raise BackendUnavailable("legato._native is not built; run `pip install -e .` (or "
-                                 "`make .venv`) to compile it, or pass impl='python'")
+        raise BackendUnavailable("legato._native is not built; reinstall legato from its wheel "
+                                 "or source (`pip install .`, `make setup`) to compile it, or "
+                                 "pass impl='python'")
     if impl == "python" or _native is None:
         return PythonPriorityQueue(credit_bytes, mode)
     return _native.PriorityQueue(credit_bytes, mode)

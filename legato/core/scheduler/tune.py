@@ -173,7 +173,7 @@ class OnlineTuner:
             import optuna
         except ImportError as err:
             raise ConfigError(f"tune=True needs optuna ({err}); install it with "
-                              "`pip install optuna` (make setup does)") from err
+                              "pip install 'legato[tune]'") from err
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self._optuna = optuna
         self.settings = settings
