@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         return 2
     files = [Path(f) for f in args.files] or sorted(RULES_DIR.glob("*.json"))
     failed = 0
+    results = []
     try:
         for path in files:
             rules = load_rules(path)
@@ -163,8 +165,12 @@ def _cmd_rules(args: argparse.Namespace) -> int:
                     record, status = {"detail": f"{type(err).__name__}: {err}"}, "error"
                     formal = {"z3": "not run"}
                 failed += status != "passed" or formal["z3"] != "proved"
-                print(f"{path.name}: {rule.name}: numeric {status} ({record.get('detail', '')});"
-                      f" z3 {formal['z3']} ({formal.get('z3_detail', '')})")
+                results.append({"file": str(path), "rule": rule.name, "numeric": status,
+                                "numeric_detail": record.get("detail", ""), **formal})
+                if not args.json:
+                    print(f"{path.name}: {rule.name}: numeric {status} "
+                          f"({record.get('detail', '')}); z3 {formal['z3']} "
+                          f"({formal.get('z3_detail', '')})")
                 checked.append(rule.with_verification(
                     numeric=status, numeric_detail=record.get("detail", ""), **formal))
             if args.write:
@@ -173,6 +179,8 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     except LegatoError as err:
         print(f"legato rules: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        _print_json({"rules": results, "failed": failed})
     return 1 if failed else 0
 
 
@@ -200,6 +208,8 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
     bars: dict = {}
 
     def progress(stage: str, done: int, total: int) -> None:
+        if args.quiet or not sys.stderr.isatty():
+            return
         try:
             from tqdm import tqdm
         except ImportError:
@@ -226,6 +236,10 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
     save_rules(out, result.rules, meta=result.meta())
+    if args.json:
+        _print_json({"output": str(out), "rules": len(result.rules),
+                     "dropped": [rule.name for rule, _ in result.failed], **result.meta()})
+        return 0
     print(result.summary())
     for rule, record in result.failed:
         print(f"dropped by numeric verification: {rule.name}: {rule.doc} "
@@ -237,16 +251,31 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
 def _cmd_parity(args: argparse.Namespace) -> int:
     from legato.core.errors import LegatoError
 
+    if args.k < 2 or args.base_epochs < 1 or args.parity_steps < 1:
+        print("legato parity train: --k must be >= 2, --base-epochs and --parity-steps >= 1",
+              file=sys.stderr)
+        return 2
     out = Path(args.output)
+    # the output folder is checked before minutes of training, not after
+    if out.exists() and not out.is_dir():
+        print(f"legato parity train: -o {out} is a file, not a folder; the trained models go "
+              "into a folder (it is created if missing)", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"legato parity train: cannot create the output folder {out}: {err.strerror}",
+              file=sys.stderr)
+        return 2
+    if not os.access(out, os.W_OK | os.X_OK):
+        print(f"legato parity train: the output folder {out} is not writable",
+              file=sys.stderr)
+        return 2
     existing = [n for n in ("base.onnx", "parity.onnx", "backup.onnx", "report.json")
                 if (out / n).exists()]
     if existing and not args.overwrite:
         print(f"legato parity train: {out} already holds {', '.join(existing)}; pass "
               "--overwrite to replace them", file=sys.stderr)
-        return 2
-    if args.k < 2 or args.base_epochs < 1 or args.parity_steps < 1:
-        print("legato parity train: --k must be >= 2, --base-epochs and --parity-steps >= 1",
-              file=sys.stderr)
         return 2
     try:
         from legato.adapters.torch.parity import train_parity_pair
@@ -257,6 +286,9 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     except LegatoError as err:
         print(f"legato parity train: {err}", file=sys.stderr)
         return 2
+    if args.json:
+        _print_json({**report, "output": str(out)})
+        return 0
     print(f"{args.dataset}, k={args.k}, {args.encoder} encoder: base accuracy "
           f"{report['base_accuracy']:.2%}; on {report['reconstructions']} rebuilt test "
           f"predictions, reconstruction accuracy {report['reconstruction_accuracy']:.2%} and "
@@ -266,6 +298,18 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'base.onnx'}, {out / 'parity.onnx'}, {out / 'backup.onnx'} (a cheap "
           f"backup model, for --policy backup), {out / 'report.json'}")
     return 0
+
+
+def _listen_error(err: OSError, host: str, port: int) -> str:
+    """One line for a server that could not start listening (or otherwise hit the OS)."""
+    import errno
+
+    if err.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {host}:{port}: the address is in use (another server "
+                "there?); pick another --port, or --port 0 for any free one")
+    if err.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+        return f"cannot listen on {host}:{port}: {err.strerror}; check --host and --port"
+    return f"{type(err).__name__}: {err}"
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -287,6 +331,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     except LegatoError as err:
         print(f"legato worker: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"legato worker: {_listen_error(err, args.host, args.port)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     return 0
@@ -296,11 +343,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from legato.core.errors import LegatoError
     from legato.core.parity.frontend import ServeConfig, serve
 
-    config = ServeConfig(args.model, args.parity_model, args.k, args.workers, args.policy,
-                         args.deadline_ms, args.group_timeout_ms, args.encoder, args.host,
-                         args.port, args.inject, args.max_inflight, args.threads,
-                         args.hedge_ms, args.adaptive_warmup, args.backup_model,
-                         args.max_batch)
+    import dataclasses
+
+    config = ServeConfig(**{f.name: getattr(args, f.name)
+                            for f in dataclasses.fields(ServeConfig)})
     try:
         config.check()
         serve(config, ready=lambda port: print(
@@ -309,6 +355,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"http://{config.host}:{port}", flush=True))
     except LegatoError as err:
         print(f"legato serve: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"legato serve: {_listen_error(err, config.host, config.port)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0
@@ -415,6 +464,9 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+    if args.json:
+        _print_json({**report.to_json(), "output": str(args.output)})
+        return 0
     print(report.explain() if args.explain else report.reason)
     if not args.explain:
         for note in report.notes:
@@ -423,29 +475,62 @@ def _cmd_rewrite(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="legato",
-        description="legato: communication scheduling, pipeline parallelism, graph "
-                    "superoptimization and coded inference for existing PyTorch, TensorFlow "
-                    "and MXNet jobs.")
-    parser.add_argument("--version", action="version", version=f"legato {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _print_json(obj) -> None:
+    """One JSON document on stdout; NaN and infinities (not JSON) become null."""
+    import math
 
-    p = sub.add_parser("doctor", help="show which frameworks, backends and native paths are "
-                                      "usable here, and why not")
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {str(k): clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    print(json.dumps(clean(obj), indent=1, default=str))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _output_options(parser: argparse.ArgumentParser, default=None) -> None:
+    """-v, --log-level and -q: accepted before and after every command."""
+    def flag(value):
+        return value if default is None else default
+
+    parser.add_argument("-v", "--verbose", action="store_true", default=flag(False),
+                        help="log at debug level (as --log-level debug)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=flag(None),
+                        help="logging threshold (default: info)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=flag(False),
+                        help="no progress bars or progress lines; log warnings and errors only")
+
+
+def _parser_doctor(add) -> None:
+    """`legato doctor`."""
+    p = add("doctor", help="show which frameworks, backends and native paths are "
+                           "usable here, and why not")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object keyed by component instead of a table")
     p.set_defaults(func=_cmd_doctor)
 
-    p = sub.add_parser("demo", help="run the tour of legato's capabilities on built-in models")
+
+def _parser_demo(add) -> None:
+    """`legato demo`."""
+    p = add("demo", help="run the tour of legato's capabilities on built-in models")
     p.add_argument("--section", action="append", metavar="NAME",
                    help="run only this section (repeatable); see --list")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser(
+
+def _parser_plan(add) -> None:
+    """`legato plan`."""
+    from legato.core.pipeline.planner import MODES, OBJECTIVES
+    from legato.core.pipeline.schedules import SCHEDULES
+
+    p = add(
         "plan", help="partition a profiled model into pipeline stages (PipeDream's planner)",
         description="Plan pipeline-parallel training: which layers form each stage, how many "
                     "workers replicate it, and the predicted time per minibatch against data "
@@ -460,10 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth", metavar="B[,B...]",
                    help="bandwidth per level, innermost first (10GB/s,1.25GB/s; bits as "
                         "10Gbit/s); default 1GB/s")
-    p.add_argument("--mode", choices=["pipedream", "paper"], default="pipedream",
+    p.add_argument("--mode", choices=MODES, default="pipedream",
                    help="cost arithmetic: PipeDream's released optimizer (default) or the "
                         "paper's equations")
-    p.add_argument("--objective", choices=["async", "sync"], default="async",
+    p.add_argument("--objective", choices=OBJECTIVES, default="async",
                    help="async: PipeDream's 1F1B (slowest stage); sync: GPipe/1F1B-flush "
                         "makespan (needs --microbatches)")
     p.add_argument("--microbatches", type=int, metavar="M",
@@ -478,14 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut points searched exactly before the graph is linearized "
                         "(default 1000 for one level, 500 for several)")
     p.add_argument("--simulate", metavar="SCHEDULE",
-                   choices=["gpipe", "1f1b", "pipedream", "2bw", "interleaved-1f1b", "zb-h1"],
+                   choices=list(SCHEDULES),
                    help="also simulate the plan under this schedule")
     p.add_argument("--gantt", metavar="PNG", help="with --simulate: draw its Gantt chart")
     p.add_argument("-o", "--output", metavar="PLAN.json", help="write the plan as JSON")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser(
+
+def _parser_rewrite(add) -> None:
+    """`legato rewrite`."""
+    p = add(
         "rewrite", help="rewrite an ONNX model into a faster equivalent (TASO-style search)",
         description="Search for a faster equivalent graph with verified rules, measured in "
                     "onnxruntime; the result is written only if measured faster with equal "
@@ -501,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep candidates up to alpha x the best cost, or within twice their "
                         "measured error of it (default 1.05)")
     p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
-    p.add_argument("--time-limit", type=float, default=60.0, metavar="S",
+    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+                   default=60.0, metavar="S",
                    help="wall-clock limit of the graph search in seconds (default 60; both "
                         "searches together when the guard has it search again), "
                         "checked between graphs: the graph under way is finished and the "
@@ -518,8 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let rules fold initializers that are also graph inputs (IR >= 4 "
                         "makes them overridable at run time, so by default they stay inputs); "
                         "the output no longer lists them as inputs")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress line on stderr while searching")
     p.add_argument("--ort-level", choices=["disabled", "basic", "extended", "all"],
                    default="all", help="onnxruntime optimization level to measure under")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -533,22 +620,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="allow -o to be the input file (also through a symlink); its external "
                         "data file is never overwritten")
+    p.add_argument("--json", action="store_true",
+                   help="print the report (decision, costs, measurements, search) as JSON")
     p.set_defaults(func=_cmd_rewrite)
 
-    p = sub.add_parser("rules", help="verify or generate rewrite rule files",
-                       description="legato rules verify [FILE ...] [--write]: prove every rule "
-                                   "with Z3 against the operator axioms and check it "
-                                   "numerically in float64 on its example shapes; --write "
-                                   "stores each rule's record in its file; exit 1 if any rule "
-                                   "is not both proved and passed. legato rules generate "
-                                   "--max-ops N -o rules.json: enumerate graphs of up to N "
-                                   "operators, pair equal ones by fingerprint, prune, verify "
-                                   "and write the rules (TASO section 3).")
+
+def _parser_rules(add) -> None:
+    """`legato rules`."""
+    p = add("rules", help="verify or generate rewrite rule files",
+            description="legato rules verify [FILE ...] [--write]: prove every rule "
+                        "with Z3 against the operator axioms and check it "
+                        "numerically in float64 on its example shapes; --write "
+                        "stores each rule's record in its file; exit 1 if any rule "
+                        "is not both proved and passed. legato rules generate "
+                        "--max-ops N -o rules.json: enumerate graphs of up to N "
+                        "operators, pair equal ones by fingerprint, prune, verify "
+                        "and write the rules (TASO section 3).")
     p.add_argument("action", choices=["verify", "generate"])
     p.add_argument("files", nargs="*", help="verify: rule files (default: the shipped ones)")
     p.add_argument("--trials", type=int, default=3,
                    help="verify: random inputs per example shape")
     p.add_argument("--write", action="store_true", help="verify: store the records in the files")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (verify: every rule's record)")
     g = p.add_argument_group("generate")
     g.add_argument("--max-ops", type=int, default=3, metavar="N",
                    help="largest graph in operators (default 3)")
@@ -558,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape environments, 'a=2,b=4,c=6,d=3,n=2,k=4,h=3,w=5;...'")
     g.add_argument("--max-vars", type=int, default=4, metavar="N",
                    help="most distinct variables per graph (default 4)")
-    g.add_argument("--time-limit", type=float, metavar="S",
+    g.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+                   metavar="S",
                    help="stop enumerating after S seconds and keep what was found")
     g.add_argument("--no-verify", action="store_true",
                    help="skip float64 verification of the generated rules")
@@ -571,35 +666,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.set_defaults(func=_cmd_rules)
 
-    p = sub.add_parser("parity", help="train a parity model for coded inference",
-                       description="legato parity train --dataset digits|mnist5k --k K "
-                                   "--encoder addition|concat -o DIR: train the base model "
-                                   "(BaseMLP 200-100) and its parity model in PyTorch, judge "
-                                   "them on coding groups of test images, and write "
-                                   "DIR/base.onnx, DIR/parity.onnx, DIR/backup.onnx (a "
-                                   "linear classifier for the cheap-backup baseline) and "
-                                   "DIR/report.json.")
+
+def _parser_parity(add) -> None:
+    """`legato parity`."""
+    from legato.core.parity.codes import ENCODERS
+    from legato.core.parity.datasets import DATASETS
+
+    p = add("parity", help="train a parity model for coded inference",
+            description="legato parity train --dataset digits|mnist5k --k K "
+                        "--encoder addition|concat -o DIR: train the base model "
+                        "(BaseMLP 200-100) and its parity model in PyTorch, judge "
+                        "them on coding groups of test images, and write "
+                        "DIR/base.onnx, DIR/parity.onnx, DIR/backup.onnx (a "
+                        "linear classifier for the cheap-backup baseline) and "
+                        "DIR/report.json.")
     p.add_argument("action", choices=["train"])
-    p.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
-    p.add_argument("--encoder", choices=["addition", "concat"], default="addition")
+    p.add_argument("--encoder", choices=ENCODERS, default="addition")
     p.add_argument("-o", "--output", metavar="DIR", required=True,
                    help="folder for base.onnx, parity.onnx and report.json")
     p.add_argument("--base-epochs", type=int, default=60, metavar="N")
     p.add_argument("--parity-steps", type=int, default=40000, metavar="N",
                    help="optimizer steps of the parity model, each on fresh random groups")
-    p.add_argument("--time-limit", type=float, metavar="S",
+    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+                   metavar="S",
                    help="stop training the parity model after S seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the training report as JSON")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files already in the output folder")
     p.set_defaults(func=_cmd_parity)
 
-    p = sub.add_parser("worker", help="serve one ONNX model to a coded-inference frontend",
-                       description="legato worker --model M.onnx --port P: run the model in "
-                                   "onnxruntime behind legato's frame protocol on 127.0.0.1, "
-                                   "one request at a time, cancellable while queued; "
-                                   "--inject adds seeded faults (docs/parity.md).")
+
+def _parser_worker(add) -> None:
+    """`legato worker`."""
+    p = add("worker", help="serve one ONNX model to a coded-inference frontend",
+            description="legato worker --model M.onnx --port P: run the model in "
+                        "onnxruntime behind legato's frame protocol on 127.0.0.1, "
+                        "one request at a time, cancellable while queued; "
+                        "--inject adds seeded faults (docs/parity.md).")
     p.add_argument("--model", required=True, action="append",
                    help="the .onnx model to serve (repeat to serve several; requests pick one "
                         "by index, default the first)")
@@ -616,22 +722,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when the process that started this worker is gone")
     p.set_defaults(func=_cmd_worker)
 
-    p = sub.add_parser("serve", help="the coded-inference serving frontend (HTTP)",
-                       description="legato serve --model base.onnx --parity-model parity.onnx "
-                                   "--k K --workers N --policy "
-                                   "none|replicate|hedge|parity|adaptive|full|backup "
-                                   "--deadline-ms D --port P: start N model workers (plus "
-                                   "ceil(N/k) extra for the other policies, N for full) "
-                                   "and serve "
-                                   "POST /v1/predict, GET /v1/health and GET /metrics "
-                                   "(docs/parity.md).")
+
+def _parser_serve(add) -> None:
+    """`legato serve`."""
+    from legato.core.parity.codes import ENCODERS
+    from legato.core.parity.frontend import POLICIES as SERVE_POLICIES
+
+    p = add("serve", help="the coded-inference serving frontend (HTTP)",
+            description="legato serve --model base.onnx --parity-model parity.onnx "
+                        "--k K --workers N --policy "
+                        "none|replicate|hedge|parity|adaptive|full|backup "
+                        "--deadline-ms D --port P: start N model workers (plus "
+                        "ceil(N/k) extra for the other policies, N for full) "
+                        "and serve "
+                        "POST /v1/predict, GET /v1/health and GET /metrics "
+                        "(docs/parity.md).")
     p.add_argument("--model", required=True, help="the base model (.onnx)")
     p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
     p.add_argument("--k", type=int, default=2, help="queries per coding group (default 2)")
     p.add_argument("--workers", type=int, default=4, help="base model workers (default 4)")
     p.add_argument("--policy", default="parity",
-                   choices=["none", "replicate", "hedge", "parity", "adaptive", "full",
-                            "backup"],
+                   choices=SERVE_POLICIES,
                    help="redundancy (default parity); full and backup are baselines: full "
                         "replication, and a cheap backup model (docs/parity.md)")
     p.add_argument("--backup-model", help="the cheap backup model (.onnx), for --policy "
@@ -646,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--group-timeout-ms", type=float, default=10.0,
                    help="how long a partial coding group waits before it is padded")
-    p.add_argument("--encoder", choices=["addition", "concat"], default="addition")
+    p.add_argument("--encoder", choices=ENCODERS, default="addition")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free one)")
     p.add_argument("--max-inflight", type=int, default=1000,
@@ -660,27 +771,59 @@ def build_parser() -> argparse.ArgumentParser:
                         "*: all), e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("loadgen", help="open-loop Poisson load on a prediction service",
-                       description="legato loadgen --url http://127.0.0.1:P --rate QPS "
-                                   "--queries N --dataset digits: POST test images to "
-                                   "URL/v1/predict on an absolute Poisson schedule (no "
-                                   "coordinated omission) and report latency percentiles "
-                                   "measured at the client, replies by source and goodput.")
+
+def _parser_loadgen(add) -> None:
+    """`legato loadgen`."""
+    from legato.core.parity.datasets import DATASETS
+
+    p = add("loadgen", help="open-loop Poisson load on a prediction service",
+            description="legato loadgen --url http://127.0.0.1:P --rate QPS "
+                        "--queries N --dataset digits: POST test images to "
+                        "URL/v1/predict on an absolute Poisson schedule (no "
+                        "coordinated omission) and report latency percentiles "
+                        "measured at the client, replies by source and goodput.")
     p.add_argument("--url", required=True)
     p.add_argument("--rate", type=float, required=True, help="queries per second (Poisson)")
     p.add_argument("--queries", type=int, required=True, metavar="N")
-    p.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deadline-ms", type=float, help="what counts toward goodput")
     p.add_argument("--timeout-s", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_loadgen)
 
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ and print its ratios")
-    p.add_argument("name", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' for every one)")
+
+def _parser_bench(add) -> None:
+    """`legato bench`."""
+    p = add("bench", help="run a benchmark from benchmarks/ and print its ratios")
+    p.add_argument("name", choices=[*BENCHMARKS, "all"],
+                   help="which benchmark ('all' for every one)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="arguments passed to the benchmark script (after --)")
     p.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="legato",
+        description="legato: communication scheduling, pipeline parallelism, graph "
+                    "superoptimization and coded inference for existing PyTorch, TensorFlow "
+                    "and MXNet jobs.")
+    parser.add_argument("--version", action="version", version=f"legato {__version__}")
+    _output_options(parser)
+    # the same options after the command too (`legato rewrite -v ...`); SUPPRESS keeps a
+    # subcommand's unset option from overwriting what was given before the command
+    common = argparse.ArgumentParser(add_help=False)
+    _output_options(common, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    for define in (_parser_doctor, _parser_demo, _parser_plan, _parser_rewrite, _parser_rules,
+                   _parser_parity, _parser_worker, _parser_serve, _parser_loadgen,
+                   _parser_bench):
+        define(add)
     return parser
 
 
@@ -692,11 +835,23 @@ def main(argv: list[str] | None = None) -> int:
         print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
               "parity, worker, serve, loadgen, bench)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = (args.log_level or ("debug" if args.verbose else "warning" if args.quiet
+                                else "info")).upper()
+    logging.basicConfig(level=getattr(logging, level),
                         format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "bench_args", None) and args.bench_args[:1] == ["--"]:
         args.bench_args = args.bench_args[1:]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ImportError as err:
+        # an optional dependency the command needs: one line naming the extra that installs it
+        from legato._extras import missing_message
+
+        message = missing_message(err, f"legato {args.command}")
+        if message is None:
+            raise
+        print(f"legato {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

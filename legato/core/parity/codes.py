@@ -185,10 +185,13 @@ def parity_target(outputs: np.ndarray) -> np.ndarray:
     return np.asarray(outputs).sum(axis=1)
 
 
+ENCODERS = ("addition", "concat")
+
+
 def make_encoder(name: str, k: int, shape: Sequence[int]) -> Encoder:
-    """`"addition"` or `"concat"` for queries of `shape`."""
+    """One of `ENCODERS` for queries of `shape`."""
     if name == "addition":
         return AdditionEncoder(k)
     if name == "concat":
         return ConcatenationEncoder(k, shape)
-    raise ConfigError(f"encoder {name!r} is unknown; known: addition, concat")
+    raise ConfigError(f"encoder {name!r} is unknown; known: {', '.join(ENCODERS)}")

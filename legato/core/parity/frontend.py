@@ -19,7 +19,8 @@ Every query gets exactly one reply, `{"outputs", "class", "source", "reason", "m
   reason.
 
 Policies:
-- `none`: `workers` base workers, round robin, no redundancy;
+- `none`: `workers` base workers, each query to the one with the fewest outstanding (ties in
+  turn), no redundancy;
 - `replicate`: the extra servers parity would use (ceil(workers / k)) run more base replicas
   (equal resources);
 - `hedge`: the same extra servers take a second copy of a query that has not been answered
@@ -103,7 +104,7 @@ def faults_for(inject: dict[str, str], index: int) -> str | None:
     return None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class ServeConfig:
     model: str
     parity_model: str | None = None
@@ -126,6 +127,11 @@ class ServeConfig:
     def check(self) -> None:
         if self.policy not in POLICIES:
             raise ConfigError(f"policy {self.policy!r} is unknown; known: {', '.join(POLICIES)}")
+        for name in ("deadline_ms", "group_timeout_ms", "hedge_ms"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} {value} is not a finite number "
+                                  "of milliseconds")
         if (self.workers < 1 or self.k < 2 or self.deadline_ms <= 0 or self.max_inflight < 1
                 or self.adaptive_warmup < 1 or self.max_batch < 1):
             raise ConfigError("need --workers >= 1, --k >= 2, --deadline-ms > 0, "
@@ -239,6 +245,9 @@ class Frontend:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        from legato._extras import require
+
+        require("aiohttp", what="the coded-inference frontend (legato serve)")
         from aiohttp import web
 
         c = self.config

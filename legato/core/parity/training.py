@@ -145,10 +145,10 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
     default answer's accuracy, training times, the framework."""
     from legato.core._files import atomic_json
     from legato.core.parity import datasets
-    from legato.core.parity.codes import make_encoder
+    from legato.core.parity.codes import ENCODERS, make_encoder
 
-    if encoder not in ("addition", "concat"):
-        raise ConfigError(f"encoder {encoder!r} is unknown; known: addition, concat")
+    if encoder not in ENCODERS:
+        raise ConfigError(f"encoder {encoder!r} is unknown; known: {', '.join(ENCODERS)}")
     if out_dir is not None:
         trainer.check_export()                 # fail before training, not after
     t0 = time.perf_counter()

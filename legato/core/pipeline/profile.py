@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -70,13 +72,26 @@ class LayerNode:
     update_s: float = 0.0          # one optimizer step over the layer's parameters
 
     def __post_init__(self) -> None:
-        if not self.id:
-            raise ProfileError("a layer node needs a non-empty id")
+        if not isinstance(self.id, str) or not self.id:
+            raise ProfileError(f"a layer node needs a non-empty string id, not {self.id!r}")
         for name in ("forward_s", "backward_s", "activation_bytes", "parameter_bytes",
-                     "optimizer_state_bytes", "update_s"):
-            if getattr(self, name) < 0:
-                raise ProfileError(f"node {self.id!r}: {name}={getattr(self, name)} is "
-                                   "negative")
+                     "optimizer_state_bytes", "update_s", "backward_input_s",
+                     "backward_weight_s"):
+            value = getattr(self, name)
+            if value is None and name.startswith("backward_") and name != "backward_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ProfileError(f"node {self.id!r}: {name}={value!r} is not a number")
+            if not math.isfinite(value):
+                raise ProfileError(f"node {self.id!r}: {name}={value} is not finite (a "
+                                   "profiler that failed to time it?)")
+            if value < 0:
+                raise ProfileError(f"node {self.id!r}: {name}={value} is negative")
+        for size in self.activation_outputs:
+            if isinstance(size, bool) or not isinstance(size, numbers.Real) or \
+                    not math.isfinite(size) or size < 0:
+                raise ProfileError(f"node {self.id!r}: activation output size {size!r} is not "
+                                   "a non-negative number of bytes")
         split = (self.backward_input_s, self.backward_weight_s)
         if (split[0] is None) != (split[1] is None):
             raise ProfileError(f"node {self.id!r}: give both backward_input_s and "
@@ -201,9 +216,18 @@ class LayerProfile:
                                f"reads version {VERSION}")
         fields = {f.name for f in dataclasses.fields(LayerNode)}
         nodes = []
-        for i, raw in enumerate(data.get("nodes") or []):
-            if not isinstance(raw, dict) or "id" not in raw:
-                raise ProfileError(f"{where}: node #{i} is not an object with an \"id\"")
+        if not isinstance(data.get("nodes"), list):
+            raise ProfileError(f"{where}: \"nodes\" is {type(data.get('nodes')).__name__}, not a "
+                               "list of node objects")
+        if not isinstance(data.get("edges", []), list):
+            raise ProfileError(f"{where}: \"edges\" is {type(data.get('edges')).__name__}, not a "
+                               "list of [from, to] pairs")
+        if not isinstance(data.get("meta") or {}, dict):
+            raise ProfileError(f"{where}: \"meta\" is {type(data.get('meta')).__name__}, not an "
+                               "object")
+        for i, raw in enumerate(data["nodes"]):
+            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str):
+                raise ProfileError(f"{where}: node #{i} is not an object with a string \"id\"")
             missing = [k for k in REQUIRED if k not in raw]
             if missing:
                 raise ProfileError(f"{where}: node {raw['id']!r} lacks {missing}; every node "
@@ -213,17 +237,24 @@ class LayerProfile:
                 raise ProfileError(f"{where}: node {raw['id']!r} has unknown fields {extra}; "
                                    f"known: {sorted(fields)}")
             raw = dict(raw)
-            raw["activation_outputs"] = tuple(raw.get("activation_outputs") or ())
+            outputs = raw.get("activation_outputs") or ()
+            if not isinstance(outputs, (list, tuple)):
+                raise ProfileError(f"{where}: node {raw['id']!r}: activation_outputs is "
+                                   f"{outputs!r}, not a list of byte counts")
+            raw["activation_outputs"] = tuple(outputs)
             try:
                 nodes.append(LayerNode(**raw))
             except TypeError as err:
                 raise ProfileError(f"{where}: node {raw['id']!r}: {err}") from err
+            except ProfileError as err:
+                raise ProfileError(f"{where}: {err}") from err
         if not nodes:
             raise ProfileError(f"{where} has no nodes")
         edges = []
         for e in data.get("edges") or []:
-            if not (isinstance(e, (list, tuple)) and len(e) == 2):
-                raise ProfileError(f"{where}: edge {e!r} is not a [from, to] pair")
+            if not (isinstance(e, (list, tuple)) and len(e) == 2
+                    and all(isinstance(x, str) for x in e)):
+                raise ProfileError(f"{where}: edge {e!r} is not a [from, to] pair of node ids")
             edges.append((str(e[0]), str(e[1])))
         return cls(tuple(nodes), tuple(edges), dict(data.get("meta") or {}))
 
@@ -231,9 +262,12 @@ class LayerProfile:
     def load(cls, path: str | os.PathLike) -> "LayerProfile":
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
         except OSError as err:
             raise ProfileError(f"cannot read the profile {p}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ProfileError(f"{p} is not a text file (byte {err.start} is not UTF-8); a "
+                               "profile is JSON written by a legato profiler") from err
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -248,9 +282,12 @@ class LayerProfile:
         """Read PipeDream's `graph.txt` (see the module docstring); ms become seconds."""
         p = Path(path)
         try:
-            lines = p.read_text().splitlines()
+            lines = p.read_text(encoding="utf-8").splitlines()
         except OSError as err:
             raise ProfileError(f"cannot read {p}: {err.strerror}") from err
+        except UnicodeDecodeError as err:
+            raise ProfileError(f"{p} is not a text file (byte {err.start} is not UTF-8); "
+                               "PipeDream's graph.txt is text") from err
         nodes, edges = _parse_pipedream(lines, str(p))
         meta = {"model": model or p.parent.name, "source": f"PipeDream graph.txt ({p.name})",
                 "time_unit_in_source": "ms"}

@@ -385,7 +385,7 @@ def _optimize(prepared: modelio.Prepared, *, rules: Sequence[Rule] | None = None
                 report.reason = (f"the time limit ({time_limit_s:g} s) ran out while the "
                                  f"original was being priced ({result.seconds:.1f} s), before "
                                  f"any of its {result.matched} matches was tried; raise "
-                                 "time_limit_s (--time-limit)")
+                                 "time_limit_s (--time-limit-s)")
             else:
                 report.reason = ("no rewrite found (every rewrite the rules allow was "
                                  "predicted slower beyond doubt)")

@@ -308,6 +308,9 @@ class Rule:
 
     @classmethod
     def from_json(cls, d: dict, *, where: str = "rule") -> "Rule":
+        if not isinstance(d, dict):
+            raise RuleError(f"{where}: a rule is a JSON object, not {type(d).__name__}; see "
+                            "legato/core/rewrite/pattern.py for the format")
         try:
             pre = []
             for item in d.get("preconditions", ()):
@@ -319,7 +322,7 @@ class Rule:
                        tuple(tuple(sorted((k, _freeze(v)) for k, v in ex.items()))
                              for ex in d.get("examples", ())),
                        str(d.get("family", "")), bool(d.get("ordered_roots", False)))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise RuleError(f"{where}: malformed rule ({type(err).__name__}: {err}); see "
                             "legato/core/rewrite/pattern.py for the format") from err
 
@@ -335,13 +338,19 @@ def load_rules(path: str | os.PathLike) -> list[Rule]:
     """Read a rule file written by `save_rules` (or by hand)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except OSError as err:
         raise RuleError(f"cannot read the rule file {p}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise RuleError(f"{p} is not a text file (byte {err.start} is not UTF-8); a rule file "
+                        "is JSON") from err
     except json.JSONDecodeError as err:
         raise RuleError(f"{p} is not JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(data, dict) or data.get("format") != RULES_FORMAT:
         raise RuleError(f"{p} is not a legato rule file (no \"format\": \"{RULES_FORMAT}\")")
+    if not isinstance(data.get("rules"), list):
+        raise RuleError(f"{p}: \"rules\" is {type(data.get('rules')).__name__}, not a list of "
+                        "rule objects")
     rules = [Rule.from_json(r, where=f"{p} rule #{i}") for i, r in enumerate(data["rules"])]
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
