@@ -14,7 +14,7 @@ PIP_QUIET := 2>&1 | grep -v "^WARNING: Location 'file://" ; test $${PIPESTATUS[0
 
 SHELL := /bin/bash
 
-.PHONY: all setup demo test test-main test-mxnet bench clean distclean help
+.PHONY: all setup demo test test-main test-mxnet bench api-docs clean distclean help
 
 all: help
 
@@ -23,6 +23,7 @@ help:
 	@echo "make test    set up, then run the whole test suite"
 	@echo "make bench   set up, then run the benchmarks"
 	@echo "make setup   only set up: .venv, .venv-mxnet, the native module, Horovod"
+	@echo "make api-docs  the API reference from the docstrings (pdoc) into docs/api/"
 	@echo "make clean   remove build outputs; make distclean also removes the virtualenvs"
 
 setup: $(STAMPS)/legato $(STAMPS)/horovod $(STAMPS)/legato-mxnet
@@ -74,6 +75,12 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/legato bench all
+
+# the API reference: .venv documents all but the MXNet adapter, .venv-mxnet that one
+api-docs: setup
+	$(VENV)/bin/python scripts/build_api_docs.py docs/api
+	$(VENV_MX)/bin/pip install -q -c $(CONSTRAINTS) pdoc $(PIP_QUIET)
+	$(VENV_MX)/bin/python scripts/build_api_docs.py docs/api/mxnet --mxnet
 
 clean:
 	rm -rf build *.egg-info legato/_native*.so .pytest_cache .hypothesis $(STAMPS)/legato $(STAMPS)/legato-mxnet
