@@ -248,6 +248,36 @@ def _cmd_rules_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _PhaseBar:
+    """A long command's phases on stderr: a tqdm bar on a terminal (when tqdm is installed),
+    else the phase names come as log lines (INFO); nothing with --quiet."""
+
+    def __init__(self, what: str, *, quiet: bool) -> None:
+        self.what = what
+        self.bar = None
+        self.on = not quiet and sys.stderr.isatty()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.on:
+            return
+        if self.bar is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                self.on = False
+                return
+            self.bar = tqdm(total=total, desc=self.what, file=sys.stderr, leave=False)
+        self.bar.set_postfix_str(phase)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_PhaseBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _cmd_parity(args: argparse.Namespace) -> int:
     from legato.core.errors import LegatoError
 
@@ -280,9 +310,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     try:
         from legato.adapters.torch.parity import train_parity_pair
 
-        report = train_parity_pair(args.dataset, args.k, args.encoder, out,
-                                   base_epochs=args.base_epochs, parity_steps=args.parity_steps,
-                                   seed=args.seed, time_limit_s=args.time_limit)
+        with _PhaseBar("legato parity train", quiet=args.quiet) as bar:
+            report = train_parity_pair(args.dataset, args.k, args.encoder, out,
+                                       base_epochs=args.base_epochs,
+                                       parity_steps=args.parity_steps, seed=args.seed,
+                                       time_limit_s=args.time_limit, progress=bar)
     except LegatoError as err:
         print(f"legato parity train: {err}", file=sys.stderr)
         return 2

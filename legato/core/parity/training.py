@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +27,8 @@ from legato.core.parity.codes import SubtractionDecoder
 
 __all__ = ["Trainer", "check_onnx", "evaluate", "overall_accuracy", "pair_trainer", "sample_groups",
            "train_pair"]
+
+log = logging.getLogger(__name__)
 
 
 def sample_groups(n_items: int, k: int, n_groups: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,10 +121,12 @@ def pair_trainer(trainer: Trainer) -> Callable[..., dict[str, Any]]:
     def train_parity_pair(dataset: Any, k: int, encoder: str = "addition",
                           out_dir: str | Path | None = None, *, base_epochs: int = 30,
                           parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
-                          time_limit_s: float | None = None) -> dict[str, Any]:
+                          time_limit_s: float | None = None,
+                          progress: Callable[[str, int, int], None] | None = None
+                          ) -> dict[str, Any]:
         return train_pair(trainer, dataset, k, encoder, out_dir, base_epochs=base_epochs,
                           parity_steps=parity_steps, test_groups=test_groups, seed=seed,
-                          time_limit_s=time_limit_s)
+                          time_limit_s=time_limit_s, progress=progress)
 
     train_parity_pair.__doc__ = (
         f"Train a base model, its parity model and a cheap backup model (a linear classifier) "
@@ -134,7 +139,8 @@ def pair_trainer(trainer: Trainer) -> Callable[..., dict[str, Any]]:
 def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition",
                out_dir: str | Path | None = None, *, base_epochs: int = 30,
                parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
-               time_limit_s: float | None = None) -> dict[str, Any]:
+               time_limit_s: float | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Train a base model, its parity model and a cheap backup model (a linear classifier)
     with `trainer`'s framework on `dataset` (a built-in's name, or a `datasets.Dataset`),
     judge them on `test_groups` coding groups of test images, and (with `out_dir`) write
@@ -142,7 +148,8 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
 
     The report: dataset, k, encoder, sizes, base accuracy, reconstruction and degraded-mode
     accuracy, overall accuracy at a few fractions of rebuilt answers, the backup model's and a
-    default answer's accuracy, training times, the framework."""
+    default answer's accuracy, training times, the framework. `progress(phase, done, total)`
+    is called as each of its phases starts (and with done == total at the end)."""
     from legato.core._files import atomic_json
     from legato.core.parity import datasets
     from legato.core.parity.codes import ENCODERS, make_encoder
@@ -151,20 +158,35 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
         raise ConfigError(f"encoder {encoder!r} is unknown; known: {', '.join(ENCODERS)}")
     if out_dir is not None:
         trainer.check_export()                 # fail before training, not after
+    phases = ["loading the data", f"training the base model ({base_epochs} epochs)",
+              f"training the parity model ({parity_steps} steps)", "judging the pair",
+              "training the backup model", "exporting to ONNX" if out_dir is not None else
+              "done"]
+
+    def phase(index: int) -> None:
+        log.info("parity training: %s", phases[index] if index < len(phases) else "done")
+        if progress is not None:
+            progress(phases[min(index, len(phases) - 1)], index, len(phases))
+
     t0 = time.perf_counter()
+    phase(0)
     ds = dataset if isinstance(dataset, datasets.Dataset) else datasets.load(dataset, seed=seed)
     enc = make_encoder(encoder, k, ds.shape)
+    phase(1)
     base = trainer.train_base(ds, epochs=base_epochs, seed=seed, hidden=(200, 100))
     base_s = time.perf_counter() - t0
     cached = trainer.outputs_of(base, ds.x_train)
+    phase(2)
     parity, info = trainer.train_parity(cached, ds.x_train, enc, ds.classes,
                                         steps=parity_steps, seed=seed,
                                         time_limit_s=time_limit_s)
+    phase(3)
     groups = sample_groups(len(ds.x_test), k, test_groups, np.random.default_rng(seed + 1))
     test_out = trainer.outputs_of(base, ds.x_test)
     parity_out = trainer.outputs_of(parity,
                                     enc.encode_batch(ds.x_test[groups]).astype(np.float32))
     scores = evaluate(test_out, ds.y_test, groups, parity_out)
+    phase(4)
     backup = trainer.train_base(ds, epochs=base_epochs, seed=seed, hidden=())
     backup_acc = float((trainer.outputs_of(backup, ds.x_test).argmax(axis=1)
                         == ds.y_test).mean())
@@ -181,10 +203,12 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
         "seconds": time.perf_counter() - t0, "seed": seed, "framework": trainer.framework,
         "model": "BaseMLP " + "-".join(str(w) for w in trainer.widths(base)),
     }
+    phase(5)
     if out_dir is not None:
         out = Path(out_dir)
         trainer.export_onnx(base, ds.shape, out / "base.onnx")
         trainer.export_onnx(parity, ds.shape, out / "parity.onnx")
         trainer.export_onnx(backup, ds.shape, out / "backup.onnx")
         atomic_json(out / "report.json", report)
+    phase(len(phases))
     return json.loads(json.dumps(report))

@@ -17,14 +17,19 @@ from legato.core.parity import AdditionEncoder, datasets, evaluate, sample_group
 
 
 @pytest.mark.timeout(240)
-def test_short_training_run_rebuilds_predictions_and_writes_onnx(tmp_path, capsys):
+def test_short_training_run_rebuilds_predictions_and_writes_onnx(tmp_path, capsys, caplog):
     out = tmp_path / "parm"
     argv = ["parity", "train", "--dataset", "digits", "--k", "2", "--encoder", "addition",
-            "-o", str(out), "--base-epochs", "10", "--parity-steps", "1500"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "degraded-mode accuracy" in printed and "wrote" in printed
+            "-o", str(out), "--base-epochs", "10", "--parity-steps", "1500", "--json"]
+    with caplog.at_level("INFO", logger="legato.core.parity.training"):
+        assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)      # --json: the report, and where it went
     report = json.loads((out / "report.json").read_text())
+    assert printed == {**report, "output": str(out)}
+    # the phases of a minutes-long command are told as they start
+    phases = [r.getMessage() for r in caplog.records if r.name.endswith("parity.training")]
+    assert phases[1:3] == ["parity training: training the base model (10 epochs)",
+                           "parity training: training the parity model (1500 steps)"], phases
     assert report["base_accuracy"] > 0.9
     # far above the 10% of a default answer after a few seconds of training
     assert report["reconstruction_accuracy"] > 0.6 and report["degraded_accuracy"] > 0.6
