@@ -526,6 +526,19 @@ def _print_json(obj) -> None:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _finite(text: str) -> float:
+    """A float option: NaN and infinities are refused by argparse (exit 2), as a typo is."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _output_options(parser: argparse.ArgumentParser, default=None) -> None:
     """-v, --log-level and -q: accepted before and after every command."""
     def flag(value):
@@ -585,7 +598,7 @@ def _parser_plan(add) -> None:
                         "makespan (needs --microbatches)")
     p.add_argument("--microbatches", type=int, metavar="M",
                    help="microbatches per minibatch (sync objective, --simulate; default 8)")
-    p.add_argument("--activation-compression-ratio", type=float, metavar="R",
+    p.add_argument("--activation-compression-ratio", type=_finite, metavar="R",
                    help="pipedream mode: count activation transfer, divided by R")
     p.add_argument("--memory", metavar="SIZE", help="memory cap per worker (16GiB, 16GB)")
     p.add_argument("--straight", action="store_true", help="no stage replication")
@@ -617,11 +630,11 @@ def _parser_rewrite(add) -> None:
                     "before the search (exit 2 otherwise).")
     p.add_argument("model", metavar="in.onnx")
     p.add_argument("-o", "--output", required=True, metavar="out.onnx")
-    p.add_argument("--alpha", type=float, default=1.05,
+    p.add_argument("--alpha", type=_finite, default=1.05,
                    help="keep candidates up to alpha x the best cost, or within twice their "
                         "measured error of it (default 1.05)")
     p.add_argument("--budget", type=int, default=200, help="graphs explored at most")
-    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=_finite,
                    default=60.0, metavar="S",
                    help="wall-clock limit of the graph search in seconds (default 60; both "
                         "searches together when the guard has it search again), "
@@ -642,7 +655,7 @@ def _parser_rewrite(add) -> None:
     p.add_argument("--ort-level", choices=["disabled", "basic", "extended", "all"],
                    default="all", help="onnxruntime optimization level to measure under")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    p.add_argument("--min-speedup", type=float, default=1.03, metavar="X",
+    p.add_argument("--min-speedup", type=_finite, default=1.03, metavar="X",
                    help="keep the rewrite only if two A/B runs both measure it X times faster "
                         "(median of the per-round ratios) and faster in three rounds of four "
                         "(default 1.03)")
@@ -684,7 +697,7 @@ def _parser_rules(add) -> None:
                    help="shape environments, 'a=2,b=4,c=6,d=3,n=2,k=4,h=3,w=5;...'")
     g.add_argument("--max-vars", type=int, default=4, metavar="N",
                    help="most distinct variables per graph (default 4)")
-    g.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+    g.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=_finite,
                    metavar="S",
                    help="stop enumerating after S seconds and keep what was found")
     g.add_argument("--no-verify", action="store_true",
@@ -721,7 +734,7 @@ def _parser_parity(add) -> None:
     p.add_argument("--base-epochs", type=int, default=60, metavar="N")
     p.add_argument("--parity-steps", type=int, default=40000, metavar="N",
                    help="optimizer steps of the parity model, each on fresh random groups")
-    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=float,
+    p.add_argument("--time-limit-s", "--time-limit", dest="time_limit", type=_finite,
                    metavar="S",
                    help="stop training the parity model after S seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -782,12 +795,12 @@ def _parser_serve(add) -> None:
     p.add_argument("--adaptive-warmup", type=int, default=200,
                    help="adaptive: responses observed before the first choice between "
                         "waiting, hedging and parity (it hedges until then; default 200)")
-    p.add_argument("--hedge-ms", type=float,
+    p.add_argument("--hedge-ms", type=_finite,
                    help="hedge and backup: send a second copy, or use the backup's answer, "
                         "after this long (default: the 95th percentile of recent service "
                         "times)")
-    p.add_argument("--deadline-ms", type=float, default=100.0)
-    p.add_argument("--group-timeout-ms", type=float, default=10.0,
+    p.add_argument("--deadline-ms", type=_finite, default=100.0)
+    p.add_argument("--group-timeout-ms", type=_finite, default=10.0,
                    help="how long a partial coding group waits before it is padded")
     p.add_argument("--encoder", choices=ENCODERS, default="addition")
     p.add_argument("--host", default="127.0.0.1")
@@ -815,12 +828,12 @@ def _parser_loadgen(add) -> None:
                         "coordinated omission) and report latency percentiles "
                         "measured at the client, replies by source and goodput.")
     p.add_argument("--url", required=True)
-    p.add_argument("--rate", type=float, required=True, help="queries per second (Poisson)")
+    p.add_argument("--rate", type=_finite, required=True, help="queries per second (Poisson)")
     p.add_argument("--queries", type=int, required=True, metavar="N")
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deadline-ms", type=float, help="what counts toward goodput")
-    p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--deadline-ms", type=_finite, help="what counts toward goodput")
+    p.add_argument("--timeout-s", type=_finite, default=30.0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_loadgen)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -276,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         print(f"legato demo: unknown section(s) {', '.join(unknown)}; "
-              f"known: {', '.join(SECTIONS)}")
+              f"known: {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     failed = []
     for name in chosen:

@@ -115,7 +115,7 @@ def test_demo_lists_and_runs_sections():
 
 def test_demo_unknown_section():
     proc = run("demo", "--section", "nope")
-    assert proc.returncode == 2 and "known: doctor, native-queue, scheduler" in proc.stdout
+    assert proc.returncode == 2 and "known: doctor, native-queue, scheduler" in proc.stderr
 
 
 def test_bench_runs_the_native_queue_benchmark(tmp_path):

@@ -162,3 +162,23 @@ def test_a_server_on_a_port_in_use(command, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "the address is in use" in proc.stderr and str(port) in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["loadgen", "--url", "http://127.0.0.1:9", "--rate", "nan", "--queries", "1"],
+    ["parity", "train", "-o", "{tmp}/p", "--time-limit-s", "inf"],
+    ["rewrite", "{tmp}/m.onnx", "-o", "{tmp}/o.onnx", "--alpha", "abc"],
+    ["serve", "--model", "{tmp}/m.onnx", "--deadline-ms", "nan"],
+    ["plan", "{tmp}/p.json", "--workers", "2", "--bandwidth", "fast"],
+    ["demo", "--section", "nosuch"],
+])
+def test_nonsense_numbers_and_names_are_refused(argv, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:         # argparse's own refusal
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip() and "Traceback" not in err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o.onnx").exists()
