@@ -814,6 +814,9 @@ def _parser_serve(add) -> None:
     p.add_argument("--inject", metavar="SPEC",
                    help="faults per worker index (base workers 0..N-1, then the extra ones; "
                         "*: all), e.g. '0:delay_ms=500;*:pause=0.01,seed=1'")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the model's name in the v2 API (/v2/models/NAME/infer; default: the "
+                        "base model file's name without .onnx)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -7,8 +7,10 @@ The frontend starts its model workers (`legato worker` processes on 127.0.0.1), 
 dies, and answers:
 - `POST /v1/predict`: one query, as an npy body (`application/x-npy`) or JSON
   `{"inputs": [...]}`, shaped like one model input (a leading batch of 1 is accepted);
-- `GET /v1/health`: the workers, alive or not, and their pids;
-- `GET /metrics`: Prometheus text.
+- `GET /v1/health`: the workers, alive or not, and their pids (503 when no base worker is);
+- `GET /metrics`: Prometheus text;
+- the Open Inference Protocol (KServe v2, `v2.py`): `POST /v2/models/NAME/infer` (a batch of
+  queries, each coded on its own), model metadata and readiness, `/v2/health/live|ready`.
 
 Every query gets exactly one reply, `{"outputs", "class", "source", "reason", "ms"}`, with
 `source` one of:
@@ -123,6 +125,7 @@ class ServeConfig:
     adaptive_warmup: int = 200
     backup_model: str | None = None
     max_batch: int = 1
+    model_name: str | None = None     # the v2 API's model name (default: the model file's stem)
 
     def check(self) -> None:
         if self.policy not in POLICIES:
@@ -229,6 +232,7 @@ class Frontend:
         self._parity_model = 0
         self._parity_ok = False
         self.input_shape: list | None = None
+        self.input_name = self.output_name = self.model_name = ""
         self.counts: dict[str, int] = {"original": 0, "reconstructed": 0, "backup": 0,
                                        "default": 0}
         self.backup: list[_Worker] = []
@@ -281,6 +285,8 @@ class Frontend:
         await asyncio.gather(*(w.start() for w in self._all()))
         health = await self.base[0].client.health()
         self.input_shape = health["shape"]
+        self.input_name, self.output_name = health["input"], health.get("output", "output")
+        self.model_name = c.model_name or os.path.splitext(os.path.basename(c.model))[0]
         shape = list(self.input_shape[1:])
         if None in shape:
             raise ConfigError(f"the model's input shape {self.input_shape} has dynamic dims "
@@ -296,6 +302,14 @@ class Frontend:
         app.router.add_post("/v1/predict", self._predict)
         app.router.add_get("/v1/health", self._health)
         app.router.add_get("/metrics", self._metrics)
+        # the Open Inference Protocol (KServe v2): tritonclient, perf_analyzer, KServe
+        app.router.add_get("/v2", self._v2_server)
+        app.router.add_get("/v2/health/live", self._v2_live)
+        app.router.add_get("/v2/health/ready", self._v2_ready)
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.router.add_get(prefix, self._v2_model)
+            app.router.add_get(prefix + "/ready", self._v2_model_ready)
+            app.router.add_post(prefix + "/infer", self._v2_infer)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, c.host, c.port)
@@ -348,32 +362,143 @@ class Frontend:
             self.rejected["bad_request"] += 1
             return web.json_response({"error": str(err)}, status=400)
         if self.inflight >= self.config.max_inflight:
-            self.rejected["overload"] += 1
-            return web.json_response({"error": f"overloaded: {self.inflight} queries open"},
-                                     status=503, headers={"Retry-After": "1"})
+            return self._overloaded()
+        out, source, reason, ms = await self._answer(x, start, self.config.deadline_ms)
+        out = np.asarray(out).reshape(-1)
+        return web.json_response({"outputs": out.tolist(), "class": int(out.argmax()),
+                                  "source": source, "reason": reason, "ms": ms})
+
+    def _overloaded(self):
+        from aiohttp import web
+
+        self.rejected["overload"] += 1
+        return web.json_response({"error": f"overloaded: {self.inflight} queries open"},
+                                 status=503, headers={"Retry-After": "1"})
+
+    async def _answer(self, x: np.ndarray, start: float, deadline_ms: float
+                      ) -> tuple[np.ndarray, str, str, float]:
+        """One query `x` ([1, *shape]) through the policy: its output, where it came from, why,
+        and the milliseconds since `start`; a default answer once `deadline_ms` has passed."""
         self.inflight += 1
         try:
             q = _Query(next(self._ids), x, asyncio.get_running_loop().create_future(), start)
             self._dispatch(q)
-            remaining = self.config.deadline_ms / 1e3 - (time.monotonic() - start)
+            remaining = deadline_ms / 1e3 - (time.monotonic() - start)
             try:
                 out, source, reason = await asyncio.wait_for(asyncio.shield(q.reply),
                                                              max(remaining, 0))
             except asyncio.TimeoutError:
                 out = np.zeros(self._out, np.float32)
-                source, reason = "default", (f"no answer within the {self.config.deadline_ms:g} "
-                                             "ms deadline")
+                source, reason = "default", f"no answer within the {deadline_ms:g} ms deadline"
                 self._give_up(q)
             self.counts[source] += 1
             ms = (time.monotonic() - start) * 1e3
             self.latency_ms.append(ms)
             if len(self.latency_ms) > 100000:
                 del self.latency_ms[:50000]
-            out = np.asarray(out).reshape(-1)
-            return web.json_response({"outputs": out.tolist(), "class": int(out.argmax()),
-                                      "source": source, "reason": reason, "ms": ms})
+            return out, source, reason, ms
         finally:
             self.inflight -= 1
+
+    # -- the Open Inference Protocol (KServe v2) ------------------------------------------------
+    def _ready(self) -> bool:
+        """Every query can be answered: a base worker is alive, and under parity and adaptive a
+        parity worker too (a dead base worker is what parity covers)."""
+        if not any(w.alive for w in self.base):
+            return False
+        if self.config.policy in ("parity", "adaptive"):
+            return any(w.alive for w in self._parity_pool)
+        return True
+
+    def _v2_error(self, message: str, status: int = 400):
+        from aiohttp import web
+
+        return web.json_response({"error": message}, status=status)
+
+    def _v2_check_model(self, request):
+        name = request.match_info["name"]
+        version = request.match_info.get("version")
+        if name != self.model_name:
+            return self._v2_error(f"model {name!r} is not served here; this server serves "
+                                  f"{self.model_name!r}", 404)
+        if version not in (None, "1"):
+            return self._v2_error(f"model {name!r} has version 1 only, not {version!r}", 404)
+        return None
+
+    async def _v2_server(self, request):
+        from aiohttp import web
+
+        from legato import __version__
+
+        return web.json_response({"name": "legato", "version": __version__,
+                                  "extensions": ["binary_tensor_data", "parameters"]})
+
+    async def _v2_live(self, request):
+        from aiohttp import web
+
+        return web.json_response({"live": True})
+
+    async def _v2_ready(self, request):
+        from aiohttp import web
+
+        ready = self._ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def _v2_model_ready(self, request):
+        from aiohttp import web
+
+        bad = self._v2_check_model(request)
+        if bad is not None:
+            return bad
+        ready = self._ready()
+        return web.json_response({"name": self.model_name, "ready": ready},
+                                 status=200 if ready else 503)
+
+    async def _v2_model(self, request):
+        from aiohttp import web
+
+        bad = self._v2_check_model(request)
+        if bad is not None:
+            return bad
+        return web.json_response({
+            "name": self.model_name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": self.input_name, "datatype": "FP32",
+                        "shape": [-1, *self.input_shape[1:]]}],
+            "outputs": [{"name": self.output_name, "datatype": "FP32",
+                         "shape": [-1, *self._out]}],
+            "parameters": {"policy": self.config.policy, "k": self.config.k,
+                           "deadline_ms": self.config.deadline_ms}})
+
+    async def _v2_infer(self, request):
+        from aiohttp import web
+
+        from legato.core.parity.v2 import V2Error, encode_reply, parse_request
+
+        start = time.monotonic()
+        bad = self._v2_check_model(request)
+        if bad is not None:
+            return bad
+        try:
+            req = parse_request(await request.read(), request.headers,
+                                input_name=self.input_name,
+                                query_shape=list(self.input_shape[1:]),
+                                output_name=self.output_name,
+                                max_batch=self.config.max_inflight)
+        except V2Error as err:
+            self.rejected["bad_request"] += 1
+            return self._v2_error(str(err), err.status)
+        if self.inflight + len(req.x) > self.config.max_inflight:
+            return self._overloaded()
+        deadline = min(req.deadline_ms or self.config.deadline_ms, self.config.deadline_ms)
+        answers = await asyncio.gather(*(self._answer(row[None], start, deadline)
+                                         for row in req.x))
+        outputs = np.stack([np.asarray(a[0], np.float32).reshape(self._out) for a in answers])
+        body, headers = encode_reply(model_name=self.model_name, request_id=req.request_id,
+                                     output_name=self.output_name, outputs=outputs,
+                                     sources=[a[1] for a in answers],
+                                     reasons=[a[2] for a in answers],
+                                     binary=req.binary_output)
+        return web.Response(body=body, headers=headers)
 
     async def _parse(self, request) -> np.ndarray:
         body = await request.read()
@@ -411,13 +536,15 @@ class Frontend:
                     "pid": w.proc.pid if w.proc else None, "restarts": w.restarts,
                     "outstanding": w.outstanding}
                    for w in self._all()]
-        return web.json_response({"ok": any(w.alive for w in self.base), "policy":
+        ok = any(w.alive for w in self.base)
+        return web.json_response({"ok": ok, "ready": self._ready(), "policy":
                                   self.config.policy, "k": self.config.k, "workers": workers,
                                   "inflight": self.inflight, "load": self.load,
                                   "parity_report": self.parity_report,
                                   "adaptive": None if self.chooser is None else {
                                       "mode": self.chooser.mode,
-                                      "predicted_p999_ms": self.chooser.predicted}})
+                                      "predicted_p999_ms": self.chooser.predicted}},
+                                 status=200 if ok else 503)
 
     async def _metrics(self, request):
         from aiohttp import web

@@ -87,6 +87,7 @@ class ModelWorker:
         return {"op": "health", "ok": True, "queued": len(self.queue), "served": self.served,
                 "batches": self.batches, "max_batch": self.max_batch,
                 "input": self.input_name, "shape": self.input_shape,
+                "output": self.sessions[0].get_outputs()[0].name,
                 "models": len(self.sessions)}
 
     async def start(self) -> None:
