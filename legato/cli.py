@@ -780,7 +780,9 @@ def _parser_serve(add) -> None:
                         "--deadline-ms D --port P: start N model workers (plus "
                         "ceil(N/k) extra for the other policies, N for full) "
                         "and serve "
-                        "POST /v1/predict, GET /v1/health and GET /metrics "
+                        "POST /v1/predict, GET /v1/health, GET /metrics and the "
+                        "Open Inference Protocol (KServe v2: POST "
+                        "/v2/models/NAME/infer, metadata, readiness) "
                         "(docs/parity.md).")
     p.add_argument("--model", required=True, help="the base model (.onnx)")
     p.add_argument("--parity-model", help="the parity model (.onnx), for --policy parity")
