@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import struct
 from typing import Any, Sequence
 
@@ -51,6 +52,8 @@ async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int = MAX_BYTES
     if not isinstance(header, dict):
         raise WireError("frame header must be a JSON object")
     specs = header.get("arrays", [])
+    if not isinstance(specs, list):
+        raise WireError("frame header \"arrays\" must be a list of array specs")
     arrays, total = [], 0
     sizes = []
     for spec in specs:
@@ -62,7 +65,8 @@ async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int = MAX_BYTES
         if str(dtype) not in _DTYPES or any(d < 0 for d in shape):
             raise WireError(f"array spec {spec!r}: dtype must be one of {sorted(_DTYPES)} and "
                             "dims non-negative")
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        # Python integers: numpy's int64 product wraps, and a huge array then passed as small
+        n = math.prod(shape) * dtype.itemsize
         total += n
         sizes.append((dtype, shape, n))
     if total > max_bytes:

@@ -241,3 +241,31 @@ def test_a_cpu_hog_runs_beside_the_worker_and_dies_with_it(model):
     while time.monotonic() < deadline and _stat(hogs[0]) is not None:
         time.sleep(0.1)
     assert _stat(hogs[0]) is None, "the hog outlived its worker"
+
+
+def test_an_array_size_that_wraps_int64_is_not_taken_for_a_small_one():
+    """A header whose dims multiply past 2**63 (numpy's int64 product wraps to 0 or a negative
+    that cancels a real size) is refused before anything is read or allocated."""
+    import asyncio
+    import json as _json
+    import struct
+
+    from legato.core.parity import wire
+
+    def frame(specs):
+        head = _json.dumps({"op": "predict", "arrays": specs}).encode()
+        return struct.pack("!I", len(head)) + head
+
+    async def read(raw):
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await wire.read_frame(reader)
+
+    for specs in ([{"dtype": "float32", "shape": [2 ** 62, 4]}],
+                  [{"dtype": "float32", "shape": [2 ** 61, 2 ** 3]},
+                   {"dtype": "float32", "shape": [16]}]):
+        with pytest.raises(wire.WireError, match="exceed the limit"):
+            asyncio.run(read(frame(specs)))
+    with pytest.raises(wire.WireError, match="must be a list"):
+        asyncio.run(read(frame({"dtype": "float32"})))
