@@ -149,6 +149,16 @@ class ServeConfig:
         if self.policy == "backup" and self.backup_model is None:
             raise ConfigError("--policy backup needs --backup-model (legato parity train "
                               "writes backup.onnx, a cheap linear classifier)")
+        from legato.core.parity.training import pair_id
+
+        pairs = {flag: pair_id(path) for flag, path in (
+            ("--model", self.model), ("--parity-model", self.parity_model),
+            ("--backup-model", self.backup_model)) if path is not None}
+        if len({p for p in pairs.values() if p is not None}) > 1:
+            raise ConfigError(
+                "these models were not trained together (legato parity train stamps the models "
+                f"of one run alike; got {', '.join(f'{k} {v}' for k, v in pairs.items())}); "
+                "serve the base.onnx, parity.onnx and backup.onnx of one output folder")
         parse_inject(self.inject)
 
     @property

@@ -136,6 +136,55 @@ def pair_trainer(trainer: Trainer) -> Callable[..., dict[str, Any]]:
     return train_parity_pair
 
 
+PAIR_KEY = "legato.pair_id"      # ONNX metadata: which training run a model came from
+
+
+def pair_id(path: str | Path) -> str | None:
+    """The training run an ONNX model file came from (`legato parity train` stamps the base,
+    parity and backup models it writes together), or None (another source, or unreadable)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (whoever serves it reports a file it cannot load)
+        return None
+    return next((p.value for p in model.metadata_props if p.key == PAIR_KEY), None)
+
+
+def _write_pair(trainer: Trainer, out: Path, shape, report: dict, models: dict) -> None:
+    """Export the models and the report into a staging folder inside `out`, stamped with one
+    pair id, then move them into place: a failure (a full disk) leaves the earlier files as
+    they were, never a new base model beside an old parity model."""
+    import os
+    import shutil
+    import tempfile
+    import uuid
+
+    import onnx
+
+    from legato.core._files import atomic_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    pair = uuid.uuid4().hex
+    report["pair_id"] = pair
+    stage = Path(tempfile.mkdtemp(prefix=".legato-parity-", dir=out))
+    try:
+        names = []
+        for role, model in models.items():
+            path = stage / f"{role}.onnx"
+            trainer.export_onnx(model, shape, path)
+            proto = onnx.load(str(path))
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = PAIR_KEY, pair
+            onnx.save(proto, str(path))
+            names.append(path.name)
+        atomic_json(stage / "report.json", report)
+        for name in [*names, "report.json"]:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition",
                out_dir: str | Path | None = None, *, base_epochs: int = 30,
                parity_steps: int = 20000, test_groups: int = 5000, seed: int = 0,
@@ -150,7 +199,6 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
     accuracy, overall accuracy at a few fractions of rebuilt answers, the backup model's and a
     default answer's accuracy, training times, the framework. `progress(phase, done, total)`
     is called as each of its phases starts (and with done == total at the end)."""
-    from legato.core._files import atomic_json
     from legato.core.parity import datasets
     from legato.core.parity.codes import ENCODERS, make_encoder
 
@@ -205,10 +253,7 @@ def train_pair(trainer: Trainer, dataset: Any, k: int, encoder: str = "addition"
     }
     phase(5)
     if out_dir is not None:
-        out = Path(out_dir)
-        trainer.export_onnx(base, ds.shape, out / "base.onnx")
-        trainer.export_onnx(parity, ds.shape, out / "parity.onnx")
-        trainer.export_onnx(backup, ds.shape, out / "backup.onnx")
-        atomic_json(out / "report.json", report)
+        _write_pair(trainer, Path(out_dir), ds.shape, report,
+                    {"base": base, "parity": parity, "backup": backup})
     phase(len(phases))
     return json.loads(json.dumps(report))
