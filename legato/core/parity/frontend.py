@@ -52,6 +52,7 @@ with Retry-After is returned rather than queueing without bound.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import dataclasses
 import io
@@ -73,6 +74,10 @@ from legato.core.parity.faults import FaultSpec
 from legato.core.parity.group import PARITY, CodingGroup, GroupFormer
 
 __all__ = ["Frontend", "ServeConfig", "faults_for", "parse_inject"]
+
+# the latency histogram's upper bounds (seconds): around deadlines of 10 ms to a few seconds
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+                     5.0, 10.0)
 
 POLICIES = ("none", "replicate", "hedge", "parity", "adaptive", "full", "backup")
 
@@ -248,6 +253,9 @@ class Frontend:
         self.backup: list[_Worker] = []
         self.rejected = {"bad_request": 0, "overload": 0}
         self.latency_ms: list[float] = []
+        self._latency_buckets = [0] * len(LATENCY_BUCKETS_S)   # per bucket, not cumulative
+        self._latency_count = 0
+        self._latency_sum_s = 0.0
         self.inflight = 0
         self._ids = itertools.count()
         self._rr = itertools.count()
@@ -378,6 +386,13 @@ class Frontend:
         return web.json_response({"outputs": out.tolist(), "class": int(out.argmax()),
                                   "source": source, "reason": reason, "ms": ms})
 
+    def _observe(self, seconds: float) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+        if index < len(self._latency_buckets):
+            self._latency_buckets[index] += 1
+        self._latency_count += 1
+        self._latency_sum_s += seconds
+
     def _overloaded(self):
         from aiohttp import web
 
@@ -403,6 +418,7 @@ class Frontend:
                 self._give_up(q)
             self.counts[source] += 1
             ms = (time.monotonic() - start) * 1e3
+            self._observe(ms / 1e3)
             self.latency_ms.append(ms)
             if len(self.latency_ms) > 100000:
                 del self.latency_ms[:50000]
@@ -557,27 +573,53 @@ class Frontend:
                                  status=200 if ok else 503)
 
     async def _metrics(self, request):
+        """Prometheus text exposition (0.0.4): HELP and TYPE for every family, the request
+        latency as a cumulative histogram since start (and a summary of the last 100k), and
+        each worker's state."""
         from aiohttp import web
 
-        lines = ["# TYPE legato_queries_total counter"]
-        lines += [f'legato_queries_total{{source="{s}"}} {n}' for s, n in self.counts.items()]
-        lines += ["# TYPE legato_rejected_total counter"]
-        lines += [f'legato_rejected_total{{reason="{r}"}} {n}' for r, n in self.rejected.items()]
-        restarts = sum(w.restarts for w in self._all())
-        lines += ["# TYPE legato_inflight gauge", f"legato_inflight {self.inflight}",
-                  "# TYPE legato_worker_restarts_total counter",
-                  f"legato_worker_restarts_total {restarts}",
-                  "# TYPE legato_hedges_total counter", f"legato_hedges_total {self.hedges}",
-                  "# TYPE legato_adaptive_mode_total counter",
-                  *(f'legato_adaptive_mode_total{{mode="{m}"}} {n}'
-                    for m, n in self.modes.items()),
-                  "# TYPE legato_load gauge", f"legato_load {self.load:.4f}"]
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str, samples) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            out.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        family("legato_queries_total", "counter", "Queries answered, by where the answer came "
+               "from.", [(f'{{source="{s}"}}', n) for s, n in self.counts.items()])
+        family("legato_rejected_total", "counter", "Requests refused, by reason.",
+               [(f'{{reason="{r}"}}', n) for r, n in self.rejected.items()])
+        family("legato_inflight", "gauge", "Queries open now.", [("", self.inflight)])
+        family("legato_worker_restarts_total", "counter", "Worker restarts, all workers.",
+               [("", sum(w.restarts for w in self._all()))])
+        family("legato_hedges_total", "counter", "Hedged second copies sent.",
+               [("", self.hedges)])
+        family("legato_adaptive_mode_total", "counter", "Adaptive policy choices, by mode.",
+               [(f'{{mode="{m}"}}', n) for m, n in self.modes.items()])
+        family("legato_load", "gauge", "Offered load over the base workers' capacity.",
+               [("", f"{self.load:.4f}")])
+        workers = [(f'{{worker="{w.index}",role="{w.role}"}}', w) for w in self._all()]
+        family("legato_worker_up", "gauge", "Whether the worker is alive (1) or not (0).",
+               [(lb, int(w.alive)) for lb, w in workers])
+        family("legato_worker_outstanding", "gauge", "Requests sent to the worker and not "
+               "answered yet.", [(lb, w.outstanding) for lb, w in workers])
+        family("legato_worker_restarted_total", "counter", "Restarts of this worker.",
+               [(lb, w.restarts) for lb, w in workers])
+        cumulative, samples = 0, []
+        for bound, n in zip(LATENCY_BUCKETS_S, self._latency_buckets):
+            cumulative += n
+            samples.append((f'_bucket{{le="{bound:g}"}}', cumulative))
+        samples += [('_bucket{le="+Inf"}', self._latency_count),
+                    ("_sum", f"{self._latency_sum_s:.6f}"), ("_count", self._latency_count)]
+        family("legato_request_duration_seconds", "histogram", "Time from a query's arrival to "
+               "its answer (deadline defaults included).", samples)
         if self.latency_ms:
             lat = np.asarray(self.latency_ms)
-            lines.append("# TYPE legato_latency_ms summary")
-            lines += [f'legato_latency_ms{{quantile="{q}"}} {np.quantile(lat, q):.3f}'
-                      for q in (0.5, 0.99, 0.999)]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+            family("legato_latency_ms", "summary", "Answer latency in ms over the last 100k "
+                   "queries.", [(f'{{quantile="{q}"}}', f"{np.quantile(lat, q):.3f}")
+                                for q in (0.5, 0.99, 0.999)]
+                   + [("_sum", f"{float(lat.sum()):.3f}"), ("_count", len(lat))])
+        return web.Response(body=("\n".join(out) + "\n").encode(), headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     # -- dispatch -----------------------------------------------------------------------------
     def _pick(self, pool: list[_Worker], avoid: _Worker | None = None) -> _Worker | None:

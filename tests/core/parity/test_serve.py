@@ -120,6 +120,27 @@ def test_parity_rebuilds_a_stragglers_answers_exactly_before_the_deadline(linear
         np.testing.assert_allclose(r["outputs"], want[0], rtol=1e-4, atol=1e-4)
         assert r["class"] == int(want.argmax()) and r["ms"] < 400
     assert 'legato_queries_total{source="reconstructed"}' in metrics
+    _check_exposition(metrics, queries=len(xs), workers=3)
+
+
+def _check_exposition(text, *, queries, workers):
+    """/metrics as Prometheus' own parser reads it: every family typed and described, the
+    latency histogram cumulative and counting every query, one up-gauge per worker."""
+    parser = pytest.importorskip("prometheus_client.parser",
+                                 reason="prometheus-client is not installed here")
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    assert all(f.documentation for f in families.values()), families
+    hist = families["legato_request_duration_seconds"]
+    assert hist.type == "histogram"
+    buckets = [s.value for s in hist.samples if s.name.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == queries
+    count = next(s.value for s in hist.samples if s.name.endswith("_count"))
+    assert count == queries
+    up = [s for s in families["legato_worker_up"].samples]
+    assert len(up) == workers and {s.labels["role"] for s in up} >= {"base"}
+    # the parser names a counter's family without its _total suffix
+    assert families["legato_queries"].type == "counter"
+    assert families["legato_worker_restarted"].type == "counter"
 
 
 def test_without_redundancy_a_straggler_gives_defaults_at_the_deadline(linear):
