@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["EXTRAS", "MissingDependency", "missing_message", "require"]
+__all__ = ["EXTRAS", "MissingDependency", "install_hint", "missing_message", "require"]
 
 # top-level module -> (distribution to name, extra that installs it)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -47,6 +47,16 @@ _HINTS = {
 }
 
 
+def install_hint(module: str) -> str:
+    """How to install the optional dependency that provides top-level `module`."""
+    extra = EXTRAS[module][1]
+    return f"pip install 'legato[{extra}]'{_HINTS.get(extra, '')}"
+
+
+def _needs(what: str, module: str) -> str:
+    return f"{what} needs {EXTRAS[module][0]}, which is not installed here: {install_hint(module)}"
+
+
 class MissingDependency(ModuleNotFoundError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
@@ -58,11 +68,7 @@ def missing_message(err: ImportError, what: str) -> str | None:
             not isinstance(err, ModuleNotFoundError) and "pip install 'legato[" in str(err)):
         return str(err)   # require()'s own message
     name = (getattr(err, "name", None) or "").split(".")[0]
-    if name not in EXTRAS:
-        return None
-    dist, extra = EXTRAS[name]
-    return (f"{what} needs {dist}, which is not installed here: "
-            f"pip install 'legato[{extra}]'{_HINTS.get(extra, '')}")
+    return _needs(what, name) if name in EXTRAS else None
 
 
 def require(*modules: str, what: str) -> ModuleType:
@@ -73,17 +79,12 @@ def require(*modules: str, what: str) -> ModuleType:
         try:
             imported = importlib.import_module(module)
         except ImportError as err:
-            dist, extra = EXTRAS[module.split(".")[0]]
-            if isinstance(err, ModuleNotFoundError) and \
-                    (err.name or "").split(".")[0] == module.split(".")[0]:
-                raise MissingDependency(
-                    f"{what} needs {dist}, which is not installed here: "
-                    f"pip install 'legato[{extra}]'{_HINTS.get(extra, '')}",
-                    name=module) from None
+            top = module.split(".")[0]
+            if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == top:
+                raise MissingDependency(_needs(what, top), name=module) from None
             # installed but broken (a missing library, a wrong numpy): its own error says why
-            raise ImportError(f"{what} needs {dist}, which is installed but fails to import "
-                              f"({type(err).__name__}: {err}); reinstall it with "
-                              f"pip install 'legato[{extra}]'{_HINTS.get(extra, '')}",
-                              name=module) from err
+            raise ImportError(f"{what} needs {EXTRAS[top][0]}, which is installed but fails to "
+                              f"import ({type(err).__name__}: {err}); reinstall it with "
+                              f"{install_hint(top)}", name=module) from err
         first = imported if first is None else first
     return first

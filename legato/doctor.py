@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from legato._extras import install_hint
+
 __all__ = ["collect", "core_usable", "format_table", "mxnet_python", "repo_root"]
 
 _PROBE_TIMEOUT_S = 120
@@ -96,17 +98,15 @@ print(json.dumps({"usable": True, "version": tf2onnx.__version__, "reason": ""})
 """,
 }
 
+# how to get each probed component: the extra that installs it (legato._extras), except
+# Horovod (built from source) and MXNet (an environment of its own, or LEGATO_MXNET_PYTHON)
 _INSTALL_HINT = {
-    "torch": "pip install 'legato[torch]' (make setup: .venv)",
-    "tensorflow": "pip install 'legato[tensorflow]' or 'legato[tensorflow-cpu]' (make setup: "
-                  ".venv)",
+    **{name: install_hint(name) for name in ("torch", "tensorflow", "onnx", "onnxruntime",
+                                             "onnx_ir", "onnxscript", "tf2onnx")},
     "horovod": "build it with scripts/build_horovod.sh .venv (make setup)",
     "mxnet": "pip install 'legato[mxnet]' in an environment of its own (mxnet 1.9.1 needs "
              "numpy<1.24; make setup: .venv-mxnet), or set LEGATO_MXNET_PYTHON to an "
              "interpreter that has mxnet",
-    "onnx": "pip install 'legato[onnx]'", "onnxruntime": "pip install 'legato[onnx]'",
-    "onnx_ir": "pip install 'legato[onnx]'", "onnxscript": "pip install 'legato[onnx]'",
-    "tf2onnx": "pip install 'legato[tensorflow]'",
 }
 
 
