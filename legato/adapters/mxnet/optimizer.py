@@ -256,7 +256,7 @@ class ScheduledTrainer(ClosesOnExit):
                                  timeout_s=self._timeout_s, check_error=self._raise_if_failed,
                                  rank=self._rank, layer_names=self._layer_names)
         self._trace = None
-        chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        chunk_names = self.plan.chunk_names(self._names)
         if timeline is not None:
             self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
         self._scheduler = Scheduler(self.plan, self.config,

@@ -236,7 +236,7 @@ class ScheduledOptimizer(ClosesOnExit):
         self._posting = False
         self._posted_in_backward = 0
         self._trace = None
-        chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        chunk_names = self.plan.chunk_names(self._names)
         if timeline is not None:
             self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
         self._scheduler = Scheduler(

@@ -330,7 +330,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._steps = StepTracker(self._layer_names, rank=self._rank,
                                   timeout_s=self._timeout_s, on_fail=self._wake_gates)
 
-        self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        self._chunk_names = self.plan.chunk_names(self._names)
         self._trace = (SchedulerTrace(timeline, self._rank, self.plan, self._chunk_names)
                        if timeline is not None else None)
         self._timeline = self._trace.timeline if self._trace is not None else None
@@ -358,7 +358,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     def _start_scheduler(self) -> None:
         """A scheduler for the current plan (at construction and after each tuning boundary)."""
         self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
-        self._chunk_names = [", ".join(self._names[k] for k in c.keys) for c in self.plan.chunks]
+        self._chunk_names = self.plan.chunk_names(self._names)
         if self._trace is not None:
             self._trace.set_plan(self.plan, self._chunk_names)
         self._scheduler_step0 = self._steps.steps_called

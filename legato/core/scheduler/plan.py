@@ -119,6 +119,11 @@ class ChunkPlan:
                 h.update(f"{p.key},{p.offset},{p.nbytes};".encode())
         return h.hexdigest()[:16]
 
+    def chunk_names(self, names) -> list[str]:
+        """Per chunk, the names of the tensors it carries (`names[key]`), for timelines and
+        profiler spans."""
+        return [", ".join(names[k] for k in c.keys) for c in self.chunks]
+
     def describe(self) -> str:
         parts = sum(1 for c in self.chunks if not c.merged)
         merged = sum(1 for c in self.chunks if c.merged)
