@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
-__all__ = ["atomic_json", "atomic_write"]
+__all__ = ["atomic_json", "atomic_write", "read_text"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False,
@@ -37,3 +37,16 @@ def atomic_json(path: str | os.PathLike, data: Any, *, indent: int | None = 1) -
         f.write("\n")
 
     return atomic_write(path, write)
+
+
+def read_text(path: str | os.PathLike, error: type[Exception], *, what: str, kind: str) -> str:
+    """The UTF-8 text of a file a user named, or `error` with one line naming the file: it
+    cannot be read ("cannot read {what}{path}: ..."), or it is not text (`kind` says what it
+    should be)."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise error(f"cannot read {what}{p}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise error(f"{p} is not a text file (byte {err.start} is not UTF-8); {kind}") from err

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from legato.core._files import atomic_json
+from legato.core._files import atomic_json, read_text
 from legato.core.errors import ConfigError
 from legato.core.pipeline._states import StateSpace, build_states
 from legato.core.pipeline.profile import LayerProfile
@@ -155,10 +155,9 @@ class Plan:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
         p = Path(path)
+        text = read_text(p, PlanError, what="the plan ", kind="a plan is JSON (legato plan -o)")
         try:
-            return cls.from_json(json.loads(p.read_text()), where=str(p))
-        except OSError as err:
-            raise PlanError(f"cannot read the plan {p}: {err.strerror}") from err
+            return cls.from_json(json.loads(text), where=str(p))
         except json.JSONDecodeError as err:
             raise PlanError(f"{p} is not JSON ({err.msg} at line {err.lineno})") from err
 

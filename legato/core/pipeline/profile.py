@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from legato.core._files import atomic_json
+from legato.core._files import atomic_json, read_text
 from legato.core.errors import ConfigError
 
 __all__ = ["FORMAT", "LayerNode", "LayerProfile", "ProfileError"]
@@ -261,13 +261,8 @@ class LayerProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerProfile":
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ProfileError(f"cannot read the profile {p}: {err.strerror}") from err
-        except UnicodeDecodeError as err:
-            raise ProfileError(f"{p} is not a text file (byte {err.start} is not UTF-8); a "
-                               "profile is JSON written by a legato profiler") from err
+        text = read_text(p, ProfileError, what="the profile ",
+                         kind="a profile is JSON written by a legato profiler")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
@@ -281,13 +276,8 @@ class LayerProfile:
                        ) -> "LayerProfile":
         """Read PipeDream's `graph.txt` (see the module docstring); ms become seconds."""
         p = Path(path)
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except OSError as err:
-            raise ProfileError(f"cannot read {p}: {err.strerror}") from err
-        except UnicodeDecodeError as err:
-            raise ProfileError(f"{p} is not a text file (byte {err.start} is not UTF-8); "
-                               "PipeDream's graph.txt is text") from err
+        lines = read_text(p, ProfileError, what="",
+                          kind="PipeDream's graph.txt is text").splitlines()
         nodes, edges = _parse_pipedream(lines, str(p))
         meta = {"model": model or p.parent.name, "source": f"PipeDream graph.txt ({p.name})",
                 "time_unit_in_source": "ms"}

@@ -50,7 +50,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from legato.core._files import atomic_json
+from legato.core._files import atomic_json, read_text
 from legato.core.errors import ConfigError
 
 __all__ = ["PNode", "Pattern", "Rule", "RuleError", "load_rules", "save_rules"]
@@ -337,13 +337,9 @@ def save_rules(path: str | os.PathLike, rules: Iterable[Rule], *, meta: dict | N
 def load_rules(path: str | os.PathLike) -> list[Rule]:
     """Read a rule file written by `save_rules` (or by hand)."""
     p = Path(path)
+    text = read_text(p, RuleError, what="the rule file ", kind="a rule file is JSON")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise RuleError(f"cannot read the rule file {p}: {err.strerror}") from err
-    except UnicodeDecodeError as err:
-        raise RuleError(f"{p} is not a text file (byte {err.start} is not UTF-8); a rule file "
-                        "is JSON") from err
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise RuleError(f"{p} is not JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(data, dict) or data.get("format") != RULES_FORMAT:
