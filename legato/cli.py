@@ -93,7 +93,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       microbatches=args.microbatches,
                       activation_compression_ratio=args.activation_compression_ratio,
                       memory_bytes=memory, straight=args.straight,
-                      fewer_machines=args.fewer_machines, max_states=args.max_states)
+                      fewer_machines=args.fewer_machines, max_states=args.max_states,
+                      keep_tied=True if args.keep_tied else None)
         prediction = None
         if args.simulate:
             prediction = predict(profile, result, args.simulate,
@@ -604,6 +605,9 @@ def _parser_plan(add) -> None:
     p.add_argument("--straight", action="store_true", help="no stage replication")
     p.add_argument("--fewer-machines", action="store_true",
                    help="allow plans that leave workers idle")
+    p.add_argument("--keep-tied", action="store_true",
+                   help="keep layers sharing a parameter (tied embedding and head) in one "
+                        "stage also under the sync objective (the async objective always does)")
     p.add_argument("--max-states", type=int, metavar="N",
                    help="cut points searched exactly before the graph is linearized "
                         "(default 1000 for one level, 500 for several)")

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,11 +44,12 @@ except ImportError:  # pragma: no cover - torch builds without pipelining
     stage_backward_input = stage_backward_weight = None
 
 from legato.adapters._pipeline_graph import first_line
-from legato.adapters.torch._pipeline_split import TensorSpec
+from legato.adapters.torch._pipeline_split import TensorSpec, Tie
 from legato.core.errors import ConfigError, LegatoError
 from legato.core.pipeline import Action, ActionKind, Schedule, Span
 
-__all__ = ["PipelineCommError", "VersionRecord", "microbatch_rng", "microbatch_seed"]
+__all__ = ["PipelineCommError", "TieGroup", "VersionRecord", "equalize_ties", "make_tie_groups",
+           "microbatch_rng", "microbatch_seed", "reduce_grads"]
 
 K = ActionKind
 TAG_LIMIT = 2 ** 31
@@ -102,16 +104,24 @@ def fingerprint(weights: dict[str, torch.Tensor]) -> float:
 
 
 class StageRuntime:
-    """One stage hosted on this rank: its module, trainable parameters, optimizer, group."""
+    """One stage hosted on this rank: its module, trainable parameters, optimizer, group.
+
+    `params` are every trainable parameter the stage runs with; `owned` those its optimizer
+    steps and its replicas all-reduce: a tied parameter ([Note: tied weights] in pipeline.py)
+    is summed by its tie group instead, and stepped by the first stage on this rank using it."""
 
     def __init__(self, index: int, module: nn.Module, optimizer: torch.optim.Optimizer | None,
                  group: Any, replicas: int, num_stages: int,
-                 in_specs: tuple[TensorSpec, ...], out_specs: tuple[TensorSpec, ...]) -> None:
+                 in_specs: tuple[TensorSpec, ...], out_specs: tuple[TensorSpec, ...],
+                 owned: list[nn.Parameter] | None = None, tied: frozenset[int] = frozenset()
+                 ) -> None:
         self.index, self.module, self.optimizer = index, module, optimizer
         self.group, self.replicas = group, replicas
         self.first, self.last = index == 0, index == num_stages - 1
         self.in_specs, self.out_specs = in_specs, out_specs
         self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.owned = [p for _, p in self.params] if owned is None else list(owned)
+        self.reduced = [p for p in self.owned if id(p) not in tied]
         self.version = 0
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -120,6 +130,75 @@ class StageRuntime:
 
     def copy(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone().requires_grad_(True) for n, p in self.params}
+
+
+@dataclasses.dataclass(frozen=True)
+class TieGroup:
+    """The ranks holding copies of some tied parameters, their process group (None when one
+    rank holds them all), and this rank's copies."""
+
+    ranks: tuple[int, ...]
+    group: Any
+    params: tuple[nn.Parameter, ...]
+    names: tuple[str, ...]
+
+
+def make_tie_groups(ties: Sequence[Tie], modules: Sequence[nn.Module],
+                    stage_ranks: Sequence[Sequence[int]], rank: int, *,
+                    timeout: datetime.timedelta | None = None, backend: str | None = None
+                    ) -> list[TieGroup]:
+    """One process group per set of ranks holding tied parameters (the ranks of every stage
+    using them, replicas included). Every rank must call this with the same ties, in the same
+    place (new_group is collective); each gets the groups it is in, in one order."""
+    by_ranks: dict[tuple[int, ...], list[Tie]] = {}
+    for t in ties:
+        ranks = tuple(sorted({r for s in t.stages for r in stage_ranks[s]}))
+        by_ranks.setdefault(ranks, []).append(t)
+    out = []
+    for ranks, members in sorted(by_ranks.items()):
+        kw: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+        if backend is not None:
+            kw["backend"] = backend
+        group = dist.new_group(list(ranks), **kw) if len(ranks) > 1 else None
+        if rank not in ranks:
+            continue
+        mine = [(t, next(s for s in t.stages if rank in stage_ranks[s])) for t in members]
+        out.append(TieGroup(ranks, group, tuple(t.parameter_in(modules, s) for t, s in mine),
+                            tuple(t.name for t, _ in mine)))
+    return out
+
+
+def equalize_ties(groups: Sequence[TieGroup]) -> None:
+    """Every copy of a tied parameter starts as the lowest holding rank's."""
+    with torch.no_grad():
+        for g in groups:
+            if g.group is not None:
+                for p in g.params:
+                    dist.broadcast(p.data, src=g.ranks[0], group=g.group)
+
+
+def reduce_grads(params: Sequence[nn.Parameter], group: Any, *, divide: int = 1,
+                 on_error: Callable[[str, Exception], Exception]) -> None:
+    """Sum `params`' gradients over `group` in one all-reduce per dtype (a missing gradient
+    counts as zeros), divided by `divide`; each parameter's .grad becomes its slice of the
+    sum."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for k, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(k)
+    for idx in by_dtype.values():
+        flat = torch.cat([grads[k].reshape(-1) for k in idx])
+        try:
+            dist.all_reduce(flat, group=group, async_op=True).wait()
+        except Exception as err:
+            raise on_error("all-reduce", err) from err
+        if divide != 1:
+            flat.div_(divide)
+        offset = 0
+        for k in idx:
+            p = params[k]
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
 
 @dataclasses.dataclass
@@ -167,8 +246,10 @@ class Interpreter:
     def __init__(self, *, schedule: Schedule, rank: int, stages: dict[int, StageRuntime],
                  boundaries: list[tuple[TensorSpec, ...]], p2p_group: Any,
                  device: torch.device, loss_fn: Callable, seed: int, timeout_s: float,
-                 check_versions: bool) -> None:
+                 check_versions: bool, ties: Sequence[TieGroup] = ()) -> None:
         self.schedule, self.rank, self.stages = schedule, rank, stages
+        self.ties = [t for t in ties if t.group is not None]
+        self.ties_summed = False
         self.boundaries, self.p2p, self.device = boundaries, p2p_group, device
         self.loss_fn, self.seed, self.timeout_s = loss_fn, seed, timeout_s
         self.check_versions = check_versions
@@ -208,6 +289,7 @@ class Interpreter:
         self.restored: dict[tuple[int, int], int] = {}
         self.sends: list[tuple[Any, torch.Tensor, Action, int]] = []
         self.losses: list[torch.Tensor] = []
+        self.ties_summed = False
         spans: list[Span] = []
         handlers = {K.FORWARD: self._forward, K.BACKWARD: self._backward,
                     K.BACKWARD_INPUT: self._backward, K.BACKWARD_WEIGHT: self._backward,
@@ -428,26 +510,23 @@ class Interpreter:
 
     def _allreduce(self, a: Action, pc: int) -> None:
         st = self.stages[a.stage]
-        if st.group is None:
+        if st.group is None or not st.reduced:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in st.params]
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for k, g in enumerate(grads):
-            by_dtype.setdefault(g.dtype, []).append(k)
-        for idx in by_dtype.values():
-            flat = torch.cat([grads[k].reshape(-1) for k in idx])
-            try:
-                work = dist.all_reduce(flat, group=st.group, async_op=True)
-            except Exception as err:
-                raise self._comm_error(a, pc, "all-reduce", err) from err
-            self._wait(work, a, pc, "all-reduce")
-            if self.average:
-                flat.div_(st.replicas)
-            offset = 0
-            for k in idx:
-                p = st.params[k][1]
-                p.grad = flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+        reduce_grads(st.reduced, st.group, divide=st.replicas if self.average else 1,
+                     on_error=lambda what, err: self._comm_error(a, pc, what, err))
+
+    def _sum_ties(self, a: Action, pc: int) -> None:
+        """[Note: tied weights] in pipeline.py: once per step, at this rank's first STEP (after
+        all of its forwards and backwards), every tie group this rank is in, in one order on
+        every rank."""
+        for tie in self.ties:
+            def failed(what: str, err: Exception, tie: TieGroup = tie) -> Exception:
+                return PipelineCommError(
+                    f"[rank {self.rank}] summing the gradients of the tied parameters "
+                    f"{list(tie.names)} over ranks {list(tie.ranks)} (before {a}, trainer step "
+                    f"{self.step_no}) failed: {first_line(err)}; one of those ranks may have "
+                    f"died (see its log) or be more than timeout_s={self.timeout_s:g} s behind")
+            reduce_grads(tie.params, tie.group, on_error=failed)
 
     def _wait(self, work: Any, a: Action, pc: int, what: str) -> None:
         try:
@@ -466,12 +545,15 @@ class Interpreter:
     # -- weights ----------------------------------------------------------------------------
     def _step(self, a: Action, pc: int) -> None:
         st = self.stages[a.stage]
+        if self.ties and not self.ties_summed:
+            self._sum_ties(a, pc)
+            self.ties_summed = True
         if st.version in self.program.needed_later(a.stage, pc, self.base[a.stage]):
             st.snapshots.setdefault(st.version, st.copy())
         if st.optimizer is not None:
             st.optimizer.step()
             st.optimizer.zero_grad(set_to_none=True)
-        for _, p in st.params:
+        for p in st.owned:
             p.grad = None
         st.version += 1
         self._collect(a.stage, pc)

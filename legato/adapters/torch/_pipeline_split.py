@@ -12,6 +12,11 @@ made at stage a and read at stage b > a + 1 is passed through every stage betwee
 sends to the next stage); a model input read after stage 0 is passed on the same way. Only
 tensors can cross: a cut that leaves an int, a shape or a list between stages is an error
 naming the node.
+
+A trainable parameter used by several stages (a tied embedding and output head, a module
+called twice) is a `Tie`: every stage holding it keeps its own copy, and the runtimes sum the
+copies' gradients between those stages before the update, as Megatron-LM does for its
+embeddings, so the copies stay equal ([Note: tied weights] in pipeline.py).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from legato.adapters._pipeline_graph import Op, first_line, group_ops
 from legato.core.errors import ConfigError
 
-__all__ = ["ModelSplit", "TensorSpec", "as_args", "chunk", "layer_ids", "split_model"]
+__all__ = ["ModelSplit", "TensorSpec", "Tie", "as_args", "chunk", "layer_ids", "split_model"]
 
 _CALLS = ("call_module", "call_function", "call_method")
 
@@ -50,6 +55,20 @@ class TensorSpec:
         return self.dtype.is_floating_point or self.dtype.is_complex
 
 
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """A trainable parameter used by several stages: its name in the model (the first stage's
+    name for it), the stages using it, and its name inside each of those stage modules."""
+
+    name: str
+    stages: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def parameter_in(self, modules: dict[int, nn.Module] | list[nn.Module], stage: int
+                     ) -> nn.Parameter:
+        return modules[stage].get_parameter(self.names[self.stages.index(stage)])
+
+
 @dataclasses.dataclass
 class ModelSplit:
     """A model cut into stages.
@@ -60,6 +79,7 @@ class ModelSplit:
         modules: per stage, its module (sharing parameters with the model).
         boundaries: boundaries[s] = the tensors stage s hands to stage s + 1 (one microbatch).
         inputs: the specs of the model's tensor arguments for one microbatch.
+        ties: trainable parameters used by more than one stage.
     """
 
     kind: str
@@ -67,6 +87,7 @@ class ModelSplit:
     modules: list[nn.Module]
     boundaries: list[tuple[TensorSpec, ...]]
     inputs: tuple[TensorSpec, ...]
+    ties: tuple[Tie, ...] = ()
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -392,9 +413,8 @@ class Traced:
 
     def same_stage(self) -> list[dict]:
         """Layers the runtime can only run in one stage: a non-tensor value (an int from
-        `x.size()`, a shape) flowing from one layer to another, and layers sharing a trainable
-        parameter (tied weights, a module called twice). The planner cuts nowhere between them
-        (`LayerProfile.meta["same_stage"]`)."""
+        `x.size()`, a shape) flowing from one layer to another. The planner cuts nowhere
+        between them (`LayerProfile.meta["same_stage"]`)."""
         out: list[dict] = []
         seen: set[tuple[str, str]] = set()
         for n in self.gm.graph.nodes:
@@ -411,23 +431,25 @@ class Traced:
                     out.append({"nodes": [src, dst],
                                 "why": f"{a.name} (of type {type(value).__name__}, not a tensor) "
                                        f"flows from {src} to {dst}"})
-        users: dict[int, tuple[str, list[str]]] = {}
+        return out
+
+    def tied(self) -> list[dict]:
+        """Layers sharing a trainable parameter (a tied embedding and head, a module called
+        twice), `LayerProfile.meta["tied"]`: {"nodes", "parameter", "bytes"} per parameter."""
+        users: dict[int, tuple[str, int, list[str]]] = {}
         for g in self.groups:
             for n in g.members:
-                params = (self.gm.get_submodule(n.target).named_parameters()
+                params = (self.gm.get_submodule(n.target).named_parameters(prefix=n.target)
                           if n.op == "call_module" else
                           [(a.target, self.values[a]) for a in n.all_input_nodes
                            if self.trainable_attr(a)])
                 for name, p in params:
                     if p.requires_grad:
-                        entry = users.setdefault(id(p), (name if n.op != "call_module"
-                                                         else f"{n.target}.{name}", []))
-                        if g.id not in entry[1]:
-                            entry[1].append(g.id)
-        for name, ids in users.values():
-            if len(ids) > 1:
-                out.append({"nodes": ids, "why": f"they share the parameter {name}"})
-        return out
+                        entry = users.setdefault(id(p), (name, p.numel() * p.element_size(), []))
+                        if g.id not in entry[2]:
+                            entry[2].append(g.id)
+        return [{"nodes": ids, "parameter": name, "bytes": nbytes}
+                for name, nbytes, ids in users.values() if len(ids) > 1]
 
     def trainable_attr(self, n: torch.fx.Node) -> bool:
         """Whether `n` reads a trainable parameter directly (`get_attr`)."""
@@ -534,8 +556,8 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
         A `ModelSplit` whose modules share parameters with `model`.
     Raises:
         ConfigError: an unknown, missing or repeated layer; a stage that reads a later stage's
-            output; a non-tensor value crossing a cut; parameters shared by two stages; a model
-            that does not trace or does not run on the example.
+            output; a non-tensor value crossing a cut; a model that does not trace or does not
+            run on the example. (Parameters shared by stages are `ModelSplit.ties`.)
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
@@ -569,11 +591,11 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
         nodes = resolve_stages(traced.ids, stages, name)
         modules = _fx_stages(traced, nodes, name)
         kind = "fx"
-    _check_shared_parameters(modules, nodes)
+    ties = shared_parameters(modules)
     boundaries = _probe(model, modules, nodes, micro, kind)
     inputs = tuple(TensorSpec(f"input {k}", tuple(t.shape), t.dtype)
                    for k, t in enumerate(tensors_of(micro)))
-    return ModelSplit(kind, nodes, modules, boundaries, inputs)
+    return ModelSplit(kind, nodes, modules, boundaries, inputs, ties)
 
 
 def _fx_stages(traced: Traced, nodes: list[tuple[str, ...]], model_name: str
@@ -657,17 +679,19 @@ def _fx_stages(traced: Traced, nodes: list[tuple[str, ...]], model_name: str
     return modules
 
 
-def _check_shared_parameters(modules: list[nn.Module], nodes: list[tuple[str, ...]]) -> None:
-    owner: dict[int, tuple[int, str]] = {}
+def shared_parameters(modules: Sequence[nn.Module]) -> tuple[Tie, ...]:
+    """The trainable parameters more than one stage module uses, in first-use order."""
+    found: dict[int, tuple[str, list[int], list[str]]] = {}
     for s, m in enumerate(modules):
         for pname, p in m.named_parameters():
-            if id(p) in owner and owner[id(p)][0] != s:
-                s0, n0 = owner[id(p)]
-                raise ConfigError(
-                    f"parameter {n0!r} of stage {s0} is also used by stage {s} (as {pname!r}): "
-                    "weights shared between stages (tied embeddings, a module called twice) "
-                    "are not supported; put all their users in one stage")
-            owner.setdefault(id(p), (s, pname))
+            if not p.requires_grad:
+                continue
+            entry = found.setdefault(id(p), (pname, [], []))
+            if s not in entry[1]:
+                entry[1].append(s)
+                entry[2].append(pname)
+    return tuple(Tie(name, tuple(stages), tuple(names))
+                 for name, stages, names in found.values() if len(stages) > 1)
 
 
 def _probe(model: nn.Module, modules: list[nn.Module], nodes: list[tuple[str, ...]],

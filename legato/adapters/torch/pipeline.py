@@ -22,6 +22,19 @@ dim 0 and runs the schedule's action list once:
   update the mean over m microbatches, computed on the weights one update behind.
 The returned loss is the mean of the unscaled microbatch losses this rank computed (only ranks
 of the last stage compute losses; a replica of it averages its own share); other ranks get None.
+
+[Note: tied weights]
+A trainable parameter used by several stages (a tied token embedding and output head, a
+module called twice) is kept by every rank hosting one of them, as Megatron-LM keeps its word
+embeddings on the first and last stage. At construction the copies are made equal (a broadcast
+from the lowest of those ranks); in every step, once each rank has run all of its forwards and
+backwards (at its first STEP), the copies' gradients are summed over every rank holding one
+(replicas included, so a tied parameter is not in its stage's replica all-reduce), and each
+rank's optimizer steps its copy with the same sum: the copies stay equal without sending
+weights. On one rank, two stages sharing a parameter share the object itself; the first of
+them steps it. This needs a schedule whose updates come after every forward and backward of
+the step (gpipe, 1f1b, interleaved-1f1b, zb-h1); PipeDream's asynchronous schedule and 2BW
+update stages at different points (different weight versions per stage), and are refused.
 """
 
 from __future__ import annotations
@@ -45,13 +58,17 @@ from legato.adapters.torch._pipeline_exec import (
     Interpreter,
     PipelineCommError,
     StageRuntime,
+    TieGroup,
     VersionRecord,
+    equalize_ties,
     fifo_mismatch,
+    make_tie_groups,
     microbatch_rng,
     microbatch_seed,
 )
 from legato.adapters.torch._pipeline_split import (
     ModelSplit,
+    Tie,
     as_args,
     chunk,
     layer_ids,
@@ -61,7 +78,7 @@ from legato.adapters.torch._pipeline_split import (
 )
 from legato.core._files import atomic_json, atomic_write
 from legato.core.errors import BackendUnavailable, ConfigError
-from legato.core.pipeline import Schedule, Span, VerifyReport, get_schedule, verify
+from legato.core.pipeline import ActionKind, Schedule, Span, VerifyReport, get_schedule, verify
 
 __all__ = ["PipelineCommError", "PipelineTrainer", "VersionRecord", "layer_ids",
            "microbatch_rng", "microbatch_seed", "share_plan", "split_model"]
@@ -145,6 +162,7 @@ class PipelineTrainer:
         self.split: ModelSplit = split_model(model, stages, example_inputs,
                                              microbatches=self.num_microbatches)
         self.stage_ids = self.split.nodes
+        _check_ties(self.split.ties, self.schedule)
         self.loss_fn, self.seed, self.timeout_s = loss_fn, int(seed), float(timeout_s)
         self.device = _device_of(model)
         self.backend = self._backend()
@@ -166,13 +184,19 @@ class PipelineTrainer:
                 if self.rank in sranks:
                     groups[s] = g
         self.stages = self.schedule.stages_of(self.rank)
+        tie_groups = make_tie_groups(self.split.ties, self.split.modules,
+                                     self.schedule.stage_ranks, self.rank, timeout=timeout,
+                                     backend=self.backend)
+        tied = frozenset(id(p) for t in tie_groups for p in t.params)
         self.modules: dict[int, nn.Module] = {}
         self.optimizers: dict[int, torch.optim.Optimizer | None] = {}
         runtimes: dict[int, StageRuntime] = {}
         last = self.schedule.num_stages - 1
+        stepped: set[int] = set()     # a parameter two hosted stages share is stepped once
         for s in self.stages:
             module = self.split.modules[s]
-            params = [p for p in module.parameters() if p.requires_grad]
+            params = [p for p in module.parameters() if p.requires_grad and id(p) not in stepped]
+            stepped.update(id(p) for p in params)
             opt = optimizer(params) if params else None  # a stage without weights: no steps
             if opt is not None and not isinstance(opt, torch.optim.Optimizer):
                 raise ConfigError(f"optimizer(params) returned a {type(opt).__name__}, not a "
@@ -182,14 +206,17 @@ class PipelineTrainer:
                 s, module, opt, groups.get(s), self.schedule.replicas(s),
                 self.schedule.num_stages,
                 self.split.boundaries[s - 1] if s > 0 else self.split.inputs,
-                self.split.boundaries[s] if s < last else ())
+                self.split.boundaries[s] if s < last else (), owned=params, tied=tied)
         if release_others:
             _release(self.split.modules, self.stages)
+        equalize_ties(tie_groups)
         self._interp = Interpreter(schedule=self.schedule, rank=self.rank, stages=runtimes,
                                    boundaries=self.split.boundaries, p2p_group=p2p,
                                    device=self.device, loss_fn=loss_fn, seed=self.seed,
-                                   timeout_s=self.timeout_s, check_versions=check_versions)
+                                   timeout_s=self.timeout_s, check_versions=check_versions,
+                                   ties=tie_groups)
         self._runtimes = runtimes
+        self.ties: tuple[Tie, ...] = self.split.ties
         self.steps_done = 0
         dist.barrier(group=self._ctrl)
         self._origin = time.perf_counter()
@@ -520,6 +547,28 @@ def _build_schedule(schedule: str | Schedule, num_stages: int, reps: list[int],
                                       f"{mapping[a]} and {b}")
         sched = sched.relabel(mapping)
     return sched
+
+
+def _check_ties(ties: Sequence[Tie], schedule: Schedule) -> None:
+    """Tied parameters need every update after every forward and backward of the step."""
+    if not ties:
+        return
+    compute = (ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.BACKWARD_INPUT,
+               ActionKind.BACKWARD_WEIGHT)
+    for rank, acts in sorted(schedule.actions.items()):
+        first = next((q for q, a in enumerate(acts) if a.kind is ActionKind.STEP), None)
+        later = next((a for a in acts[first:] if a.kind in compute), None) \
+            if first is not None else None
+        if later is not None:
+            t = ties[0]
+            more = f" (and {len(ties) - 1} more)" if len(ties) > 1 else ""
+            raise ConfigError(
+                f"parameter {t.name!r}{more} is used by stages {list(t.stages)} (tied weights), "
+                f"whose copies' gradients are summed once per step before the update; schedule "
+                f"{schedule.name!r} updates on rank {rank} ({acts[first]}) before {later}, so "
+                "the stages would train different versions of it. Use a schedule that updates "
+                "after the whole step (gpipe, 1f1b, interleaved-1f1b, zb-h1), or a plan that "
+                "keeps every user of the parameter in one stage")
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -124,10 +124,10 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
     with _preserved(model, device):
         if _is_plain_sequential(model):
             layers, edges, output, inputs_meta = _sequential_layers(model, args)
-            same_stage = _shared_parameters(layers)
+            same_stage, tied = [], _shared_parameters(model, layers)
             graph = "sequential"
         else:
-            layers, edges, output, inputs_meta, same_stage = _fx_layers(model, args)
+            layers, edges, output, inputs_meta, same_stage, tied = _fx_layers(model, args)
             graph = "fx"
         owned = _owned_parameter_bytes(layers)
         state, updates = (_optimizer_state_bytes(optimizer, layers, warmup, repeats)
@@ -176,6 +176,8 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
             "inputs": inputs_meta, **loss_meta}
     if same_stage:
         meta["same_stage"] = same_stage
+    if tied:
+        meta["tied"] = tied
     return LayerProfile(profile_nodes, tuple(edges), meta)
 
 
@@ -302,22 +304,25 @@ def _sequential_layers(model: torch.nn.Sequential, args: tuple):
     return layers, edges, calls[-1][1], inputs_meta
 
 
-def _shared_parameters(layers: list[_Layer]) -> list[dict]:
-    """Children of an nn.Sequential that share a trainable parameter (tied weights)."""
-    users: dict[int, list[str]] = {}
+def _shared_parameters(model: torch.nn.Module, layers: list[_Layer]) -> list[dict]:
+    """Children of an nn.Sequential that share a trainable parameter (tied weights), as
+    `meta["tied"]` entries."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    users: dict[int, tuple[str, int, list[str]]] = {}
     for layer in layers:
         for p in layer.params:
-            ids = users.setdefault(id(p), [])
-            if layer.id not in ids:
-                ids.append(layer.id)
-    return [{"nodes": ids, "why": "they share a parameter"} for ids in users.values()
-            if len(ids) > 1]
+            entry = users.setdefault(id(p), (names.get(id(p), "?"),
+                                             p.numel() * p.element_size(), []))
+            if layer.id not in entry[2]:
+                entry[2].append(layer.id)
+    return [{"nodes": ids, "parameter": name, "bytes": nbytes}
+            for name, nbytes, ids in users.values() if len(ids) > 1]
 
 
 # -- layers of an FX trace ------------------------------------------------------------------------
 def _fx_layers(model: torch.nn.Module, args: tuple):
     traced = Traced(model, args, purpose="profile", clone=True)   # the splitter's capture too
-    same_stage = traced.same_stage()
+    same_stage, tied = traced.same_stage(), traced.tied()
     gm, values, groups, edges, group_of = (traced.gm, traced.values, traced.groups,
                                            traced.edges, traced.group_of)
     trainable_attr, output, placeholders = (traced.trainable_attr, traced.output_value,
@@ -349,7 +354,7 @@ def _fx_layers(model: torch.nn.Module, args: tuple):
                    if any(p in n.all_input_nodes for n in g.members)]
         inputs_meta.append({"name": p.name, "readers": readers,
                             "bytes": sum(_nbytes(t) for t in _tensors(values.get(p)))})
-    return layers, edges, output, inputs_meta, same_stage
+    return layers, edges, output, inputs_meta, same_stage, tied
 
 
 def _fx_runner(gm: torch.fx.GraphModule, group, ext: list) -> Callable[[list], list]:

@@ -35,6 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from legato.adapters.torch._pipeline_exec import (
+    PipelineCommError,
+    TieGroup,
+    equalize_ties,
+    make_tie_groups,
+    reduce_grads,
+)
 from legato.adapters.torch._pipeline_split import as_args, chunk, preserved, split_model
 from legato.core.errors import ConfigError
 from legato.core.pipeline.ir import Action, ActionKind, Schedule
@@ -62,26 +69,49 @@ class TorchPipeline:
     """This rank's `PipelineStage`s and torch's schedule over them (see `torch_pipeline`)."""
 
     def __init__(self, stages: list, schedule: Any, modules: dict[int, nn.Module],
-                 stage_ids: list[tuple[str, ...]], is_first: bool, is_last: bool) -> None:
+                 stage_ids: list[tuple[str, ...]], is_first: bool, is_last: bool,
+                 ties: Sequence[TieGroup] = (), microbatches: int = 1) -> None:
         self.stages, self.schedule, self.modules = stages, schedule, modules
+        self.microbatches = microbatches
         self.stage_ids = stage_ids
         self.is_first, self.is_last = is_first, is_last
+        self.ties = [t for t in ties if t.group is not None]
 
     def parameters(self) -> list[nn.Parameter]:
-        """The parameters of this rank's stages (give them to the optimizer)."""
-        return [p for m in self.modules.values() for p in m.parameters()]
+        """The parameters of this rank's stages, each once (give them to the optimizer)."""
+        seen: set[int] = set()
+        out = []
+        for m in self.modules.values():
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
     def step(self, inputs: Any = None, targets: Any = None) -> torch.Tensor | None:
         """One minibatch through torch's schedule: inputs on the first stage's rank, targets on
         the last's (others may pass None). Returns the mean of the microbatch losses on the
         rank of the last stage, else None; gradients are left in `.grad` (torch scales them
-        by 1 / microbatches) for the optimizer."""
+        by 1 / microbatches) for the optimizer. The gradients of a parameter several stages
+        use (tied weights) are summed between the ranks holding them before this returns."""
         losses: list = []
         args = () if not self.is_first else (inputs if isinstance(inputs, tuple) else (inputs,))
         kwargs: dict = {}
         if self.is_last:
             kwargs = {"target": targets, "losses": losses}
         self.schedule.step(*args, **kwargs)
+        # torch divides each stage's gradients by m (scale_grads), which would divide a
+        # parameter two stages on this rank share twice: the schedule is built with
+        # scale_grads=False and every parameter is divided once here, as torch divides
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.div_(self.microbatches)
+        for tie in self.ties:       # tied weights: every copy gets the sum of their gradients
+            def failed(what: str, err: Exception, tie: TieGroup = tie) -> Exception:
+                return PipelineCommError(
+                    f"summing the gradients of the tied parameters {list(tie.names)} over "
+                    f"ranks {list(tie.ranks)} failed: {err}; one of them may have died")
+            reduce_grads(tie.params, tie.group, on_error=failed)
         return torch.stack([x.detach() for x in losses]).mean() if self.is_last else None
 
     def dump_csv(self, path: str | os.PathLike) -> Path | None:
@@ -171,15 +201,23 @@ def torch_pipeline(model: nn.Module, plan: Any, *, example_inputs: Any, microbat
     stages = [PipelineStage(split.modules[s], s, n, torch.device(device),
                             input_args=io_args[s][0], output_args=io_args[s][1], group=group)
               for s in mine]
+    # tied weights (a parameter several stages use): each rank holding one keeps a copy, made
+    # equal here; step() sums the copies' gradients (PipelineTrainer's [Note: tied weights])
+    world = (dist.get_process_group_ranks(group) if group is not None
+             else list(range(dist.get_world_size())))
+    ties = make_tie_groups(split.ties, split.modules,
+                           [[world[stage_rank(s, ranks, style)]] for s in range(n)],
+                           dist.get_rank())
+    equalize_ties(ties)
     cls = get_schedule_class(schedule)
     try:
         sched = cls(stages[0] if per_rank is None else stages, n_microbatches=microbatches,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, scale_grads=False)
     except (ValueError, RuntimeError, AssertionError) as err:
         raise ConfigError(f"torch's {schedule} refused this pipeline ({err}); see the torch."
                           "distributed.pipelining docs for its constraints") from err
     return TorchPipeline(stages, sched, {s: split.modules[s] for s in mine}, split.nodes,
-                         0 in mine, n - 1 in mine)
+                         0 in mine, n - 1 in mine, ties, microbatches)
 
 
 def _meta(t: torch.Tensor, grad: bool) -> torch.Tensor:

@@ -23,7 +23,9 @@ maximal layers' predecessors), not only of its maximal layers. When the DAG has 
 
 Every space keeps only cut points that leave each group of `meta["same_stage"]` whole: layers
 the runtime must run in one stage (a non-tensor value such as an int from `x.size()` flows
-between them, or they share a parameter). The profilers record them.
+between them). Layers sharing a trainable parameter (`meta["tied"]`) are kept whole as well
+with `keep_tied`; otherwise they may be split, and `StateSpace.tied` lists them for the
+planner to cost the summing of the copies' gradients. The profilers record both.
 
 Masks are Python ints over `node_ids` (bit i = node_ids[i]). `stop_reason` is EXHAUSTED for an
 exact space and BUDGET when `max_states` cut the enumeration short.
@@ -62,6 +64,9 @@ class StateSpace:
     notes: list[str]
     attached: dict[str, str]         # dropped layer -> the layer whose stage it joins
     stop_reason: StopReason = StopReason.EXHAUSTED   # BUDGET: max_states bounded the ideals
+    tied: list[tuple[int, float, str]] = dataclasses.field(default_factory=list)
+    #                                  (mask of layers, bytes, parameter) of each tied parameter
+    #                                  a stage may hold only part of (keep_tied=False)
 
     @property
     def size(self) -> int:
@@ -153,6 +158,32 @@ def _same_stage(profile: LayerProfile, index: dict[str, int], attached: dict[str
             mask |= 1 << index[attached.get(x, x)]
         if mask.bit_count() > 1:
             out.append((mask, why))
+    return out
+
+
+def _tied(profile: LayerProfile, index: dict[str, int], attached: dict[str, str]
+           ) -> list[tuple[int, float, str]]:
+    """The profile's `meta["tied"]` as (mask of layers, bytes, parameter name)."""
+    out = []
+    for entry in profile.meta.get("tied") or ():
+        try:
+            ids, nbytes = list(entry["nodes"]), float(entry.get("bytes", 0))
+            name = str(entry.get("parameter", "?"))
+        except (TypeError, KeyError, ValueError) as err:
+            raise ProfileError(f"meta.tied holds {entry!r}; each entry must be {{\"nodes\": "
+                               "[layer ids], \"parameter\": name, \"bytes\": size}") from err
+        unknown = [x for x in ids if attached.get(x, x) not in index]
+        if unknown:
+            raise ProfileError(f"meta.tied names layers {unknown} that the profile does not "
+                               "have; profile the model again")
+        if not nbytes >= 0:
+            raise ProfileError(f"meta.tied gives parameter {name} {entry.get('bytes')!r} "
+                               "bytes; give a size >= 0")
+        mask = 0
+        for x in ids:
+            mask |= 1 << index[attached.get(x, x)]
+        if mask.bit_count() > 1:
+            out.append((mask, nbytes, name))
     return out
 
 
@@ -301,9 +332,10 @@ def _antichain_space(profile: LayerProfile, order: list[str], index: dict[str, i
 
 
 def build_states(profile: LayerProfile, *, max_states: int = 1000,
-                 space: str = "ideals") -> StateSpace:
+                 space: str = "ideals", keep_tied: bool = True) -> StateSpace:
     """Build the cut points of `profile` within `max_states` (see the module docstring);
-    `space="antichain"` builds PipeDream's antichain DAG instead of every ideal."""
+    `space="antichain"` builds PipeDream's antichain DAG instead of every ideal; `keep_tied`
+    keeps the layers of each tied parameter in one stage."""
     kept, attached = _drop_io(profile)
     succ, pred = profile.successors(), profile.predecessors()
     order = [x for x in profile.topological_order() if x in set(kept)]
@@ -322,6 +354,10 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000,
                      "not counted (as PipeDream zeroes them)")
 
     together = _same_stage(profile, index, attached)
+    tied = _tied(profile, index, attached)
+    if keep_tied:
+        together += [(g, f"they share the parameter {name}") for g, _, name in tied]
+        tied = []
     pre_dropped = 0
     dag = None
     if space == "antichain":
@@ -391,7 +427,7 @@ def build_states(profile: LayerProfile, *, max_states: int = 1000,
     return StateSpace(order, masks, bits @ comp, bits @ act, bits @ par, bits @ opt, bits @ upd,
                       cut, frontier, preds, kind, notes, attached,
                       StopReason.EXHAUSTED if kind in ("exact", "antichain")
-                      else StopReason.BUDGET)
+                      else StopReason.BUDGET, tied)
 
 
 def _coarse_cuts(linear: list[str], index: dict[str, int], profile: LayerProfile,

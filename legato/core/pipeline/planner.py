@@ -23,6 +23,13 @@ slowest stage). `objective="sync"` instead minimises the makespan of a synchrono
 plus (microbatches - 1) times the slowest, by a min-sum DP under each candidate bound on the
 slowest stage.
 
+Tied parameters (`meta["tied"]`: a tied embedding and output head) stay in one stage under the
+async objective, whose schedules give each stage its own weight version; under the sync
+objective they may be split, and each stage holding only some of a parameter's users pays
+`2P/B` per minibatch (P its bytes) in its update term, for summing the copies' gradients
+between the stages before the step (what the runtime does, as Megatron-LM does for its
+embeddings). `keep_tied=True` keeps them in one stage under either objective.
+
 Topology levels are solved innermost first; a level's best times become the compute times of the
 next (PipeDream's hierarchical scheme). The states are every ideal in `paper` mode and PipeDream's
 antichain DAG in `pipedream` mode (`_states.py`). [In pipedream mode, as in PipeDream's loop, an
@@ -357,7 +364,7 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
          mode: str = "pipedream", objective: str = "async", microbatches: int | None = None,
          activation_compression_ratio: float | None = None, memory_bytes: float | None = None,
          straight: bool = False, fewer_machines: bool = False, max_states: int | None = None,
-         max_caps: int = 256) -> Plan:
+         max_caps: int = 256, keep_tied: bool | None = None) -> Plan:
     """Partition `profile` over `topology` (or N workers at `bandwidth`).
 
     Args:
@@ -373,6 +380,8 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
             default 1000 for one topology level, 500 for several (an inner level is solved
             for every start point, which costs the cube of the states).
         max_caps: sync objective: bound on slowest-stage candidates tried.
+        keep_tied: keep the layers sharing a parameter (`meta["tied"]`) in one stage; default
+            True for the async objective, False for sync (see the module docstring).
     Returns:
         The `Plan`; `stop_reason` says whether a limit (`max_states`, `max_caps`) cut the
         search short (BUDGET) and `notes` say which.
@@ -400,8 +409,11 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
     if max_caps < 1:
         raise PlanError(f"max_caps={max_caps} must be at least 1 (sync objective: candidate "
                         "bounds on the slowest stage to try)")
+    if keep_tied is None:
+        keep_tied = objective == "async"
     space = build_states(profile, max_states=max_states,
-                         space="antichain" if mode == "pipedream" else "ideals")
+                         space="antichain" if mode == "pipedream" else "ideals",
+                         keep_tied=keep_tied)
     S = space.size
     if space.kind == "antichain":
         # PipeDream's rows: a run of states may start after state i-1 and end at any later
@@ -425,6 +437,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
     notes = list(space.notes)
     stops = [space.stop_reason]
     levels = topology.levels
+    if space.tied:          # sync objective, one level: the copies' gradient sum per stage
+        update = update + np.where(sub, 2.0 * _split_tied_bytes(space, sub)
+                                   / levels[0].bandwidth_Bps, 0.0)
     results = []
     inner = 1
     for li, level in enumerate(levels):
@@ -450,10 +465,17 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
             compute = np.where(sub, A[:, :, level.workers], np.inf)
         inner = level.workers
     if not math.isfinite(value):
-        raise PlanError(_why_infeasible(space, topology, memory_bytes, straight, fewer_machines))
+        why = _why_infeasible(space, topology, memory_bytes, straight, fewer_machines)
+        if keep_tied and profile.meta.get("tied"):
+            why += ("; layers sharing a parameter (tied weights) were kept in one stage"
+                    + (" (the async objective's schedules keep a weight version per stage): "
+                       "plan with objective='sync' (--objective sync --microbatches M) to let "
+                       "their stages share it" if objective == "async" else ""))
+        raise PlanError(why)
 
     segments = _expand(results, levels, S)
     stages = _stages(space, profile, segments, levels, mode, objective, microbatches or 1)
+    notes += _tied_notes(space, stages)
     dp = _dp_time(space, topology, mode, objective, microbatches or 1)
     return Plan(tuple(stages), float(value), dp, mode, objective, topology,
                 microbatches if objective == "sync" else None, space.kind, tuple(notes),
@@ -528,6 +550,40 @@ def _segment_terms(c: _Costs, segs) -> list[float]:
     return out
 
 
+def _split_tied_bytes(space: StateSpace, sub: np.ndarray) -> np.ndarray:
+    """(S+1, S): per stage (row: after state row-1, to state j) the bytes of the tied
+    parameters it holds only some users of."""
+    S = space.size
+    out = np.zeros((S + 1, S))
+    for mask, nbytes, _ in space.tied:
+        inside = np.array([0] + [(m & mask).bit_count() for m in space.masks])
+        held = inside[1:][None, :] - inside[:, None]       # users in the stage (prev ⊂ j)
+        partial = (held > 0) & (held < mask.bit_count())
+        out += np.where(partial & sub, nbytes, 0.0)
+    return out
+
+
+def _stage_tied_bytes(space: StateSpace, nodes: tuple[str, ...]) -> float:
+    index = {x: i for i, x in enumerate(space.node_ids)}
+    mask = 0
+    for x in nodes:
+        if x in index:
+            mask |= 1 << index[x]
+    return sum(b for g, b, _ in space.tied if 0 < (g & mask).bit_count() < g.bit_count())
+
+
+def _tied_notes(space: StateSpace, stages: list[PlanStage]) -> list[str]:
+    notes = []
+    for mask, nbytes, name in space.tied:
+        users = set(space.nodes_of(mask))
+        holding = [i for i, st in enumerate(stages) if users & set(st.nodes)]
+        if len(holding) > 1:
+            notes.append(f"tied parameter {name} ({nbytes:.0f} B) is used by stages {holding}: "
+                         "each keeps a copy and their gradients are summed between them every "
+                         "step (costed as 2 x bytes / bandwidth in each)")
+    return notes
+
+
 def _expand(results, levels, S: int) -> list[tuple[int, int, tuple[int, ...], int]]:
     """Backtrack from the outermost level inwards: (row, state, ranks, innermost replicas).
 
@@ -575,8 +631,10 @@ def _stages(space: StateSpace, profile: LayerProfile, segments, levels, mode: st
         layer = [profile.node(x) for x in nodes if x not in space.attached]   # costed layers
         compute = sum(n.compute_s for n in layer)
         params = sum(n.parameter_bytes for n in layer)
-        t = float(_stage_time(inner, compute, params, float(r_inner),
-                              sum(n.update_s for n in layer), base=row == 0))
+        update = sum(n.update_s for n in layer)
+        if space.tied:
+            update += 2.0 * _stage_tied_bytes(space, tuple(nodes)) / levels[0].bandwidth_Bps
+        t = float(_stage_time(inner, compute, params, float(r_inner), update, base=row == 0))
         t /= len(ranks) / r_inner                 # outer replication shares the minibatches
         out = 0 if j == space.size - 1 else int(space.cut_bytes[j])
         stages.append(PlanStage(tuple(nodes), len(ranks), ranks, compute, t, params,

@@ -180,18 +180,64 @@ def gpt(seed: int = 0) -> GPT:
     return GPT()
 
 
+VOCAB, T = 16, 4
+
+
+class GPTTied(nn.Module):
+    """nanoGPT's decoder with its weight tying (`self.lm_head.weight = self.wte.weight`):
+    tokens in, every position's logits out, nanoGPT's loss over all positions."""
+
+    def __init__(self, block_size: int = T) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.wte, self.wpe = nn.Embedding(VOCAB, 8), nn.Embedding(block_size, 8)
+        self.h = nn.ModuleList([GPTBlock() for _ in range(2)])
+        self.ln_f = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, VOCAB, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        b, t = idx.size()
+        assert t <= self.block_size, f"Cannot forward sequence of length {t}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def gpt_tied(seed: int = 0) -> GPTTied:
+    torch.manual_seed(seed)
+    return GPTTied()
+
+
+def lm_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def token_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(200 + step)
+    return (torch.randint(0, VOCAB, (BATCH, T), generator=g),
+            torch.randint(0, VOCAB, (BATCH, T), generator=g))
+
+
 def dict_loss(out, y):
     return F.cross_entropy(out["logits"], y) + 0.1 * out["aux"].pow(2).mean()
 
 
 MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm, "dictout": dictout,
-          "gpt": gpt}
-LOSSES = {"dictout": dict_loss}          # others: F.cross_entropy
+          "gpt": gpt, "gpt_tied": gpt_tied}
+LOSSES = {"dictout": dict_loss, "gpt_tied": lm_loss}          # others: F.cross_entropy
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     return torch.randn(BATCH, 6, generator=g), torch.randint(0, 4, (BATCH,), generator=g)
+
+
+def data(case: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case's minibatch `step`: tokens for the language models, else `batch`."""
+    return token_batch(step) if case["model"] == "gpt_tied" else batch(step)
 
 
 def make_opt(momentum: float):
@@ -208,7 +254,7 @@ def stages_of(case: dict) -> list:
 def build(case: dict, **extra) -> PipelineTrainer:
     plan = Plan.load(case["plan"]) if "plan" in case else case["stages"]
     return PipelineTrainer(
-        MODELS[case["model"]](), plan, example_inputs=batch(0)[0],
+        MODELS[case["model"]](), plan, example_inputs=data(case, 0)[0],
         loss_fn=LOSSES.get(case["model"], F.cross_entropy),
         optimizer=make_opt(case.get("momentum", 0.9)),
         schedule=case["schedule"], microbatches=case["m"], replicas=case.get("replicas"),
@@ -219,17 +265,31 @@ def build(case: dict, **extra) -> PipelineTrainer:
 def reference_sync(case: dict, steps: int, schedule):
     """Single process: the same stage modules on the same microbatches, each loss / m, gradients
     accumulated in microbatch order; a replicated stage sums each replica's own accumulation
-    (replica j: microbatches i with i % replicas == j), as its all-reduce does."""
+    (replica j: microbatches i with i % replicas == j), as its all-reduce does. A tied parameter
+    gets one copy per stage using it, each accumulating its own stage's gradients in microbatch
+    order; before the update every copy's gradient is the sum of the copies' (two stages: one
+    addition, which is exact in either order)."""
     m = schedule.num_microbatches
-    split = split_model(MODELS[case["model"]](), stages_of(case), batch(0)[0], microbatches=m)
+    split = split_model(MODELS[case["model"]](), stages_of(case), data(case, 0)[0],
+                        microbatches=m)
     mods = split.modules
+    copies = []
+    for tie in split.ties:
+        first = tie.parameter_in(mods, tie.stages[0])
+        group = [first]
+        for s, name in zip(tie.stages[1:], tie.names[1:]):
+            owner, _, attr = name.rpartition(".")
+            clone = nn.Parameter(first.detach().clone())
+            setattr(mods[s].get_submodule(owner) if owner else mods[s], attr, clone)
+            group.append(clone)
+        copies.append(group)
     reps = [len(r) for r in schedule.stage_ranks]
     momentum = case.get("momentum", 0.9)
     opts = [torch.optim.SGD(list(mod.parameters()), lr=LR, momentum=momentum)
             for mod in mods if list(mod.parameters())]
     all_losses = []
     for n in range(steps):
-        x, y = batch(n)
+        x, y = data(case, n)
         xs, ys = x.chunk(m), y.chunk(m)
         acc: dict[int, list] = {s: [None] * r for s, r in enumerate(reps) if r > 1}
         losses = []
@@ -254,11 +314,31 @@ def reference_sync(case: dict, steps: int, schedule):
                 for part in parts[1:]:
                     total = total + part[k]
                 p.grad = total
+        for group in copies:
+            total = group[0].grad
+            for p in group[1:]:
+                total = total + p.grad
+            for p in group:
+                p.grad = total.clone()
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
         all_losses.append(torch.stack(losses).mean())
     return mods, all_losses
+
+
+def reference_unsplit(case: dict, steps: int, m: int) -> nn.Module:
+    """Plain PyTorch, no pipeline: the unsplit model (tied weights tied), each microbatch's
+    loss / m backpropagated in turn, one SGD step per minibatch."""
+    model = MODELS[case["model"]]()
+    opt = make_opt(case.get("momentum", 0.9))(list(model.parameters()))
+    for n in range(steps):
+        x, y = data(case, n)
+        for xi, yi in zip(x.chunk(m), y.chunk(m)):
+            (LOSSES.get(case["model"], F.cross_entropy)(model(xi), yi) / m).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
 
 
 def emulate_async(case: dict, steps: int, schedule):
@@ -358,10 +438,18 @@ def sync_exact(cases: list[dict], steps: int) -> None:
         trainer = build(case)
         got = []
         for n in range(steps):
-            x, y = batch(n)
+            x, y = data(case, n)
             got.append(trainer.step(x if trainer.is_first else None,
                                     y if trainer.is_last else None))
         mods, losses = reference_sync(case, steps, trainer.schedule)
+        if case.get("unsplit"):
+            plain = reference_unsplit(case, steps, trainer.num_microbatches)
+            named = dict(plain.named_parameters(remove_duplicate=False))
+            for s in trainer.stages:
+                for name, p in trainer.modules[s].named_parameters():
+                    assert torch.allclose(p, named[name], rtol=1e-5, atol=1e-6), (
+                        f"rank {rank} {case['label']}: stage {s} {name} differs from plain "
+                        f"training by {(p - named[name]).abs().max().item()}")
         for s in trainer.stages:
             ours, ref = trainer.modules[s].state_dict(), mods[s].state_dict()
             assert list(ours) == list(ref), (list(ours), list(ref))
@@ -525,26 +613,29 @@ def torch_runtime(cases: list[dict], steps: int, csv_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for case in cases:
-        model = mlp()
-        model.drop.p = 0.0                    # no dropout: torch draws its own masks
-        x0 = batch(0)[0]
+        case.setdefault("model", "mlp")
+        model = MODELS[case["model"]]()
+        if case["model"] == "mlp":
+            model.drop.p = 0.0                # no dropout: torch draws its own masks
+        loss_fn = LOSSES.get(case["model"], F.cross_entropy)
+        x0 = data(case, 0)[0]
         trainer = PipelineTrainer(copy.deepcopy(model), case["stages"], example_inputs=x0,
-                                  loss_fn=F.cross_entropy, optimizer=make_opt(0.9),
+                                  loss_fn=loss_fn, optimizer=make_opt(0.9),
                                   schedule=case["legato"], microbatches=case["m"],
                                   schedule_options=case.get("options"), timeout_s=60)
         ours = []
         for n in range(steps):
-            x, y = batch(n)
+            x, y = data(case, n)
             ours.append(trainer.step(x if trainer.is_first else None,
                                      y if trainer.is_last else None))
         pipe = torch_pipeline(copy.deepcopy(model), case["stages"], example_inputs=x0,
-                              microbatches=case["m"], loss_fn=F.cross_entropy,
+                              microbatches=case["m"], loss_fn=loss_fn,
                               schedule=case["torch"])
         params = pipe.parameters()          # a rank of parameter-free stages has none
         opt = torch.optim.SGD(params, lr=LR, momentum=0.9) if params else None
         theirs = []
         for n in range(steps):
-            x, y = batch(n)
+            x, y = data(case, n)
             theirs.append(pipe.step(x if pipe.is_first else None, y if pipe.is_last else None))
             if opt is not None:
                 opt.step()

@@ -29,6 +29,12 @@ from legato.launch import free_port, run_torch_job  # noqa: E402
 WORKERS = str(Path(__file__).parent / "_pipeline_workers.py")
 S2 = [["fc1", "act1", "bn"], ["fc2", "drop", "act2", "fc3", "fc4"]]
 S3 = [["fc1", "act1"], ["bn", "fc2", "drop"], ["act2", "fc3", "fc4"]]
+GPT_IDS = ["wte", "wpe", "add", *(f"h.{b}.{x}" for b in (0, 1) for x in (
+    "ln_1", "attn.c_attn", "attn.split", "attn.view", "attn.view#2", "attn.view#3",
+    "attn.matmul", "attn.mul", "attn.masked_fill", "attn.matmul#2", "attn.view#4",
+    "attn.c_proj", "add", "ln_2", "mlp.0", "mlp.1", "mlp.2", "add#2")), "ln_f", "lm_head"]
+GPT2 = [GPT_IDS[:21], GPT_IDS[21:]]                      # cut between the two blocks
+GPT3 = [GPT_IDS[:21], GPT_IDS[21:39], GPT_IDS[39:]]      # the tied head alone on the last rank
 
 
 def lines(result, ranks: int, text: str) -> list[str]:
@@ -64,6 +70,12 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
     gpt_plan = plan(profile_pipeline(W.gpt(), W.batch(0)[0], warmup=0, repeats=1), 2,
                     straight=True)
     gpt_path = str(gpt_plan.save(tmp_path / "gpt.json"))
+    # nanoGPT's tied embedding and head: the sync objective may split them, and does here
+    tied_prof = profile_pipeline(W.gpt_tied(), W.token_batch(0)[0], warmup=0, repeats=1)
+    tied_plan = plan(tied_prof, 2, straight=True, objective="sync", microbatches=4)
+    assert tied_plan.stage_of["wte"] == 0 and tied_plan.stage_of["lm_head"] == 1
+    assert any("tied parameter wte.weight" in n for n in tied_plan.notes)
+    tied_path = str(tied_plan.save(tmp_path / "tied.json"))
     cases = [
         {"label": "gpipe-2", "model": "mlp", "stages": S2, "schedule": "gpipe", "m": 3},
         {"label": "1f1b-2", "model": "mlp", "stages": S2, "schedule": "1f1b", "m": 4},
@@ -86,6 +98,12 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
         {"label": "lstm-layers", "model": "lstm",
          "stages": [["view", "emb", "rnn.layers.0"], ["rnn.layers.1", "rnn.layers.2", "head"]],
          "schedule": "1f1b", "m": 3},
+        {"label": "planned-gpt-tied", "model": "gpt_tied", "plan": tied_path,
+         "schedule": "1f1b", "m": 4, "unsplit": True},
+        {"label": "tied-gpipe", "model": "gpt_tied", "stages": GPT2, "schedule": "gpipe",
+         "m": 3, "unsplit": True},
+        {"label": "tied-zb-h1", "model": "gpt_tied", "stages": GPT2, "schedule": "zb-h1",
+         "m": 4, "unsplit": True},
     ]
     result = run_torch_job(f"{WORKERS}:sync_exact", 2, args=[cases, 3], timeout_s=150)
     for case in cases:
@@ -99,6 +117,10 @@ def test_sync_schedules_are_bit_identical_on_three_ranks_with_replicas():
     gradients deferred past later microbatches' input gradients), and a replicated stage: replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two
     replicas' accumulated gradients (two terms: exact)."""
     cases = [
+        {"label": "tied-1f1b-3", "model": "gpt_tied", "stages": GPT3, "schedule": "1f1b",
+         "m": 4, "unsplit": True},
+        {"label": "tied-replicas-2-1", "model": "gpt_tied", "stages": GPT2, "replicas": [2, 1],
+         "schedule": "1f1b", "m": 4, "unsplit": True},
         {"label": "gpipe-3", "model": "mlp", "stages": S3, "schedule": "gpipe", "m": 4},
         {"label": "1f1b-3", "model": "mlp", "stages": S3, "schedule": "1f1b", "m": 4},
         {"label": "zb-h1-3", "model": "mlp", "stages": S3, "schedule": "zb-h1", "m": 6},
@@ -282,23 +304,36 @@ def test_share_plan_round_trips_a_plan_and_refuses_anything_else(one_rank):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_every_plan_cuts_where_the_runtime_can(tie):
-    """Ints from `x.size()` flow from `mix` into the attention's `view`, and with `tie` mix and
-    proj share a weight: the profile says so, and no plan of 2 to 5 workers, in either cost
-    mode, state space or objective, cuts between them (the splitter accepts every plan)."""
+    """Ints from `x.size()` flow from `mix` into the attention's `view`: the profile says so,
+    and no plan of 2 to 5 workers, in either cost mode, state space or objective, cuts between
+    them. With `tie`, mix and proj share a weight (`meta["tied"]`): the async objective keeps
+    them in one stage, the sync objective may split them (the splitter then reports the tie,
+    which the runtimes sum), unless keep_tied. The splitter accepts every plan."""
     model, x = W.attn(tie=tie), W.batch(0)[0]
     prof = profile_pipeline(model, x, warmup=0, repeats=1)
     groups = [sorted(e["nodes"]) for e in prof.meta["same_stage"]]
     assert ["mix", "view_1"] in groups
-    assert (["mix", "proj"] in groups) == tie
+    assert [sorted(e["nodes"]) for e in prof.meta.get("tied", [])] == (
+        [["mix", "proj"]] if tie else [])
+    assert not any("proj" in g for g in groups)
+    split_seen = False
     for workers in (2, 3, 4, 5):
         for kw in ({"mode": "pipedream"}, {"mode": "paper"}, {"max_states": 4},
-                   {"mode": "paper", "objective": "sync", "microbatches": 3}):
+                   {"mode": "paper", "objective": "sync", "microbatches": 3},
+                   {"mode": "paper", "objective": "sync", "microbatches": 3,
+                    "keep_tied": True}):
             p = plan(prof, workers, straight=True, fewer_machines=True, **kw)
             stage_of = p.stage_of
             for g in groups:
                 assert len({stage_of[n] for n in g}) == 1, (workers, kw, g)
-            split_model(model, [list(s.nodes) for s in p.stages], x)
+            apart = stage_of["mix"] != stage_of["proj"]
+            if kw.get("objective") != "sync" or kw.get("keep_tied"):
+                assert not (tie and apart), (workers, kw)
+            split = split_model(model, [list(s.nodes) for s in p.stages], x)
+            assert [t.name for t in split.ties] == (["mix.weight"] if tie and apart else [])
+            split_seen |= tie and apart
             assert any("to keep layers in one stage" in n for n in p.notes)
+    assert split_seen == tie
 
 
 @pytest.mark.parametrize("make, kw", [(nn.LSTM, {}), (nn.GRU, {"batch_first": True}),
@@ -447,11 +482,32 @@ class Tied(nn.Module):
     (Untraceable, [1], r"Untraceable is not an nn.Sequential and torch.fx cannot trace it"),
     (ShapeAcross, [["fc1"], ["fc2", "view"]],
      r"the cut after stage 0 would have to send layer 'fc1', a int|only tensors can cross"),
-    (Tied, [["fc"], ["fc#2"]], r"parameter 'fc.weight' of stage 0 is also used by stage 1"),
 ])
 def test_models_that_cannot_be_split_as_planned_are_clear_errors(model, stages, message):
     with pytest.raises(ConfigError, match=message):
         split_model(model(), stages, W.batch(0)[0], microbatches=3)
+
+
+def test_a_parameter_two_stages_use_is_a_tie_and_async_schedules_refuse_it():
+    """A module called twice, in two stages: the split names the tie (the parameter, its
+    stages and its name in each); a schedule that updates before the step's last backward
+    (PipeDream's, 2BW) is refused naming the parameter, flushing ones are accepted."""
+    from legato.adapters.torch.pipeline import _check_ties
+    from legato.core.pipeline import get_schedule
+
+    split = split_model(Tied(), [["fc"], ["fc#2"]], W.batch(0)[0], microbatches=3)
+    assert [(t.name, t.stages, t.names) for t in split.ties] == [
+        ("fc.weight", (0, 1), ("fc.weight", "fc.weight")),
+        ("fc.bias", (0, 1), ("fc.bias", "fc.bias"))]
+    assert split.ties[0].parameter_in(split.modules, 1) is split.modules[0].fc.weight
+    for name in ("gpipe", "1f1b", "zb-h1"):
+        _check_ties(split.ties, get_schedule(name)(2, 4))
+    for name in ("pipedream", "2bw"):
+        with pytest.raises(ConfigError, match=r"parameter 'fc.weight' \(and 1 more\) is used by "
+                                              r"stages \[0, 1\] \(tied weights\).*updates on rank"
+                                              r".*Use a schedule that updates after the whole "
+                                              r"step"):
+            _check_ties(split.ties, get_schedule(name)(2, 4))
 
 
 def test_layer_ids_are_the_profilers_node_ids():

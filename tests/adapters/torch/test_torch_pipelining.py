@@ -22,6 +22,12 @@ WORKERS = str(Path(__file__).parent / "_pipeline_workers.py")
 S2 = [["fc1", "act1", "bn"], ["fc2", "drop", "act2", "fc3", "fc4"]]
 S4 = [["fc1"], ["act1", "bn"], ["fc2", "drop", "act2"], ["fc3", "fc4"]]
 EQUAL = StageCost(1.0, 2.0, backward_input_s=1.0, backward_weight_s=1.0)
+_GPT = ["wte", "wpe", "add", *(f"h.{b}.{x}" for b in (0, 1) for x in (
+    "ln_1", "attn.c_attn", "attn.split", "attn.view", "attn.view#2", "attn.view#3",
+    "attn.matmul", "attn.mul", "attn.masked_fill", "attn.matmul#2", "attn.view#4",
+    "attn.c_proj", "add", "ln_2", "mlp.0", "mlp.1", "mlp.2", "add#2")), "ln_f", "lm_head"]
+GPT2 = [_GPT[:21], _GPT[21:]]                            # cut between the two blocks
+GPT4 = [_GPT[:3], _GPT[3:21], _GPT[21:39], _GPT[39:]]    # embeddings, block, block, head
 
 
 def _losses(result, ranks: int, label: str, who: str) -> list[float]:
@@ -60,6 +66,13 @@ def test_two_ranks_torch_schedules_train_as_pipeline_trainer_does(tmp_path):
          "legato": "interleaved-1f1b", "torch": "InterleavedZeroBubble", "m": 4,
          "options": {"virtual_stages": 2}},
         {"label": "ZBVZeroBubble", "stages": [2, 2, 2, 2], "legato": "interleaved-1f1b",
+         "torch": "ZBVZeroBubble", "m": 4, "options": {"virtual_stages": 2}},
+        # nanoGPT's tied embedding and head in the first and last stage: on two ranks (1F1B);
+        # on one rank for torch's V shape (stages 0 and 3 on rank 0) and on two for legato's
+        # interleaving (stage 0 on rank 0, stage 3 on rank 1)
+        {"label": "tied-1F1B", "model": "gpt_tied", "stages": GPT2, "legato": "1f1b",
+         "torch": "1F1B", "m": 4},
+        {"label": "tied-ZBV", "model": "gpt_tied", "stages": GPT4, "legato": "interleaved-1f1b",
          "torch": "ZBVZeroBubble", "m": 4, "options": {"virtual_stages": 2}},
     ]
     result = run_torch_job(f"{WORKERS}:torch_runtime", 2, args=[cases, 3, str(tmp_path)],

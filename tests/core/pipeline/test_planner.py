@@ -422,6 +422,55 @@ def test_same_stage_groups_are_never_cut(space):
         build_states(LayerProfile(base.nodes, base.edges, {"same_stage": ["x"]}))
 
 
+def _tied_chain(nbytes: float) -> LayerProfile:
+    """Four equal layers in a chain; the first and last share a parameter of `nbytes`."""
+    nodes = tuple(LayerNode(f"l{i}", forward_s=0.01, backward_s=0.02, activation_bytes=1000,
+                            parameter_bytes=4000) for i in range(4))
+    edges = tuple((f"l{i}", f"l{i + 1}") for i in range(3))
+    return LayerProfile(nodes, edges, {"tied": [{"nodes": ["l0", "l3"], "parameter": "emb.w",
+                                                 "bytes": nbytes}]})
+
+
+def test_tied_layers_split_only_under_the_sync_objective_and_pay_for_the_gradient_sum():
+    """meta["tied"]: the async objective (a weight version per stage) keeps l0 and l3 in one
+    stage; the sync objective may split them, and each stage holding one of them pays
+    2 x bytes / bandwidth in its update term: 2 stages x (m + 1) / m over the makespan
+    (sum of the terms plus m - 1 times the slowest), the same cut as without the tie."""
+    tied = _tied_chain(1e6)
+    untied = LayerProfile(tied.nodes, tied.edges, {})
+    B, m = 1e9, 4
+    sync = dict(objective="sync", microbatches=m, bandwidth=B, straight=True)
+    for mode in ("pipedream", "paper"):
+        free = plan(untied, 2, mode=mode, **sync)
+        split = plan(tied, 2, mode=mode, **sync)
+        assert [s.nodes for s in split.stages] == [s.nodes for s in free.stages]
+        assert split.stage_of["l0"] != split.stage_of["l3"]
+        term = 2 * 1e6 / B / m
+        assert split.time_per_minibatch_s == pytest.approx(
+            free.time_per_minibatch_s + 2 * term + (m - 1) * term, rel=1e-9)
+        assert any("tied parameter emb.w (1000000 B) is used by stages [0, 1]" in n
+                   for n in split.notes)
+        kept = plan(tied, 2, mode=mode, fewer_machines=True, keep_tied=True,
+                    **{k: v for k, v in sync.items() if k != "straight"})
+        assert len({kept.stage_of[x] for x in ("l0", "l1", "l2", "l3")}) == 1
+        for workers in (2, 3):
+            p = plan(tied, workers, mode=mode, fewer_machines=True)      # async
+            assert p.stage_of["l0"] == p.stage_of["l3"]
+        with pytest.raises(PlanError, match=r"tied weights\) were kept in one stage .*"
+                                            r"objective='sync'"):
+            plan(tied, 2, mode=mode, straight=True)
+    # a tie too dear to split: 2 workers replicate one stage instead
+    dear = plan(_tied_chain(1e9), 2, mode="paper", objective="sync", microbatches=m,
+                bandwidth=B)
+    assert len(dear.stages) == 1 and dear.stages[0].replicas == 2
+    with pytest.raises(ProfileError, match=r"meta.tied names layers \['nope'\]"):
+        build_states(LayerProfile(tied.nodes, tied.edges,
+                                  {"tied": [{"nodes": ["nope", "l1"], "bytes": 1}]}),
+                     keep_tied=False)
+    with pytest.raises(ProfileError, match="each entry must be"):
+        build_states(LayerProfile(tied.nodes, tied.edges, {"tied": ["x"]}))
+
+
 def test_one_state_and_fewer_machines_leaves_workers_idle():
     """A graph with one cut point (everything one stage) on 3 straight workers with
     fewer_machines: one stage on one worker, not 'no plan'."""
