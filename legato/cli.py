@@ -94,7 +94,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                       activation_compression_ratio=args.activation_compression_ratio,
                       memory_bytes=memory, straight=args.straight,
                       fewer_machines=args.fewer_machines, max_states=args.max_states,
-                      keep_tied=True if args.keep_tied else None)
+                      keep_tied=True if args.keep_tied else None,
+                      boundary_slack=args.boundary_slack)
         prediction = None
         if args.simulate:
             prediction = predict(profile, result, args.simulate,
@@ -605,6 +606,10 @@ def _parser_plan(add) -> None:
     p.add_argument("--straight", action="store_true", help="no stage replication")
     p.add_argument("--fewer-machines", action="store_true",
                    help="allow plans that leave workers idle")
+    p.add_argument("--boundary-slack", type=_finite, default=0.02, metavar="F",
+                   help="profiles of traced models: move each cut to the outermost module "
+                        "boundary whose plan is at most F slower than the best (default 0.02; "
+                        "0 keeps the best plan's cuts)")
     p.add_argument("--keep-tied", action="store_true",
                    help="keep layers sharing a parameter (tied embedding and head) in one "
                         "stage also under the sync objective (the async objective always does)")

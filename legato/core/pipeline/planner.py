@@ -364,7 +364,8 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
          mode: str = "pipedream", objective: str = "async", microbatches: int | None = None,
          activation_compression_ratio: float | None = None, memory_bytes: float | None = None,
          straight: bool = False, fewer_machines: bool = False, max_states: int | None = None,
-         max_caps: int = 256, keep_tied: bool | None = None) -> Plan:
+         max_caps: int = 256, keep_tied: bool | None = None,
+         boundary_slack: float = 0.02) -> Plan:
     """Partition `profile` over `topology` (or N workers at `bandwidth`).
 
     Args:
@@ -382,6 +383,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         max_caps: sync objective: bound on slowest-stage candidates tried.
         keep_tied: keep the layers sharing a parameter (`meta["tied"]`) in one stage; default
             True for the async objective, False for sync (see the module docstring).
+        boundary_slack: for profiles of traced models (layer ids are module paths), move each
+            cut to the outermost module boundary whose plan is at most this fraction slower
+            than the best (0: keep the best plan's cuts); the notes say what moved.
     Returns:
         The `Plan`; `stop_reason` says whether a limit (`max_states`, `max_caps`) cut the
         search short (BUDGET) and `notes` say which.
@@ -406,6 +410,9 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         max_states = 1000 if len(topology.levels) == 1 else 500
     if max_states < 2:
         raise PlanError(f"max_states={max_states} must be at least 2")
+    if not 0 <= boundary_slack < 1:
+        raise PlanError(f"boundary_slack={boundary_slack!r} must be a fraction in [0, 1) (the "
+                        "slowdown a cut at a module boundary may cost; 0 turns it off)")
     if max_caps < 1:
         raise PlanError(f"max_caps={max_caps} must be at least 1 (sync objective: candidate "
                         "bounds on the slowest stage to try)")
@@ -474,6 +481,10 @@ def plan(profile: LayerProfile, topology: Topology | int, *, bandwidth: str | fl
         raise PlanError(why)
 
     segments = _expand(results, levels, S)
+    if boundary_slack > 0 and len(levels) == 1 and profile.meta.get("graph") == "fx":
+        segments, value, moved = _snap_to_modules(space, profile, costs, sub, segments,
+                                                  float(value), boundary_slack)
+        notes += moved
     stages = _stages(space, profile, segments, levels, mode, objective, microbatches or 1)
     notes += _tied_notes(space, stages)
     dp = _dp_time(space, topology, mode, objective, microbatches or 1)
@@ -548,6 +559,85 @@ def _segment_terms(c: _Costs, segs) -> list[float]:
         if row > 0:
             out.append(2.0 * c.cut[row - 1] / (c.bandwidth_Bps * c.microbatches))
     return out
+
+
+def _module_depth(a: str, b: str) -> int:
+    """How deep in the module tree an edge from layer `a` to layer `b` runs: the length of
+    the common prefix of their dotted ids (`h.0.mlp.0` -> `h.0.mlp.1`: 3, inside h.0.mlp;
+    `h.0.add#2` -> `h.1.ln_1`: 1, between two blocks of h)."""
+    depth = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        depth += 1
+    return depth
+
+
+def _plan_value(c: _Costs, segs: list[tuple[int, int, int]], last_state: int) -> float:
+    """A one-level plan's objective: the slowest stage or transfer (async), or the sum of the
+    terms plus (microbatches - 1) times the slowest (sync)."""
+    if c.objective == "sync":
+        terms = _segment_terms(c, segs)
+        return sum(terms) + (c.microbatches - 1) * max(terms)
+    worst = 0.0
+    r_all = np.arange(1, c.workers + 1, dtype=np.float64)
+    for row, j, r in segs:
+        worst = max(worst, float(_stage_time(c, c.compute[row, j], c.params[row, j], float(r),
+                                             c.update[row, j], base=row == 0)))
+        if row > 0:
+            worst = max(worst, float(_transfer(c, np.array([row - 1]), j, last_state,
+                                               r_all)[0, r - 1]))
+    return worst
+
+
+def _snap_to_modules(space: StateSpace, profile: LayerProfile, c: _Costs, sub: np.ndarray,
+                     segments: list, best: float, slack: float):
+    """Move each cut, front first, to the state whose crossing edges run least deep in the
+    module tree, among those keeping the plan within `slack` of `best` (ties: the faster);
+    returns (segments, value, notes)."""
+    index = {x: i for i, x in enumerate(space.node_ids)}
+    edges = [(index[a], index[b], _module_depth(a, b)) for a, b in profile.edges
+             if a in index and b in index]
+
+    def depth(k: int) -> int:
+        m = space.masks[k]
+        return max((d for a, b, d in edges if (m >> a) & 1 and not (m >> b) & 1), default=0)
+
+    def last_layers(k: int) -> str:
+        inside = set(space.nodes_of(space.masks[k]))
+        ends = [a for a, b in profile.edges if a in inside and b in index and b not in inside]
+        return ", ".join(sorted(set(ends))[:3])
+
+    segs = [list(x) for x in segments]
+    S = space.size
+    value = best
+    base = _plan_value(c, [(a, b, r) for a, b, _, r in segs], S - 1)
+    notes = []
+    for i in range(len(segs) - 1):
+        row, j = segs[i][0], segs[i][1]
+        end = segs[i + 1][1]
+        here = depth(j)
+        options = []
+        for k in range(S):
+            if k == j or not sub[row, k] or not sub[k + 1, end]:
+                continue
+            d = depth(k)
+            if d >= here:
+                continue
+            trial = [(a, b, r) for a, b, _, r in segs]
+            trial[i] = (row, k, segs[i][3])
+            trial[i + 1] = (k + 1, end, segs[i + 1][3])
+            v = _plan_value(c, trial, S - 1)
+            if v <= base * (1 + slack):
+                options.append((d, v, k))
+        if options:
+            d, v, k = min(options)
+            notes.append(f"cut {i} moved from after {last_layers(j)} (module depth {here}) to "
+                         f"after {last_layers(k)} (depth {d}), a module boundary: "
+                         f"{(v / base - 1) * 100:+.1f}% predicted time (boundary_slack "
+                         f"{slack:g})")
+            segs[i][1], segs[i + 1][0], value = k, k + 1, v
+    return [tuple(x) for x in segs], value, notes
 
 
 def _split_tied_bytes(space: StateSpace, sub: np.ndarray) -> np.ndarray:
