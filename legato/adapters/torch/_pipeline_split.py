@@ -1,9 +1,24 @@
 """Splitting a torch model into pipeline stages by a plan, with the profiler's layer ids.
 
 An `nn.Sequential` splits by child names: each stage is a run of consecutive children. Any other
-model is traced with `torch.fx.symbolic_trace`, its nodes grouped into layers exactly as
+model is captured as a graph ([Note: captures]), its nodes grouped into layers exactly as
 `profile_pipeline` groups them (`group_ops`, so a plan made from a profile names the same ids),
 and cut into one `GraphModule` per stage.
+
+[Note: captures]
+- "fx": `torch.fx.symbolic_trace`: module calls stay nodes (an nn.Linear is one layer, named by
+  its path). Multi-layer RNNs are traced layer by layer (`RNNLayers`). A forward with Python
+  control flow on values (`assert t <= block_size`, `if x.shape[0] > 1:`) is traced again with
+  every node's value computed on the example ("fx-example"), so each branch goes the example's
+  way; ints read off shapes stay graph values, and a cut may not send one.
+- "export": `torch.export.export(strict=False)`, as `torch.distributed.pipelining` captures:
+  an ATen graph specialized to the example (asserts, shape branches and loops over a traced
+  length go the example's way; sizes are constants, so no int crosses a layer), with the
+  model's own parameters and each node's module path; the operation that reads a module's
+  weights is named by the module. The graph keeps the training or eval mode the model was in.
+- "auto" (default): fx, and export where FX cannot trace at all (a loop over
+  `range(x.size(1))`). The profile records which ran (`meta["capture"]`); give the splitter
+  the same choice, or the layer ids differ.
 
 Every stage module but the last takes the values that cross the cut before it as positional
 arguments (stage 0: the model's own arguments) and returns a tuple of the tensors that cross
@@ -26,12 +41,15 @@ import contextlib
 import dataclasses
 import difflib
 import re
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from legato.adapters._pipeline_graph import Op, first_line, group_ops
 from legato.core.errors import ConfigError
@@ -301,17 +319,79 @@ class _Tracer(torch.fx.Tracer):
         return super().path_of_module(mod)
 
 
-def _trace(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
-    """`torch.fx.symbolic_trace`, with multi-layer RNNs traced layer by layer; a model whose
-    forward branches or asserts on values is traced again on the example (`_Tracer`)."""
-    rnn = any(_stacked_rnn(m) for m in model.modules())
+CAPTURES = ("auto", "fx", "export")
+
+
+def _trace(model: nn.Module, args: tuple, capture: str = "auto"
+           ) -> tuple[torch.fx.GraphModule, str]:
+    """The graph of `model` on `args` and how it was captured ([Note: captures]):
+    "fx": `torch.fx.symbolic_trace`, multi-layer RNNs traced layer by layer, and a model whose
+    forward branches or asserts on values traced again on the example (`_Tracer`, "fx-example");
+    "export": `torch.export.export(strict=False)`; "auto": fx, else export."""
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture={capture!r} is unknown; use one of {list(CAPTURES)}")
+    if capture == "export":
+        return _export(model, args), "export"
     try:
-        if not rnn:
-            return torch.fx.symbolic_trace(model)
-        return _graph_module(model, _Tracer())
-    except torch.fx.proxy.TraceError:
-        with preserved(model):
-            return _graph_module(model, _Tracer(example=args))
+        rnn = any(_stacked_rnn(m) for m in model.modules())
+        try:
+            if not rnn:
+                return torch.fx.symbolic_trace(model), "fx"
+            return _graph_module(model, _Tracer()), "fx"
+        except torch.fx.proxy.TraceError:
+            with preserved(model):
+                return _graph_module(model, _Tracer(example=args)), "fx-example"
+    except Exception as fx_err:
+        if capture == "fx":
+            raise
+        try:
+            return _export(model, args), "export"
+        except Exception as export_err:
+            raise ConfigError(
+                f"{type(model).__name__} is not an nn.Sequential and neither torch.fx "
+                f"({first_line(fx_err)}) nor torch.export ({first_line(export_err)}) can "
+                "capture it; wrap its layers in an nn.Sequential, or make its forward "
+                "traceable (no Python control flow on tensor values; see 'Limitations of "
+                "Symbolic Tracing' in the torch.fx docs and torch.export's programming "
+                "model)") from export_err
+
+
+def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """`torch.export.export(model, args, strict=False).module()`: an ATen graph specialized to
+    the example's shapes (asserts and shape branches go the example's way, sizes become
+    constants), parameters the model's own (get_attr by qualified name), module paths in each
+    node's `nn_module_stack`. A multi-layer RNN is exported as `RNNLayers` (put in its place
+    for the export, then put back), so each of its layers is a layer; export's input guard is
+    dropped (the splitter runs the graph on microbatches of the example). The graph keeps the
+    mode the model was in (dropout and BatchNorm as in training, or as in eval): export it in
+    the mode it will run in."""
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise ConfigError("capture='export' takes the model's positional arguments as "
+                          f"tensors (got {[type(a).__name__ for a in args]}); pass tensors, or "
+                          "capture='fx'")
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and _stacked_rnn(child):
+                swapped.append((parent, name, child))
+    try:
+        for parent, name, child in swapped:
+            parent._modules[name] = RNNLayers(child)
+        with preserved(model), warnings.catch_warnings():
+            # RNNLayers' one-layer RNNs refresh their _flat_weights list in forward
+            warnings.filterwarnings("ignore", message=r".*_flat_weights.*were assigned during "
+                                    "export")
+            exported = torch.export.export(model, args, strict=False)
+    finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
+    gm = exported.module()
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target).startswith("_guards") and not n.users:
+            gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()   # e.g. an RNN's final states nobody reads (not in-place ops)
+    gm.recompile()
+    return gm
 
 
 def _graph_module(model: nn.Module, tracer: _Tracer) -> torch.fx.GraphModule:
@@ -333,17 +413,20 @@ def _graph_module(model: nn.Module, tracer: _Tracer) -> torch.fx.GraphModule:
     return gm
 
 
-def _layer_name(n: torch.fx.Node) -> str:
+def _layer_name(n: torch.fx.Node, module_op: bool = False) -> str:
     """A layer's id: a module call's qualified name (`blocks.0.attn.proj`); a function or
     method call inside a module is named by that module's path and the operation
-    (`blocks.0.attn.view`: FX's own names, `view_10`, say nothing of where it is); one in the
-    model's own forward keeps FX's name."""
+    (`blocks.0.attn.view`: FX's own names, `view_10`, say nothing of where it is), except that
+    an exported module's own weighted operation (`module_op`: aten.linear of an nn.Linear) is
+    named by the module, as a module call is; one in the model's own forward keeps its name."""
     if n.op == "call_module":
         return str(n.target)
     stack = n.meta.get("nn_module_stack") or {}
     if not stack:
         return n.name
     path = next(reversed(stack.values()))[0] if isinstance(stack, dict) else ""
+    if path and module_op:
+        return path
     return f"{path}.{re.sub(r'_[0-9]+$', '', n.name)}" if path else n.name
 
 
@@ -358,14 +441,22 @@ class Traced:
         args: the example's positional arguments.
         purpose: "profile" or "split" (for the messages).
         clone: keep copies of the values (the profiler reruns layers on them later).
+        capture: "auto", "fx" or "export" ([Note: captures]); `self.capture` says which ran
+            ("fx", "fx-example" or "export").
     """
 
     def __init__(self, model: nn.Module, args: tuple, *, purpose: str = "split",
-                 clone: bool = False) -> None:
+                 clone: bool = False, capture: str = "auto") -> None:
         cls = type(model).__name__
         try:
-            self.gm = _trace(model, args)
+            self.gm, self.capture = _trace(model, args, capture)
+        except ConfigError:
+            raise
         except Exception as err:
+            if capture == "export":
+                raise ConfigError(f"torch.export cannot capture {cls} ({first_line(err)}); "
+                                  "see torch.export's programming model, or use "
+                                  "capture='fx'") from err
             raise ConfigError(
                 f"{cls} is not an nn.Sequential and torch.fx cannot trace it "
                 f"({first_line(err)}); wrap its layers in an nn.Sequential, or make its forward "
@@ -400,7 +491,8 @@ class Traced:
             elif n.op in _CALLS:
                 ins = n.all_input_nodes
                 ops.append(Op(
-                    key=n, name=_layer_name(n),
+                    key=n, name=_layer_name(n, self.capture == "export" and any(
+                        map(self.trainable_attr, ins))),
                     is_layer=n.op == "call_module", has_params=any(map(self.trainable_attr, ins)),
                     inputs=tuple(a for a in ins if a.op not in ("placeholder", "get_attr")),
                     reads_model_input=any(a.op == "placeholder" for a in ins),
@@ -457,16 +549,19 @@ class Traced:
         return n.op == "get_attr" and isinstance(v, nn.Parameter) and v.requires_grad
 
 
-def layer_ids(model: nn.Module, example_inputs: Any) -> list[str]:
+def layer_ids(model: nn.Module, example_inputs: Any, *, capture: str = "auto") -> list[str]:
     """The layer ids a plan names for `model`, in forward order (as `profile_pipeline` gives).
 
     Args:
-        model: an nn.Sequential (ids: child names) or an FX-traceable module.
+        model: an nn.Sequential (ids: child names) or a module torch.fx or torch.export can
+            capture.
         example_inputs: one (micro)batch: a tensor or a tuple of positional arguments.
+        capture: "auto", "fx" or "export" ([Note: captures]); the profiler's and the
+            splitter's must agree.
     """
     if is_plain_sequential(model):
         return [n for n, m in model._modules.items() if m is not None]
-    return Traced(model, as_args(example_inputs, "example_inputs")).ids
+    return Traced(model, as_args(example_inputs, "example_inputs"), capture=capture).ids
 
 
 def _run_failed(model: nn.Module, args: tuple, err: Exception) -> ConfigError:
@@ -540,7 +635,7 @@ class _SequentialStage(nn.Sequential):
 
 
 def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
-                microbatches: int = 1) -> ModelSplit:
+                microbatches: int = 1, capture: str = "auto") -> ModelSplit:
     """Cut `model` into pipeline stages.
 
     Args:
@@ -552,6 +647,8 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
             gradients; buffers and random state are restored) to find the tensors that cross
             each cut.
         microbatches: how many microbatches a minibatch is cut into.
+        capture: how a module other than an nn.Sequential is captured: "auto" (torch.fx, else
+            torch.export), "fx" or "export" ([Note: captures]); use the profiler's.
     Returns:
         A `ModelSplit` whose modules share parameters with `model`.
     Raises:
@@ -587,7 +684,7 @@ def split_model(model: nn.Module, stages: Sequence, example_inputs: Any, *,
                              last=s == len(nodes) - 1) for s, ns in enumerate(nodes)]
         kind = "sequential"
     else:
-        traced = Traced(model, micro)
+        traced = Traced(model, micro, capture=capture)
         nodes = resolve_stages(traced.ids, stages, name)
         modules = _fx_stages(traced, nodes, name)
         kind = "fx"
@@ -674,6 +771,12 @@ def _fx_stages(traced: Traced, nodes: list[tuple[str, ...]], model_name: str
                 if a.op == "get_attr" and a not in env:
                     env[a] = g.node_copy(a)
             g.output(torch.fx.node.map_arg(traced.output.args[0], lambda x: env[x]))
+            info = getattr(gm.graph._codegen, "pytree_info", None)
+            if info is not None and info.out_spec is not None:
+                # an exported graph returns its outputs flat: give them the model's structure
+                names = [n.name for n in g.nodes if n.op == "placeholder"]
+                g.set_codegen(_PyTreeCodeGen(_PyTreeInfo(
+                    names, pytree.tree_structure((tuple(names), {})), info.out_spec)))
         g.lint()
         modules.append(torch.fx.GraphModule(gm, g, class_name=f"{model_name}Stage{s}"))
     return modules

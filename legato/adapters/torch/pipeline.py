@@ -118,6 +118,9 @@ class PipelineTrainer:
             waiting on a dead or stalled peer fails with `PipelineCommError` after it.
         check_versions: also fingerprint the weights each forward and backward used (ledger).
         release_others: free the parameters of stages hosted elsewhere.
+        capture: how a module other than an nn.Sequential is captured: "auto" (torch.fx, else
+            torch.export), "fx" or "export"; the same as the profile the plan came from (its
+            `meta["capture"]`), so that the layer ids agree.
     Raises:
         ConfigError: an invalid argument, plan, schedule or split (before any communication
             other than the group set-up), naming the value and the fix.
@@ -129,7 +132,7 @@ class PipelineTrainer:
                  schedule: str | Schedule = "1f1b", microbatches: int = 1,
                  replicas: Sequence[int] | None = None, schedule_options: dict | None = None,
                  seed: int = 0, timeout_s: float = 300.0, check_versions: bool = False,
-                 release_others: bool = True) -> None:
+                 release_others: bool = True, capture: str = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model is a {type(model).__name__}, not a torch.nn.Module")
         if not callable(loss_fn):
@@ -160,7 +163,8 @@ class PipelineTrainer:
                               "give the plan one rank per process (every rank must host a stage)")
         self.num_microbatches = self.schedule.num_microbatches
         self.split: ModelSplit = split_model(model, stages, example_inputs,
-                                             microbatches=self.num_microbatches)
+                                             microbatches=self.num_microbatches,
+                                             capture=capture)
         self.stage_ids = self.split.nodes
         _check_ties(self.split.ties, self.schedule)
         self.loss_fn, self.seed, self.timeout_s = loss_fn, int(seed), float(timeout_s)

@@ -61,16 +61,19 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
                      loss_fn: Callable[[Any], torch.Tensor] | None = None,
                      optimizer: torch.optim.Optimizer | None = None, warmup: int = 2,
                      repeats: int = 5, split_backward: bool = True,
-                     calibrate: bool = True) -> LayerProfile:
+                     calibrate: bool = True, capture: str = "auto") -> LayerProfile:
     """Profile `model` for pipeline planning: its layer DAG and each layer's training costs.
 
     Layers: the children of an `nn.Sequential` (a chain; ids are the child names), else the
-    nodes of `torch.fx.symbolic_trace(model)`: every module call is a layer (id: its qualified
-    name, `name#2` for a second call of the same module); a parameter-free function or method
-    call is folded into the layer whose output it reads, unless it reads two or more layers'
-    outputs or a layer's and a model input (add, cat: a skip connection's merge point), which
-    makes it a node of its own (id: the FX node name). Model inputs are not nodes;
-    `meta["inputs"]` lists their bytes and the nodes that read them.
+    nodes of the model's captured graph (`capture`: "auto" is `torch.fx.symbolic_trace`, or
+    `torch.export` where FX cannot trace; [Note: captures] in `_pipeline_split.py`): every
+    module call is a layer (id: its qualified name, `name#2` for a second call of the same
+    module; exported, every operation reading a module's weights); a parameter-free function
+    or method call is folded into the layer whose output it reads, unless it reads two or more
+    layers' outputs or a layer's and a model input (add, cat: a skip connection's merge point),
+    which makes it a node of its own (id: the node name). Model inputs are not nodes;
+    `meta["inputs"]` lists their bytes and the nodes that read them; `meta["capture"]` says
+    how the graph was captured (give the trainer the same `capture`).
 
     Measured per layer, on the layer's own input from a real forward pass of `example_inputs`
     (in training mode), as medians of `repeats` runs after `warmup` runs, with
@@ -125,9 +128,10 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
         if _is_plain_sequential(model):
             layers, edges, output, inputs_meta = _sequential_layers(model, args)
             same_stage, tied = [], _shared_parameters(model, layers)
-            graph = "sequential"
+            graph, how = "sequential", "sequential"
         else:
-            layers, edges, output, inputs_meta, same_stage, tied = _fx_layers(model, args)
+            layers, edges, output, inputs_meta, same_stage, tied, how = _fx_layers(
+                model, args, capture)
             graph = "fx"
         owned = _owned_parameter_bytes(layers)
         state, updates = (_optimizer_state_bytes(optimizer, layers, warmup, repeats)
@@ -169,7 +173,7 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
         for layer, fwd, bwd in nodes)
     first = next(t for a in args for t in _tensors(a))
     meta = {"model": name, "source": SOURCE, "framework": "torch",
-            "framework_version": torch.__version__, "device": str(device),
+            "framework_version": torch.__version__, "device": str(device), "capture": how,
             "batch_size": int(first.shape[0]) if first.dim() else 1, "graph": graph,
             "warmup": warmup, "repeats": repeats, "split_backward": split_backward,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -320,8 +324,9 @@ def _shared_parameters(model: torch.nn.Module, layers: list[_Layer]) -> list[dic
 
 
 # -- layers of an FX trace ------------------------------------------------------------------------
-def _fx_layers(model: torch.nn.Module, args: tuple):
-    traced = Traced(model, args, purpose="profile", clone=True)   # the splitter's capture too
+def _fx_layers(model: torch.nn.Module, args: tuple, capture: str):
+    # the splitter's capture too
+    traced = Traced(model, args, purpose="profile", clone=True, capture=capture)
     same_stage, tied = traced.same_stage(), traced.tied()
     gm, values, groups, edges, group_of = (traced.gm, traced.values, traced.groups,
                                            traced.edges, traced.group_of)
@@ -354,7 +359,7 @@ def _fx_layers(model: torch.nn.Module, args: tuple):
                    if any(p in n.all_input_nodes for n in g.members)]
         inputs_meta.append({"name": p.name, "readers": readers,
                             "bytes": sum(_nbytes(t) for t in _tensors(values.get(p)))})
-    return layers, edges, output, inputs_meta, same_stage, tied
+    return layers, edges, output, inputs_meta, same_stage, tied, traced.capture
 
 
 def _fx_runner(gm: torch.fx.GraphModule, group, ext: list) -> Callable[[list], list]:

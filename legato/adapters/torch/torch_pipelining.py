@@ -131,8 +131,8 @@ class TorchPipeline:
 
 def torch_pipeline(model: nn.Module, plan: Any, *, example_inputs: Any, microbatches: int,
                    loss_fn: Callable[..., torch.Tensor], schedule: str = "1F1B",
-                   group: Any = None, device: torch.device | str | None = None
-                   ) -> TorchPipeline:
+                   group: Any = None, device: torch.device | str | None = None,
+                   capture: str = "auto") -> TorchPipeline:
     """Turn a legato plan into `torch.distributed.pipelining` stages and a torch schedule.
 
     Args:
@@ -147,6 +147,7 @@ def torch_pipeline(model: nn.Module, plan: Any, *, example_inputs: Any, microbat
         schedule: torch's schedule name (see `TORCH_SCHEDULES`).
         group: the process group of the pipeline (default: the whole world).
         device: where the stages run (default: the model's device).
+        capture: how the model is captured ("auto", "fx", "export"), as for the profile.
     Raises:
         ConfigError: an unknown schedule, replicated stages, a stage count that does not fit
             the ranks, or a cut the splitter refuses.
@@ -181,7 +182,8 @@ def torch_pipeline(model: nn.Module, plan: Any, *, example_inputs: Any, microbat
                           f"of {ranks} stages{' (at least 2 per rank)' if style == 'v' else ''}; "
                           f"the plan has {n}: plan for {max(2, n // ranks + 1) * ranks} "
                           "workers with straight=True")
-    split = split_model(model, stages_spec, example_inputs, microbatches=microbatches)
+    split = split_model(model, stages_spec, example_inputs, microbatches=microbatches,
+                        capture=capture)
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mine = [s for s in range(n) if stage_rank(s, ranks, style) == rank]

@@ -180,6 +180,28 @@ def gpt(seed: int = 0) -> GPT:
     return GPT()
 
 
+class Unrolled(nn.Module):
+    """A recurrent cell over the sequence, unrolled by a Python loop over its length (`for t in
+    range(x.size(1))`), which torch.fx cannot trace: capture='auto' falls back to
+    torch.export. The cell is one module called three times: its weights are tied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.cell, self.head = nn.Linear(2, 8), nn.GRUCell(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.emb(x.view(x.shape[0], 3, 2))
+        h = x.new_zeros(x.shape[0], 8)
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+
+def unrolled(seed: int = 0) -> Unrolled:
+    torch.manual_seed(seed)
+    return Unrolled()
+
+
 VOCAB, T = 16, 4
 
 
@@ -226,7 +248,7 @@ def dict_loss(out, y):
 
 
 MODELS = {"mlp": mlp, "residual": residual, "attn": attn, "lstm": lstm, "dictout": dictout,
-          "gpt": gpt, "gpt_tied": gpt_tied}
+          "gpt": gpt, "gpt_tied": gpt_tied, "unrolled": unrolled}
 LOSSES = {"dictout": dict_loss, "gpt_tied": lm_loss}          # others: F.cross_entropy
 
 
@@ -258,7 +280,8 @@ def build(case: dict, **extra) -> PipelineTrainer:
         loss_fn=LOSSES.get(case["model"], F.cross_entropy),
         optimizer=make_opt(case.get("momentum", 0.9)),
         schedule=case["schedule"], microbatches=case["m"], replicas=case.get("replicas"),
-        schedule_options=case.get("options"), seed=7, timeout_s=60, **extra)
+        schedule_options=case.get("options"), seed=7, timeout_s=60,
+        capture=case.get("capture", "auto"), **extra)
 
 
 # -- references ----------------------------------------------------------------------------------
@@ -271,7 +294,7 @@ def reference_sync(case: dict, steps: int, schedule):
     addition, which is exact in either order)."""
     m = schedule.num_microbatches
     split = split_model(MODELS[case["model"]](), stages_of(case), data(case, 0)[0],
-                        microbatches=m)
+                        microbatches=m, capture=case.get("capture", "auto"))
     mods = split.modules
     copies = []
     for tie in split.ties:
@@ -445,11 +468,20 @@ def sync_exact(cases: list[dict], steps: int) -> None:
         if case.get("unsplit"):
             plain = reference_unsplit(case, steps, trainer.num_microbatches)
             named = dict(plain.named_parameters(remove_duplicate=False))
+            # a stage names a parameter as its capture does (an exported RNN's layers):
+            # the model's own name, through a fresh split of a fresh model
+            fresh = MODELS[case["model"]]()
+            original = {id(p): n for n, p in fresh.named_parameters(remove_duplicate=False)}
+            again = split_model(fresh, stages_of(case), data(case, 0)[0],
+                                microbatches=trainer.num_microbatches,
+                                capture=case.get("capture", "auto"))
             for s in trainer.stages:
+                rename = {n: original[id(p)] for n, p in again.modules[s].named_parameters()}
                 for name, p in trainer.modules[s].named_parameters():
-                    assert torch.allclose(p, named[name], rtol=1e-5, atol=1e-6), (
+                    ref = named[rename[name]]
+                    assert torch.allclose(p, ref, rtol=1e-5, atol=1e-6), (
                         f"rank {rank} {case['label']}: stage {s} {name} differs from plain "
-                        f"training by {(p - named[name]).abs().max().item()}")
+                        f"training by {(p - ref).abs().max().item()}")
         for s in trainer.stages:
             ours, ref = trainer.modules[s].state_dict(), mods[s].state_dict()
             assert list(ours) == list(ref), (list(ours), list(ref))
@@ -622,7 +654,8 @@ def torch_runtime(cases: list[dict], steps: int, csv_dir: str) -> None:
         trainer = PipelineTrainer(copy.deepcopy(model), case["stages"], example_inputs=x0,
                                   loss_fn=loss_fn, optimizer=make_opt(0.9),
                                   schedule=case["legato"], microbatches=case["m"],
-                                  schedule_options=case.get("options"), timeout_s=60)
+                                  schedule_options=case.get("options"), timeout_s=60,
+                                  capture=case.get("capture", "auto"))
         ours = []
         for n in range(steps):
             x, y = data(case, n)
@@ -630,7 +663,7 @@ def torch_runtime(cases: list[dict], steps: int, csv_dir: str) -> None:
                                      y if trainer.is_last else None))
         pipe = torch_pipeline(copy.deepcopy(model), case["stages"], example_inputs=x0,
                               microbatches=case["m"], loss_fn=loss_fn,
-                              schedule=case["torch"])
+                              schedule=case["torch"], capture=case.get("capture", "auto"))
         params = pipe.parameters()          # a rank of parameter-free stages has none
         opt = torch.optim.SGD(params, lr=LR, momentum=0.9) if params else None
         theirs = []

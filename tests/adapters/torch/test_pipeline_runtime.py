@@ -112,6 +112,66 @@ def test_sync_schedules_are_bit_identical_to_single_process_on_two_ranks(tmp_pat
 
 @pytest.mark.distributed
 @pytest.mark.timeout(180)
+def test_models_captured_by_torch_export_train_bit_identically_on_two_ranks(tmp_path):
+    """capture='export' (torch.export, non-strict): nanoGPT with its tied head planned from an
+    exported profile, a 3-layer LSTM split between its layers, a dict output, nanoGPT without
+    the tie under ZB-H1, and a Python loop over the sequence that torch.fx cannot trace
+    (capture='auto' falls back to export; its GRU cell is called three times, across the
+    cut): after 3 steps every stage equals the single-process run of the same stages bit for
+    bit, and plain training of the unsplit model to 1e-5."""
+    prof = profile_pipeline(W.gpt_tied(), W.token_batch(0)[0], warmup=0, repeats=1,
+                            capture="export")
+    assert prof.meta["capture"] == "export" and not prof.meta.get("same_stage")
+    tied_plan = plan(prof, 2, straight=True, objective="sync", microbatches=4)
+    assert tied_plan.stage_of["wte"] != tied_plan.stage_of["lm_head"]
+    tied_path = str(tied_plan.save(tmp_path / "tied.json"))
+    gpt_plan = plan(profile_pipeline(W.gpt(), W.batch(0)[0], warmup=0, repeats=1,
+                                     capture="export"), 2, straight=True)
+    gpt_path = str(gpt_plan.save(tmp_path / "gpt.json"))
+    cases = [
+        {"label": "export-gpt-tied", "model": "gpt_tied", "plan": tied_path, "capture": "export",
+         "schedule": "1f1b", "m": 4, "unsplit": True},
+        {"label": "export-lstm", "model": "lstm", "capture": "export", "schedule": "1f1b",
+         "stages": [["view", "emb", "rnn.layers.0"], ["rnn.layers.1", "rnn.layers.2", "head"]],
+         "m": 3, "unsplit": True},
+        {"label": "export-dict", "model": "dictout", "capture": "export", "schedule": "gpipe",
+         "stages": [["a", "b"], ["head", "aux"]], "m": 3, "unsplit": True},
+        {"label": "export-gpt-zb", "model": "gpt", "plan": gpt_path, "capture": "export",
+         "schedule": "zb-h1", "m": 4, "unsplit": True},
+        {"label": "auto-unrolled-loop", "model": "unrolled", "schedule": "1f1b",
+         "stages": [["view", "emb", "cell"], ["cell#2", "cell#3", "head"]], "m": 3,
+         "unsplit": True},
+    ]
+    result = run_torch_job(f"{WORKERS}:sync_exact", 2, args=[cases, 3], timeout_s=150)
+    for case in cases:
+        lines(result, 2, f"{case['label']} bit-identical after 3 steps")
+
+
+def test_capture_choices_and_their_errors():
+    """A loop over a traced length defeats torch.fx (plain and on the example): 'auto' falls
+    back to torch.export and the profile says so; 'fx' refuses it naming FX; export specializes
+    sizes, so no int crosses a layer there; bad values are clear errors."""
+    x = W.batch(0)[0]
+    assert profile_pipeline(W.unrolled(), x, warmup=0, repeats=1).meta["capture"] == "export"
+    assert profile_pipeline(W.gpt(), x, warmup=0, repeats=1).meta["capture"] == "fx-example"
+    assert profile_pipeline(W.residual(), x, warmup=0, repeats=1).meta["capture"] == "fx"
+    assert layer_ids(W.unrolled(), x) == ["view", "emb", "cell", "cell#2", "cell#3", "head"]
+    with pytest.raises(ConfigError, match="Unrolled is not an nn.Sequential and torch.fx cannot "
+                                          "trace it"):
+        layer_ids(W.unrolled(), x, capture="fx")
+    with pytest.raises(ConfigError, match=r"capture='jit' is unknown; use one of \['auto', "
+                                          r"'fx', 'export'\]"):
+        layer_ids(W.residual(), x, capture="jit")
+    with pytest.raises(ConfigError, match="capture='export' takes the model's positional "
+                                          "arguments as tensors"):
+        layer_ids(W.residual(), (x, 3), capture="export")
+    with pytest.raises(ConfigError, match=r"torch.export cannot capture Untraceable \(.*\); see "
+                                          r"torch.export's programming model"):
+        layer_ids(Untraceable(), x, capture="export")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
 def test_sync_schedules_are_bit_identical_on_three_ranks_with_replicas():
     """Three stages (an FX one passes the skip tensor through the middle stage), ZB-H1 (weight
     gradients deferred past later microbatches' input gradients), and a replicated stage: replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two

@@ -26,6 +26,9 @@ _GPT = ["wte", "wpe", "add", *(f"h.{b}.{x}" for b in (0, 1) for x in (
     "ln_1", "attn.c_attn", "attn.split", "attn.view", "attn.view#2", "attn.view#3",
     "attn.matmul", "attn.mul", "attn.masked_fill", "attn.matmul#2", "attn.view#4",
     "attn.c_proj", "add", "ln_2", "mlp.0", "mlp.1", "mlp.2", "add#2")), "ln_f", "lm_head"]
+EXPORTED = ["wte", "wpe", "add", *(f"h.{b}.{x}" for b in (0, 1) for x in (
+    "ln_1", "attn.c_attn", "attn.c_proj", "add", "ln_2", "mlp.0", "mlp.2", "add#2")), "ln_f",
+    "lm_head"]
 GPT2 = [_GPT[:21], _GPT[21:]]                            # cut between the two blocks
 GPT4 = [_GPT[:3], _GPT[3:21], _GPT[21:39], _GPT[39:]]    # embeddings, block, block, head
 
@@ -74,6 +77,9 @@ def test_two_ranks_torch_schedules_train_as_pipeline_trainer_does(tmp_path):
          "torch": "1F1B", "m": 4},
         {"label": "tied-ZBV", "model": "gpt_tied", "stages": GPT4, "legato": "interleaved-1f1b",
          "torch": "ZBVZeroBubble", "m": 4, "options": {"virtual_stages": 2}},
+        # captured by torch.export (as torch's own pipeline() captures): its layer ids
+        {"label": "export-tied-1F1B", "model": "gpt_tied", "capture": "export",
+         "stages": [EXPORTED[:11], EXPORTED[11:]], "legato": "1f1b", "torch": "1F1B", "m": 4},
     ]
     result = run_torch_job(f"{WORKERS}:torch_runtime", 2, args=[cases, 3, str(tmp_path)],
                            timeout_s=250)
