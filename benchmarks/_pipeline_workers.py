@@ -303,11 +303,15 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
 
         warm_spans = trainer.timeline(gather=True)
         base_costs = stage_costs(profile, this_plan, fraction=1.0)
-        warm_costs = costs_from_timeline(warm_spans, base_costs)
+        # more ranks than cores: the warm-up's spans ran k at a time on CORES processors;
+        # turn them into work at full speed and let the simulator share the cores again in
+        # the schedule's own pattern (fewer ranks compute in its fill and drain)
+        shared = CORES if world > CORES else None
+        warm_costs = costs_from_timeline(warm_spans, base_costs, cores=shared)
         warm_link = link_from_timeline(warm_spans, base_costs,
                                        Link(link.alpha_s, link.bandwidth_Bps))
         warm_sim = simulate(schedule_for(this_plan, name, microbatches=m, **options),
-                            warm_costs, warm_link)
+                            warm_costs, warm_link, cores=shared)
         times = _timed(step, steps, 0)
         spans = trainer.timeline(gather=True)
         peaks = [None] * world
@@ -330,7 +334,8 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
             act_bound[rank] += costs[stage].activation_bytes * n
         if not inter:
             measured_costs[name] = costs_from_timeline(spans, stage_costs(profile, result_plan,
-                                                                          fraction=1.0))
+                                                                          fraction=1.0),
+                                                       cores=shared)
         gaps: dict[int, float] = {}
         for r in range(world):
             mine = sorted((sp for sp in spans if sp.rank == r), key=lambda sp: sp.start_s)
@@ -356,7 +361,8 @@ def vs_sim(model_name: str, batch: int, m: int, schedules: list[str], steps: int
     for name in measured_costs:
         source = next((o for o in measured_costs if o != name), name)
         sim = simulate(schedule_for(result_plan, name, microbatches=m), measured_costs[source],
-                       Link(link.alpha_s, link.bandwidth_Bps))   # measured costs hold sharing
+                       Link(link.alpha_s, link.bandwidth_Bps),
+                       cores=CORES if world > CORES else None)
         run = out["runs"][name]
         run.update(calibrated_from=source, calibrated_s=sim.makespan_s,
                    calibrated_error=sim.makespan_s / run["measured_s"] - 1,

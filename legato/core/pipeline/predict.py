@@ -102,7 +102,35 @@ def stage_costs(profile: LayerProfile, plan: Plan, *, fraction: float,
     return costs
 
 
-def costs_from_timeline(spans: Sequence, base: Sequence[StageCost]) -> list[StageCost]:
+def _work_of(spans: Sequence, cores: int) -> dict[int, float]:
+    """Per span index: the processor work in it when the ranks share `cores` processors.
+
+    Every span that uses a processor (compute, optimizer step, a send's issue) ran at
+    min(1, cores / k) of full speed while k such spans ran at once (processor sharing, as
+    `simulate(cores=)` models it); its work is the integral of that rate over the span."""
+    using = [i for i, sp in enumerate(spans)
+             if sp.action.kind.is_compute or sp.action.kind.is_send
+             or sp.action.kind is ActionKind.STEP]
+    events = sorted({t for i in using for t in (spans[i].start_s, spans[i].end_s)})
+    work = {i: 0.0 for i in using}
+    order = sorted(using, key=lambda i: spans[i].start_s)
+    active: list[int] = []
+    nxt = 0
+    for t0, t1 in zip(events, events[1:]):
+        while nxt < len(order) and spans[order[nxt]].start_s <= t0:
+            active.append(order[nxt])
+            nxt += 1
+        active = [i for i in active if spans[i].end_s > t0]
+        if not active:
+            continue
+        rate = min(1.0, cores / len(active))
+        for i in active:
+            work[i] += (t1 - t0) * rate
+    return work
+
+
+def costs_from_timeline(spans: Sequence, base: Sequence[StageCost], *,
+                        cores: int | None = None) -> list[StageCost]:
     """Per-stage costs measured in a pipeline's own run: the calibration of a short warm-up.
 
     Layers timed alone on an idle machine miss what the stages of a running pipeline share
@@ -116,12 +144,19 @@ def costs_from_timeline(spans: Sequence, base: Sequence[StageCost]) -> list[Stag
         spans: the run's `Span`s (e.g. `PipelineTrainer.timeline(gather=True)` after a warm-up
             step; a SEND's span is its issue).
         base: one `StageCost` per stage, for the byte counts and for kinds the run lacks.
+        cores: the processors the run's ranks shared, when fewer than the ranks: each span's
+            duration is turned into the work it held at full speed (`_work_of`: k spans at
+            once each ran at cores / k), for `simulate(..., cores=cores)` to share again in
+            the schedule it predicts; None: durations as measured (one processor per rank).
     Returns:
         One `StageCost` per stage.
     """
+    spans = list(spans)
+    work = _work_of(spans, cores) if cores is not None else {}
     got: dict[tuple[int, ActionKind], list[float]] = {}
-    for sp in spans:
-        got.setdefault((sp.action.stage, sp.action.kind), []).append(sp.end_s - sp.start_s)
+    for i, sp in enumerate(spans):
+        got.setdefault((sp.action.stage, sp.action.kind), []).append(
+            work.get(i, sp.end_s - sp.start_s))
     out = []
     K = ActionKind
     for s, c in enumerate(base):

@@ -130,6 +130,35 @@ def test_costs_from_a_pipelines_own_timeline():
     assert got[1].send_s == 0.25
 
 
+def test_costs_from_a_timeline_on_shared_cores_are_work_at_full_speed():
+    """cores=1: 0F0 (0-2) ran alone for 1 s then beside 1F0 (1-3) for 1 s (at half speed):
+    1.5 s of work; 1F0 ran beside 0F0 for 1 s and alone for 1 s: 1.5 s; a receive's wait is no
+    work and shares nothing. Simulating the schedule back on one core from that work gives
+    the measured timeline's end again; with a core each, the durations as measured."""
+    from legato.core.pipeline import Action, Span
+    from legato.core.pipeline.predict import costs_from_timeline
+
+    base = [StageCost(9.0, 9.0), StageCost(9.0, 9.0)]
+    spans = [Span(0, Action.parse("0F0"), 0.0, 2.0), Span(1, Action.parse("1F0"), 1.0, 3.0),
+             Span(1, Action.parse("1RECV_F0@0"), 0.0, 1.0),
+             Span(1, Action.parse("1B0"), 3.0, 4.0)]
+    shared = costs_from_timeline(spans, base, cores=1)
+    assert shared[0].forward_s == pytest.approx(1.5) and shared[1].forward_s == pytest.approx(1.5)
+    assert shared[1].backward_s == pytest.approx(1.0)
+    assert costs_from_timeline(spans, base, cores=2)[0].forward_s == pytest.approx(2.0)
+    assert costs_from_timeline(spans, base)[1].forward_s == pytest.approx(2.0)
+    # two ranks, each F then B, on one core: 4 actions of 1 s of work each; measured as
+    # 2-s spans while both ran: the work recovered is 1 s each and the makespan is 4
+    from legato.core.pipeline.schedules import gpipe as gp
+
+    sched = gp(2, 1)
+    sim = simulate(sched, StageCost(1.0, 1.0), Link(0.0, 1e30), cores=1)
+    got = costs_from_timeline(sim.timeline, [StageCost(5.0, 5.0)] * 2, cores=1)
+    assert [c.forward_s for c in got] == pytest.approx([1.0, 1.0])
+    assert simulate(sched, got, Link(0.0, 1e30), cores=1).makespan_s == pytest.approx(
+        sim.makespan_s)
+
+
 def test_link_from_a_pipelines_own_timeline():
     """Rank 1 waits from t=0 for 0SEND_F0 (issued 1.0-1.5, arrives 3.5): 2 s for 100 bytes at
     100 B/s is 1 s beyond the bytes; the gradient back arrived while nobody waited (ignored)."""
