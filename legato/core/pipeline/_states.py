@@ -141,7 +141,8 @@ def _enumerate_ideals(n: int, pred_mask: list[int], limit: int) -> list[int] | N
 def _same_stage(profile: LayerProfile, index: dict[str, int], attached: dict[str, str]
                 ) -> list[tuple[int, str]]:
     """The profile's `meta["same_stage"]` as (mask of layers, why): layers the runtime can only
-    run in one stage (a non-tensor value flows between them, they share a parameter)."""
+    run in one stage (a non-tensor value flows between them; in profiles written before
+    `meta["tied"]`, also layers sharing a parameter)."""
     out = []
     for entry in profile.meta.get("same_stage") or ():
         try:
