@@ -41,6 +41,7 @@ which excludes meaningless stages on DAGs.]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -599,6 +600,7 @@ def _snap_to_modules(space: StateSpace, profile: LayerProfile, c: _Costs, sub: n
     edges = [(index[a], index[b], _module_depth(a, b)) for a, b in profile.edges
              if a in index and b in index]
 
+    @functools.cache
     def depth(k: int) -> int:
         m = space.masks[k]
         return max((d for a, b, d in edges if (m >> a) & 1 and not (m >> b) & 1), default=0)
