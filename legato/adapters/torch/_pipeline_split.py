@@ -348,12 +348,11 @@ def _trace(model: nn.Module, args: tuple, capture: str = "auto"
             return _export(model, args), "export"
         except Exception as export_err:
             raise ConfigError(
-                f"{type(model).__name__} is not an nn.Sequential and neither torch.fx "
-                f"({first_line(fx_err)}) nor torch.export ({first_line(export_err)}) can "
-                "capture it; wrap its layers in an nn.Sequential, or make its forward "
-                "traceable (no Python control flow on tensor values; see 'Limitations of "
-                "Symbolic Tracing' in the torch.fx docs and torch.export's programming "
-                "model)") from export_err
+                f"{type(model).__name__} is not an nn.Sequential and torch.fx cannot trace it "
+                f"({first_line(fx_err)}), nor torch.export ({first_line(export_err)}); wrap "
+                "its layers in an nn.Sequential, or make its forward FX-traceable (no Python "
+                "control flow on tensor values; see 'Limitations of Symbolic Tracing' in the "
+                "torch.fx docs and torch.export's programming model)") from export_err
 
 
 def _export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
