@@ -52,6 +52,7 @@ from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
+from legato.core.scheduler.tune import TuneSettings, TuningSession
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
@@ -102,15 +103,19 @@ class ScheduledOptimizer(ClosesOnExit):
             is taken the same way.
         compression: "fp16" or "bf16": float gradients travel in that type (cast, reduced,
             cast back), as with Horovod's `Compression.fp16`.
+        tune: tune partition_bytes and credit_bytes online, as the PyTorch ScheduledOptimizer
+            does (the core's `TuningSession`: Bayesian optimization over step times, with
+            the pass-through to "plain" when scheduling does not pay); True, a dict of
+            `TuneSettings` fields, or a TuneSettings. Needs policy="bytescheduler" and optuna.
         timeline: write a Chrome trace (Perfetto) of every rank to this path at `close()`:
             per-message queueing and transfer, per-layer forward (eager) and update. Each rank
             also writes its spans as they come to `<timeline>.rank<N>.partial.json`, kept
             when the job ends badly (it opens as it is).
 
-    policy, the sizes, timeout_s, backward_passes_per_step, compression and timeline can come
-    from LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
-    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP, LEGATO_COMPRESSION and LEGATO_TIMELINE
-    instead (an argument wins).
+    policy, the sizes, timeout_s, backward_passes_per_step, compression, tune and timeline can
+    come from LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
+    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP, LEGATO_COMPRESSION, LEGATO_TUNE and
+    LEGATO_TIMELINE instead (an argument wins).
     """
 
     def __init__(self, optimizer, model, *, policy: str | None = None,
@@ -119,13 +124,14 @@ class ScheduledOptimizer(ClosesOnExit):
                  overlap_backward: bool = True, timeout_s: float | None = None,
                  broadcast_parameters: bool = True,
                  backward_passes_per_step: int | None = None,
-                 compression: str | None = None, timeline: str | None = None) -> None:
+                 compression: str | None = None, timeline: str | None = None,
+                 tune=None) -> None:
         keras = _keras()
         settings, from_env = scheduler_env.adapter_settings(
             "TensorFlow", policy=policy, partition_bytes=partition_bytes,
             credit_bytes=credit_bytes, merge_bytes=merge_bytes, timeout_s=timeout_s,
             backward_passes_per_step=backward_passes_per_step,
-            compression=_compression_name(compression), timeline=timeline)
+            compression=_compression_name(compression), timeline=timeline, tune=tune)
         timeline = settings["timeline"]
         if timeline is not None:  # before any collective call
             check_trace_path(timeline)
@@ -187,6 +193,10 @@ class ScheduledOptimizer(ClosesOnExit):
                                lambda: None)
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
+        self._tune = TuneSettings.from_arg(settings["tune"])
+        if self._tune is not None and self.config.policy != "bytescheduler":
+            raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
+                              f"policy={policy!r} has none: use policy='bytescheduler'")
         owned = owned_layers(model)
         self._layers = [layer for layer, _ in owned]
         self._layer_names = [layer.name for layer, _ in owned]
@@ -195,21 +205,22 @@ class ScheduledOptimizer(ClosesOnExit):
         self._names = [v.path for v in self._vars]
         self._shapes = [tuple(int(d) for d in v.shape) for v in self._vars]
         self._dtypes = [tf.as_dtype(v.dtype) for v in self._vars]
-        tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
-                          max(1, _numel(s)) * d.size, d.size, d.name)
-                 for key, (s, d) in enumerate(zip(self._shapes, self._dtypes))]
-        self.plan = plan_for(self.config, tasks)
-        self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
-        self._keys_of_layer = self._progress.keys_of_layer
-        # Post order: front layers first (see legato.adapters.tensorflow.comm [Note: Horovod
-        # from threads]); under "fifo" and "plain", backward's order (back layers first).
-        order = sorted(range(len(self._vars)), key=lambda k: (self._layer_of_key[k], k))
-        self._post_order = order if self.config.order == "layer" else order[::-1]
+        self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
+                                max(1, _numel(s)) * d.size, d.size, d.name)
+                       for key, (s, d) in enumerate(zip(self._shapes, self._dtypes))]
+        self._tuning: TuningSession | None = None
+        self._issued_before = 0  # messages issued by schedulers of earlier plans
+        if self._tune is not None:  # checked locally before any collective call
+            self._tuning = TuningSession(self._tune, self.config,
+                                         max(t.nbytes for t in self._tasks))
+            self.config = self._tuning.config
+        self._set_plan()
 
         self._transport = HorovodTFTransport() if backend == "horovod" else GlooTransport(
             self._timeout_s)
         self._rank = self._transport.rank
-        digests = self._transport.all_gather_object((self.plan.digest(), len(self._vars)))
+        digests = self._transport.all_gather_object((self.plan.digest(), len(self._vars),
+                                                     self._tune))
         if any(d != digests[0] for d in digests):
             raise ConfigError(f"[rank {self._rank}] ranks built different communication plans "
                               f"({digests}); every rank must wrap the same model with the same "
@@ -236,19 +247,13 @@ class ScheduledOptimizer(ClosesOnExit):
         self._posting = False
         self._posted_in_backward = 0
         self._trace = None
-        chunk_names = self.plan.chunk_names(self._names)
         if timeline is not None:
-            self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
-        self._scheduler = Scheduler(
-            self.plan, self.config,
-            SpannedBackend(self._transport.backend(self._grads, self._shapes, self._dtypes, 1,
-                                                   compression=self._compression),
-                           _profiled, chunk_names.__getitem__),
-            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
-            on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s,
-            on_event=self._trace.on_event if self._trace is not None else None)
+            self._trace = SchedulerTrace(timeline, self._rank, self.plan,
+                                         self.plan.chunk_names(self._names))
+        self._epoch = 0
+        self._start_scheduler()
         self._gates = None
-        if not self._passthrough:
+        if not self._passthrough or self._tuning is not None:  # the tuner may leave "plain"
             self._gates = LayerGates(model, self._layers, self._timeout_s,
                                       self._raise_if_failed, self._rank,
                                       around=self._hooked_call if overlap_backward else None,
@@ -263,6 +268,55 @@ class ScheduledOptimizer(ClosesOnExit):
     @property
     def _passthrough(self) -> bool:
         return self.config.policy == "plain"
+
+    # -- the scheduler and its settings --------------------------------------------------------
+    def _set_plan(self) -> None:
+        """The plan of the current settings, and what depends on it."""
+        self.plan = plan_for(self.config, self._tasks)
+        self._progress = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
+        self._keys_of_layer = self._progress.keys_of_layer
+        # Post order: front layers first (see legato.adapters.tensorflow.comm [Note: Horovod
+        # from threads]); under "fifo" and "plain", backward's order (back layers first).
+        order = sorted(range(len(self._vars)), key=lambda k: (self._layer_of_key[k], k))
+        self._post_order = order if self.config.order == "layer" else order[::-1]
+
+    def _start_scheduler(self) -> None:
+        """A scheduler for the current plan (at construction and after each tuning boundary;
+        each has its own epoch: Horovod's message names differ between them)."""
+        self._epoch += 1
+        chunk_names = self.plan.chunk_names(self._names)
+        if self._trace is not None:
+            self._trace.set_plan(self.plan, chunk_names)
+        self._scheduler = Scheduler(
+            self.plan, self.config,
+            SpannedBackend(self._transport.backend(self._grads, self._shapes, self._dtypes,
+                                                   self._epoch, compression=self._compression),
+                           _profiled, chunk_names.__getitem__),
+            order=self._transport.order_channel(), leader=self._transport.group_rank == 0,
+            on_chunk_done=self._chunk_done, rank=self._rank, timeout_s=self._timeout_s,
+            on_event=self._trace.on_event if self._trace is not None else None)
+
+    def _boundary(self) -> None:
+        """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
+        next settings (legato.core.scheduler.tune), switch."""
+        self.synchronize()
+        self._issued_before += self._scheduler.issued_total
+        self._scheduler.close(timeout_s=self._timeout_s)
+        self._scheduler.raise_if_failed()
+        decision = self._tuning.decide(self._steps.steps_called,
+                                       leader=self._transport.group_rank == 0,
+                                       broadcast=self._transport.broadcast_object)
+        if decision.config != self.config:
+            log.info("[rank %d] legato tuner (%s): %s", self._rank, decision.phase,
+                     decision.config.describe())
+            self.config = decision.config
+            self._set_plan()
+        self._start_scheduler()
+
+    @property
+    def tuning(self) -> bool:
+        """Whether tuning trials are running (the same on every rank at every step)."""
+        return self._tuning is not None and self._tuning.tuning
 
     def _accumulation(self, optimizer, passes: int, given: bool) -> int:
         """Backward passes per update: the optimizer's gradient_accumulation_steps, or
@@ -366,6 +420,9 @@ class ScheduledOptimizer(ClosesOnExit):
         self._steps.call_step(info)
         if self._passthrough or (self._gates is not None and self._gates.traced):
             self.synchronize()
+        if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):
+            self._boundary()
+            self._tuning.restarted()
         return None
 
     # [Note: loss scaling] A LossScaleOptimizer applies a step only when every gradient is
@@ -589,7 +646,10 @@ class ScheduledOptimizer(ClosesOnExit):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {**self._steps.stats(self.plan, self.config, self._scheduler.issued_total),
+        return {**self._steps.stats(self.plan, self.config,
+                                    self._issued_before + self._scheduler.issued_total),
+                "tuner": None if self._tuning is None or self._transport.group_rank != 0
+                else self._tuning.summary(),
                 "backend": self._transport.name,
                 "sent_during_backward": self._posted_in_backward, "forward_traced": bool(
                     self._gates is not None and self._gates.traced)}

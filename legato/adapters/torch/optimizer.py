@@ -73,7 +73,7 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
-from legato.core.scheduler.tune import OnlineTuner, TuneSettings
+from legato.core.scheduler.tune import TuneSettings, TuningSession
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
@@ -293,16 +293,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
                                 p.numel() * p.element_size(), p.element_size(), str(p.dtype))
                        for key, p in enumerate(self._params)]
-        self._tuner: OnlineTuner | None = None
-        self._next_boundary = -1
-        self._tune_phase: str | None = None
+        self._tuning: TuningSession | None = None
         self._issued_before = 0  # messages issued by schedulers of earlier plans
         if self._tune is not None:  # checked locally before any collective call
-            self._tuner = OnlineTuner(self._tune, self.config,
-                                      max(t.nbytes for t in self._tasks))
-            self.config = self._tuner.first.config
-            self._next_boundary = self._tuner.first.next_boundary
-            self._tune_phase = self._tuner.first.phase
+            self._tuning = TuningSession(self._tune, self.config,
+                                         max(t.nbytes for t in self._tasks))
+            self.config = self._tuning.config
         self.plan = plan_for(self.config, self._tasks)
         self._transport = (HorovodTransport() if backend == "horovod"
                            else TorchDistTransport(process_group, self._timeout_s))
@@ -334,8 +330,6 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._trace = (SchedulerTrace(timeline, self._rank, self.plan, self._chunk_names)
                        if timeline is not None else None)
         self._timeline = self._trace.timeline if self._trace is not None else None
-        self._step_times: list[float] = []
-        self._last_step_at: float | None = None
         self._start_scheduler()
         self._gates = LayerGates(model, {name: layers for name, _, layers in modules},
                                  len(self._layer_names), timeout_s=self._timeout_s,
@@ -386,13 +380,9 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._issued_before += self._scheduler.issued_total
         self._scheduler.close(timeout_s=self._timeout_s)
         self._scheduler.raise_if_failed()
-        decision = None
-        if self._tuner is not None and self._transport.group_rank == 0:
-            decision = self._tuner.boundary(self._steps.steps_called, self._step_times)
-        decision = self._transport.broadcast_object(decision)
-        self._step_times = []
-        self._next_boundary = decision.next_boundary
-        self._tune_phase = decision.phase
+        decision = self._tuning.decide(self._steps.steps_called,
+                                       leader=self._transport.group_rank == 0,
+                                       broadcast=self._transport.broadcast_object)
         if decision.config != self.config:
             log.info("[rank %d] legato tuner (%s): %s", self._rank, decision.phase,
                      decision.config.describe())
@@ -729,14 +719,9 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._gates.hold_all(self._steps.steps_called)
             self._open_posts = 0
             self._steps.call_step(amp)
-        if self._tuner is not None:
-            now = time.perf_counter()
-            if self._last_step_at is not None and self._next_boundary >= 0:
-                self._step_times.append(now - self._last_step_at)
-            self._last_step_at = now
-            if self._steps.steps_called == self._next_boundary:
-                self._boundary()
-                self._last_step_at = time.perf_counter()
+        if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):
+            self._boundary()
+            self._tuning.restarted()
         return None
 
     def _amp_decision(self, scaler) -> tuple[torch.Tensor | None, bool] | None:
@@ -918,12 +903,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     @property
     def tuning(self) -> bool:
         """Whether tuning trials are running (the same on every rank at every step)."""
-        return self._tune_phase in ("tuning", "confirming")
+        return self._tuning is not None and self._tuning.tuning
 
     @property
     def stats(self) -> dict[str, Any]:
         return {**self._steps.stats(self.plan, self.config,
                                     self._issued_before + self._scheduler.issued_total),
-                "tuner": None if self._tuner is None or self._transport.group_rank != 0
-                else self._tuner.summary()}
+                "tuner": None if self._tuning is None or self._transport.group_rank != 0
+                else self._tuning.summary()}
 

@@ -41,13 +41,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from typing import Any
+import time
+from typing import Any, Callable
 
 from legato.core.errors import ConfigError
 from legato.core.scheduler.policy import SchedulerConfig, resolve_config
 from legato.core.stop import StopReason
 
-__all__ = ["Decision", "OnlineTuner", "TuneSettings", "search_space"]
+__all__ = ["Decision", "OnlineTuner", "TuneSettings", "TuningSession", "search_space"]
 
 log = logging.getLogger(__name__)
 
@@ -330,3 +331,59 @@ class OnlineTuner:
         return {"phase": self.phase, "rounds": self.rounds, "chosen": self.current.describe(),
                 "stop_reason": self.stop_reason,
                 "trials": [(c.describe(), v) for c, v in self.history]}
+
+
+class TuningSession:
+    """An adapter's side of online tuning, the same for every framework: it times the steps
+    between boundaries on every rank, says when a boundary is due, and there has rank 0's
+    `OnlineTuner` decide and `broadcast` carry the decision to every rank. The adapter does
+    the rest: finish the step's work before `decide`, and switch to the decision's settings
+    after it.
+
+    Args:
+        settings: how to tune (`TuneSettings.from_arg` of the adapter's `tune` argument).
+        config: the setting the job was built with (the first trial starts from it).
+        largest_tensor_bytes: the largest gradient (bounds the partition sizes tried).
+        step: the step count now.
+    """
+
+    def __init__(self, settings: TuneSettings, config: SchedulerConfig,
+                 largest_tensor_bytes: int, *, step: int = 0) -> None:
+        self.tuner = OnlineTuner(settings, config, largest_tensor_bytes, step=step)
+        first = self.tuner.first
+        self.config, self.next_boundary, self.phase = first.config, first.next_boundary, \
+            first.phase
+        self.step_times: list[float] = []
+        self._last: float | None = None
+
+    def step_called(self, steps_called: int) -> bool:
+        """Record a step's end (the time since the previous one); whether `steps_called` is
+        a boundary."""
+        now = time.perf_counter()
+        if self._last is not None and self.next_boundary >= 0:
+            self.step_times.append(now - self._last)
+        self._last = now
+        return steps_called == self.next_boundary
+
+    def decide(self, steps_called: int, *, leader: bool,
+               broadcast: Callable[[Any], Any]) -> Decision:
+        """At a boundary (every rank, after finishing the step's work): rank 0's decision,
+        from the step times since the last boundary, on every rank. The time the switch
+        takes is not counted in the next trial (call `restarted` once switched)."""
+        decision = self.tuner.boundary(steps_called, self.step_times) if leader else None
+        decision = broadcast(decision)
+        self.step_times = []
+        self.config, self.next_boundary, self.phase = (decision.config, decision.next_boundary,
+                                                       decision.phase)
+        return decision
+
+    def restarted(self) -> None:
+        """The switch is done: the next step's time counts from now."""
+        self._last = time.perf_counter()
+
+    @property
+    def tuning(self) -> bool:
+        return self.phase in ("tuning", "confirming")
+
+    def summary(self) -> dict[str, Any]:
+        return self.tuner.summary()

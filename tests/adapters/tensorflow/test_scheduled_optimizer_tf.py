@@ -25,10 +25,10 @@ def params(path: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def assert_same(a: Path, b: Path, atol: float = 0.0) -> None:
+def assert_same(a: Path, b: Path, atol: float = 0.0, steps: int = STEPS) -> None:
     pa, pb = params(a), params(b)
     assert pa.keys() == pb.keys()
-    assert int(pa.pop("iterations")) == int(pb.pop("iterations")) == STEPS
+    assert int(pa.pop("iterations")) == int(pb.pop("iterations")) == steps
     for k in pa:
         np.testing.assert_allclose(pa[k], pb[k], rtol=0, atol=atol, err_msg=f"{a.name}: {k}")
     # the weights moved: a run that updated nothing would not match plain training anyway,
@@ -47,9 +47,12 @@ def plain(tmp_path_factory) -> Path:
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("opt_name, policy, settings", [
-    ("sgd", "bytescheduler", BS), ("adam", "plain", {}), ("adam", "priority", {})])
+    ("sgd", "bytescheduler", BS), ("adam", "plain", {}), ("adam", "priority", {}),
+    ("sgd", "bytescheduler", {**BS, "tune": {"trials": 4, "steps_per_trial": 1,
+                                             "warmup_steps": 1, "sampler": "tpe"}})])
 def test_horovod_backend_matches_plain_horovod(plain, tmp_path, opt_name, policy, settings):
-    """Both sum the same pre-scaled values in the same way: equal to the last bit."""
+    """Both sum the same pre-scaled values in the same way: equal to the last bit. With tune,
+    the settings switch at step 2 (new Horovod tensor names for the new scheduler's epoch)."""
     result = run_horovod_job(f"{WORKERS}:train_legato", 2,
                              args=["horovod", opt_name, policy, settings, STEPS, str(tmp_path)],
                              timeout_s=200)
@@ -83,6 +86,33 @@ def test_gloo_backend_matches_plain_horovod(plain, tmp_path, opt_name, policy, s
         assert f"'sent_during_backward': {12 * STEPS}," in stdout
         if policy == "bytescheduler":  # fc1's 800 KiB kernel is cut, the small ones merged
             assert int(re.search(r"'messages_per_step': (\d+)", stdout).group(1)) > 12
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
+def test_tuning_switches_settings_at_step_boundaries_and_matches_plain_horovod(tmp_path):
+    """tune= on TensorFlow (the core's TuningSession, as on PyTorch): trials of 2 steps, so
+    over 10 steps the settings change at 4 boundaries, on both ranks at the same step
+    (bytescheduler partitions and windows, and the plain pass-through); the weights stay
+    bit-identical to plain Horovod's, and rank 0's stats report the trials."""
+    steps = 10
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_horovod_job(f"{WORKERS}:plain_both", 2, args=[steps, str(ref)], timeout_s=200)
+    tune = {"trials": 5, "steps_per_trial": 1, "warmup_steps": 1, "sampler": "tpe"}
+    result = run_torch_job(f"{WORKERS}:train_legato", 2,
+                           args=["gloo", "sgd", "bytescheduler", {**BS, "tune": tune}, steps,
+                                 str(tmp_path)], timeout_s=200)
+    for r in range(2):
+        assert_same(tmp_path / f"params-gloo-bytescheduler-{r}.npz",
+                    ref / f"params-hvdplain-sgd-{r}.npz", steps=steps)
+    stats = result.rank(0).stdout
+    trials = re.findall(r"\('(policy=[^']*)', [0-9.e-]+\)", stats)
+    assert len(trials) == 5, stats
+    assert trials[0].startswith("policy=bytescheduler order=layer partition=65536 B")
+    assert trials[1].startswith("policy=plain")
+    assert "'phase': 'tuned'" in stats
+    assert "'tuner': None" in result.rank(1).stdout       # rank 0 decides
 
 
 @pytest.mark.horovod
