@@ -21,10 +21,20 @@ own setting (or the defaults), enqueued into the study.
 behind backward. So one trial runs the `plain` policy (DDP's buckets in arrival order, one
 optimizer step after every bucket is in: what DDP does), and at the end of tuning the best
 bytescheduler setting and `plain` are measured again, alternately (twice each when `trials`
-is at least 8, else once); `plain` is kept unless the median of the best setting's fresh steps
-is at least `passthrough_margin` (2%) below the median of all of plain's steps (the best
-setting's first trial was picked for being low, so it is not used: that bias, on a machine
-whose step times vary by 10% or more, had tipped decisions either way).
+is at least 8, else once); `plain` is kept unless the best setting's fresh steps are at least
+`passthrough_margin` (2%) faster than plain's (the best setting's first trial was picked for
+being low, so it is not used: that bias, on a machine whose step times vary by 10% or more,
+had tipped decisions either way).
+
+[Note: a decision noise cannot flip] The confirmation steps of the two, measured alternately
+so that drift hits both alike, give the ratio of their medians and a `confidence` (90%)
+bootstrap interval of it (resampling each side's steps, seeded: the same steps give the same
+interval). When the whole interval is below 1 - margin the best setting is kept; when it is
+wholly above, plain; when it straddles the line the difference is within the job's own noise,
+and another pair of confirmations is measured, up to `max_confirm_pairs` more; still
+undecided then, plain is kept (scheduling that cannot be told from noise does not pay for
+itself). `summary()["confirmation"]` gives the ratio, the interval, the pairs and the noise
+(the spread of plain's confirmation steps: interquartile range over median).
 
 [Note: drift] After tuning, a boundary comes every `check_every` steps. Its window's median
 step time is compared with a reference (the first such window); when it has moved by more
@@ -73,6 +83,10 @@ class TuneSettings:
         passthrough_margin: bytescheduler is kept only if at least this much faster.
         check_every: steps between drift checks once tuned (0: never re-tune).
         drift: relative change of step time that triggers re-tuning (twice in a row).
+        confidence: of the interval on the best setting's speed-up over plain that must
+            clear the margin ([Note: a decision noise cannot flip]).
+        max_confirm_pairs: confirmation pairs added, at most, while that interval straddles
+            the margin.
     """
 
     trials: int = 20
@@ -84,6 +98,8 @@ class TuneSettings:
     passthrough_margin: float = 0.02
     check_every: int = 200
     drift: float = 0.2
+    confidence: float = 0.9
+    max_confirm_pairs: int = 4
 
     def __post_init__(self) -> None:
         if self.trials < 4:
@@ -98,6 +114,8 @@ class TuneSettings:
             raise ConfigError("passthrough_margin must be in [0, 1) and drift in (0, 10)")
         if self.check_every < 0:
             raise ConfigError("check_every must be >= 0 (0: never re-tune)")
+        if not 0.5 <= self.confidence < 1 or self.max_confirm_pairs < 0:
+            raise ConfigError("confidence must be in [0.5, 1) and max_confirm_pairs >= 0")
 
     @classmethod
     def from_arg(cls, tune: Any) -> "TuneSettings | None":
@@ -155,6 +173,21 @@ def _params_of(config: SchedulerConfig, space) -> dict[str, int]:
     return {"log2_partition": lp, "log2_credit": lc}
 
 
+def _bootstrap_ratio(ours: list[float], theirs: list[float], confidence: float, *,
+                     seed: int, draws: int = 400) -> tuple[float, float]:
+    """A `confidence` bootstrap interval of median(ours) / median(theirs): each side's steps
+    resampled with replacement `draws` times (seeded, so the same steps give the same
+    interval)."""
+    import random
+
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(ours, k=len(ours)))
+                    / statistics.median(rng.choices(theirs, k=len(theirs)))
+                    for _ in range(draws))
+    tail = (1 - confidence) / 2
+    return ratios[int(tail * (draws - 1))], ratios[int((1 - tail) * (draws - 1))]
+
+
 class OnlineTuner:
     """Rank 0's side of online tuning; see the module docstring.
 
@@ -209,6 +242,8 @@ class OnlineTuner:
         self._round_values: dict[SchedulerConfig, list[float]] = {}
         self._confirmed: dict[SchedulerConfig, list[float]] = {}
         self._samples: dict[SchedulerConfig, list[float]] = {}  # every measured step
+        self._extra_pairs = 0
+        self.confirmation: dict[str, Any] | None = None
         self.phase = "tuning"
         self.stop_reason = None
         self._ref: float | None = None
@@ -271,7 +306,35 @@ class OnlineTuner:
                 self._confirm.append(best)
         if self._confirm:
             return self._confirm.pop(0)
+        if (self.settings.passthrough and self._extra_pairs < self.settings.max_confirm_pairs
+                and self._verdict()[0] is None):
+            # within the job's own noise: measure another pair ([Note: a decision noise...])
+            self._extra_pairs += 1
+            best = self._best_scheduled()
+            if best is not None:
+                self._confirm = [self._plain]
+                return best
         return None
+
+    def _verdict(self) -> tuple[bool | None, dict[str, Any]]:
+        """Whether the best setting clearly beats plain by the margin (True), clearly does not
+        (False) or cannot be told from noise (None), from the confirmation steps, with what
+        was computed."""
+        best = self._best_scheduled()
+        ours = self._confirmed.get(best, []) if best is not None else []
+        theirs = self._confirmed.get(self._plain, [])
+        if not ours or not theirs:
+            return None, {}
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        lo, hi = _bootstrap_ratio(ours, theirs, self.settings.confidence,
+                                  seed=self.settings.seed + self.rounds)
+        line = 1 - self.settings.passthrough_margin
+        verdict = True if hi < line else False if lo > line else None
+        q = statistics.quantiles(theirs, n=4) if len(theirs) >= 2 else [theirs[0]] * 3
+        info = {"ratio": ratio, "interval": [lo, hi], "confidence": self.settings.confidence,
+                "pairs": len(ours) // max(1, self.settings.steps_per_trial),
+                "noise": (q[2] - q[0]) / statistics.median(theirs)}
+        return verdict, info
 
     def _mean(self, config: SchedulerConfig) -> float:
         values = self._round_values.get(config, [])
@@ -286,13 +349,17 @@ class OnlineTuner:
         choice = best
         if self.settings.passthrough and self._plain in self._round_values:
             # The best setting was picked for its lowest value, which is biased low: judge it
-            # on the median of its fresh confirmation steps alone, against the median of all
-            # of plain's steps (plain was not picked for its value).
-            plain = statistics.median(self._samples[self._plain])
-            confirmed = self._confirmed.get(best) if best is not None else None
-            scheduled = (statistics.median(confirmed) if confirmed
-                         else self._mean(best) if best is not None else float("inf"))
-            if scheduled > plain * (1 - self.settings.passthrough_margin):
+            # on its fresh confirmation steps alone, against plain's ([Note: a decision noise
+            # cannot flip]); undecided after every extra pair: plain.
+            verdict, self.confirmation = self._verdict()
+            if verdict is None and not self.confirmation:   # no confirmation steps (trials)
+                plain = statistics.median(self._samples[self._plain])
+                scheduled = self._mean(best) if best is not None else float("inf")
+                verdict = scheduled <= plain * (1 - self.settings.passthrough_margin)
+            if self.confirmation:
+                self.confirmation["verdict"] = ("best" if verdict else "plain" if verdict is
+                                                False else "undecided: plain")
+            if not verdict:
                 choice = self._plain
         assert choice is not None
         self.phase = "tuned"
@@ -330,7 +397,8 @@ class OnlineTuner:
         """What was measured and chosen (for logs, stats and benchmarks)."""
         return {"phase": self.phase, "rounds": self.rounds, "chosen": self.current.describe(),
                 "stop_reason": self.stop_reason,
-                "trials": [(c.describe(), v) for c, v in self.history]}
+                "trials": [(c.describe(), v) for c, v in self.history],
+                "confirmation": self.confirmation}
 
 
 class TuningSession:

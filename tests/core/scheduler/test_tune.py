@@ -176,6 +176,46 @@ def test_noisy_measurements_still_end_in_a_decision():
     assert tuner.summary()["chosen"] == decision.config.describe()
 
 
+def _noisy_round(speedup: float, noise: float, seed: int, trials: int = 8):
+    """One round on a job where every bytescheduler setting takes 1 / speedup of plain's step
+    time, each step off by a uniform factor within +-noise (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    tuner = OnlineTuner(TuneSettings(trials=trials, steps_per_trial=8, seed=seed),
+                        resolve_config("bytescheduler"), max(SIZES))
+    decision, step = tuner.first, 0
+    while decision.phase != "tuned":
+        base = 1.0 if decision.config.policy == "plain" else 1.0 / speedup
+        steps = decision.next_boundary - step
+        step = decision.next_boundary
+        decision = tuner.boundary(step, [base * rng.uniform(1 - noise, 1 + noise)
+                                         for _ in range(steps)])
+    return tuner, decision
+
+
+def test_noise_does_not_flip_the_choice_between_the_best_setting_and_plain():
+    """With step times 10% noisy (uniform +-10%), 20 seeds each: a setting 12% faster than
+    plain is kept every time; one 0.5% faster (under the 2% margin) never is, extra
+    confirmation pairs being measured while the interval straddles the margin; each decision
+    says how it was reached."""
+    extra = []
+    for seed in range(20):
+        tuner, decision = _noisy_round(1.12, 0.10, seed)
+        assert decision.config.policy == "bytescheduler", (seed, tuner.confirmation)
+        conf = tuner.summary()["confirmation"]
+        assert conf["verdict"] == "best" and conf["interval"][1] < 0.98
+        assert 0.05 < conf["noise"] < 0.25
+        tuner, decision = _noisy_round(1.005, 0.10, seed)
+        assert decision.config.policy == "plain", (seed, tuner.confirmation)
+        assert tuner.confirmation["verdict"] in ("plain", "undecided: plain")
+        extra.append(tuner.confirmation["pairs"] - 2)
+    assert max(extra) == TuneSettings().max_confirm_pairs      # the close calls measured more
+    # noiseless steps: decided on the first pairs, no extra confirmation
+    tuner, _ = _noisy_round(1.12, 0.0, 0)
+    assert tuner.confirmation["pairs"] == 2 and tuner.confirmation["verdict"] == "best"
+
+
 def test_settings_are_checked():
     with pytest.raises(ConfigError, match="at least 4"):
         TuneSettings(trials=2)
@@ -183,6 +223,8 @@ def test_settings_are_checked():
         TuneSettings(sampler="random")
     with pytest.raises(ConfigError, match="unknown keys"):
         TuneSettings.from_arg({"trails": 5})
+    with pytest.raises(ConfigError, match="confidence must be in"):
+        TuneSettings(confidence=1.0)
     with pytest.raises(ConfigError, match="invalid"):
         TuneSettings.from_arg("yes")
     assert TuneSettings.from_arg(False) is None
