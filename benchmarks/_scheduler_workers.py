@@ -232,7 +232,10 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
 
     if loop == "accumulate":
         settings = dict(settings, backward_passes_per_step=2)
-    sopt = ScheduledOptimizer(opt, model, policy=method, timeout_s=600, **settings)
+    policy = method
+    if method == "bytescheduler-sim":  # the defaults chosen by the simulator at start-up
+        policy, settings = "bytescheduler", {**settings, "defaults": "simulated"}
+    sopt = ScheduledOptimizer(opt, model, policy=policy, timeout_s=600, **settings)
 
     def close():
         sopt.close()
@@ -313,7 +316,7 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
             module, step, close = make_method(method, MODELS[model_name](),
                                               settings.get(method, {}), loop)
             sopt = getattr(step, "optimizer", None)
-            while sopt is not None and sopt.tuning:  # the same steps on every rank
+            while sopt is not None and (sopt.tuning or sopt.startup_pending):  # every rank
                 train_step(model_name, loop, module, step, x, y)
             for _ in range(warmup):
                 train_step(model_name, loop, module, step, x, y)

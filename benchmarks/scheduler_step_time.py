@@ -53,8 +53,10 @@ from _netns import (  # noqa: E402
 
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_scheduler_workers.py")
-TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "plain", "ddp-hook")
-ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "plain", "ddp-hook")
+TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "bytescheduler-sim", "plain",
+                 "ddp-hook")
+ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "bytescheduler-sim",
+               "plain", "ddp-hook")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
 
 

@@ -53,14 +53,17 @@ was called (to clip) uses that check too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
+import statistics
 import threading
 import time
 import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from legato.adapters.gloo import TorchDistTransport
 from legato.adapters.torch.comm import HorovodTransport
@@ -79,6 +82,7 @@ from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_pat
 __all__ = ["ScheduledOptimizer"]
 
 log = logging.getLogger(__name__)
+STARTUP_STEPS = 6  # steps on the fixed defaults before the simulator chooses (defaults=)
 
 # GradScaler.step warns, on every step, that it will stop passing itself to optimizers that
 # set _step_supports_amp_scaling (ScheduledOptimizer relies on it: [Note: mixed precision]).
@@ -216,6 +220,11 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             travel in that type, as with DDP's fp16_compress_hook / bf16_compress_hook (cast,
             divided by the world size, summed, cast back), partitioned and prioritized as
             usual; "none" or None (the default) sends them as they are.
+        defaults: "fixed" (the default) or "simulated": when no partition or credit size is
+            given and tune is off, run the first STARTUP_STEPS steps on the fixed defaults,
+            then let the simulator choose the settings from those steps' layer times and a
+            link fitted to a few all-reduces ([Note: defaults chosen by the simulator]; gloo,
+            CPU tensors).
 
     Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
     (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
@@ -230,7 +239,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                  broadcast_parameters: bool = True,
                  timeline: str | os.PathLike | None = None,
                  backward_passes_per_step: int | None = None,
-                 compression: str | torch.dtype | None = None) -> None:
+                 compression: str | torch.dtype | None = None,
+                 defaults: str | None = None) -> None:
         # Not calling Optimizer.__init__: state and param_groups are the wrapped optimizer's.
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got "
@@ -241,7 +251,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             dict(policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
                  merge_bytes=merge_bytes, tune=tune, timeline=timeline, timeout_s=timeout_s,
                  backward_passes_per_step=backward_passes_per_step,
-                 compression=_compression_name(compression)),
+                 compression=_compression_name(compression), defaults=defaults),
             scheduler_env.DEFAULTS)
         policy, tune, timeline = settings["policy"], settings["tune"], settings["timeline"]
         timeout_s = settings["timeout_s"]
@@ -293,6 +303,25 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
                                 p.numel() * p.element_size(), p.element_size(), str(p.dtype))
                        for key, p in enumerate(self._params)]
+        if settings["defaults"] not in scheduler_env.DEFAULTS_MODES:
+            raise ConfigError(f"defaults={settings['defaults']!r} is unknown; pass 'fixed' (the "
+                              "fixed sizes) or 'simulated' (chosen by the simulator at start-up)")
+        self._simulated = settings["defaults"] == "simulated"
+        if self._simulated:
+            given = [n for n, v in (("partition_bytes", partition_bytes),
+                                    ("credit_bytes", credit_bytes)) if v is not None]
+            why = ("policy is not 'bytescheduler'" if self.config.policy != "bytescheduler"
+                   else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
+                   if given else "tune is on" if self._tune is not None
+                   else "backend='horovod'" if backend == "horovod"
+                   else "the model is not on the CPU" if any(
+                       p.device.type != "cpu" for p in self._params) else None)
+            if why:
+                raise ConfigError(f"defaults='simulated' lets the simulator choose "
+                                  f"bytescheduler's sizes at start-up, but {why}; drop one of "
+                                  "them (it runs over gloo on CPU tensors)")
+        self._clock = None                 # the start-up measurements (defaults="simulated")
+        self.startup: dict | None = None   # what the simulator chose, and from what
         self._tuning: TuningSession | None = None
         self._issued_before = 0  # messages issued by schedulers of earlier plans
         if self._tune is not None:  # checked locally before any collective call
@@ -340,6 +369,10 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._hooks += self._compute_hooks(modules)
         self._updater = LayerUpdater(self._steps, self._update_layer,
                                      name=f"legato-update-r{self._rank}")
+        if self._simulated:
+            from legato.adapters.torch.profile import LiveClock
+
+            self._clock = LiveClock(model, self._params, layer_of, modules, self._layer_names)
         self._close_at_exit()
         log.info("[rank %d] legato: %s; %s%s", self._rank, self.config.describe(),
                  self.plan.describe(), f" (from {', '.join(from_env)})" if from_env else "")
@@ -370,6 +403,67 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         else:
             self._backend_now = self._transport.backend(self._grad_of, self._compression)
         return SpannedBackend(self._backend_now, _profiled, lambda i: self._chunk_names[i])
+
+    # [Note: defaults chosen by the simulator] With defaults="simulated", the first
+    # STARTUP_STEPS steps run on the fixed defaults while a LiveClock takes every layer's
+    # forward, backward and update times from them (compute beside communication, as it will
+    # run). At that step every rank finishes its work; the ranks time all-reduces of 64 KiB to
+    # 16 MiB (3 each, capped at twice the gradients' bytes) on legato's group and the leader's
+    # per-message announcement; rank 0 fits the link (`fit_link`), simulates the tuner's grid of
+    # partition sizes and windows and plain (`choose_by_simulation`), and every rank switches
+    # to its choice, as at a tuning boundary. `opt.startup` says what was chosen from what.
+    def _choose_by_simulation(self) -> None:
+        from legato.adapters.torch.profile import link_samples
+        from legato.core.scheduler.simulate import LinkFit, LinkModel, fit_link
+        from legato.core.scheduler.startup import choose_by_simulation
+
+        started = time.perf_counter()
+        self.synchronize()
+        self._issued_before += self._scheduler.issued_total
+        self._scheduler.close(timeout_s=self._timeout_s)
+        self._scheduler.raise_if_failed()
+        clock, self._clock = self._clock, None
+        clock.remove()
+        layers = clock.costs()
+        group = self._transport.comm_group
+        total = sum(t.nbytes for t in self._tasks)
+        sizes = [n for n in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
+                 if n <= max(1 << 22, 2 * total)]
+        samples = link_samples(group=group, sizes=sizes, repeats=3)
+        announce = torch.zeros(65, dtype=torch.int64)
+        times = []
+        for _ in range(8):
+            dist.barrier(group=self._transport.ctrl_group)
+            t0 = time.perf_counter()
+            dist.broadcast(announce, dist.get_global_rank(self._transport.ctrl_group, 0),
+                           group=self._transport.ctrl_group)
+            times.append(time.perf_counter() - t0)
+        report = None
+        if self._transport.group_rank == 0:
+            try:
+                fit = fit_link(samples, world=self._transport.world)
+            except ConfigError:
+                # time does not grow with size: a link far faster than this job's messages
+                # need; communication is as good as free (plain will be kept)
+                fit = LinkFit(LinkModel(min(t for _, t in samples), 1e15,
+                                        self._transport.world), tuple(samples), 0.0)
+            config, report = choose_by_simulation(
+                self._tasks, layers, fit.link, merge_bytes=self.config.merge_bytes,
+                announce_s=statistics.median(times[1:]))
+            report = {**report, "config": config, "link": fit.describe(),
+                      "layers": [dataclasses.asdict(c) for c in layers]}
+        report = self._transport.broadcast_object(report)
+        config = report.pop("config")
+        report["startup_s"] = time.perf_counter() - started
+        self.startup = report
+        if config != self.config:
+            self.config = config
+            self.plan = plan_for(self.config, self._tasks)
+        log.info("[rank %d] legato: the simulator chose %s (predicted %.1f ms; plain %.1f ms; "
+                 "link %s) after %d steps, in %.2f s", self._rank, self.config.describe(),
+                 report["best_s" if config.policy != "plain" else "plain_s"] * 1e3,
+                 report["plain_s"] * 1e3, report["link"], STARTUP_STEPS, report["startup_s"])
+        self._start_scheduler()
 
     def _boundary(self) -> None:
         """A tuning boundary (every rank, same step): finish everything, let rank 0 decide the
@@ -610,6 +704,9 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         if self._timeline is not None:
             self._timeline.span("update", f"update {self._layer_names[layer]}", started,
                                 time.perf_counter())
+        clock = self._clock
+        if clock is not None:
+            clock.add_update(layer, time.perf_counter() - started)
         self._steps.layers_done([layer])
 
     def _amp_allows(self, amp, keys: list[int], what: str, step: int) -> bool:
@@ -722,6 +819,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):
             self._boundary()
             self._tuning.restarted()
+        if self._clock is not None and self._steps.steps_called == STARTUP_STEPS:
+            self._choose_by_simulation()
         return None
 
     def _amp_decision(self, scaler) -> tuple[torch.Tensor | None, bool] | None:
@@ -899,6 +998,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"ScheduledOptimizer({type(self._opt).__name__}, {self.config.describe()}, "
                 f"{self.plan.describe()})")
+
+    @property
+    def startup_pending(self) -> bool:
+        """Whether the start-up steps of defaults="simulated" are still running (the same on
+        every rank at every step)."""
+        return self._clock is not None
 
     @property
     def tuning(self) -> bool:

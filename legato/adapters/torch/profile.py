@@ -25,7 +25,7 @@ from legato.core.errors import ConfigError
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.simulate import LayerCost
 
-__all__ = ["comm_tasks", "layer_costs", "link_samples"]
+__all__ = ["LiveClock", "comm_tasks", "layer_costs", "link_samples"]
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -113,6 +113,90 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
     return [LayerCost(layer_names[i], statistics.median(fwd[i]) if fwd[i] else 0.0,
                       statistics.median(bwd[i]) if bwd[i] else 0.0, update * nbytes[i] / total)
             for i in range(n)]
+
+
+class LiveClock:
+    """Per-layer forward and backward times of a job's own training steps, taken passively
+    (forward hooks on the layers' modules and on the model, gradient hooks on the
+    parameters), as `layer_costs` splits them; update times are added by the caller
+    (`add_update`). Steps are counted from one forward of the model to the next.
+
+    Args:
+        model: the model.
+        params: its trainable parameters (ScheduledOptimizer's keys).
+        layer_of: id(parameter) -> layer index; modules: (name, module, layers) per module
+            owning layers; layer_names: the layers' names.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+                 layer_of: dict[int, int], modules, layer_names: Sequence[str]) -> None:
+        self._n = len(layer_names)
+        self._names = list(layer_names)
+        owner: dict[int, torch.nn.Module] = {}
+        for _, module, layers in modules:
+            for layer in layers:
+                owner.setdefault(layer, module)
+        self._fwd: list[list[float]] = [[] for _ in range(self._n)]
+        self._bwd: list[list[float]] = [[] for _ in range(self._n)]
+        self._upd = [0.0] * self._n
+        self._steps = 0
+        self._start: float | None = None
+        self._fwd_end: dict[int, float] = {}
+        self._grad_at: dict[int, float] = {}
+        self._model_end: float | None = None
+        self._handles = [model.register_forward_pre_hook(self._forward_starts),
+                         model.register_forward_hook(self._forward_ends)]
+        for layer, module in owner.items():
+            self._handles.append(module.register_forward_hook(
+                lambda m, a, o, layer=layer: self._fwd_end.__setitem__(layer,
+                                                                      time.perf_counter())))
+        for p in params:
+            layer = layer_of[id(p)]
+            self._handles.append(p.register_post_accumulate_grad_hook(
+                lambda _p, layer=layer: self._grad_at.__setitem__(layer, time.perf_counter())))
+
+    def _forward_starts(self, *_) -> None:
+        now = time.perf_counter()
+        self._close_step()
+        self._start = now
+
+    def _forward_ends(self, *_) -> None:
+        self._model_end = time.perf_counter()
+
+    def _close_step(self) -> None:
+        """The previous step's times, once its backward is over (at the next forward)."""
+        if self._start is None or self._model_end is None or not self._grad_at:
+            return
+        _split(self._fwd, sorted(self._fwd_end.items(), key=lambda kv: kv[1]), self._start,
+               self._model_end)
+        events = sorted(self._grad_at.items(), key=lambda kv: kv[1])
+        _split(self._bwd, events, self._model_end, events[-1][1])
+        self._steps += 1
+        self._fwd_end.clear()
+        self._grad_at.clear()
+        self._model_end = None
+
+    def add_update(self, layer: int, seconds: float) -> None:
+        self._upd[layer] += seconds
+
+    @property
+    def steps(self) -> int:
+        """Whole steps recorded (a step counts once the next forward begins)."""
+        return self._steps
+
+    def costs(self, skip: int = 1) -> list[LayerCost]:
+        """Median times per layer over the recorded steps after the first `skip`; each
+        layer's update time the mean over the steps recorded."""
+        med = lambda xs: statistics.median(xs[skip:] if len(xs) > skip else xs) if xs \
+            else 0.0  # noqa: E731
+        steps = max(1, self._steps)
+        return [LayerCost(self._names[i], med(self._fwd[i]), med(self._bwd[i]),
+                          self._upd[i] / steps) for i in range(self._n)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
 
 def _split(out: list[list[float]], events: Sequence[tuple[int, float]], start: float,

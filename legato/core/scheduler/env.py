@@ -67,6 +67,16 @@ def _compression(text: str) -> str:
     return value
 
 
+DEFAULTS_MODES = ("fixed", "simulated")
+
+
+def _defaults(text: str) -> str:
+    value = text.strip().lower()
+    if value not in DEFAULTS_MODES:
+        raise ValueError(text)
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -93,6 +103,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "backward_passes_per_step": ("LEGATO_BACKWARD_PASSES_PER_STEP", _positive_int,
                                  "a whole number, 1 or more"),
     "compression": ("LEGATO_COMPRESSION", _compression, "fp16, bf16 or none"),
+    "defaults": ("LEGATO_DEFAULTS", _defaults, "fixed or simulated"),
 }
 
 
@@ -123,7 +134,7 @@ def resolve_settings(given: Mapping[str, Any], defaults: Mapping[str, Any],
 DEFAULTS: dict[str, Any] = {
     "policy": "bytescheduler", "partition_bytes": None, "credit_bytes": None,
     "merge_bytes": None, "tune": False, "timeline": None, "timeout_s": 300.0,
-    "backward_passes_per_step": 1, "compression": "none",
+    "backward_passes_per_step": 1, "compression": "none", "defaults": "fixed",
 }
 
 # The sizes each policy takes (resolve_config refuses the others).

@@ -97,6 +97,11 @@ def compare_with_ddp(opt_name: str, policy: str, settings: dict, steps: int, exa
         import json
 
         print("TUNER " + json.dumps(stats["tuner"]), flush=True)
+    if opt.startup is not None:
+        import json
+
+        print("STARTUP " + json.dumps({**opt.startup, "now": opt.config.describe()}),
+              flush=True)
     print(f"rank {rank}: {opt_name}/{policy} matches DDP after {steps} steps "
           f"({'bit-exact' if exact else f'max relative diff {worst:.2e}'}); "
           f"{len(opt.plan.chunks)} messages per step")
@@ -242,6 +247,19 @@ def bad_arguments() -> None:
         (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                     backward_passes_per_step=0),
          "backward_passes_per_step=0 is invalid"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    defaults="simulated", partition_bytes=1 << 20),
+         "defaults='simulated' lets the simulator choose bytescheduler's sizes at start-up, "
+         "but partition_bytes is given"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    defaults="simulated", tune=True),
+         "but tune is on"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    defaults="simulated", policy="priority"),
+         "but policy is not 'bytescheduler'"),
+        (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
+                                    defaults="guessed"),
+         "defaults='guessed' is unknown"),
     ]
     for make, expected in checks:
         try:

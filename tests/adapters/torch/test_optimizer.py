@@ -51,6 +51,30 @@ def test_tuning_switches_settings_at_step_boundaries_and_stays_exact():
     assert summary["chosen"] in tried
 
 
+@pytest.mark.timeout(300)
+def test_simulated_defaults_switch_after_the_startup_steps_and_stay_exact():
+    """defaults='simulated' on two ranks: 6 steps on the fixed defaults, then every rank
+    switches to the setting rank 0's simulator chose from those steps' layer times and a
+    fitted link; parameters stay bit-identical to DDP's through the switch (12 steps), and the
+    report lists every setting of the grid with its predicted step time."""
+    from legato.core.scheduler.tune import search_space
+
+    result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2,
+                           args=["adam", "bytescheduler", {"defaults": "simulated"}, 12, True],
+                           timeout_s=240)
+    reports = []
+    for r in range(2):
+        assert "matches DDP after 12 steps (bit-exact)" in result.rank(r).stdout
+        line = next(ln for ln in result.rank(r).stdout.splitlines() if ln.startswith("STARTUP "))
+        reports.append(json.loads(line.split(" ", 1)[1]))
+    assert reports[0]["chosen"] == reports[1]["chosen"] == reports[0]["now"]
+    (plo, phi), (clo, chi) = search_space(200 * 16 * 8 * 8 * 4)      # fc1.weight, the largest
+    assert len(reports[0]["predicted_s"]) == (phi - plo + 1) * (chi - clo + 1) + 1
+    assert min(reports[0]["predicted_s"].values()) > 0
+    assert len(reports[0]["layers"]) == 6 and reports[0]["startup_s"] < 60
+    assert "Mbit/s" in reports[0]["link"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_matches_ddp_on_four_ranks_with_partitions():

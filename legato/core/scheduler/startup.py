@@ -1,0 +1,59 @@
+"""Settings chosen by the simulator at start-up (the defaults that pay without tuning).
+
+A job that gives no sizes starts on the fixed defaults; after a few steps each rank knows its
+layers' forward, backward and update times from those live steps (compute slowed by the
+communication beside it, as it will be), the ranks time a few all-reduces to fit the link
+(`fit_link`), and rank 0 simulates every setting the tuner would search (partition sizes
+from 64 KiB to the largest gradient, windows of 1 to 16 partitions) and `plain`, and keeps the
+fastest; `plain` unless a scheduled setting is predicted at least `margin` faster (the
+pass-through rule). The adapters do the measuring and the switch; this module decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.policy import SchedulerConfig, plan_for, resolve_config
+from legato.core.scheduler.simulate import LayerCost, LinkModel, simulate
+from legato.core.scheduler.tune import _config, search_space
+
+__all__ = ["choose_by_simulation"]
+
+
+def choose_by_simulation(tasks: Sequence[CommTask], layers: Sequence[LayerCost],
+                         link: LinkModel, *, merge_bytes: int | None = None,
+                         announce_s: float = 0.0, margin: float = 0.02,
+                         steps: int = 6) -> tuple[SchedulerConfig, dict[str, Any]]:
+    """The setting the simulator predicts fastest for these measurements.
+
+    Args:
+        tasks: the model's gradients (as the adapter plans them).
+        layers: per layer, forward, backward and update seconds of the live steps.
+        link: the fitted link.
+        merge_bytes: the merge size of the scheduled settings (None: the default).
+        announce_s: what the leader's announcement of each message costs (scheduled
+            settings with a window pay it on top of the link's alpha).
+        margin: `plain` is kept unless a scheduled setting is predicted this much faster.
+    Returns:
+        (the setting, a report: every setting's predicted step time, the choice).
+    """
+    (plo, phi), (clo, chi) = search_space(max(t.nbytes for t in tasks))
+    plain = resolve_config("plain")
+    scheduled = [_config(lp, lc, merge_bytes) for lp in range(plo, phi + 1)
+                 for lc in range(clo, chi + 1)]
+    announced = dataclasses.replace(link, alpha_s=link.alpha_s + announce_s)
+    predicted: dict[SchedulerConfig, float] = {}
+    for config in [plain, *scheduled]:
+        plan = plan_for(config, tasks)
+        predicted[config] = simulate(plan, layers, config,
+                                     link if config.policy == "plain" else announced,
+                                     steps=steps, overlap=config.policy != "plain").step_s
+    best = min(scheduled, key=lambda c: (predicted[c], c.partition_bytes, c.credit_bytes))
+    choice = best if predicted[best] <= predicted[plain] * (1 - margin) else plain
+    report = {"chosen": choice.describe(),
+              "predicted_s": {c.describe(): t for c, t in predicted.items()},
+              "best_scheduled": best.describe(), "plain_s": predicted[plain],
+              "best_s": predicted[best]}
+    return choice, report
