@@ -984,6 +984,9 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         def unhook() -> None:
             for h in self._hooks:
                 h.remove()
+            clock, self._clock = self._clock, None   # closed before the start-up choice
+            if clock is not None:
+                clock.remove()
             self._gates.release_all()
             self._gates.remove()
             self._forget_exit()
