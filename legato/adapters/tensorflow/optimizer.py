@@ -301,15 +301,12 @@ class ScheduledOptimizer(ClosesOnExit):
         next settings (legato.core.scheduler.tune), switch."""
         self.synchronize()
         self._issued_before += self._scheduler.issued_total
-        self._scheduler.close(timeout_s=self._timeout_s)
-        self._scheduler.raise_if_failed()
-        decision = self._tuning.decide(self._steps.steps_called,
-                                       leader=self._transport.group_rank == 0,
-                                       broadcast=self._transport.broadcast_object)
-        if decision.config != self.config:
-            log.info("[rank %d] legato tuner (%s): %s", self._rank, decision.phase,
-                     decision.config.describe())
-            self.config = decision.config
+        config = self._tuning.switch(self._steps.steps_called, self._scheduler,
+                                     timeout_s=self._timeout_s,
+                                     leader=self._transport.group_rank == 0,
+                                     broadcast=self._transport.broadcast_object, rank=self._rank)
+        if config is not None:
+            self.config = config
             self._set_plan()
         self._start_scheduler()
 

@@ -138,53 +138,52 @@ def _enumerate_ideals(n: int, pred_mask: list[int], limit: int) -> list[int] | N
     return list(seen)
 
 
+def _layer_groups(profile: LayerProfile, key: str, index: dict[str, int],
+                  attached: dict[str, str], form: str) -> list[tuple[int, dict]]:
+    """The entries of `profile.meta[key]` as (mask of layers, entry), for groups of two or
+    more layers; a malformed entry or an unknown layer is a ProfileError."""
+    out = []
+    for entry in profile.meta.get(key) or ():
+        try:
+            ids = list(entry["nodes"])
+        except (TypeError, KeyError) as err:
+            raise ProfileError(f"meta.{key} holds {entry!r}; each entry must be {form}") from err
+        unknown = [x for x in ids if attached.get(x, x) not in index]
+        if unknown:
+            raise ProfileError(f"meta.{key} names layers {unknown} that the profile does not "
+                               "have; profile the model again")
+        mask = 0
+        for x in ids:
+            mask |= 1 << index[attached.get(x, x)]
+        if mask.bit_count() > 1:
+            out.append((mask, entry))
+    return out
+
+
 def _same_stage(profile: LayerProfile, index: dict[str, int], attached: dict[str, str]
                 ) -> list[tuple[int, str]]:
     """The profile's `meta["same_stage"]` as (mask of layers, why): layers the runtime can only
     run in one stage (a non-tensor value flows between them; in profiles written before
     `meta["tied"]`, also layers sharing a parameter)."""
-    out = []
-    for entry in profile.meta.get("same_stage") or ():
-        try:
-            ids, why = list(entry["nodes"]), str(entry.get("why", ""))
-        except (TypeError, KeyError) as err:
-            raise ProfileError(f"meta.same_stage holds {entry!r}; each entry must be "
-                               "{\"nodes\": [layer ids], \"why\": text}") from err
-        unknown = [x for x in ids if attached.get(x, x) not in index]
-        if unknown:
-            raise ProfileError(f"meta.same_stage names layers {unknown} that the profile does "
-                               "not have; profile the model again")
-        mask = 0
-        for x in ids:
-            mask |= 1 << index[attached.get(x, x)]
-        if mask.bit_count() > 1:
-            out.append((mask, why))
-    return out
+    return [(mask, str(entry.get("why", ""))) for mask, entry in _layer_groups(
+        profile, "same_stage", index, attached, '{"nodes": [layer ids], "why": text}')]
 
 
 def _tied(profile: LayerProfile, index: dict[str, int], attached: dict[str, str]
-           ) -> list[tuple[int, float, str]]:
+          ) -> list[tuple[int, float, str]]:
     """The profile's `meta["tied"]` as (mask of layers, bytes, parameter name)."""
     out = []
-    for entry in profile.meta.get("tied") or ():
+    for mask, entry in _layer_groups(profile, "tied", index, attached,
+                                     '{"nodes": [layer ids], "parameter": name, "bytes": size}'):
+        name = str(entry.get("parameter", "?"))
         try:
-            ids, nbytes = list(entry["nodes"]), float(entry.get("bytes", 0))
-            name = str(entry.get("parameter", "?"))
-        except (TypeError, KeyError, ValueError) as err:
-            raise ProfileError(f"meta.tied holds {entry!r}; each entry must be {{\"nodes\": "
-                               "[layer ids], \"parameter\": name, \"bytes\": size}") from err
-        unknown = [x for x in ids if attached.get(x, x) not in index]
-        if unknown:
-            raise ProfileError(f"meta.tied names layers {unknown} that the profile does not "
-                               "have; profile the model again")
+            nbytes = float(entry.get("bytes", 0))
+        except (TypeError, ValueError):
+            nbytes = float("nan")
         if not nbytes >= 0:
             raise ProfileError(f"meta.tied gives parameter {name} {entry.get('bytes')!r} "
                                "bytes; give a size >= 0")
-        mask = 0
-        for x in ids:
-            mask |= 1 << index[attached.get(x, x)]
-        if mask.bit_count() > 1:
-            out.append((mask, nbytes, name))
+        out.append((mask, nbytes, name))
     return out
 
 

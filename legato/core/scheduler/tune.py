@@ -445,6 +445,22 @@ class TuningSession:
                                                        decision.phase)
         return decision
 
+    def switch(self, steps_called: int, scheduler, *, timeout_s: float, leader: bool,
+               broadcast: Callable[[Any], Any], rank: int) -> SchedulerConfig | None:
+        """A boundary's common part, once the adapter has finished the step's work: close
+        `scheduler` (the leader tells the followers to stop following, so the decision can
+        travel on the control group), decide (`decide`), and return the new setting, or None
+        when it stays."""
+        scheduler.close(timeout_s=timeout_s)
+        scheduler.raise_if_failed()
+        before = self.config
+        decision = self.decide(steps_called, leader=leader, broadcast=broadcast)
+        if decision.config == before:
+            return None
+        log.info("[rank %d] legato tuner (%s): %s", rank, decision.phase,
+                 decision.config.describe())
+        return decision.config
+
     def restarted(self) -> None:
         """The switch is done: the next step's time counts from now."""
         self._last = time.perf_counter()
