@@ -415,7 +415,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     def _choose_by_simulation(self) -> None:
         from legato.adapters.torch.profile import link_samples
         from legato.core.scheduler.simulate import LinkFit, LinkModel, fit_link
-        from legato.core.scheduler.startup import choose_by_simulation
+        from legato.core.scheduler.startup import choose_by_simulation, per_message_cost
 
         started = time.perf_counter()
         self.synchronize()
@@ -447,9 +447,12 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                 # need; communication is as good as free (plain will be kept)
                 fit = LinkFit(LinkModel(min(t for _, t in samples), 1e15,
                                         self._transport.world), tuple(samples), 0.0)
+            measured = clock.step_time()
+            extra = per_message_cost(self._tasks, layers, fit.link, self.config, measured)
             config, report = choose_by_simulation(
                 self._tasks, layers, fit.link, merge_bytes=self.config.merge_bytes,
-                announce_s=statistics.median(times[1:]))
+                announce_s=max(extra, statistics.median(times[1:])))
+            report = {**report, "per_message_s": extra, "measured_step_s": measured}
             report = {**report, "config": config, "link": fit.describe(),
                       "layers": [dataclasses.asdict(c) for c in layers]}
         report = self._transport.broadcast_object(report)

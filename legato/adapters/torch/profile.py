@@ -118,8 +118,10 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
 class LiveClock:
     """Per-layer forward and backward times of a job's own training steps, taken passively
     (forward hooks on the layers' modules and on the model, gradient hooks on the
-    parameters), as `layer_costs` splits them; update times are added by the caller
-    (`add_update`). Steps are counted from one forward of the model to the next.
+    parameters), as `layer_costs` splits them, without the time a layer's forward waited in
+    another pre-hook (legato's gate, for the previous step's update); update times are added
+    by the caller (`add_update`). Steps are counted from one forward of the model to the
+    next.
 
     Args:
         model: the model.
@@ -140,13 +142,25 @@ class LiveClock:
         self._bwd: list[list[float]] = [[] for _ in range(self._n)]
         self._upd = [0.0] * self._n
         self._steps = 0
+        self._periods: list[float] = []     # forward start to forward start: step times
         self._start: float | None = None
         self._fwd_end: dict[int, float] = {}
         self._grad_at: dict[int, float] = {}
         self._model_end: float | None = None
         self._handles = [model.register_forward_pre_hook(self._forward_starts),
                          model.register_forward_hook(self._forward_ends)]
+        self._arrive: dict[int, float] = {}
+        self._wait: dict[int, float] = {}
         for layer, module in owner.items():
+            # before and after every other pre-hook (legato's gate waits in one): the wait for
+            # the previous step's update is not forward time
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, a, layer=layer: self._arrive.__setitem__(layer, time.perf_counter()),
+                prepend=True))
+            self._handles.append(module.register_forward_pre_hook(
+                lambda m, a, layer=layer: self._wait.__setitem__(
+                    layer, self._wait.get(layer, 0.0) + time.perf_counter()
+                    - self._arrive.get(layer, time.perf_counter()))))
             self._handles.append(module.register_forward_hook(
                 lambda m, a, o, layer=layer: self._fwd_end.__setitem__(layer,
                                                                       time.perf_counter())))
@@ -157,6 +171,8 @@ class LiveClock:
 
     def _forward_starts(self, *_) -> None:
         now = time.perf_counter()
+        if self._start is not None:
+            self._periods.append(now - self._start)
         self._close_step()
         self._start = now
 
@@ -167,8 +183,14 @@ class LiveClock:
         """The previous step's times, once its backward is over (at the next forward)."""
         if self._start is None or self._model_end is None or not self._grad_at:
             return
+        before = [len(xs) for xs in self._fwd]
         _split(self._fwd, sorted(self._fwd_end.items(), key=lambda kv: kv[1]), self._start,
                self._model_end)
+        for layer, waited in self._wait.items():
+            if len(self._fwd[layer]) > before[layer]:
+                self._fwd[layer][-1] = max(0.0, self._fwd[layer][-1] - waited)
+        self._wait.clear()
+        self._arrive.clear()
         events = sorted(self._grad_at.items(), key=lambda kv: kv[1])
         _split(self._bwd, events, self._model_end, events[-1][1])
         self._steps += 1
@@ -192,6 +214,11 @@ class LiveClock:
         steps = max(1, self._steps)
         return [LayerCost(self._names[i], med(self._fwd[i]), med(self._bwd[i]),
                           self._upd[i] / steps) for i in range(self._n)]
+
+    def step_time(self, skip: int = 1) -> float:
+        """The median time from one forward's start to the next's, after the first `skip`."""
+        xs = self._periods[skip:] if len(self._periods) > skip else self._periods
+        return statistics.median(xs) if xs else 0.0
 
     def remove(self) -> None:
         for h in self._handles:
