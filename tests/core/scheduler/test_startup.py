@@ -47,3 +47,25 @@ def test_a_fast_link_keeps_plain_and_the_announcement_cost_counts():
     assert dear["plain_s"] == cheap["plain_s"] and dear["best_s"] > cheap["best_s"]
     merged, _ = choose_by_simulation(TASKS, LAYERS, slow, merge_bytes=4096)
     assert merged.merge_bytes == 4096
+
+
+def test_the_per_message_cost_makes_the_simulator_give_the_measured_step():
+    """The charge per message that brings the simulated step of the measured setting to the
+    measured time: found by bisection, 0 when the simulator is already as slow, capped."""
+    from legato.core.scheduler.startup import per_message_cost
+
+    link = LinkModel(alpha_s=0.0, bytes_per_s=1000e6 / 8)
+    config = resolve_config("bytescheduler")
+    plan = plan_for(config, TASKS)
+    base = simulate(plan, LAYERS, config, link).step_s
+    extra = per_message_cost(TASKS, LAYERS, link, config, base * 1.1)
+    assert extra > 0
+    charged = LinkModel(alpha_s=extra, bytes_per_s=link.bytes_per_s)
+    assert simulate(plan, LAYERS, config, charged).step_s == pytest.approx(base * 1.1, rel=1e-3)
+    assert per_message_cost(TASKS, LAYERS, link, config, base * 0.9) == 0.0
+    assert per_message_cost(TASKS, LAYERS, link, config, base * 100, limit_s=0.01) == 0.01
+    # charged that way, small partitions lose their edge over large ones
+    small = _config(16, 0, None)
+    big = _config(21, 1, None)
+    cost = lambda c, lk: simulate(plan_for(c, TASKS), LAYERS, c, lk).step_s  # noqa: E731
+    assert cost(small, charged) / cost(big, charged) > cost(small, link) / cost(big, link)
