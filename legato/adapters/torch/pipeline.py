@@ -58,7 +58,6 @@ from legato.adapters.torch._pipeline_exec import (
     Interpreter,
     PipelineCommError,
     StageRuntime,
-    TieGroup,
     VersionRecord,
     equalize_ties,
     fifo_mismatch,

@@ -91,8 +91,8 @@ class TorchPipeline:
     def step(self, inputs: Any = None, targets: Any = None) -> torch.Tensor | None:
         """One minibatch through torch's schedule: inputs on the first stage's rank, targets on
         the last's (others may pass None). Returns the mean of the microbatch losses on the
-        rank of the last stage, else None; gradients are left in `.grad` (torch scales them
-        by 1 / microbatches) for the optimizer. The gradients of a parameter several stages
+        rank of the last stage, else None; gradients are left in `.grad`, divided by
+        microbatches as torch's schedules divide them, for the optimizer. The gradients of a parameter several stages
         use (tied weights) are summed between the ranks holding them before this returns."""
         losses: list = []
         args = () if not self.is_first else (inputs if isinstance(inputs, tuple) else (inputs,))
