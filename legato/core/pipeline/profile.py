@@ -250,6 +250,12 @@ class LayerProfile:
                 raise ProfileError(f"{where}: {err}") from err
         if not nodes:
             raise ProfileError(f"{where} has no nodes")
+        if "edges" not in data and len(nodes) > 1:
+            raise ProfileError(f"{where} has {len(nodes)} layers but no \"edges\": without "
+                               "them every layer would be planned as independent of the others; "
+                               "list the layer graph's edges as [[\"from\", \"to\"], ...] (a "
+                               "chain: each layer to the next), or [] for layers that really "
+                               "share no data")
         edges = []
         for e in data.get("edges") or []:
             if not (isinstance(e, (list, tuple)) and len(e) == 2

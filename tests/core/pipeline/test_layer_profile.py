@@ -102,6 +102,14 @@ def test_cycles_duplicates_and_bad_json_are_clear_errors(tmp_path):
                                 "nodes": [{"id": "a", "fwd": 1, "forward_s": 1.0,
                                            "backward_s": 1.0, "activation_bytes": 4,
                                            "parameter_bytes": 0}], "edges": []})
+    two = [{"id": x, "forward_s": 1.0, "backward_s": 1.0, "activation_bytes": 4,
+            "parameter_bytes": 0} for x in ("a", "b")]
+    with pytest.raises(ProfileError, match=r'has 2 layers but no "edges".*a chain: each layer '
+                                           r'to the next'):
+        LayerProfile.from_json({"format": "legato.pipeline.profile", "version": 1,
+                                "nodes": two})
+    assert LayerProfile.from_json({"format": "legato.pipeline.profile", "version": 1,
+                                   "nodes": two, "edges": []}).edges == ()
     with pytest.raises(ProfileError, match=r"node 'a' lacks \['backward_s', 'activation_bytes'"):
         LayerProfile.from_json({"format": "legato.pipeline.profile", "version": 1,
                                 "nodes": [{"id": "a", "forward_s": 1.0, "parameter_bytes": 0}],
