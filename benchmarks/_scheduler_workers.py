@@ -113,7 +113,7 @@ def allreduce_time(model: nn.Module, steps: int) -> float:
 def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
     """Layer costs (this rank, no communication) and a link model fitted to all-reduce times
     measured on the real group: what the simulator needs."""
-    from legato.adapters.torch.profile import comm_tasks, layer_costs, link_samples
+    from legato.adapters.torch.profile import announce_s, comm_tasks, layer_costs, link_samples
     from legato.core.scheduler.simulate import fit_link
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -124,14 +124,7 @@ def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
     tasks, _ = comm_tasks(model)
     # legato's leader announces each message on a gloo broadcast before starting it: a
     # per-message cost on top of the collective's own alpha.
-    ann = torch.zeros(65, dtype=torch.int64)
-    times = []
-    for _ in range(15):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.broadcast(ann, 0)
-        times.append(time.perf_counter() - t0)
-    calib = {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": statistics.median(times)}
+    calib = {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": announce_s(repeats=15)}
     # One measured baseline (DDP, the job as it runs today) calibrates how much slower compute
     # is beside communication on these shared cores: the compute scale.
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ import dataclasses
 import difflib
 import re
 import warnings
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -524,24 +524,6 @@ class Traced:
                                        f"flows from {src} to {dst}"})
         return out
 
-    def tied(self) -> list[dict]:
-        """Layers sharing a trainable parameter (a tied embedding and head, a module called
-        twice), `LayerProfile.meta["tied"]`: {"nodes", "parameter", "bytes"} per parameter."""
-        users: dict[int, tuple[str, int, list[str]]] = {}
-        for g in self.groups:
-            for n in g.members:
-                params = (self.gm.get_submodule(n.target).named_parameters(prefix=n.target)
-                          if n.op == "call_module" else
-                          [(a.target, self.values[a]) for a in n.all_input_nodes
-                           if self.trainable_attr(a)])
-                for name, p in params:
-                    if p.requires_grad:
-                        entry = users.setdefault(id(p), (name, p.numel() * p.element_size(), []))
-                        if g.id not in entry[2]:
-                            entry[2].append(g.id)
-        return [{"nodes": ids, "parameter": name, "bytes": nbytes}
-                for name, nbytes, ids in users.values() if len(ids) > 1]
-
     def trainable_attr(self, n: torch.fx.Node) -> bool:
         """Whether `n` reads a trainable parameter directly (`get_attr`)."""
         v = self.values.get(n)
@@ -781,19 +763,26 @@ def _fx_stages(traced: Traced, nodes: list[tuple[str, ...]], model_name: str
     return modules
 
 
-def shared_parameters(modules: Sequence[nn.Module]) -> tuple[Tie, ...]:
-    """The trainable parameters more than one stage module uses, in first-use order."""
-    found: dict[int, tuple[str, list[int], list[str]]] = {}
-    for s, m in enumerate(modules):
-        for pname, p in m.named_parameters():
+def parameter_users(units: Iterable[tuple[Any, Iterable[tuple[str, nn.Parameter]]]]
+                    ) -> list[tuple[nn.Parameter, list[tuple[Any, str]]]]:
+    """The trainable parameters more than one unit uses (stages, profile layers), in
+    first-use order, each with its uses: (unit, the parameter's name there)."""
+    found: dict[int, tuple[nn.Parameter, list[tuple[Any, str]]]] = {}
+    for unit, named in units:
+        for name, p in named:
             if not p.requires_grad:
                 continue
-            entry = found.setdefault(id(p), (pname, [], []))
-            if s not in entry[1]:
-                entry[1].append(s)
-                entry[2].append(pname)
-    return tuple(Tie(name, tuple(stages), tuple(names))
-                 for name, stages, names in found.values() if len(stages) > 1)
+            uses = found.setdefault(id(p), (p, []))[1]
+            if all(u != unit for u, _ in uses):
+                uses.append((unit, name))
+    return [(p, uses) for p, uses in found.values() if len(uses) > 1]
+
+
+def shared_parameters(modules: Sequence[nn.Module]) -> tuple[Tie, ...]:
+    """The trainable parameters more than one stage module uses, in first-use order."""
+    return tuple(Tie(uses[0][1], tuple(s for s, _ in uses), tuple(n for _, n in uses))
+                 for _, uses in parameter_users(
+                     (s, m.named_parameters()) for s, m in enumerate(modules)))
 
 
 def _probe(model: nn.Module, modules: list[nn.Module], nodes: list[tuple[str, ...]],

@@ -56,14 +56,12 @@ import contextlib
 import dataclasses
 import logging
 import os
-import statistics
 import threading
 import time
 import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from legato.adapters.gloo import TorchDistTransport
 from legato.adapters.torch.comm import HorovodTransport
@@ -413,7 +411,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
     # partition sizes and windows and plain (`choose_by_simulation`), and every rank switches
     # to its choice, as at a tuning boundary. `opt.startup` says what was chosen from what.
     def _choose_by_simulation(self) -> None:
-        from legato.adapters.torch.profile import link_samples
+        from legato.adapters.torch.profile import announce_s, link_samples
         from legato.core.scheduler.simulate import LinkFit, LinkModel, fit_link
         from legato.core.scheduler.startup import choose_by_simulation, per_message_cost
 
@@ -430,14 +428,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         sizes = [n for n in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)
                  if n <= max(1 << 22, 2 * total)]
         samples = link_samples(group=group, sizes=sizes, repeats=3)
-        announce = torch.zeros(65, dtype=torch.int64)
-        times = []
-        for _ in range(8):
-            dist.barrier(group=self._transport.ctrl_group)
-            t0 = time.perf_counter()
-            dist.broadcast(announce, dist.get_global_rank(self._transport.ctrl_group, 0),
-                           group=self._transport.ctrl_group)
-            times.append(time.perf_counter() - t0)
+        announce = announce_s(self._transport.ctrl_group, repeats=7, warmup=1)
         report = None
         if self._transport.group_rank == 0:
             try:
@@ -451,7 +442,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             extra = per_message_cost(self._tasks, layers, fit.link, self.config, measured)
             config, report = choose_by_simulation(
                 self._tasks, layers, fit.link, merge_bytes=self.config.merge_bytes,
-                announce_s=max(extra, statistics.median(times[1:])))
+                announce_s=max(extra, announce))
             report = {**report, "per_message_s": extra, "measured_step_s": measured}
             report = {**report, "config": config, "link": fit.describe(),
                       "layers": [dataclasses.asdict(c) for c in layers]}

@@ -34,7 +34,7 @@ from legato.adapters._pipeline_graph import (
     time_layer,
     time_loss,
 )
-from legato.adapters.torch._pipeline_split import Traced, map_tensors, tensors_of
+from legato.adapters.torch._pipeline_split import Traced, map_tensors, parameter_users, tensors_of
 from legato.core.errors import ConfigError
 from legato.core.pipeline.profile import LayerProfile
 
@@ -127,12 +127,12 @@ def profile_pipeline(model: torch.nn.Module, example_inputs: Any, *,
     with _preserved(model, device):
         if _is_plain_sequential(model):
             layers, edges, output, inputs_meta = _sequential_layers(model, args)
-            same_stage, tied = [], _shared_parameters(model, layers)
-            graph, how = "sequential", "sequential"
+            same_stage, graph, how = [], "sequential", "sequential"
         else:
-            layers, edges, output, inputs_meta, same_stage, tied, how = _fx_layers(
-                model, args, capture)
+            layers, edges, output, inputs_meta, same_stage, how = _fx_layers(model, args,
+                                                                              capture)
             graph = "fx"
+        tied = _shared_parameters(model, layers)
         owned = _owned_parameter_bytes(layers)
         state, updates = (_optimizer_state_bytes(optimizer, layers, warmup, repeats)
                           if optimizer is not None else ({}, {}))
@@ -309,25 +309,21 @@ def _sequential_layers(model: torch.nn.Sequential, args: tuple):
 
 
 def _shared_parameters(model: torch.nn.Module, layers: list[_Layer]) -> list[dict]:
-    """Children of an nn.Sequential that share a trainable parameter (tied weights), as
-    `meta["tied"]` entries."""
+    """Layers sharing a trainable parameter (a tied embedding and head, a module called
+    twice), as `meta["tied"]` entries: {"nodes", "parameter" (its name in the model),
+    "bytes"}."""
     names = {id(p): n for n, p in model.named_parameters()}
-    users: dict[int, tuple[str, int, list[str]]] = {}
-    for layer in layers:
-        for p in layer.params:
-            entry = users.setdefault(id(p), (names.get(id(p), "?"),
-                                             p.numel() * p.element_size(), []))
-            if layer.id not in entry[2]:
-                entry[2].append(layer.id)
-    return [{"nodes": ids, "parameter": name, "bytes": nbytes}
-            for name, nbytes, ids in users.values() if len(ids) > 1]
+    return [{"nodes": [layer for layer, _ in uses], "parameter": names.get(id(p), uses[0][1]),
+             "bytes": _nbytes(p)}
+            for p, uses in parameter_users((layer.id, [("?", p) for p in layer.params])
+                                           for layer in layers)]
 
 
 # -- layers of an FX trace ------------------------------------------------------------------------
 def _fx_layers(model: torch.nn.Module, args: tuple, capture: str):
     # the splitter's capture too
     traced = Traced(model, args, purpose="profile", clone=True, capture=capture)
-    same_stage, tied = traced.same_stage(), traced.tied()
+    same_stage = traced.same_stage()
     gm, values, groups, edges, group_of = (traced.gm, traced.values, traced.groups,
                                            traced.edges, traced.group_of)
     trainable_attr, output, placeholders = (traced.trainable_attr, traced.output_value,
@@ -359,7 +355,7 @@ def _fx_layers(model: torch.nn.Module, args: tuple, capture: str):
                    if any(p in n.all_input_nodes for n in g.members)]
         inputs_meta.append({"name": p.name, "readers": readers,
                             "bytes": sum(_nbytes(t) for t in _tensors(values.get(p)))})
-    return layers, edges, output, inputs_meta, same_stage, tied, traced.capture
+    return layers, edges, output, inputs_meta, same_stage, traced.capture
 
 
 def _fx_runner(gm: torch.fx.GraphModule, group, ext: list) -> Callable[[list], list]:

@@ -25,7 +25,7 @@ from legato.core.errors import ConfigError
 from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.simulate import LayerCost
 
-__all__ = ["LiveClock", "comm_tasks", "layer_costs", "link_samples"]
+__all__ = ["LiveClock", "announce_s", "comm_tasks", "layer_costs", "link_samples"]
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -67,10 +67,7 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
     params = _trainable(model)
     layer_of, modules, layer_names = _layers_of(model, params)
     n = len(layer_names)
-    owner: dict[int, torch.nn.Module] = {}
-    for _, module, layers in modules:
-        for layer in layers:
-            owner.setdefault(layer, module)
+    owner = _owners(modules)
     fwd_end: dict[int, float] = {}
     grad_at: dict[int, float] = {}
     handles = []
@@ -115,6 +112,15 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
             for i in range(n)]
 
 
+def _owners(modules) -> dict[int, torch.nn.Module]:
+    """Layer index -> the first module holding its parameters (`_layers_of`'s modules)."""
+    owner: dict[int, torch.nn.Module] = {}
+    for _, module, layers in modules:
+        for layer in layers:
+            owner.setdefault(layer, module)
+    return owner
+
+
 class LiveClock:
     """Per-layer forward and backward times of a job's own training steps, taken passively
     (forward hooks on the layers' modules and on the model, gradient hooks on the
@@ -134,10 +140,7 @@ class LiveClock:
                  layer_of: dict[int, int], modules, layer_names: Sequence[str]) -> None:
         self._n = len(layer_names)
         self._names = list(layer_names)
-        owner: dict[int, torch.nn.Module] = {}
-        for _, module, layers in modules:
-            for layer in layers:
-                owner.setdefault(layer, module)
+        owner = _owners(modules)
         self._fwd: list[list[float]] = [[] for _ in range(self._n)]
         self._bwd: list[list[float]] = [[] for _ in range(self._n)]
         self._upd = [0.0] * self._n
@@ -266,3 +269,22 @@ def link_samples(group=None, sizes: Sequence[int] = (1 << 14, 1 << 16, 1 << 18, 
                 times.append(float(elapsed))
         out.append((buf.numel() * item, statistics.median(times)))
     return out
+
+
+def announce_s(group=None, *, repeats: int = 15, warmup: int = 0) -> float:
+    """Median time of the leader's announcement of one message (a broadcast of 65 int64 from
+    the group's first rank, as legato's order channel sends it) on `group` (a collective:
+    every rank of the group calls it); `warmup` untimed ones first. A per-message cost on top
+    of the collective's own alpha."""
+    import torch.distributed as dist
+
+    ann = torch.zeros(65, dtype=torch.int64)
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    times = []
+    for i in range(warmup + repeats):
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        dist.broadcast(ann, src, group=group)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -18,12 +18,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-from legato.core.scheduler.plan import CommTask
+from legato.core.scheduler.plan import ChunkPlan, CommTask
 from legato.core.scheduler.policy import SchedulerConfig, plan_for, resolve_config
 from legato.core.scheduler.simulate import LayerCost, LinkModel, simulate
 from legato.core.scheduler.tune import _config, search_space
 
 __all__ = ["choose_by_simulation", "per_message_cost"]
+
+
+def _charged(link: LinkModel, extra_s: float) -> LinkModel:
+    """`link` with `extra_s` more per message."""
+    return dataclasses.replace(link, alpha_s=link.alpha_s + extra_s)
+
+
+def _step_s(plan: ChunkPlan, layers: Sequence[LayerCost], config: SchedulerConfig,
+            link: LinkModel, steps: int) -> float:
+    """The simulated step time of `config` (plain runs without proxies, as the adapters do)."""
+    return simulate(plan, layers, config, link, steps=steps,
+                    overlap=config.policy != "plain").step_s
 
 
 def per_message_cost(tasks: Sequence[CommTask], layers: Sequence[LayerCost], link: LinkModel,
@@ -36,9 +48,7 @@ def per_message_cost(tasks: Sequence[CommTask], layers: Sequence[LayerCost], lin
     plan = plan_for(config, tasks)
 
     def step(extra: float) -> float:
-        return simulate(plan, layers, config,
-                        dataclasses.replace(link, alpha_s=link.alpha_s + extra),
-                        steps=steps, overlap=config.policy != "plain").step_s
+        return _step_s(plan, layers, config, _charged(link, extra), steps)
 
     if step(0.0) >= measured_s:
         return 0.0
@@ -72,13 +82,10 @@ def choose_by_simulation(tasks: Sequence[CommTask], layers: Sequence[LayerCost],
     plain = resolve_config("plain")
     scheduled = [_config(lp, lc, merge_bytes) for lp in range(plo, phi + 1)
                  for lc in range(clo, chi + 1)]
-    announced = dataclasses.replace(link, alpha_s=link.alpha_s + announce_s)
-    predicted: dict[SchedulerConfig, float] = {}
-    for config in [plain, *scheduled]:
-        plan = plan_for(config, tasks)
-        predicted[config] = simulate(plan, layers, config,
-                                     link if config.policy == "plain" else announced,
-                                     steps=steps, overlap=config.policy != "plain").step_s
+    announced = _charged(link, announce_s)
+    predicted = {config: _step_s(plan_for(config, tasks), layers, config,
+                                 link if config.policy == "plain" else announced, steps)
+                 for config in [plain, *scheduled]}
     best = min(scheduled, key=lambda c: (predicted[c], c.partition_bytes, c.credit_bytes))
     choice = best if predicted[best] <= predicted[plain] * (1 - margin) else plain
     report = {"chosen": choice.describe(),
