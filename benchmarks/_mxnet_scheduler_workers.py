@@ -78,7 +78,7 @@ def gluon_trainer(net, kv) -> gluon.Trainer:
 
 
 def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
-        batch: int | None = None) -> None:
+        batch: int | None = None, timeline: str | None = None) -> None:
     kv = mx.kv.create("dist_sync")
     rank = kv.rank
     batch = batch or BATCH[model]
@@ -121,6 +121,23 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
         for method in (("gluon", "legato") if r % 2 == 0 else ("legato", "gluon")):
             times[method].append(block(method, steps))
 
+    trace = None
+    if timeline:  # after the timed rounds: legato once more, alone, traced
+        trace = f"{timeline}.{model}.legato.json"
+        traced_net = build(model)
+        traced = ScheduledTrainer(
+            gluon.Trainer(traced_net.collect_params(), OPT[0], dict(OPT[1]), kvstore=kv,
+                          update_on_kvstore=False), traced_net,
+            policy=settings.get("policy", "bytescheduler"), timeline=trace,
+            **{k: v for k, v in settings.items() if k != "policy"})
+        for i in range(warmup + rounds * steps):
+            x, y = data[i % len(data)]
+            with autograd.record():
+                loss = loss_fn(traced_net(x), y)
+            loss.backward()
+            traced.step(x.shape[0])
+        traced.close()
+
     # Context: forward+backward alone (FB) and one push+pull of every gradient (C).
     net = nets["gluon"]
     x, y = data[0]
@@ -158,4 +175,4 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
             "batch": batch,
             "grad_bytes": sum(g.size * 4 for g in grads), "steps_each": done,
             "max_param_diff": diff, "legato": stats["config"],
-            "messages_per_step": stats["messages_per_step"]}), flush=True)
+            "messages_per_step": stats["messages_per_step"], "trace": trace}), flush=True)

@@ -63,7 +63,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
-        batch: int | None = None) -> None:
+        batch: int | None = None, timeline: str | None = None) -> None:
     import horovod.tensorflow as hvd
 
     from legato.adapters.tensorflow import ScheduledOptimizer
@@ -120,6 +120,24 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
             sync()
             times[m].append((time.perf_counter() - t0) / steps)
     legato_opt.close()
+    traces = {}
+    if timeline:  # after the timed rounds: each legato way once more, alone, traced
+        for way, compiled in (("legato", False), ("legato-compiled", True)):
+            traces[way] = f"{timeline}.{model_name}.{way}.json"
+            traced_model = build(model_name)
+            traced_opt = ScheduledOptimizer(keras.optimizers.SGD(0.01, momentum=0.9),
+                                            traced_model, backend="horovod",
+                                            timeline=traces[way], **settings)
+
+            def traced_grads(model=traced_model):
+                with tf.GradientTape() as tape:
+                    loss = LOSS(y, model(x, training=True))
+                return tape.gradient(loss, model.trainable_variables)
+
+            grads_fn = tf.function(traced_grads) if compiled else traced_grads
+            for _ in range(warmup + rounds * steps):
+                traced_opt.apply_gradients(zip(grads_fn(), traced_model.trainable_variables))
+            traced_opt.close()
     # F, B and C on this rank: forward, backward without communication, one all-reduce of all
     # gradients (the bounds of the ratio)
     fb = []
@@ -140,6 +158,6 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
     f, b = (float(np.median([v[i] for v in fb])) for i in (0, 1))
     print("RESULT " + json.dumps({
         "rank": hvd.rank(), "model": model_name, "times": times, "F": f, "B": b,
-        "C": float(np.median(cs)), "stats": legato_opt.stats,
+        "C": float(np.median(cs)), "stats": legato_opt.stats, "traces": traces,
         "grad_bytes": int(sum(int(np.prod(v.shape)) * 4 for v in plain_vars))}), flush=True)
     hvd.shutdown()

@@ -42,6 +42,8 @@ from _netns import (  # noqa: E402
     shaping_problem,
 )
 
+from legato.core.timeline import format_breakdown, read_trace, step_breakdown  # noqa: E402
+
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_mxnet_scheduler_workers.py")
 METHODS = ("gluon", "legato")
@@ -59,7 +61,8 @@ def inner(args: argparse.Namespace) -> int:
     for model in args.models:
         job = run_mxnet_ps_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
                                args=[model, args.steps, args.warmup, args.rounds, settings,
-                                     args.batch.get(model)],
+                                     args.batch.get(model), args.timeline and
+                                     f"{args.timeline}.{rate_label(args.inner_rate)}"],
                                python=sys.executable)
         results = [json.loads(line.split("RESULT ", 1)[1]) for p in job.procs
                    for line in p.stdout.splitlines() if line.startswith("RESULT ")]
@@ -94,7 +97,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 "grad_bytes": entry["grad_bytes"], "batch": entry["batch"],
                 "max_param_diff": entry["max_param_diff"], "legato": entry["legato"],
                 "messages_per_step": entry["messages_per_step"],
-                "steps_each": entry["steps_each"]})
+                "steps_each": entry["steps_each"], "trace": entry.get("trace")})
     return rows
 
 
@@ -135,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, default=RESULTS / "mxnet_scheduler.json")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of step times")
+    parser.add_argument("--timeline", default=None, metavar="PREFIX",
+                        help="after the timed rounds, run legato once more with a trace, to "
+                             "PREFIX.RATE.MODEL.legato.json, and print where its steps went "
+                             "(legato timeline)")
     parser.add_argument("--inner-rate", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner_rate is not None:
@@ -148,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.job_timeout), "--policy", args.policy]
     if args.batch:
         passthrough += ["--batch", ",".join(f"{k}={v}" for k, v in args.batch.items())]
+    if args.timeline:
+        args.timeline = str(Path(args.timeline).resolve())
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes),
-                        ("--merge-bytes", args.merge_bytes)):
+                        ("--merge-bytes", args.merge_bytes), ("--timeline", args.timeline)):
         if value is not None:
             passthrough += [flag, str(value)]
     load_before = os.getloadavg()
@@ -160,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_rate(rate, args, passthrough))
     rows = summarize(results)
     print_table(rows, args)
+    for row in rows:  # --timeline: where legato's steps went
+        if row["trace"]:
+            row["breakdown"] = step_breakdown(read_trace(row["trace"]), skip=args.warmup)
+            print(f"\n{row['model']} at {rate_label(row['rate'])}, legato ({row['trace']}):\n"
+                  f"{format_breakdown(row['breakdown'])}")
     # Another job on this machine skews both methods' times (FB above its usual value shows it).
     load = {"before": load_before, "after": os.getloadavg()}
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")

@@ -41,6 +41,8 @@ from _netns import (  # noqa: E402
     shaping_problem,
 )
 
+from legato.core.timeline import format_breakdown, read_trace, step_breakdown  # noqa: E402
+
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_tf_scheduler_workers.py")
 METHODS = ("horovod", "horovod-compiled", "legato", "legato-compiled")
@@ -55,7 +57,8 @@ def inner(args: argparse.Namespace) -> int:
     for model in args.models:
         job = run_horovod_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
                               args=[model, args.steps, args.warmup, args.rounds, settings,
-                                    args.batch])
+                                    args.batch, args.timeline and
+                                    f"{args.timeline}.{rate_label(args.inner_rate)}"])
         results = [json.loads(line.split("RESULT ", 1)[1]) for line in
                    job.rank(0).stdout.splitlines() if "RESULT " in line]
         out["models"][model] = results[0]
@@ -74,6 +77,7 @@ def summarize(results: list[dict]) -> list[dict]:
                          "F_ms": r["F"] * 1e3, "B_ms": r["B"] * 1e3, "C_ms": r["C"] * 1e3,
                          "grad_bytes": r["grad_bytes"], "legato": r["stats"]["config"],
                          "messages_per_step": r["stats"]["messages_per_step"],
+                         "traces": r.get("traces", {}),
                          "eager": med["horovod"] / med["legato"],
                          "compiled": med["horovod-compiled"] / med["legato-compiled"],
                          "best": min(med["horovod"], med["horovod-compiled"])
@@ -110,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-timeout", type=float, default=1500)
     parser.add_argument("--json", type=Path, default=RESULTS / "tensorflow_scheduler.json")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--timeline", default=None, metavar="PREFIX",
+                        help="after the timed rounds, run each legato way once more with a "
+                             "trace, to PREFIX.RATE.MODEL.WAY.json, and print where its steps "
+                             "went (legato timeline)")
     parser.add_argument("--inner-rate", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -122,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--models", ",".join(args.models), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--rounds", str(args.rounds), "--job-timeout",
                    str(args.job_timeout)]
+    if args.timeline:
+        args.timeline = str(Path(args.timeline).resolve())
     for flag, value in (("--partition-bytes", args.partition_bytes),
-                        ("--credit-bytes", args.credit_bytes), ("--batch", args.batch)):
+                        ("--credit-bytes", args.credit_bytes), ("--batch", args.batch),
+                        ("--timeline", args.timeline)):
         if value is not None:
             passthrough += [flag, str(value)]
     results = []
@@ -140,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(line.split(" ", 1)[1]))
     rows = summarize(results)
     print_table(rows)
+    for row in rows:  # --timeline: where legato's steps went
+        for way, path in row["traces"].items():
+            found = step_breakdown(read_trace(path), skip=args.warmup)
+            row.setdefault("breakdown", {})[way] = found
+            print(f"\n{row['model']} at {rate_label(row['rate'])}, {way} ({path}):\n"
+                  f"{format_breakdown(found)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"benchmark": "tensorflow_scheduler", "cores": os.cpu_count(),
                                      "steps": args.steps, "rounds": args.rounds,

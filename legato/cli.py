@@ -852,6 +852,44 @@ def _parser_loadgen(add) -> None:
     p.set_defaults(func=_cmd_loadgen)
 
 
+def _parser_timeline(add) -> None:
+    """`legato timeline`."""
+    p = add("timeline", help="where each training step went, from a trace a scheduled "
+                             "optimizer wrote (timeline=...)",
+            description="Sum up a legato trace (ScheduledOptimizer(timeline=PATH) on any "
+                        "framework, or a rank's PATH.rankN.partial.json) per step: compute, "
+                        "waits at the gates, the training thread otherwise, link busy and "
+                        "idle, updates; medians over the steps.")
+    p.add_argument("trace", type=Path, help="the trace (JSON) to read")
+    p.add_argument("--rank", type=int, default=0, help="which rank's steps (default 0)")
+    p.add_argument("--skip", type=int, default=1,
+                   help="leave out the first SKIP steps, as warm-up (default 1)")
+    p.add_argument("--json", action="store_true", help="print the medians as one JSON object")
+    p.set_defaults(func=_cmd_timeline)
+
+
+def _cmd_timeline(args: argparse.Namespace) -> int:
+    from legato.core.timeline import format_breakdown, read_trace, step_breakdown
+
+    def fail(message: str) -> int:
+        print(f"legato timeline: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.skip < 0:
+        return fail(f"--skip must be 0 or more, not {args.skip}")
+    if not args.trace.is_file():
+        return fail(f"{args.trace} is not a file; give the path passed as timeline=")
+    try:
+        result = step_breakdown(read_trace(args.trace), rank=args.rank, skip=args.skip)
+    except (ValueError, OSError) as err:
+        return fail(str(err))
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_breakdown(result))
+    return 0
+
+
 def _parser_bench(add) -> None:
     """`legato bench`."""
     p = add("bench", help="run a benchmark from benchmarks/ and print its ratios")
@@ -881,7 +919,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for define in (_parser_doctor, _parser_demo, _parser_plan, _parser_rewrite, _parser_rules,
                    _parser_parity, _parser_worker, _parser_serve, _parser_loadgen,
-                   _parser_bench):
+                   _parser_timeline, _parser_bench):
         define(add)
     return parser
 
@@ -892,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("legato: error: a command is required (doctor, demo, plan, rewrite, rules, "
-              "parity, worker, serve, loadgen, bench)", file=sys.stderr)
+              "parity, worker, serve, loadgen, timeline, bench)", file=sys.stderr)
         return 2
     level = (args.log_level or ("debug" if args.verbose else "warning" if args.quiet
                                 else "info")).upper()

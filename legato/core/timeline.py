@@ -2,7 +2,9 @@
 
 Spans are complete events ("ph": "X") on named lanes: compute (forward, backward per layer),
 queue (a message from ready to start), comm (a message on the wire), update (a layer's
-optimizer step). One process per rank (`pid` = rank), one thread row per lane.
+optimizer step), wait (a forward blocked at a layer's gate until its update), step (from one
+call of the optimizer's step to the next). One process per rank (`pid` = rank), one thread row
+per lane. `step_breakdown` sums a trace up per step (`legato timeline TRACE`).
 
 With `spill`, spans also go to that file as they are recorded (at least every second, in
 Chrome's JSON array format, whose closing bracket may be missing), so a job that crashes
@@ -21,11 +23,12 @@ from typing import Callable, ContextManager, Sequence
 
 from legato.core._files import atomic_json
 
-__all__ = ["SchedulerTrace", "SpannedBackend", "Timeline", "check_trace_path"]
+__all__ = ["SchedulerTrace", "SpannedBackend", "Timeline", "check_trace_path", "format_breakdown",
+           "read_trace", "step_breakdown"]
 
 log = logging.getLogger(__name__)
 
-LANES = {"compute": 0, "queue": 1, "comm": 2, "update": 3}
+LANES = {"compute": 0, "queue": 1, "comm": 2, "update": 3, "wait": 4, "step": 5}
 
 
 class SpannedBackend:
@@ -206,6 +209,21 @@ class SchedulerTrace:
         self.rank = rank
         self.timeline = Timeline(rank, spill=f"{os.fspath(path)}.rank{rank}.partial.json")
         self.set_plan(plan, chunk_names)
+        self._step_at: float | None = None
+        self._steps = 0
+
+    def step_called(self) -> None:
+        """The training thread called the optimizer's step: the span since the previous call
+        is step N on the `step` lane (what `step_breakdown` cuts the trace at)."""
+        now = time.perf_counter()
+        if self._step_at is not None:
+            self.timeline.span("step", f"step {self._steps}", self._step_at, now)
+            self._steps += 1
+        self._step_at = now
+
+    def gate_waited(self, name: str, start: float, end: float) -> None:
+        """A forward (`name`) was blocked at its gate from `start` to `end`."""
+        self.timeline.span("wait", f"wait {name}", start, end)
 
     def set_plan(self, plan, chunk_names: Sequence[str]) -> None:
         self._plan = plan
@@ -254,3 +272,136 @@ class SchedulerTrace:
                 log.warning("[rank %d] the timeline was not gathered; this rank's spans are in "
                             "%s (opens in Perfetto as it is)", self.rank, spill)
 
+
+
+# -- where a step goes ---------------------------------------------------------------------------
+
+def read_trace(path: str | os.PathLike) -> list[dict]:
+    """The spans of a trace legato wrote: the gathered trace (`{"traceEvents": [...]}`) or a
+    rank's spill (`<trace>.rank<N>.partial.json`, a JSON array whose end may be missing).
+    Raises ValueError, naming the file, for anything else."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a trace legato wrote (not UTF-8 text)") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:  # a spill cut off by a crash: every event is followed by ",\n"
+            data = json.loads(text.rstrip().rstrip(",") + "\n]")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a trace legato wrote (not JSON: {err})") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list):
+        raise ValueError(f"{path} is not a trace legato wrote (no traceEvents list)")
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X"
+            and isinstance(e.get("ts"), (int, float)) and isinstance(e.get("dur"), (int, float))]
+
+
+def _merged(spans: list[tuple[float, float]], lo: float, hi: float) -> list[tuple[float, float]]:
+    """The union of `spans` clipped to [lo, hi], as disjoint sorted intervals."""
+    out: list[list[float]] = []
+    for a, b in sorted((max(a, lo), min(b, hi)) for a, b in spans):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+# (key, what the row says); the training thread's rows first, then the other threads'
+BREAKDOWN_ROWS = (
+    ("step", "step (one call of the optimizer's step to the next)"),
+    ("forward", "forward compute (per-layer spans)"),
+    ("backward", "backward compute (per-layer spans)"),
+    ("gate_wait", "forward waiting at a gate for the previous step's update"),
+    ("other", "training thread otherwise (loss, Python, framework, compute legato does not see)"),
+    ("link_busy", "link busy (union of the messages' transfers)"),
+    ("link_idle_queued", "link idle while a message waited (policy or credit window)"),
+    ("updates", "updates (legato's updater thread)"),
+)
+
+
+def step_breakdown(events: list[dict], rank: int = 0, skip: int = 1) -> dict:
+    """Where each step of `rank` went, from a legato trace's spans (`read_trace`): per step (the
+    `step` lane), the time on each row of `BREAKDOWN_ROWS`, as medians over the steps after the
+    first `skip` (warm-up). Rows whose lane the trace lacks (per-layer compute inside a compiled
+    graph) are None. Raises ValueError when the trace holds fewer than `skip` + 1 steps of
+    `rank`."""
+    mine = [e for e in events if e.get("pid") == rank]
+    lanes: dict[str, list[tuple[float, float, dict]]] = {}
+    for e in mine:
+        start = e["ts"] / 1e3
+        lanes.setdefault(e.get("cat", ""), []).append((start, start + e["dur"] / 1e3, e))
+    steps = sorted(lanes.get("step", []), key=lambda s: s[0])
+    if len(steps) <= skip:
+        ranks = sorted({e.get("pid") for e in events if e.get("cat") == "step"})
+        raise ValueError(
+            f"the trace holds {len(steps)} step(s) of rank {rank}, fewer than the {skip + 1} "
+            f"needed (ranks with steps here: {ranks or 'none'}; a trace written before "
+            "legato recorded steps has none): record more steps, or pass a smaller --skip or "
+            "another --rank")
+
+    def spans(lane, prefix=""):
+        return [(a, b) for a, b, e in lanes.get(lane, []) if e.get("name", "").startswith(prefix)]
+
+    forward, backward = spans("compute", "forward"), spans("compute", "backward")
+    compute, waits = spans("compute"), spans("wait")
+    comm, queue, updates = spans("comm"), spans("queue"), spans("update")
+    rows: dict[str, list[float]] = {key: [] for key, _ in BREAKDOWN_ROWS}
+    messages, nbytes = [], []
+    for a, b, _ in steps[skip:]:
+        busy = _merged(comm, a, b)
+        rows["step"].append(b - a)
+        rows["forward"].append(_length(_merged(forward, a, b)))
+        rows["backward"].append(_length(_merged(backward, a, b)))
+        rows["gate_wait"].append(_length(_merged(waits, a, b)))
+        rows["other"].append((b - a) - _length(_merged(compute + waits, a, b)))
+        rows["link_busy"].append(_length(busy))
+        rows["link_idle_queued"].append(_length(_merged(queue + comm, a, b)) - _length(busy))
+        rows["updates"].append(_length(_merged(updates, a, b)))
+        done = [e for s, t, e in lanes.get("comm", []) if a <= t < b]
+        messages.append(len(done))
+        nbytes.append(sum(e.get("args", {}).get("bytes", 0) for e in done))
+    present = {"forward": bool(forward), "backward": bool(backward), "gate_wait": True,
+               "link_busy": bool(comm), "link_idle_queued": bool(comm),
+               "updates": bool(updates)}
+    median = {key: (_median(values) if present.get(key, True) else None)
+              for key, values in rows.items()}
+    return {"rank": rank, "steps": len(rows["step"]), "skipped": skip, "median_ms": median,
+            "messages_per_step": _median(messages), "bytes_per_step": _median(nbytes)}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def format_breakdown(result: dict) -> str:
+    """`step_breakdown`'s result as a Markdown table (ms per step, share of the step)."""
+    med = result["median_ms"]
+    step = med["step"] or float("nan")
+    lines = [f"rank {result['rank']}: medians of {result['steps']} steps (the first "
+             f"{result['skipped']} skipped), {result['messages_per_step']:g} messages and "
+             f"{result['bytes_per_step'] / 2**20:.1f} MiB a step",
+             "", "| per step | ms | share of the step |", "| --- | --- | --- |"]
+    for key, what in BREAKDOWN_ROWS:
+        value = med[key]
+        if value is None:
+            lines.append(f"| {what} | not recorded | |")
+        else:
+            lines.append(f"| {what} | {value:.1f} | {100 * value / step:.0f}% |")
+    if med["forward"] is None and med["backward"] is None:
+        lines.append("")
+        lines.append("No per-layer compute spans: the forward and backward ran inside a compiled "
+                     "graph (or the adapter records none); their time is in 'training thread "
+                     "otherwise'.")
+    return "\n".join(lines)

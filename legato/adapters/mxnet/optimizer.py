@@ -259,6 +259,7 @@ class ScheduledTrainer(ClosesOnExit):
         chunk_names = self.plan.chunk_names(self._names)
         if timeline is not None:
             self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
+            self._gates.record_waits(self._trace.gate_waited)
         self._scheduler = Scheduler(self.plan, self.config,
                                     SpannedBackend(self._kv, _profiled, chunk_names.__getitem__),
                                     order=channel,
@@ -534,6 +535,8 @@ class ScheduledTrainer(ClosesOnExit):
                                                     name=f"legato-mx-amp-r{self._rank}")
             finite = self._kv.finite_count([self._grad_of(k) for k in self._backward_order])
         self._steps.call_step(finite)
+        if self._trace is not None:
+            self._trace.step_called()
         for key in self._backward_order:  # backward order: last layer first
             self._kv.watch(key, self._ready if self._windowed else None, self._failed)
         if not self._windowed:

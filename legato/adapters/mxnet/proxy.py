@@ -137,6 +137,10 @@ class BlockGates:
 
         gates.wait(layers, name, late)
 
+    def record_waits(self, on_wait) -> None:
+        """Tell `on_wait(name, start, end)` of every forward blocked at a gate (a trace)."""
+        self._gates.on_wait = on_wait
+
     def hold_all(self, step: int) -> None:
         self._gates.hold_all(step)
 

@@ -415,6 +415,8 @@ class ScheduledOptimizer(ClosesOnExit):
         if self._gates is not None:
             self._gates.hold_all(self._steps.steps_called)
         self._steps.call_step(info)
+        if self._trace is not None:
+            self._trace.step_called()
         if self._passthrough or (self._gates is not None and self._gates.traced):
             self.synchronize()
         if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):

@@ -64,6 +64,8 @@ class LayerGates:
         self._trace = trace    # a SchedulerTrace: forward spans of eager calls
         self._gates = Gates(len(layers), timeout_s=timeout_s, check_error=check_error,
                             rank=rank)
+        if trace is not None:
+            self._gates.on_wait = trace.gate_waited
         self._all = tuple(range(len(layers)))
         self.traced = False
         self._observing = True

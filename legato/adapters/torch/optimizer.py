@@ -361,6 +361,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._gates = LayerGates(model, {name: layers for name, _, layers in modules},
                                  len(self._layer_names), timeout_s=self._timeout_s,
                                  check_error=self._raise_if_failed, rank=self._rank)
+        if self._trace is not None:
+            self._gates.record_waits(self._trace.gate_waited)
         self._hooks = [p.register_post_accumulate_grad_hook(self._make_grad_hook(key))
                        for key, p in enumerate(self._params)]
         if self._timeline is not None:
@@ -805,6 +807,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             self._gates.hold_all(self._steps.steps_called)
             self._open_posts = 0
             self._steps.call_step(amp)
+        if self._trace is not None:
+            self._trace.step_called()
         if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):
             self._boundary()
             self._tuning.restarted()

@@ -87,6 +87,10 @@ class LayerGates:
     def _wait_all_open(self, layers: tuple[int, ...], name: str) -> None:
         self._gates.wait(layers, name)
 
+    def record_waits(self, on_wait) -> None:
+        """Tell `on_wait(name, start, end)` of every forward blocked at a gate (a trace)."""
+        self._gates.on_wait = on_wait
+
     def hold_all(self, step: int) -> None:
         self._gates.hold_all(step)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Sequence
 
 from legato.core._wait import wait_for
@@ -38,6 +39,9 @@ class Gates:
         self.timeout_s = timeout_s
         self._check_error = check_error
         self.rank = rank
+        # (name, start, end) of each wait that blocked, perf_counter seconds: a trace's `wait`
+        # lane (SchedulerTrace.gate_waited); None when no trace is recorded
+        self.on_wait: Callable[[str, float, float], None] | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -54,9 +58,12 @@ class Gates:
             f"[rank {self.rank}] step {self.step}: the forward of {name!r} waited "
             f"{self.timeout_s:g} s for its parameters' update; a peer rank may be dead or stuck "
             "(see its log)"))
+        started = time.perf_counter()
         with self._cv:
             wait_for(self._cv, lambda: self.is_open(layers), self.timeout_s, self._check_error,
                      late)
+        if self.on_wait is not None:
+            self.on_wait(name, started, time.perf_counter())
         self._check_error()
 
     def closed(self, layers: Sequence[int]) -> list[int]:

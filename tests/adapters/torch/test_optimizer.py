@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,13 +126,25 @@ def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
     assert {e["pid"] for e in spans} == {0, 1}
     for rank in (0, 1):
         lanes = {e["cat"] for e in spans if e["pid"] == rank}
-        assert lanes == {"compute", "queue", "comm", "update"}, (rank, lanes)
+        # "wait" only where a forward found its gate closed
+        assert {"compute", "queue", "comm", "update", "step"} <= lanes, (rank, lanes)
+        assert lanes <= {"compute", "queue", "comm", "update", "step", "wait"}, (rank, lanes)
+        steps = [e for e in spans if e["pid"] == rank and e["cat"] == "step"]
+        assert [e["name"] for e in steps] == ["step 0"]  # from the first step() to the second
         comm = [e for e in spans if e["pid"] == rank and e["cat"] == "comm"]
         assert len(comm) == 2 * len({e["name"] for e in comm})  # every message, both steps
         names = {e["name"] for e in spans if e["pid"] == rank}
         assert "forward fc1" in names and "backward conv1" in names and "update head" in names
     assert all(e["dur"] >= 0 for e in spans)
     assert not list(tmp_path.glob("trace.json.*")), "temporary file left behind"
+    # `legato timeline` sums it up: the step between the two step() calls
+    out = subprocess.run([sys.executable, "-m", "legato.cli", "timeline", str(trace_path),
+                          "--skip", "0", "--json"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["steps"] == 1 and found["median_ms"]["step"] > 0
+    assert found["median_ms"]["forward"] > 0 and found["median_ms"]["link_busy"] > 0
+    assert 0 < found["messages_per_step"]
 
 
 @pytest.mark.horovod
