@@ -18,6 +18,11 @@ def rate_label(rate: int) -> str:
     return "unshaped" if rate == 0 else f"{rate} Mbit/s"
 
 
+def rate_tag(rate: int) -> str:
+    """The rate in a file name: `unshaped` or `1000mbit`."""
+    return "unshaped" if rate == 0 else f"{rate}mbit"
+
+
 def parse_rate(text: str) -> int:
     return 0 if text in ("0", "unshaped", "none") else int(text)
 

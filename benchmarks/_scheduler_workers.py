@@ -387,3 +387,54 @@ def run_horovod(model_name: str, steps: int, warmup: int, rounds: int,
     print("RESULT " + json.dumps({"rank": hvd.rank(), "model": model_name,
                                   "times": {"horovod": times}}), flush=True)
     hvd.shutdown()
+
+
+def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> None:
+    """horovodrun ranks, side by side in one job: hvd.DistributedOptimizer against legato's
+    ScheduledOptimizer(backend="horovod") at its default settings (no tuning), both built once
+    from one seed, in alternating blocks of `steps` steps, `rounds` times; a block starts
+    after a barrier and ends when its last update is done (legato: synchronize()). The times
+    are block means, per method."""
+    import horovod.torch as hvd
+
+    from legato.adapters.torch import ScheduledOptimizer
+
+    hvd.init()
+    x, y = example(model_name, hvd.rank())
+    models, opts = {}, {}
+    for method in ("horovod", "legato-horovod"):
+        torch.manual_seed(0)
+        models[method] = MODELS[model_name]()
+        inner = torch.optim.SGD(models[method].parameters(), lr=0.01, momentum=0.9)
+        if method == "horovod":
+            opts[method] = hvd.DistributedOptimizer(
+                inner, named_parameters=models[method].named_parameters())
+            hvd.broadcast_parameters(models[method].state_dict(), root_rank=0)
+        else:
+            opts[method] = ScheduledOptimizer(inner, models[method], backend="horovod")
+
+    def block(method: str, n: int) -> float:
+        model, opt = models[method], opts[method]
+        hvd.allreduce(torch.zeros(1), name="legato.bench.barrier")
+        t0 = time.perf_counter()
+        for _ in range(n):
+            opt.zero_grad()
+            loss_of(model_name, model(x), y).backward()
+            opt.step()
+        if method == "legato-horovod":
+            opt.synchronize()
+        return (time.perf_counter() - t0) / n
+
+    for method in models:
+        block(method, warmup)
+    times: dict[str, list[float]] = {m: [] for m in models}
+    for r in range(rounds):  # alternate which goes first, so that drift hits both alike
+        for method in (("horovod", "legato-horovod") if r % 2 == 0
+                       else ("legato-horovod", "horovod")):
+            times[method].append(block(method, steps))
+    stats = opts["legato-horovod"].stats
+    opts["legato-horovod"].close()
+    print("RESULT " + json.dumps({"rank": hvd.rank(), "model": model_name, "times": times,
+                                  "legato": stats["config"],
+                                  "messages_per_step": stats["messages_per_step"]}), flush=True)
+    hvd.shutdown()

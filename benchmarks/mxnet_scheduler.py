@@ -38,6 +38,7 @@ from _netns import (  # noqa: E402
     parse_rate,
     plot_step_times,
     rate_label,
+    rate_tag,
     run_shaped,
     shaping_problem,
 )
@@ -62,7 +63,7 @@ def inner(args: argparse.Namespace) -> int:
         job = run_mxnet_ps_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
                                args=[model, args.steps, args.warmup, args.rounds, settings,
                                      args.batch.get(model), args.timeline and
-                                     f"{args.timeline}.{rate_label(args.inner_rate)}"],
+                                     f"{args.timeline}.{rate_tag(args.inner_rate)}"],
                                python=sys.executable)
         results = [json.loads(line.split("RESULT ", 1)[1]) for p in job.procs
                    for line in p.stdout.splitlines() if line.startswith("RESULT ")]
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         passthrough += ["--batch", ",".join(f"{k}={v}" for k, v in args.batch.items())]
     if args.timeline:
         args.timeline = str(Path(args.timeline).resolve())
+        if not Path(args.timeline).parent.is_dir():
+            parser.error(f"--timeline {args.timeline}: its folder does not exist")
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes),
                         ("--merge-bytes", args.merge_bytes), ("--timeline", args.timeline)):

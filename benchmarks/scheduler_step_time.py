@@ -26,6 +26,11 @@ backward_passes_per_step=2, and for AMP its documented GradScaler recipe, synchr
 scaler.step(opt) under skip_synchronize()). The ratio to DDP under a loop is the claim that
 legato keeps its gain there.
 
+`--methods ...,legato-horovod` adds legato over Horovod (`ScheduledOptimizer(backend=
+"horovod")` at its defaults, no tuning) beside `hvd.DistributedOptimizer` in one horovodrun job,
+in alternating blocks as the torch methods (whose `horovod` times it then gives), and prints
+their ratio.
+
 Output: one table per model (median step ms, ratio against DDP, legato against the bound),
 JSON in benchmarks/results/scheduler_step_time.json and a plot of step time against bandwidth
 per method (--plot). Run: `legato bench scheduler` or `python benchmarks/scheduler_step_time.py`.
@@ -56,7 +61,7 @@ WORKERS = str(HERE / "_scheduler_workers.py")
 TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "bytescheduler-sim", "plain",
                  "ddp-hook")
 ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "bytescheduler-sim",
-               "plain", "ddp-hook")
+               "plain", "ddp-hook", "legato-horovod")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
 
 
@@ -88,7 +93,16 @@ def inner(args: argparse.Namespace) -> int:
             entry["times"] = {m: r0["times"][m] for m in torch_methods if r0["times"][m]}
             if "horovod" in args.methods:
                 entry["predicted"]["horovod"] = r0["predicted"]["ddp"]
-        if "horovod" in args.methods and not args.simulate:
+        if "legato-horovod" in args.methods and not args.simulate:
+            # side by side in one horovodrun job: its horovod times replace the per-step ones
+            job = run_horovod_job(f"{WORKERS}:run_horovod_pair", 2, timeout_s=args.job_timeout,
+                                  args=[model, args.steps, args.warmup, args.rounds])
+            lines = [line for line in job.rank(0).stdout.splitlines()
+                     if line.startswith("RESULT ")]
+            pair = json.loads(lines[0].split(" ", 1)[1])
+            entry.setdefault("times", {}).update(pair["times"])
+            entry["legato_horovod"] = {k: pair[k] for k in ("legato", "messages_per_step")}
+        elif "horovod" in args.methods and not args.simulate:
             job = run_horovod_job(f"{WORKERS}:run_horovod", 2, timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds,
                                         args.loop])
@@ -122,7 +136,8 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
                                     if t is not None},
                    "configs": entry.get("configs", {}),
                    "predicted_config": entry.get("predicted_config"),
-                   "link": entry.get("link"), "layers": entry.get("layers")}
+                   "link": entry.get("link"), "layers": entry.get("layers"),
+                   "legato_horovod": entry.get("legato_horovod")}
             if "F" in entry:
                 f, b, c = (entry[k] * 1e3 for k in ("F", "B", "C"))
                 row.update(F_ms=f, B_ms=b, C_ms=c, bound_ms=max(f + b, c),
@@ -155,6 +170,12 @@ def print_table(rows: list[dict], methods: list[str], loop: str = "plain") -> No
                 extra = (f" {r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f} "
                          f"{r['bound_ms']:>7.1f} {best / r['bound_ms']:>12.2f}")
             print(f"{rate_label(r['rate']):>13} " + " ".join(cells) + extra)
+            med = r["median_ms"]
+            if "legato-horovod" in med and "horovod" in med:
+                print(f"{'':>13} legato over Horovod against hvd.DistributedOptimizer, side by "
+                      f"side: {med['horovod'] / med['legato-horovod']:.2f}x "
+                      f"({r['legato_horovod']['legato']}, "
+                      f"{r['legato_horovod']['messages_per_step']} messages a step)")
 
 
 def print_predictions(rows: list[dict], methods: list[str]) -> None:
@@ -213,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.methods if m not in ALL_METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(ALL_METHODS)}")
+    if "legato-horovod" in args.methods and args.loop != "plain":
+        parser.error("legato-horovod runs the plain loop only; leave out --loop or the method")
     if args.inner_rate is not None:
         return inner(args)
     problem = shaping_problem()

@@ -37,6 +37,7 @@ from _netns import (  # noqa: E402
     parse_rate,
     plot_step_times,
     rate_label,
+    rate_tag,
     run_shaped,
     shaping_problem,
 )
@@ -58,7 +59,7 @@ def inner(args: argparse.Namespace) -> int:
         job = run_horovod_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
                               args=[model, args.steps, args.warmup, args.rounds, settings,
                                     args.batch, args.timeline and
-                                    f"{args.timeline}.{rate_label(args.inner_rate)}"])
+                                    f"{args.timeline}.{rate_tag(args.inner_rate)}"])
         results = [json.loads(line.split("RESULT ", 1)[1]) for line in
                    job.rank(0).stdout.splitlines() if "RESULT " in line]
         out["models"][model] = results[0]
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.job_timeout)]
     if args.timeline:
         args.timeline = str(Path(args.timeline).resolve())
+        if not Path(args.timeline).parent.is_dir():
+            parser.error(f"--timeline {args.timeline}: its folder does not exist")
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes), ("--batch", args.batch),
                         ("--timeline", args.timeline)):
