@@ -2,7 +2,7 @@
 # Issue 19 item 6: the scheduler benchmark with both ranks' compute on one GPU, on a machine
 # where compute does not compete for two cores. One command, from the repository root:
 #
-#     bash benchmarks/gpu/scheduler_gpu.sh            # about 4 minutes, 7 at most (BUDGET_S)
+#     bash benchmarks/gpu/scheduler_gpu.sh            # 3-4 minutes (estimated), 7 at most
 #     bash benchmarks/gpu/scheduler_gpu.sh --dry-run  # the machine report and the commands only
 #
 # It needs no virtualenv and no network: the machine's python3 with torch (CUDA), and this
