@@ -8,6 +8,7 @@
 # It needs no virtualenv and no network: the machine's python3 with torch (CUDA), and this
 # checkout on PYTHONPATH (legato is pure Python; without its native module the pure-Python
 # queue serves). It prints the card (nvidia-smi), torch and whether loopback shaping works,
+# checks that legato on CUDA matches DDP (two GPU tests of tests/adapters/torch, about 30 s),
 # then runs `legato bench scheduler -- --device cuda` once per rate: 2 gloo ranks sharing the
 # GPU (gloo moves CUDA tensors through host memory), methods ddp, bytescheduler (untuned, the
 # fixed defaults) and allreduce, VGG-style and Transformer, at 1000 Mbit/s (a private loopback
@@ -101,6 +102,7 @@ elif ! probe=$(timeout 20 unshare -n -- sh -c 'ip link set lo up && tc qdisc add
         tbf rate 1000mbit burst 256kb latency 100ms' 2>&1); then
     shaping="unshare -n with tc failed: $(echo "$probe" | head -c 300 | paste -sd ' ')"
 fi
+status=0
 extra=()
 if [ -n "$shaping" ]; then
     echo "loopback shaping: unavailable here ($shaping); running unshaped only, on the host's" \
@@ -111,8 +113,21 @@ else
     echo "loopback shaping: works (private namespace, tc tbf)"
 fi
 
+# First, that legato on CUDA gradients matches DDP: two ranks sharing the GPU over gloo, and
+# one rank over torch's NCCL (bit-identical parameters); the time counts against BUDGET_S.
+if [ "$DEVICE" = cuda ]; then
+    t=tests/adapters/torch/test_optimizer.py
+    check=("$PY" -m pytest -q -p no:cacheprovider
+           "$t::test_two_ranks_on_one_gpu_over_gloo_match_ddp"
+           "$t::test_one_gpu_bytescheduler_matches_ddp_over_nccl[0]")
+    echo "== correctness: ${check[*]}"
+    if [ "$dry" = 0 ] && ! timeout -k 5 150 "${check[@]}"; then
+        echo "== correctness: FAILED (the timings below are of a legato that differs from DDP)"
+        status=1
+    fi
+fi
+
 nmodels=$(echo "$MODELS" | tr ',' '\n' | grep -c .)
-status=0
 jsons=()
 IFS=',' read -r -a rates <<< "$RATES"
 remaining=${#rates[@]}
