@@ -3,6 +3,11 @@
 Each rank prints one line `RESULT {json}` with, per method, the step times it measured, plus
 the compute-only forward/backward times (F, B) and the time of one plain all-reduce of all
 gradients (C), measured in the same job.
+
+On `device="cuda"` each rank puts its model, inputs and gradients on
+`cuda:{LOCAL_RANK % device_count}` (two ranks share one GPU when there is one) and waits for
+the device (`sync`) before every clock reading. Barriers and the small CPU collectives go over
+gloo: the default group with `backend="gloo"`, a gloo group of their own with "nccl".
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import time
 
@@ -67,13 +73,42 @@ class Encoder(nn.Module):
 MODELS = {"vgg": vgg, "resnet": resnet, "transformer": Encoder}
 
 
-def example(name: str, rank: int):
+def example(name: str, rank: int, device: torch.device = torch.device("cpu")):
     g = torch.Generator().manual_seed(rank)
     if name == "transformer":
         tokens = torch.randint(0, 2000, (8, 32), generator=g)
-        return tokens, torch.randint(0, 2000, (8 * 32,), generator=g)
-    x = torch.randn(32, 3, 32, 32, generator=g)
-    return x, torch.randint(0, 10, (32,), generator=g)
+        x, y = tokens, torch.randint(0, 2000, (8 * 32,), generator=g)
+    else:
+        x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def build(name: str, device: torch.device) -> nn.Module:
+    """Model `name` with seed 0's weights, on `device`."""
+    torch.manual_seed(0)
+    return MODELS[name]().to(device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device, so that a clock read next covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(device: str, backend: str):
+    """Join the process group; returns (this rank's device, the gloo group for barriers and
+    CPU tensors: None, the default group, unless the backend is NCCL)."""
+    if device == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))
+                           % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if backend == "nccl":
+        dist.init_process_group("nccl", device_id=dev)
+        return dev, dist.new_group(backend="gloo")
+    dist.init_process_group("gloo")
+    return dev, None
 
 
 def loss_of(name: str, out, y):
@@ -87,10 +122,13 @@ def compute_times(name: str, model: nn.Module, x, y, steps: int) -> tuple[float,
     """Median forward and backward time without any communication."""
     fwd, bwd = [], []
     for _ in range(steps):
+        sync(x.device)
         t0 = time.perf_counter()
         loss = loss_of(name, model(x), y)
+        sync(x.device)
         t1 = time.perf_counter()
         loss.backward()
+        sync(x.device)
         t2 = time.perf_counter()
         model.zero_grad(set_to_none=True)
         fwd.append(t1 - t0)
@@ -98,44 +136,51 @@ def compute_times(name: str, model: nn.Module, x, y, steps: int) -> tuple[float,
     return statistics.median(fwd), statistics.median(bwd)
 
 
-def allreduce_time(model: nn.Module, steps: int) -> float:
-    """Median time of one all-reduce of a buffer as large as all gradients (DDP-style)."""
-    flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+def allreduce_time(model: nn.Module, steps: int, ctrl=None) -> float:
+    """Median time of one all-reduce of a buffer as large as all gradients (DDP-style), on the
+    parameters' device."""
+    device = next(model.parameters()).device
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()), device=device)
     times = []
     for _ in range(steps):
-        dist.barrier()
+        sync(device)
+        dist.barrier(group=ctrl)
         t0 = time.perf_counter()
         dist.all_reduce(flat)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
+def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int, ctrl=None) -> dict:
     """Layer costs (this rank, no communication) and a link model fitted to all-reduce times
     measured on the real group: what the simulator needs."""
     from legato.adapters.torch.profile import announce_s, comm_tasks, layer_costs, link_samples
     from legato.core.scheduler.simulate import fit_link
 
+    device = x.device
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     costs = layer_costs(model, lambda: loss_of(model_name, model(x), y), opt, steps=8)
     sizes = [s for s in (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 23)
              if s <= 2 * grad_bytes]
-    fit = fit_link(link_samples(sizes=sizes, repeats=5), world=dist.get_world_size())
+    fit = fit_link(link_samples(sizes=sizes, repeats=5, device=device),
+                   world=dist.get_world_size())
     tasks, _ = comm_tasks(model)
     # legato's leader announces each message on a gloo broadcast before starting it: a
     # per-message cost on top of the collective's own alpha.
-    calib = {"costs": costs, "fit": fit, "tasks": tasks, "announce_s": announce_s(repeats=15)}
+    calib = {"costs": costs, "fit": fit, "tasks": tasks,
+             "announce_s": announce_s(ctrl, repeats=15)}
     # One measured baseline (DDP, the job as it runs today) calibrates how much slower compute
     # is beside communication on these shared cores: the compute scale.
-    torch.manual_seed(0)
-    ddp_model = MODELS[model_name]()
-    module, step, close = make_method("ddp", ddp_model, {})
+    module, step, close = make_method("ddp", build(model_name, device), {})
     ddp_times = []
     for i in range(10):
-        dist.barrier()
+        sync(device)
+        dist.barrier(group=ctrl)
         t0 = time.perf_counter()
         loss_of(model_name, module(x), y).backward()
         step()
+        sync(device)
         if i >= 2:
             ddp_times.append(time.perf_counter() - t0)
     close()
@@ -145,7 +190,7 @@ def calibrate(model_name: str, model: nn.Module, x, y, grad_bytes: int) -> dict:
     plain = resolve_config("plain")
     scale = torch.tensor([fit_compute_scale(plan_for(plain, tasks), costs, plain, fit.link,
                                             statistics.median(ddp_times))])
-    dist.broadcast(scale, 0)  # rank 0's calibration, for one prediction
+    dist.broadcast(scale, 0, group=ctrl)  # rank 0's calibration, for one prediction
     calib["scale"] = float(scale)
     calib["costs"] = scale_costs(costs, calib["scale"])
     return calib
@@ -175,8 +220,10 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
     (bf16 autocast and a GradScaler of the method's own: scaler.step(opt), scaler.update())
     or "accumulate" (two backward passes per step: DDP's no_sync, legato's
     backward_passes_per_step=2, two local passes before the plain all-reduce)."""
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1.0) if loop == "amp" else None
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0) if loop == "amp" else None
 
     def finish(optimizer) -> None:
         if scaler is None:
@@ -186,7 +233,7 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
             scaler.update()
 
     if method == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
         def step():
@@ -199,7 +246,7 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
 
         settings = {k: v for k, v in settings.items() if k != "tune"}
         ddp = nn.parallel.DistributedDataParallel(
-            model, bucket_cap_mb=settings.pop("bucket_cap_mb", 1))
+            model, device_ids=device_ids, bucket_cap_mb=settings.pop("bucket_cap_mb", 1))
         hook = register_scheduled_hook(ddp, policy="bytescheduler", timeout_s=600, **settings)
         ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
 
@@ -248,7 +295,7 @@ def train_step(model_name: str, loop: str, module, step, x, y) -> None:
             loss_of(model_name, module(x), y).backward()
         loss_of(model_name, module(x), y).backward()
     elif loop == "amp":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             loss = loss_of(model_name, module(x), y)
         step.scaler.scale(loss).backward()
     else:
@@ -275,18 +322,19 @@ def tuned_by_simulation(calib: dict, settings: dict):
 
 
 def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: int,
-        settings: dict, simulate_only: bool = False, loop: str = "plain") -> None:
+        settings: dict, simulate_only: bool = False, loop: str = "plain", device: str = "cpu",
+        backend: str = "gloo") -> None:
     """torch.distributed ranks: every method in blocks of `steps` steps, in turn, `rounds`
-    times, same job; and the simulator's prediction of each (calibrated in the same job)."""
-    dist.init_process_group("gloo")
+    times, same job; and the simulator's prediction of each (calibrated in the same job).
+    `device`: "cpu" or "cuda" (see the module docstring); `backend`: "gloo" or "nccl"."""
+    dev, ctrl = setup(device, backend)
     rank = dist.get_rank()
-    x, y = example(model_name, rank)
-    torch.manual_seed(0)
-    base = MODELS[model_name]()
+    x, y = example(model_name, rank, dev)
+    base = build(model_name, dev)
     nbytes = sum(p.numel() * p.element_size() for p in base.parameters())
     f, b = compute_times(model_name, base, x, y, steps)
-    c = allreduce_time(base, max(3, steps // 2))
-    calib = calibrate(model_name, base, x, y, nbytes)
+    c = allreduce_time(base, max(3, steps // 2), ctrl)
+    calib = calibrate(model_name, base, x, y, nbytes, ctrl)
     bs = settings.get("bytescheduler", {})
     if bs.get("tune"):
         predicted_config = tuned_by_simulation(calib, bs)
@@ -305,8 +353,7 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
         # taking turns `rounds` times, so that this machine's drift hits all methods alike.
         objs = {}
         for method in methods:
-            torch.manual_seed(0)
-            module, step, close = make_method(method, MODELS[model_name](),
+            module, step, close = make_method(method, build(model_name, dev),
                                               settings.get(method, {}), loop)
             sopt = getattr(step, "optimizer", None)
             while sopt is not None and (sopt.tuning or sopt.startup_pending):  # every rank
@@ -320,23 +367,29 @@ def run(model_name: str, methods: list[str], steps: int, warmup: int, rounds: in
                 actual[method] = predict(calib, "plain" if sopt.config.policy == "plain"
                                          else method, sopt.config)
             objs[method] = (module, step, sopt, close)
-            dist.barrier()
+            sync(dev)
+            dist.barrier(group=ctrl)
         for _ in range(rounds):
             for method in methods:
                 module, step, sopt, _ = objs[method]
                 for i in range(1 + steps):  # the first step of a block is not timed
-                    dist.barrier()
+                    sync(dev)
+                    dist.barrier(group=ctrl)
                     t0 = time.perf_counter()
                     train_step(model_name, loop, module, step, x, y)
+                    sync(dev)
                     if i:
                         times[method].append(time.perf_counter() - t0)
                 if sopt is not None:
                     sopt.synchronize()
-                dist.barrier()
+                sync(dev)
+                dist.barrier(group=ctrl)
         for method in methods:
             objs[method][3]()
     print("RESULT " + json.dumps({
         "rank": rank, "model": model_name, "loop": loop, "F": f, "B": b, "C": c, "grad_bytes": nbytes,
+        "device": str(dev), "backend": backend, "torch": torch.__version__,
+        "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "times": times, "predicted": predicted, "configs": configs,
         "predicted_actual": {m: v for m, v in actual.items() if v is not None},
         "predicted_config": predicted_config.describe(),

@@ -31,9 +31,20 @@ legato keeps its gain there.
 in alternating blocks as the torch methods (whose `horovod` times it then gives), and prints
 their ratio.
 
+`--device cuda` puts each rank's model, inputs and gradients on `cuda:{local rank % GPUs}` (both
+ranks share the GPU when there is one) and synchronizes the device before every clock reading;
+gloo moves the CUDA tensors through host memory. `--backend nccl` (with `--device cuda` and one
+GPU per rank) reduces over NCCL instead; on a shaped rate its ranks are told to use sockets
+(NCCL_P2P_DISABLE, NCCL_SHM_DISABLE, NCCL_IB_DISABLE, NCCL_SOCKET_IFNAME=lo), so that their
+traffic crosses the shaped loopback. Horovod (built for CPU here) and bytescheduler-sim (whose
+start-up measurements are taken on CPU tensors only) are skipped on CUDA, with the reason
+printed. `--host-loopback` runs the unshaped rate on the host's own loopback, for machines
+where `unshare` or `tc` do not work. benchmarks/gpu/scheduler_gpu.sh is the prepared GPU run.
+
 Output: one table per model (median step ms, ratio against DDP, legato against the bound),
-JSON in benchmarks/results/scheduler_step_time.json and a plot of step time against bandwidth
-per method (--plot). Run: `legato bench scheduler` or `python benchmarks/scheduler_step_time.py`.
+JSON in benchmarks/results/scheduler_step_time.json (scheduler_step_time_cuda.json with `--device
+cuda`) and a plot of step time against bandwidth per method (--plot). Run: `legato bench
+scheduler` or `python benchmarks/scheduler_step_time.py`.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,6 +75,48 @@ TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "bytescheduler
 ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "bytescheduler-sim",
                "plain", "ddp-hook", "legato-horovod")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
+RANKS = 2
+# Methods that do not run on --device cuda, and why (printed when they are skipped).
+CUDA_SKIPS = {
+    "horovod": "scripts/build_horovod.sh builds Horovod for CPU tensors (no GPU operations), "
+               "and the GPU machines have no Horovod",
+    "legato-horovod": "legato over Horovod needs Horovod, built here for CPU tensors only",
+    "bytescheduler-sim": "defaults='simulated' takes its start-up measurements on CPU tensors "
+                         "only (ScheduledOptimizer refuses it for a model on the GPU)",
+}
+# On a shaped rate, NCCL ranks use sockets, so their traffic crosses the shaped loopback
+# (intra-node NCCL otherwise goes over peer-to-peer copies or shared memory, which no qdisc
+# sees).
+NCCL_SOCKET_ENV = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1", "NCCL_IB_DISABLE": "1",
+                   "NCCL_SOCKET_IFNAME": "lo"}
+
+
+def device_problem(device: str, backend: str, ranks: int = RANKS) -> str | None:
+    """Why `--device device --backend backend` cannot run here (one line naming the fix), or
+    None. Imports torch only when CUDA or NCCL is asked for."""
+    if device == "cpu" and backend == "gloo":
+        return None
+    if backend == "nccl" and device != "cuda":
+        return ("--backend nccl reduces CUDA tensors only; pass --device cuda with it, or "
+                "--backend gloo")
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "nccl" and gpus < ranks:
+        return (f"--backend nccl needs one GPU per rank ({ranks}) and torch {torch.__version__}"
+                f" sees {gpus} here; pass --backend gloo, which moves CUDA tensors and lets the"
+                " ranks share one GPU")
+    if gpus == 0:
+        return (f"--device cuda needs a CUDA device and torch {torch.__version__} sees none "
+                "here; run it on a GPU machine (benchmarks/gpu/scheduler_gpu.sh) or pass "
+                "--device cpu")
+    if backend == "nccl":
+        import torch.distributed as dist
+
+        if not dist.is_nccl_available():
+            return (f"--backend nccl: torch {torch.__version__} was built without NCCL; pass "
+                    "--backend gloo")
+    return None
 
 
 def inner(args: argparse.Namespace) -> int:
@@ -77,17 +131,20 @@ def inner(args: argparse.Namespace) -> int:
     settings = {"bytescheduler": bs}
     out = {"rate": args.inner_rate, "models": {}}
     torch_methods = [m for m in args.methods if m in TORCH_METHODS]
+    env = NCCL_SOCKET_ENV if args.backend == "nccl" and args.inner_rate else None
     for model in args.models:
         entry: dict = {}
         if torch_methods:
-            job = run_torch_job(f"{WORKERS}:run", 2, timeout_s=args.job_timeout,
+            job = run_torch_job(f"{WORKERS}:run", RANKS, timeout_s=args.job_timeout, env=env,
                                 args=[model, torch_methods, args.steps, args.warmup, args.rounds,
-                                      settings, args.simulate, args.loop])
+                                      settings, args.simulate, args.loop, args.device,
+                                      args.backend])
             results = [json.loads(line.split(" ", 1)[1]) for p in job.procs
                        for line in p.stdout.splitlines() if line.startswith("RESULT ")]
             r0 = next(r for r in results if r["rank"] == 0)
             entry.update({k: r0[k] for k in ("F", "B", "C", "grad_bytes", "predicted", "configs",
-                                             "predicted_config", "link", "layers")})
+                                             "predicted_config", "link", "layers", "device",
+                                             "backend", "torch", "card")})
             # What was measured ran with the setting tuning ended with: predict that one.
             entry["predicted"].update(r0.get("predicted_actual", {}))
             entry["times"] = {m: r0["times"][m] for m in torch_methods if r0["times"][m]}
@@ -95,7 +152,8 @@ def inner(args: argparse.Namespace) -> int:
                 entry["predicted"]["horovod"] = r0["predicted"]["ddp"]
         if "legato-horovod" in args.methods and not args.simulate:
             # side by side in one horovodrun job: its horovod times replace the per-step ones
-            job = run_horovod_job(f"{WORKERS}:run_horovod_pair", 2, timeout_s=args.job_timeout,
+            job = run_horovod_job(f"{WORKERS}:run_horovod_pair", RANKS,
+                                  timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds])
             lines = [line for line in job.rank(0).stdout.splitlines()
                      if line.startswith("RESULT ")]
@@ -103,7 +161,7 @@ def inner(args: argparse.Namespace) -> int:
             entry.setdefault("times", {}).update(pair["times"])
             entry["legato_horovod"] = {k: pair[k] for k in ("legato", "messages_per_step")}
         elif "horovod" in args.methods and not args.simulate:
-            job = run_horovod_job(f"{WORKERS}:run_horovod", 2, timeout_s=args.job_timeout,
+            job = run_horovod_job(f"{WORKERS}:run_horovod", RANKS, timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds,
                                         args.loop])
             lines = [line for line in job.rank(0).stdout.splitlines()
@@ -117,8 +175,12 @@ def inner(args: argparse.Namespace) -> int:
 
 
 def run_rate(rate: int, args: argparse.Namespace, passthrough: list[str]) -> dict:
-    proc = run_shaped(rate, [sys.executable, str(Path(__file__).resolve()), "--inner-rate",
-                             str(rate), *passthrough], timeout_s=args.rate_timeout)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--inner-rate", str(rate),
+            *passthrough]
+    if args.host_loopback:  # unshaped, on the host's own loopback (no namespace)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.rate_timeout)
+    else:
+        proc = run_shaped(rate, argv, timeout_s=args.rate_timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("RATE_RESULT "):
             return json.loads(line.split(" ", 1)[1])
@@ -137,7 +199,9 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
                    "configs": entry.get("configs", {}),
                    "predicted_config": entry.get("predicted_config"),
                    "link": entry.get("link"), "layers": entry.get("layers"),
-                   "legato_horovod": entry.get("legato_horovod")}
+                   "legato_horovod": entry.get("legato_horovod"),
+                   "device": entry.get("device", "cpu"), "backend": entry.get("backend"),
+                   "card": entry.get("card"), "torch": entry.get("torch")}
             if "F" in entry:
                 f, b, c = (entry[k] * 1e3 for k in ("F", "B", "C"))
                 row.update(F_ms=f, B_ms=b, C_ms=c, bound_ms=max(f + b, c),
@@ -147,10 +211,19 @@ def summarize(results: list[dict], methods: list[str]) -> list[dict]:
     return rows
 
 
+def device_label(rows: list[dict]) -> str:
+    """"cpu", or the card and backend the rows ran on ("cuda:0 (NVIDIA H100 ...), gloo")."""
+    row = next((r for r in rows if r.get("card")), None)
+    if row is None:
+        return "cpu"
+    return f"{row['device']} ({row['card']}), {row['backend']}"
+
+
 def print_table(rows: list[dict], methods: list[str], loop: str = "plain") -> None:
+    where = device_label(rows)
     for model in dict.fromkeys(r["model"] for r in rows):
-        print(f"\n{model} ({loop} loop): median step ms (ratio = DDP time / method time; >1 is "
-              "faster)")
+        print(f"\n{model} ({loop} loop{'' if where == 'cpu' else ', ' + where}): median step "
+              "ms (ratio = DDP time / method time; >1 is faster)")
         head = f"{'rate':>13} " + " ".join(f"{m:>16}" for m in methods)
         print(head + f" {'F+B':>7} {'C':>7} {'bound':>7} {'legato/bound':>12}")
         for r in (r for r in rows if r["model"] == model):
@@ -219,11 +292,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6,
                         help="blocks of each method, taken in turn")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where each rank computes: cuda puts rank r on cuda:{r %% GPUs}")
+    parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"),
+                        help="torch.distributed backend (nccl: --device cuda, one GPU per rank)")
+    parser.add_argument("--host-loopback", action="store_true",
+                        help="run on the host's own loopback, unshaped, without a network "
+                             "namespace (for machines where unshare or tc fail); only with "
+                             "--rates unshaped")
     parser.add_argument("--partition-bytes", type=int, default=None)
     parser.add_argument("--credit-bytes", type=int, default=None)
     parser.add_argument("--job-timeout", type=float, default=1200)
     parser.add_argument("--rate-timeout", type=float, default=3600)
-    parser.add_argument("--json", type=Path, default=RESULTS / "scheduler_step_time.json")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="default: benchmarks/results/scheduler_step_time.json "
+                             "(scheduler_step_time_cuda.json with --device cuda)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--timeline", default=None,
                         help="write a Chrome trace of legato bytescheduler's last run here")
@@ -238,12 +321,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("legato-horovod runs the plain loop only; leave out --loop or the method")
     if args.inner_rate is not None:
         return inner(args)
-    problem = shaping_problem()
+    problem = device_problem(args.device, args.backend)
+    rates = [parse_rate(r) for r in args.rates.split(",") if r]
+    if problem is None and args.host_loopback and any(rates):
+        problem = ("--host-loopback runs on the host's loopback, which is not shaped; pass "
+                   "--rates unshaped with it")
+    if problem is None and not args.host_loopback:
+        problem = shaping_problem()
+        if problem:
+            problem += " (or pass --host-loopback --rates unshaped)"
     if problem:
         print(f"scheduler benchmark: {problem}", file=sys.stderr)
         return 2
-    passthrough = ["--loop", args.loop, "--models", ",".join(args.models), "--methods",
-                   ",".join(args.methods),
+    if args.device == "cuda":
+        for method, why in CUDA_SKIPS.items():
+            if method in args.methods:
+                args.methods.remove(method)
+                print(f"scheduler benchmark: {method} skipped on --device cuda: {why}")
+        if not args.methods:
+            print("scheduler benchmark: no method left to run on --device cuda; add one of "
+                  f"{', '.join(m for m in ALL_METHODS if m not in CUDA_SKIPS)}", file=sys.stderr)
+            return 2
+    if args.json is None:
+        suffix = "_cuda" if args.device == "cuda" else ""
+        args.json = RESULTS / f"scheduler_step_time{suffix}.json"
+    passthrough = ["--loop", args.loop, "--device", args.device, "--backend", args.backend,
+                   "--models", ",".join(args.models), "--methods", ",".join(args.methods),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds",
                    str(args.rounds), "--job-timeout", str(args.job_timeout),
                    "--tune-trials", str(args.tune_trials), "--tune-sampler", args.tune_sampler]
@@ -258,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             passthrough += [flag, str(value)]
     results = []
-    for rate in (parse_rate(r) for r in args.rates.split(",") if r):
+    for rate in rates:
         print(f"rate {rate_label(rate)} ...", file=sys.stderr, flush=True)
         results.append(run_rate(rate, args, passthrough))
     rows = summarize(results, args.methods)
@@ -266,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         print_table(rows, args.methods, args.loop)
     print_predictions(rows, args.methods)
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    card = next((r["card"] for r in rows if r.get("card")), None)
     args.json.write_text(json.dumps({"benchmark": "scheduler_step_time", "cores": os.cpu_count(),
                                      "steps": args.steps, "rounds": args.rounds,
-                                     "loop": args.loop,
+                                     "loop": args.loop, "device": args.device,
+                                     "backend": args.backend, "card": card,
+                                     "torch": next((r["torch"] for r in rows if r.get("torch")),
+                                                   None),
+                                     "loopback": "host" if args.host_loopback
+                                     else "private namespace",
                                      "rows": rows}, indent=2))
     if args.plot and not args.simulate:
         plot_step_times(rows, args.methods, args.plot)

@@ -97,6 +97,8 @@ class TorchCommBackend:
         self._scale = 1.0 / self.world
         self._buffers: dict[int, torch.Tensor] = {}
         self.writes = WriteCounts()
+        # [Note: done means reduced]
+        self._wait_device = "nccl" in str(dist.get_backend(group)).lower()
         # The collectives started, kept until they are waited for on the closing thread: a
         # Work holds its group, and a group whose last reference goes in one of its own worker
         # threads (a Work finishing after close) joins that thread and aborts the process.
@@ -152,11 +154,23 @@ class TorchCommBackend:
                         pos += n
                 elif not direct:
                     copy_back(self._grads, chunk, buffer, self.writes)
+                if self._wait_device and buffer.is_cuda:
+                    torch.cuda.current_stream(buffer.device).synchronize()
             except BaseException as err:  # noqa: BLE001 (reported to the scheduler)
                 on_done(err)
                 return
             on_done(None)
 
+        # [Note: done means reduced] The scheduler frees a chunk's credit, and the optimizer
+        # updates its layer, once on_done(None) says the chunk is reduced. gloo completes its
+        # future after the collective; for CUDA tensors its worker first makes the device's
+        # default stream wait for gloo's copy back from host memory, and this callback's
+        # copies and legato's updates are queued on that default stream after it: ordered.
+        # NCCL (through torch.distributed) completes the future as soon as the collective is
+        # enqueued: the callback runs at once, here, on a pool stream that waits for NCCL's,
+        # and nothing would order the updater's stream after it. So on NCCL the callback waits
+        # for its stream: one all-reduce in flight per rank (NCCL runs them one after another
+        # on its stream anyway), and done means reduced.
         work.get_future().add_done_callback(finished)
 
     def settle(self, timeout_s: float = 5.0) -> None:

@@ -50,6 +50,21 @@ def comm_tasks(model: torch.nn.Module) -> tuple[list[CommTask], list[str]]:
     return tasks, layer_names
 
 
+def _clock(devices) -> Callable[[], float]:
+    """time.perf_counter, after waiting for the work queued on `devices`' CUDA devices (none:
+    the plain clock), so that a reading covers the kernels launched before it."""
+    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"},
+                  key=str)
+    if not cuda:
+        return time.perf_counter
+
+    def now() -> float:
+        for device in cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return now
+
+
 def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
                 optimizer: torch.optim.Optimizer | None = None, *, steps: int = 8,
                 warmup: int = 2) -> list[LayerCost]:
@@ -60,24 +75,26 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
     and other parameter-free modules between them count for the next layer, and the loss for
     the last); backward time is the time between consecutive layers' gradients becoming ready;
     the optimizer's step time (if given) is split over layers by parameter bytes. Every step's
-    layer times add up to its measured forward and backward time.
+    layer times add up to its measured forward and backward time. On CUDA parameters every
+    clock reading first synchronizes their device (kernels run after their launch returns).
     """
     if steps < 1 or warmup < 0:
         raise ConfigError("steps must be >= 1 and warmup >= 0")
     params = _trainable(model)
     layer_of, modules, layer_names = _layers_of(model, params)
     n = len(layer_names)
+    now = _clock(p.device for p in params)
     owner = _owners(modules)
     fwd_end: dict[int, float] = {}
     grad_at: dict[int, float] = {}
     handles = []
     for layer, module in owner.items():
         handles.append(module.register_forward_hook(
-            lambda m, a, o, layer=layer: fwd_end.__setitem__(layer, time.perf_counter())))
+            lambda m, a, o, layer=layer: fwd_end.__setitem__(layer, now())))
     for p in params:
         layer = layer_of[id(p)]
         handles.append(p.register_post_accumulate_grad_hook(
-            lambda _p, layer=layer: grad_at.__setitem__(layer, time.perf_counter())))
+            lambda _p, layer=layer: grad_at.__setitem__(layer, now())))
     nbytes = [0] * n
     for p in params:
         nbytes[layer_of[id(p)]] += p.numel() * p.element_size()
@@ -88,14 +105,14 @@ def layer_costs(model: torch.nn.Module, run_loss: Callable[[], torch.Tensor],
         for i in range(warmup + steps):
             fwd_end.clear()
             grad_at.clear()
-            t0 = time.perf_counter()
+            t0 = now()
             loss = run_loss()
-            t1 = time.perf_counter()
+            t1 = now()
             loss.backward()
-            t2 = time.perf_counter()
+            t2 = now()
             if optimizer is not None:
                 optimizer.step()
-            t3 = time.perf_counter()
+            t3 = now()
             model.zero_grad(set_to_none=True)
             if i < warmup:
                 continue
@@ -247,23 +264,29 @@ def _split(out: list[list[float]], events: Sequence[tuple[int, float]], start: f
 
 def link_samples(group=None, sizes: Sequence[int] = (1 << 14, 1 << 16, 1 << 18, 1 << 20,
                                                     1 << 22, 1 << 24),
-                 repeats: int = 7, dtype: torch.dtype = torch.float32) -> list[tuple[int, float]]:
+                 repeats: int = 7, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> list[tuple[int, float]]:
     """(bytes, median seconds) of one all-reduce per size on `group` (a collective: every rank
-    of the group calls it). The slowest rank's time counts (max over ranks)."""
+    of the group calls it). The slowest rank's time counts (max over ranks). The buffers are on
+    `device` (a CUDA device for an NCCL group; with gloo, CUDA buffers add gloo's copies
+    through host memory, as a CUDA job's gradients pay them), synchronized before each clock
+    reading."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         raise ConfigError("link_samples needs torch.distributed to be initialized")
     item = torch.tensor([], dtype=dtype).element_size()
+    now = _clock([device])
     out = []
     for size in sizes:
-        buf = torch.zeros(max(1, size // item), dtype=dtype)
+        buf = torch.zeros(max(1, size // item), dtype=dtype, device=device)
         times = []
         for i in range(repeats + 1):
+            now()
             dist.barrier(group=group)
-            t0 = time.perf_counter()
+            t0 = now()
             dist.all_reduce(buf, group=group)
-            elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            elapsed = torch.tensor([now() - t0], dtype=torch.float64, device=device)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
             if i:  # the first is a warm-up
                 times.append(float(elapsed))

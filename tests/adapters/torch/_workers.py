@@ -149,6 +149,46 @@ def gpu_matches_ddp(opt_name: str, steps: int) -> None:
     dist.destroy_process_group()
 
 
+def gpu_gloo_matches_ddp(opt_name: str, steps: int) -> None:
+    """Two ranks sharing one GPU (cuda:{LOCAL_RANK % GPUs}) over gloo, which moves CUDA tensors
+    through host memory: ScheduledOptimizer (bytescheduler, partitions and merges) against DDP,
+    bit-identical (two terms, pre-divided, as on CPU). The scheduler benchmark's --device cuda
+    runs legato this way."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    ours, ref = Net().to(device), Net().to(device)
+    ref.load_state_dict(ours.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(ref, device_ids=[device.index])
+    ref_opt = make_optimizer(opt_name, ddp.parameters())
+    inner = make_optimizer(opt_name, ours.parameters())
+    opt = ScheduledOptimizer(inner, ours, policy="bytescheduler", timeout_s=60,
+                             partition_bytes=32 * 1024, credit_bytes=96 * 1024, merge_bytes=2048)
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = (t.to(device) for t in batch(rank, step))
+        loss_fn(ddp(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss_fn(ours(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.synchronize()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert p.is_cuda and torch.equal(p, q), \
+            f"rank {rank}: {name} differs from DDP by {(p - q).abs().max().item()}"
+    messages = len(opt.plan.chunks)
+    opt.close()
+    print(f"rank {rank}: {opt_name} on {device} over gloo matches DDP after {steps} steps "
+          f"(bit-exact); {messages} messages per step", flush=True)
+    dist.destroy_process_group()
+
+
 def same_order_stress(runs: int, steps_per_run: int) -> None:
     """Random per-layer delays in backward; every run must end with identical parameters."""
     dist.init_process_group("gloo")

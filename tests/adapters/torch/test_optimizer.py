@@ -186,3 +186,13 @@ def test_one_gpu_bytescheduler_matches_ddp_over_nccl(native):
     result = run_torch_job(f"{WORKERS}:gpu_matches_ddp", 1, args=["adam", 4], timeout_s=200,
                            env={"LEGATO_NATIVE_NCCL": native})
     assert "matches DDP after 4 steps (bit-exact)" in result.rank(0).stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+def test_two_ranks_on_one_gpu_over_gloo_match_ddp():
+    """On a GPU: CUDA parameters, gradients through gloo (host copies), two ranks sharing the
+    GPU, as the scheduler benchmark's --device cuda runs them; bit-identical to DDP."""
+    result = run_torch_job(f"{WORKERS}:gpu_gloo_matches_ddp", 2, args=["adam", 4], timeout_s=200)
+    for r in range(2):
+        assert "over gloo matches DDP after 4 steps (bit-exact)" in result.rank(r).stdout
