@@ -454,7 +454,8 @@ def check_timeline(trainer: PipelineTrainer) -> str:
 
 def sync_exact(cases: list[dict], steps: int) -> None:
     """Each case: train `steps` steps; every rank's stages must equal the reference bit for bit
-    (parameters and buffers), and the loss on the last stage too."""
+    (parameters and buffers), and the loss on the last stage too; a case with "exact": False
+    (a sum of three or more ranks' terms in gloo's order) within rounding."""
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for case in cases:
@@ -482,21 +483,26 @@ def sync_exact(cases: list[dict], steps: int) -> None:
                     assert torch.allclose(p, ref, rtol=1e-5, atol=1e-6), (
                         f"rank {rank} {case['label']}: stage {s} {name} differs from plain "
                         f"training by {(p - ref).abs().max().item()}")
+        exact = case.get("exact", True)
+
+        def same(a, b):
+            return torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
         for s in trainer.stages:
             ours, ref = trainer.modules[s].state_dict(), mods[s].state_dict()
             assert list(ours) == list(ref), (list(ours), list(ref))
             for name in ours:
-                assert torch.equal(ours[name], ref[name]), (
+                assert same(ours[name], ref[name]), (
                     f"rank {rank} {case['label']}: stage {s} {name} differs by "
                     f"{(ours[name].double() - ref[name].double()).abs().max().item()}")
         if trainer.is_last and trainer.schedule.replicas(trainer.schedule.num_stages - 1) == 1:
             for n in range(steps):
-                assert torch.equal(got[n], losses[n]), (case["label"], n, got[n], losses[n])
+                assert same(got[n], losses[n]), (case["label"], n, got[n], losses[n])
         else:
             assert all(g is None for g in got) or trainer.is_last
         note = check_timeline(trainer)
-        print(f"rank {rank}: {case['label']} bit-identical after {steps} steps; {note}",
-              flush=True)
+        said = "bit-identical" if exact else "equal within rounding"
+        print(f"rank {rank}: {case['label']} {said} after {steps} steps; {note}", flush=True)
     dist.destroy_process_group()
 
 

@@ -174,13 +174,17 @@ def test_capture_choices_and_their_errors():
 @pytest.mark.timeout(180)
 def test_sync_schedules_are_bit_identical_on_three_ranks_with_replicas():
     """Three stages (an FX one passes the skip tensor through the middle stage), ZB-H1 (weight
-    gradients deferred past later microbatches' input gradients), and a replicated stage: replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two
-    replicas' accumulated gradients (two terms: exact)."""
+    gradients deferred past later microbatches' input gradients), and a replicated stage:
+    replicas [2, 1] and [1, 2] on 3 ranks, whose all-reduce sums the two replicas' accumulated
+    gradients (two terms: exact). Where a tie's copies are on three ranks (two replicas of the
+    first stage and the last stage), its all-reduce adds three terms in an order gloo's ring
+    chooses per chunk, not the reference's (a + b) + c: equal within rounding there (a missing
+    or doubled sum differs by about the learning rate times a gradient, 1e-3 or more)."""
     cases = [
         {"label": "tied-1f1b-3", "model": "gpt_tied", "stages": GPT3, "schedule": "1f1b",
          "m": 4, "unsplit": True},
         {"label": "tied-replicas-2-1", "model": "gpt_tied", "stages": GPT2, "replicas": [2, 1],
-         "schedule": "1f1b", "m": 4, "unsplit": True},
+         "schedule": "1f1b", "m": 4, "unsplit": True, "exact": False},
         {"label": "gpipe-3", "model": "mlp", "stages": S3, "schedule": "gpipe", "m": 4},
         {"label": "1f1b-3", "model": "mlp", "stages": S3, "schedule": "1f1b", "m": 4},
         {"label": "zb-h1-3", "model": "mlp", "stages": S3, "schedule": "zb-h1", "m": 6},
@@ -198,7 +202,8 @@ def test_sync_schedules_are_bit_identical_on_three_ranks_with_replicas():
     ]
     result = run_torch_job(f"{WORKERS}:sync_exact", 3, args=[cases, 3], timeout_s=150)
     for case in cases:
-        lines(result, 3, f"{case['label']} bit-identical after 3 steps")
+        said = "bit-identical" if case.get("exact", True) else "equal within rounding"
+        lines(result, 3, f"{case['label']} {said} after 3 steps")
 
 
 @pytest.mark.distributed
