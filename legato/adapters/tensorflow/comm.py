@@ -20,8 +20,9 @@ therefore reduced on a small pool of threads, submitted in the scheduler's dispa
 on each rank decides which chunks a rank submits at all: if rank 0 submitted chunk A while
 rank 1, whose gradients became ready in another interleaving, submitted chunk B, each would
 wait for the other to submit its chunk before freeing the credit that would let it: a
-deadlock. So, as over gloo, rank 0 decides the order and announces it (a Horovod broadcast on
-the announcer thread), and every other rank follows (see legato.core.scheduler.core).
+deadlock. So, as over gloo, rank 0 decides the order and announces it (over a socket of
+legato's own: legato.adapters.horovod_order [Note: order outside Horovod]), and every other
+rank follows (see legato.core.scheduler.core).
 
 [Note: Horovod names] Horovod matches tensors across ranks by the op's name, and TensorFlow
 runs an eager op through a kernel cached by its attributes, where the name is not one: every
@@ -41,8 +42,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from legato.adapters.horovod_order import horovod_order_channel
 from legato.core.errors import BackendUnavailable, ConfigError
-from legato.core.protocols import ANNOUNCE_SLOTS, Done, announcement_frames, frame_ids
+from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk
 
 __all__ = ["GlooTransport", "HorovodTFTransport"]
@@ -236,26 +238,6 @@ class HorovodTFCommBackend:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
 
-class HorovodOrderChannel:
-    """Rank 0's dispatch decisions, broadcast over Horovod (see [Note: one order, Horovod])."""
-
-    def __init__(self, hvd, prefix: str = "legato.") -> None:
-        self._hvd = hvd
-        name = f"{prefix}order"
-
-        def bcast(buf):
-            return hvd.broadcast(buf, root_rank=0, name=name, ignore_name_scope=True)
-
-        self._bcast = tf.function(bcast)  # see [Note: Horovod names]
-
-    def announce(self, chunk_ids: Sequence[int]) -> None:
-        for frame in announcement_frames(chunk_ids):
-            self._bcast(tf.constant(frame))
-
-    def receive(self) -> list[int]:
-        return frame_ids(self._bcast(tf.zeros(ANNOUNCE_SLOTS + 1, tf.int64)).numpy())
-
-
 class HorovodTFTransport:
     """Horovod (horovod.tensorflow) as the transport: hvd.init() must have been called.
 
@@ -266,7 +248,8 @@ class HorovodTFTransport:
     name = "horovod"
     _created = itertools.count()
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 300.0) -> None:
+        self.timeout_s = timeout_s  # connecting the order channel
         try:
             import horovod.tensorflow as hvd
         except ImportError as err:
@@ -313,8 +296,9 @@ class HorovodTFTransport:
         flat = pieces[0] if len(pieces) == 1 else tf.concat(pieces, 0)
         return tf.reshape(flat, shape)
 
-    def order_channel(self) -> "HorovodOrderChannel":
-        return HorovodOrderChannel(self._hvd, self._prefix)
+    def order_channel(self):
+        # see [Note: one order, Horovod] and [Note: order outside Horovod]
+        return horovod_order_channel(self._hvd, self.broadcast_object, timeout_s=self.timeout_s)
 
     def all_gather_object(self, obj) -> list:
         return self._hvd.allgather_object(obj, name=f"{self._prefix}gather")

@@ -216,8 +216,8 @@ class ScheduledOptimizer(ClosesOnExit):
             self.config = self._tuning.config
         self._set_plan()
 
-        self._transport = HorovodTFTransport() if backend == "horovod" else GlooTransport(
-            self._timeout_s)
+        self._transport = (HorovodTFTransport(self._timeout_s) if backend == "horovod"
+                           else GlooTransport(self._timeout_s))
         self._rank = self._transport.rank
         digests = self._transport.all_gather_object((self.plan.digest(), len(self._vars),
                                                      self._tune))

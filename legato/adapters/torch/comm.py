@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from legato.adapters.gloo import (TorchCommBackend, TorchDistTransport, TorchOrderChannel,
                                   WriteCounts, chunk_buffer, copy_back)
+from legato.adapters.horovod_order import horovod_order_channel
 from legato.core.errors import BackendUnavailable, ConfigError
-from legato.core.protocols import ANNOUNCE_SLOTS, Done, announcement_frames, frame_ids
+from legato.core.protocols import Done
 from legato.core.scheduler.plan import Chunk
 
-__all__ = ["HorovodCommBackend", "HorovodOrderChannel", "HorovodTransport",
+__all__ = ["HorovodCommBackend", "HorovodTransport",
            "NativeNcclCommBackend", "TorchCommBackend", "TorchDistTransport", "TorchOrderChannel",
            "WriteCounts", "chunk_buffer", "copy_back", "make_nccl_backend",
            "native_nccl_status"]
@@ -159,7 +160,8 @@ class HorovodCommBackend:
     lets it submit: with a queue on every rank, rank 0 could hold chunk A in flight while rank 1
     holds chunk B, each waiting for the other to submit its chunk (a deadlock, seen with the
     priority policy's one-message window). So, as over torch.distributed, rank 0 decides the
-    order and announces it on a HorovodOrderChannel.
+    order and announces it, over a socket of legato's own (legato.adapters.horovod_order
+    [Note: order outside Horovod]).
     """
 
     def __init__(self, hvd, grads: Callable[[int], torch.Tensor], epoch: int = 0,
@@ -239,24 +241,6 @@ class HorovodCommBackend:
         self._thread.join(10)
 
 
-class HorovodOrderChannel:
-    """Rank 0's dispatch decisions, broadcast over Horovod (one broadcast at a time, by the
-    scheduler's announcer or follower thread)."""
-
-    def __init__(self, hvd, prefix: str = "legato.") -> None:
-        self._hvd = hvd
-        self._name = f"{prefix}order"
-        self._buf = torch.zeros(ANNOUNCE_SLOTS + 1, dtype=torch.int64)
-
-    def announce(self, chunk_ids: Sequence[int]) -> None:
-        for frame in announcement_frames(chunk_ids):
-            self._hvd.broadcast_(torch.from_numpy(frame), root_rank=0, name=self._name)
-
-    def receive(self) -> list[int]:
-        self._hvd.broadcast_(self._buf, root_rank=0, name=self._name)
-        return frame_ids(self._buf.numpy())
-
-
 class HorovodTransport:
     """Horovod (horovod.torch) as legato's transport: hvd.init() must have been called.
 
@@ -269,9 +253,10 @@ class HorovodTransport:
     name = "horovod"
     _created = itertools.count()
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float = 300.0) -> None:
         from legato.core.errors import BackendUnavailable
 
+        self.timeout_s = timeout_s  # connecting the order channel
         try:
             import horovod.torch as hvd
         except ImportError as err:
@@ -297,8 +282,9 @@ class HorovodTransport:
                                            prefix=self._prefix, compression=compression)
         return self._backend
 
-    def order_channel(self) -> HorovodOrderChannel:
-        return HorovodOrderChannel(self._hvd, self._prefix)  # see HorovodCommBackend
+    def order_channel(self):
+        # see HorovodCommBackend and [Note: order outside Horovod]
+        return horovod_order_channel(self._hvd, self.broadcast_object, timeout_s=self.timeout_s)
 
     def all_gather_object(self, obj) -> list:
         return self._hvd.allgather_object(obj, name=f"{self._prefix}gather")

@@ -327,7 +327,7 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                                          max(t.nbytes for t in self._tasks))
             self.config = self._tuning.config
         self.plan = plan_for(self.config, self._tasks)
-        self._transport = (HorovodTransport() if backend == "horovod"
+        self._transport = (HorovodTransport(self._timeout_s) if backend == "horovod"
                            else TorchDistTransport(process_group, self._timeout_s))
         self._rank = self._transport.rank
         self._check_same_plan()
