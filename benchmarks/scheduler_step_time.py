@@ -70,10 +70,10 @@ from _netns import (  # noqa: E402
 
 RESULTS = HERE / "results"
 WORKERS = str(HERE / "_scheduler_workers.py")
-TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "bytescheduler-sim", "plain",
-                 "ddp-hook")
+TORCH_METHODS = ("ddp", "allreduce", "priority", "bytescheduler", "bytescheduler-sim",
+                 "bytescheduler-or-plain", "plain", "ddp-hook")
 ALL_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler", "bytescheduler-sim",
-               "plain", "ddp-hook", "legato-horovod")
+               "bytescheduler-or-plain", "plain", "ddp-hook", "legato-horovod")
 DEFAULT_METHODS = ("ddp", "allreduce", "horovod", "priority", "bytescheduler")
 RANKS = 2
 # Methods that do not run on --device cuda, and why (printed when they are skipped).
@@ -83,6 +83,8 @@ CUDA_SKIPS = {
     "legato-horovod": "legato over Horovod needs Horovod, built here for CPU tensors only",
     "bytescheduler-sim": "defaults='simulated' takes its start-up measurements on CPU tensors "
                          "only (ScheduledOptimizer refuses it for a model on the GPU)",
+    "bytescheduler-or-plain": "defaults='fixed-or-plain' takes its start-up measurements on "
+                              "CPU tensors only",
 }
 # On a shaped rate, NCCL ranks use sockets, so their traffic crosses the shaped loopback
 # (intra-node NCCL otherwise goes over peer-to-peer copies or shared memory, which no qdisc

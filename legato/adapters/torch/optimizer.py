@@ -218,11 +218,13 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             travel in that type, as with DDP's fp16_compress_hook / bf16_compress_hook (cast,
             divided by the world size, summed, cast back), partitioned and prioritized as
             usual; "none" or None (the default) sends them as they are.
-        defaults: "fixed" (the default) or "simulated": when no partition or credit size is
-            given and tune is off, run the first STARTUP_STEPS steps on the fixed defaults,
-            then let the simulator choose the settings from those steps' layer times and a
+        defaults: "fixed" (the default), "simulated" or "fixed-or-plain": when no partition
+            or credit size is given and tune is off, run the first STARTUP_STEPS steps on the
+            fixed defaults, then let the simulator choose from those steps' layer times and a
             link fitted to a few all-reduces ([Note: defaults chosen by the simulator]; gloo,
-            CPU tensors).
+            CPU tensors): "simulated" among the tuner's grid of sizes and plain,
+            "fixed-or-plain" between the fixed defaults and plain (the pass-through, where
+            scheduling is predicted not to pay).
 
     Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
     (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
@@ -303,8 +305,11 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                        for key, p in enumerate(self._params)]
         if settings["defaults"] not in scheduler_env.DEFAULTS_MODES:
             raise ConfigError(f"defaults={settings['defaults']!r} is unknown; pass 'fixed' (the "
-                              "fixed sizes) or 'simulated' (chosen by the simulator at start-up)")
-        self._simulated = settings["defaults"] == "simulated"
+                              "fixed sizes), 'simulated' (chosen by the simulator at start-up) "
+                              "or 'fixed-or-plain' (the fixed sizes, or plain where the "
+                              "simulator predicts scheduling does not pay)")
+        self._simulated = settings["defaults"] in ("simulated", "fixed-or-plain")
+        self._only_fixed = settings["defaults"] == "fixed-or-plain"
         if self._simulated:
             given = [n for n, v in (("partition_bytes", partition_bytes),
                                     ("credit_bytes", credit_bytes)) if v is not None]
@@ -315,9 +320,9 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                    else "the model is not on the CPU" if any(
                        p.device.type != "cpu" for p in self._params) else None)
             if why:
-                raise ConfigError(f"defaults='simulated' lets the simulator choose "
-                                  f"bytescheduler's sizes at start-up, but {why}; drop one of "
-                                  "them (it runs over gloo on CPU tensors)")
+                raise ConfigError(f"defaults={settings['defaults']!r} lets the simulator choose "
+                                  f"bytescheduler's settings at start-up, but {why}; drop one "
+                                  "of them (it runs over gloo on CPU tensors)")
         self._clock = None                 # the start-up measurements (defaults="simulated")
         self.startup: dict | None = None   # what the simulator chose, and from what
         self._tuning: TuningSession | None = None
@@ -444,7 +449,8 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             extra = per_message_cost(self._tasks, layers, fit.link, self.config, measured)
             config, report = choose_by_simulation(
                 self._tasks, layers, fit.link, merge_bytes=self.config.merge_bytes,
-                announce_s=max(extra, announce))
+                announce_s=max(extra, announce),
+                candidates=[self.config] if self._only_fixed else None)
             report = {**report, "per_message_s": extra, "measured_step_s": measured}
             report = {**report, "config": config, "link": fit.describe(),
                       "layers": [dataclasses.asdict(c) for c in layers]}

@@ -67,7 +67,7 @@ def _compression(text: str) -> str:
     return value
 
 
-DEFAULTS_MODES = ("fixed", "simulated")
+DEFAULTS_MODES = ("fixed", "simulated", "fixed-or-plain")
 
 
 def _defaults(text: str) -> str:

@@ -64,7 +64,8 @@ def per_message_cost(tasks: Sequence[CommTask], layers: Sequence[LayerCost], lin
 def choose_by_simulation(tasks: Sequence[CommTask], layers: Sequence[LayerCost],
                          link: LinkModel, *, merge_bytes: int | None = None,
                          announce_s: float = 0.0, margin: float = 0.02,
-                         steps: int = 6) -> tuple[SchedulerConfig, dict[str, Any]]:
+                         steps: int = 6, candidates: Sequence[SchedulerConfig] | None = None
+                         ) -> tuple[SchedulerConfig, dict[str, Any]]:
     """The setting the simulator predicts fastest for these measurements.
 
     Args:
@@ -75,13 +76,18 @@ def choose_by_simulation(tasks: Sequence[CommTask], layers: Sequence[LayerCost],
         announce_s: what the leader's announcement of each message costs (scheduled
             settings with a window pay it on top of the link's alpha).
         margin: `plain` is kept unless a scheduled setting is predicted this much faster.
+        candidates: the scheduled settings to weigh against `plain` (default: the tuner's grid
+            of partition sizes and windows; defaults="fixed-or-plain" gives the fixed one).
     Returns:
         (the setting, a report: every setting's predicted step time, the choice).
     """
-    (plo, phi), (clo, chi) = search_space(max(t.nbytes for t in tasks))
     plain = resolve_config("plain")
-    scheduled = [_config(lp, lc, merge_bytes) for lp in range(plo, phi + 1)
-                 for lc in range(clo, chi + 1)]
+    if candidates is not None:
+        scheduled = list(candidates)
+    else:
+        (plo, phi), (clo, chi) = search_space(max(t.nbytes for t in tasks))
+        scheduled = [_config(lp, lc, merge_bytes) for lp in range(plo, phi + 1)
+                     for lc in range(clo, chi + 1)]
     announced = _charged(link, announce_s)
     predicted = {config: _step_s(plan_for(config, tasks), layers, config,
                                  link if config.policy == "plain" else announced, steps)

@@ -289,7 +289,7 @@ def bad_arguments() -> None:
          "backward_passes_per_step=0 is invalid"),
         (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                     defaults="simulated", partition_bytes=1 << 20),
-         "defaults='simulated' lets the simulator choose bytescheduler's sizes at start-up, "
+         "defaults='simulated' lets the simulator choose bytescheduler's settings at start-up, "
          "but partition_bytes is given"),
         (lambda: ScheduledOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
                                     defaults="simulated", tune=True),

@@ -77,6 +77,26 @@ def test_simulated_defaults_switch_after_the_startup_steps_and_stay_exact():
     assert "Mbit/s" in reports[0]["link"]
 
 
+@pytest.mark.timeout(300)
+def test_fixed_or_plain_defaults_weigh_only_the_fixed_setting_against_plain():
+    """defaults='fixed-or-plain': the same start-up, but the simulator only decides between
+    the fixed defaults and plain; both ranks take its decision, bit-identical to DDP."""
+    from legato.core.scheduler.policy import resolve_config
+
+    result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2,
+                           args=["adam", "bytescheduler", {"defaults": "fixed-or-plain"}, 10,
+                                 True], timeout_s=240)
+    reports = []
+    for r in range(2):
+        assert "matches DDP after 10 steps (bit-exact)" in result.rank(r).stdout
+        line = next(ln for ln in result.rank(r).stdout.splitlines() if ln.startswith("STARTUP "))
+        reports.append(json.loads(line.split(" ", 1)[1]))
+    assert reports[0]["chosen"] == reports[1]["chosen"] == reports[0]["now"]
+    fixed, plain = resolve_config("bytescheduler"), resolve_config("plain")
+    assert set(reports[0]["predicted_s"]) == {fixed.describe(), plain.describe()}
+    assert reports[0]["chosen"] in (fixed.describe(), plain.describe())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_matches_ddp_on_four_ranks_with_partitions():

@@ -49,6 +49,18 @@ def test_a_fast_link_keeps_plain_and_the_announcement_cost_counts():
     assert merged.merge_bytes == 4096
 
 
+def test_candidates_limit_the_choice_to_one_setting_or_plain():
+    """defaults='fixed-or-plain': only the given setting is weighed against plain; on a slow
+    link it is kept, on a fast one plain wins."""
+    fixed = resolve_config("bytescheduler")
+    slow = LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8)
+    config, report = choose_by_simulation(TASKS, LAYERS, slow, candidates=[fixed])
+    assert config == fixed and len(report["predicted_s"]) == 2
+    fast = LinkModel(alpha_s=0.00005, bytes_per_s=40e9)
+    config, _ = choose_by_simulation(TASKS, LAYERS, fast, candidates=[fixed])
+    assert config == resolve_config("plain")
+
+
 def test_the_per_message_cost_makes_the_simulator_give_the_measured_step():
     """The charge per message that brings the simulated step of the measured setting to the
     measured time: found by bisection, 0 when the simulator is already as slow, capped."""
