@@ -275,6 +275,8 @@ def make_method(method: str, model: nn.Module, settings: dict, loop: str = "plai
     if loop == "accumulate":
         settings = dict(settings, backward_passes_per_step=2)
     policy = method
+    if method == "bytescheduler" and not settings.get("tune"):  # the fixed sizes, as named
+        settings = {"defaults": "fixed", **settings}
     if method == "bytescheduler-sim":  # the defaults chosen by the simulator at start-up
         policy, settings = "bytescheduler", {**settings, "defaults": "simulated"}
     if method == "bytescheduler-or-plain":  # the fixed defaults, or plain, by the simulator

@@ -218,13 +218,14 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             travel in that type, as with DDP's fp16_compress_hook / bf16_compress_hook (cast,
             divided by the world size, summed, cast back), partitioned and prioritized as
             usual; "none" or None (the default) sends them as they are.
-        defaults: "fixed" (the default), "simulated" or "fixed-or-plain": when no partition
-            or credit size is given and tune is off, run the first STARTUP_STEPS steps on the
-            fixed defaults, then let the simulator choose from those steps' layer times and a
-            link fitted to a few all-reduces ([Note: defaults chosen by the simulator]; gloo,
-            CPU tensors): "simulated" among the tuner's grid of sizes and plain,
-            "fixed-or-plain" between the fixed defaults and plain (the pass-through, where
-            scheduling is predicted not to pay).
+        defaults: "auto" (the default), "fixed-or-plain", "fixed" or "simulated": with
+            "fixed-or-plain" (what "auto" is when no partition or credit size, tuner or other
+            policy is given, over gloo on CPU tensors; else "fixed"), the first
+            STARTUP_STEPS steps run on the fixed defaults, then the simulator, from those
+            steps' layer times and a link fitted to a few all-reduces, keeps them or switches
+            every rank to plain (the pass-through) where scheduling is predicted not to pay
+            ([Note: defaults chosen by the simulator]); "simulated" chooses among the tuner's
+            grid of sizes and plain; "fixed" never checks.
 
     Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
     (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
@@ -303,26 +304,28 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
         self._tasks = [CommTask(key, self._names[key], self._layer_of_key[key],
                                 p.numel() * p.element_size(), p.element_size(), str(p.dtype))
                        for key, p in enumerate(self._params)]
-        if settings["defaults"] not in scheduler_env.DEFAULTS_MODES:
-            raise ConfigError(f"defaults={settings['defaults']!r} is unknown; pass 'fixed' (the "
-                              "fixed sizes), 'simulated' (chosen by the simulator at start-up) "
-                              "or 'fixed-or-plain' (the fixed sizes, or plain where the "
-                              "simulator predicts scheduling does not pay)")
-        self._simulated = settings["defaults"] in ("simulated", "fixed-or-plain")
-        self._only_fixed = settings["defaults"] == "fixed-or-plain"
-        if self._simulated:
-            given = [n for n, v in (("partition_bytes", partition_bytes),
-                                    ("credit_bytes", credit_bytes)) if v is not None]
-            why = ("policy is not 'bytescheduler'" if self.config.policy != "bytescheduler"
-                   else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
-                   if given else "tune is on" if self._tune is not None
-                   else "backend='horovod'" if backend == "horovod"
-                   else "the model is not on the CPU" if any(
-                       p.device.type != "cpu" for p in self._params) else None)
-            if why:
-                raise ConfigError(f"defaults={settings['defaults']!r} lets the simulator choose "
-                                  f"bytescheduler's settings at start-up, but {why}; drop one "
-                                  "of them (it runs over gloo on CPU tensors)")
+        mode = settings["defaults"]
+        if mode not in scheduler_env.DEFAULTS_MODES:
+            raise ConfigError(f"defaults={mode!r} is unknown; pass 'auto' (the default), 'fixed' "
+                              "(the fixed sizes), 'simulated' (chosen by the simulator at "
+                              "start-up) or 'fixed-or-plain' (the fixed sizes, or plain where "
+                              "the simulator predicts scheduling does not pay)")
+        given = [n for n in ("partition_bytes", "credit_bytes") if settings[n] is not None]
+        why = ("policy is not 'bytescheduler'" if self.config.policy != "bytescheduler"
+               else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
+               if given else "tune is on" if self._tune is not None
+               else "backend='horovod'" if backend == "horovod"
+               else "the model is not on the CPU" if any(
+                   p.device.type != "cpu" for p in self._params) else None)
+        if mode == "auto":  # [Note: defaults chosen by the simulator]
+            mode = "fixed" if why else "fixed-or-plain"
+        elif mode != "fixed" and why:
+            raise ConfigError(f"defaults={mode!r} lets the simulator choose bytescheduler's "
+                              f"settings at start-up, but {why}; drop one of them (it runs "
+                              "over gloo on CPU tensors)")
+        self.defaults_mode = mode  # what the defaults are, once 'auto' is resolved
+        self._simulated = mode in ("simulated", "fixed-or-plain")
+        self._only_fixed = mode == "fixed-or-plain"
         self._clock = None                 # the start-up measurements (defaults="simulated")
         self.startup: dict | None = None   # what the simulator chose, and from what
         self._tuning: TuningSession | None = None

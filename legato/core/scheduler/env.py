@@ -67,7 +67,7 @@ def _compression(text: str) -> str:
     return value
 
 
-DEFAULTS_MODES = ("fixed", "simulated", "fixed-or-plain")
+DEFAULTS_MODES = ("auto", "fixed", "simulated", "fixed-or-plain")
 
 
 def _defaults(text: str) -> str:
@@ -103,7 +103,7 @@ VARIABLES: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "backward_passes_per_step": ("LEGATO_BACKWARD_PASSES_PER_STEP", _positive_int,
                                  "a whole number, 1 or more"),
     "compression": ("LEGATO_COMPRESSION", _compression, "fp16, bf16 or none"),
-    "defaults": ("LEGATO_DEFAULTS", _defaults, "fixed or simulated"),
+    "defaults": ("LEGATO_DEFAULTS", _defaults, "auto, fixed, simulated or fixed-or-plain"),
 }
 
 
@@ -134,7 +134,7 @@ def resolve_settings(given: Mapping[str, Any], defaults: Mapping[str, Any],
 DEFAULTS: dict[str, Any] = {
     "policy": "bytescheduler", "partition_bytes": None, "credit_bytes": None,
     "merge_bytes": None, "tune": False, "timeline": None, "timeout_s": 300.0,
-    "backward_passes_per_step": 1, "compression": "none", "defaults": "fixed",
+    "backward_passes_per_step": 1, "compression": "none", "defaults": "auto",
 }
 
 # The sizes each policy takes (resolve_config refuses the others).
