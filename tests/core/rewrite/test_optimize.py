@@ -148,12 +148,18 @@ def test_fold_constants_folds_the_rules_constants_and_leaves_the_users():
 
 
 def _plant(cache, keys, factor) -> dict:
+    """Every entry of `keys` `factor` times its value, and the cold-cache penalties too (a
+    price is an entry plus its weights' penalty: left alone, a penalty measured high under load
+    kept the 1000x plant's original from looking free, and the guard saw no contradiction).
+    Returns the planted segment entries' true values."""
     data = json.loads(cache.read_text())
     planted = {}
     for section in data["machines"].values():
         for key, entry in section["entries"].items():
             if key in keys:
                 planted[key] = entry["s"]
+                entry["s"] *= factor
+            elif key.startswith("cold-penalty:"):
                 entry["s"] *= factor
     cache.write_text(json.dumps(data))
     return planted
