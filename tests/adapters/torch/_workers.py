@@ -128,16 +128,7 @@ def gpu_matches_ddp(opt_name: str, steps: int) -> None:
     inner = make_optimizer(opt_name, ours.parameters())
     opt = ScheduledOptimizer(inner, ours, policy="bytescheduler", timeout_s=60,
                              partition_bytes=64 * 1024, merge_bytes=4096)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        x, y = (t.cuda() for t in batch(0, step))
-        loss_fn(ddp(x), y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        loss_fn(ours(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    opt.synchronize()
+    _beside_ddp(ddp, ref_opt, ours, opt, steps, lambda step: batch(0, step), "cuda")
     used = type(opt._transport._nccl).__name__ if opt._transport._nccl else "torch"
     assert used == ("NativeNcclCommBackend" if native else "torch"), used
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
@@ -147,6 +138,21 @@ def gpu_matches_ddp(opt_name: str, steps: int) -> None:
     print(f"rank 0: {opt_name} on CUDA through {used} matches DDP after {steps} steps "
           f"(bit-exact); {messages} messages per step", flush=True)
     dist.destroy_process_group()
+
+
+def _beside_ddp(ddp, ref_opt, ours, opt, steps: int, batch_of, device) -> None:
+    """`steps` steps of DDP (`ddp`, `ref_opt`) and of legato (`ours`, `opt`) on the same
+    batches (`batch_of(step)`, moved to `device`), then wait for legato's updates."""
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(steps):
+        x, y = (t.to(device) for t in batch_of(step))
+        loss_fn(ddp(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        loss_fn(ours(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.synchronize()
 
 
 def gpu_gloo_matches_ddp(opt_name: str, steps: int) -> None:
@@ -169,16 +175,7 @@ def gpu_gloo_matches_ddp(opt_name: str, steps: int) -> None:
     inner = make_optimizer(opt_name, ours.parameters())
     opt = ScheduledOptimizer(inner, ours, policy="bytescheduler", timeout_s=60,
                              partition_bytes=32 * 1024, credit_bytes=96 * 1024, merge_bytes=2048)
-    loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
-        x, y = (t.to(device) for t in batch(rank, step))
-        loss_fn(ddp(x), y).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
-        loss_fn(ours(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    opt.synchronize()
+    _beside_ddp(ddp, ref_opt, ours, opt, steps, lambda step: batch(rank, step), device)
     for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
         assert p.is_cuda and torch.equal(p, q), \
             f"rank {rank}: {name} differs from DDP by {(p - q).abs().max().item()}"

@@ -53,6 +53,16 @@ def test_tuning_switches_settings_at_step_boundaries_and_stays_exact():
     assert summary["chosen"] in tried
 
 
+def _startup_reports(result, steps: int) -> list[dict]:
+    """Both ranks matched DDP bit for bit after `steps` steps; their start-up reports."""
+    reports = []
+    for r in range(2):
+        assert f"matches DDP after {steps} steps (bit-exact)" in result.rank(r).stdout
+        line = next(ln for ln in result.rank(r).stdout.splitlines() if ln.startswith("STARTUP "))
+        reports.append(json.loads(line.split(" ", 1)[1]))
+    return reports
+
+
 @pytest.mark.timeout(300)
 def test_simulated_defaults_switch_after_the_startup_steps_and_stay_exact():
     """defaults='simulated' on two ranks: 6 steps on the fixed defaults, then every rank
@@ -64,11 +74,7 @@ def test_simulated_defaults_switch_after_the_startup_steps_and_stay_exact():
     result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2,
                            args=["adam", "bytescheduler", {"defaults": "simulated"}, 12, True],
                            timeout_s=240)
-    reports = []
-    for r in range(2):
-        assert "matches DDP after 12 steps (bit-exact)" in result.rank(r).stdout
-        line = next(ln for ln in result.rank(r).stdout.splitlines() if ln.startswith("STARTUP "))
-        reports.append(json.loads(line.split(" ", 1)[1]))
+    reports = _startup_reports(result, 12)
     assert reports[0]["chosen"] == reports[1]["chosen"] == reports[0]["now"]
     (plo, phi), (clo, chi) = search_space(200 * 16 * 8 * 8 * 4)      # fc1.weight, the largest
     assert len(reports[0]["predicted_s"]) == (phi - plo + 1) * (chi - clo + 1) + 1
@@ -86,11 +92,7 @@ def test_fixed_or_plain_defaults_weigh_only_the_fixed_setting_against_plain():
     result = run_torch_job(f"{WORKERS}:compare_with_ddp", 2,
                            args=["adam", "bytescheduler", {"defaults": "fixed-or-plain"}, 10,
                                  True], timeout_s=240)
-    reports = []
-    for r in range(2):
-        assert "matches DDP after 10 steps (bit-exact)" in result.rank(r).stdout
-        line = next(ln for ln in result.rank(r).stdout.splitlines() if ln.startswith("STARTUP "))
-        reports.append(json.loads(line.split(" ", 1)[1]))
+    reports = _startup_reports(result, 10)
     assert reports[0]["chosen"] == reports[1]["chosen"] == reports[0]["now"]
     fixed, plain = resolve_config("bytescheduler"), resolve_config("plain")
     assert set(reports[0]["predicted_s"]) == {fixed.describe(), plain.describe()}
