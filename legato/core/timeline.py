@@ -273,7 +273,6 @@ class SchedulerTrace:
                             "%s (opens in Perfetto as it is)", self.rank, spill)
 
 
-
 # -- where a step goes ---------------------------------------------------------------------------
 
 def read_trace(path: str | os.PathLike) -> list[dict]:
