@@ -310,7 +310,10 @@ def _check_big_output(big_model: Path, dst: Path, data: Path, before: tuple) -> 
     assert (data.stat().st_size, data.stat().st_mtime_ns, data.stat().st_blocks) == before
     onnx.checker.check_model(str(dst))
     out = onnx.load(str(dst), load_external_data=False)
-    assert "Transpose" not in [n.op_type for n in out.graph.node]
+    # a rewrite of the pair was written; which of the candidates (none left, or one identity
+    # Transpose) measured fastest under --min-speedup 0 is this machine's timing to decide
+    # (under make test's load the one-Transpose graph won once)
+    assert [n.op_type for n in out.graph.node].count("Transpose") < 2
     feed = {"idx": np.array([0, 7, 524_799], np.int64)}
     (y,) = outputs(session(str(dst)), feed)
     assert y.shape == (3, 1024) and not y.any()
