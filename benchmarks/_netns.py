@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 
 def rate_label(rate: int) -> str:
@@ -21,6 +22,17 @@ def rate_label(rate: int) -> str:
 def rate_tag(rate: int) -> str:
     """The rate in a file name: `unshaped` or `1000mbit`."""
     return "unshaped" if rate == 0 else f"{rate}mbit"
+
+
+def trace_prefix(parser, value: str | None) -> str | None:
+    """`--timeline PREFIX` as an absolute path (the jobs run elsewhere), its folder checked
+    before any job starts (argparse's error, exit 2)."""
+    if not value:
+        return None
+    prefix = Path(value).resolve()
+    if not prefix.parent.is_dir():
+        parser.error(f"--timeline {prefix}: its folder does not exist")
+    return str(prefix)
 
 
 def parse_rate(text: str) -> int:

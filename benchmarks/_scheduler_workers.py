@@ -416,8 +416,7 @@ def run_horovod(model_name: str, steps: int, warmup: int, rounds: int,
     x, y = example(model_name, hvd.rank())
     times = []
     for _ in range(rounds):
-        torch.manual_seed(0)
-        model = MODELS[model_name]()
+        model = build(model_name, torch.device("cpu"))
         opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01,
                                                        momentum=0.9),
                                        named_parameters=model.named_parameters(),
@@ -462,8 +461,7 @@ def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> N
     x, y = example(model_name, hvd.rank())
     models, opts = {}, {}
     for method in ("horovod", "legato-horovod"):
-        torch.manual_seed(0)
-        models[method] = MODELS[model_name]()
+        models[method] = build(model_name, torch.device("cpu"))
         inner = torch.optim.SGD(models[method].parameters(), lr=0.01, momentum=0.9)
         if method == "horovod":
             opts[method] = hvd.DistributedOptimizer(

@@ -41,6 +41,7 @@ from _netns import (  # noqa: E402
     rate_tag,
     run_shaped,
     shaping_problem,
+    trace_prefix,
 )
 
 from legato.core.timeline import format_breakdown, read_trace, step_breakdown  # noqa: E402
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.job_timeout), "--policy", args.policy]
     if args.batch:
         passthrough += ["--batch", ",".join(f"{k}={v}" for k, v in args.batch.items())]
-    if args.timeline:
-        args.timeline = str(Path(args.timeline).resolve())
-        if not Path(args.timeline).parent.is_dir():
-            parser.error(f"--timeline {args.timeline}: its folder does not exist")
+    args.timeline = trace_prefix(parser, args.timeline)
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes),
                         ("--merge-bytes", args.merge_bytes), ("--timeline", args.timeline)):

@@ -40,6 +40,7 @@ from _netns import (  # noqa: E402
     rate_tag,
     run_shaped,
     shaping_problem,
+    trace_prefix,
 )
 
 from legato.core.timeline import format_breakdown, read_trace, step_breakdown  # noqa: E402
@@ -131,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--models", ",".join(args.models), "--steps", str(args.steps), "--warmup",
                    str(args.warmup), "--rounds", str(args.rounds), "--job-timeout",
                    str(args.job_timeout)]
-    if args.timeline:
-        args.timeline = str(Path(args.timeline).resolve())
-        if not Path(args.timeline).parent.is_dir():
-            parser.error(f"--timeline {args.timeline}: its folder does not exist")
+    args.timeline = trace_prefix(parser, args.timeline)
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes), ("--batch", args.batch),
                         ("--timeline", args.timeline)):
