@@ -14,7 +14,9 @@ value is the median step time (the time between two `opt.step()` calls on rank 0
 the same space is the obvious check: log2 of `partition_bytes` (64 KiB up to the largest
 gradient, at most 64 MiB) and log2 of the credit window in partitions (1 to 16). Bayesian
 optimization is optuna's: by default its Gaussian-process sampler (`GPSampler`, expected
-improvement, as ByteScheduler's tuner did), or its TPE sampler. The first trial is the user's
+improvement, as ByteScheduler's tuner did) where its dependencies (torch, scipy) are installed,
+else its TPE sampler (numpy only: MXNet's environment, whose numpy<1.24 no current scipy
+supports); `sampler` picks one. The first trial is the user's
 own setting (or the defaults), enqueued into the study.
 
 [Note: pass-through] Scheduling pays for itself only when communication is not already hidden
@@ -49,8 +51,10 @@ search space, else BUDGET (the trial budget ran out with settings left untried).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -77,7 +81,9 @@ class TuneSettings:
             (four confirmations from 8 trials on, else two).
         steps_per_trial: measured steps per trial (their median is the trial's value).
         warmup_steps: steps after each boundary that are not measured.
-        sampler: "gp" (optuna's Gaussian-process Bayesian optimization) or "tpe".
+        sampler: "gp" (optuna's Gaussian-process Bayesian optimization; needs torch and
+            scipy), "tpe" (optuna's tree-structured Parzen estimator), or "auto": "gp" where
+            torch and scipy are installed, else "tpe".
         seed: the sampler's seed.
         passthrough: whether `plain` is a candidate (the pass-through rule).
         passthrough_margin: bytescheduler is kept only if at least this much faster.
@@ -92,7 +98,7 @@ class TuneSettings:
     trials: int = 20
     steps_per_trial: int = 8
     warmup_steps: int = 2
-    sampler: str = "gp"
+    sampler: str = "auto"
     seed: int = 0
     passthrough: bool = True
     passthrough_margin: float = 0.02
@@ -108,8 +114,9 @@ class TuneSettings:
         if self.steps_per_trial < 1 or self.warmup_steps < 1:
             raise ConfigError("steps_per_trial and warmup_steps must be at least 1 (the step "
                               "after a boundary is never representative)")
-        if self.sampler not in ("gp", "tpe"):
-            raise ConfigError(f"sampler={self.sampler!r} is unknown; known: 'gp', 'tpe'")
+        if self.sampler not in ("auto", "gp", "tpe"):
+            raise ConfigError(f"sampler={self.sampler!r} is unknown; known: 'auto', 'gp', "
+                              "'tpe'")
         if not 0 <= self.passthrough_margin < 1 or not 0 < self.drift < 10:
             raise ConfigError("passthrough_margin must be in [0, 1) and drift in (0, 10)")
         if self.check_every < 0:
@@ -173,6 +180,45 @@ def _params_of(config: SchedulerConfig, space) -> dict[str, int]:
     return {"log2_partition": lp, "log2_credit": lc}
 
 
+_OPTUNA: list = []  # optuna, once loaded
+
+
+def _load_optuna():
+    """optuna, imported (with the modules it imports on first use) on a thread of its own.
+
+    [Note: optuna's kept tracebacks] optuna imports its optional dependencies inside
+    `try_import()` blocks (redis, cmaes, ...), which keep the ImportError of each one missing,
+    traceback and all, for as long as the process lives; a traceback's frames link through
+    f_back to every caller's frame, locals included. Imported from an optimizer's constructor,
+    that kept the constructor's locals alive to the end: with MXNet a kvstore, which must be
+    freed before interpreter exit (ps-lite aborted the worker there). A thread's stack ends at
+    the thread, so nothing of the caller is kept."""
+    if _OPTUNA:
+        return _OPTUNA[0]
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            # the storage and sampler modules a study imports on first use
+            optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+            optuna.samplers.GPSampler  # noqa: B018 (imported lazily otherwise)
+            box["optuna"] = optuna
+        except ImportError as err:
+            box["error"] = f"{type(err).__name__}: {err}"
+
+    thread = threading.Thread(target=load, name="legato-load-optuna", daemon=True)
+    thread.start()
+    thread.join()
+    if "optuna" not in box:
+        raise ConfigError(f"tune=True needs optuna ({box.get('error', 'import failed')}); "
+                          "install it with pip install 'legato[tune]'")
+    _OPTUNA.append(box["optuna"])
+    return box["optuna"]
+
+
 def _bootstrap_ratio(ours: list[float], theirs: list[float], confidence: float, *,
                      seed: int, draws: int = 400) -> tuple[float, float]:
     """A `confidence` bootstrap interval of median(ours) / median(theirs): each side's steps
@@ -203,14 +249,16 @@ class OnlineTuner:
         if start.policy != "bytescheduler":
             raise ConfigError(f"tuning searches bytescheduler's partition and credit sizes; "
                               f"policy={start.policy!r} has none: use policy='bytescheduler'")
-        try:
-            import optuna
-        except ImportError as err:
-            raise ConfigError(f"tune=True needs optuna ({err}); install it with "
-                              "pip install 'legato[tune]'") from err
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna = _load_optuna()
         self._optuna = optuna
         self.settings = settings
+        missing = [m for m in ("torch", "scipy") if importlib.util.find_spec(m) is None]
+        if settings.sampler == "gp" and missing:
+            raise ConfigError(f"sampler='gp' (optuna's GPSampler) needs {' and '.join(missing)}"
+                              ", not installed here; install them, or pass "
+                              "tune={'sampler': 'tpe'} (or 'auto')")
+        self.sampler = settings.sampler if settings.sampler != "auto" else (
+            "tpe" if missing else "gp")
         self.space = search_space(largest_tensor_bytes)
         self._merge = start.merge_bytes
         self._plain = resolve_config("plain")
@@ -225,7 +273,7 @@ class OnlineTuner:
     def _begin_round(self, start: SchedulerConfig) -> None:
         s = self.settings
         optuna = self._optuna
-        if s.sampler == "gp":
+        if self.sampler == "gp":
             sampler = optuna.samplers.GPSampler(seed=s.seed + self.rounds, n_startup_trials=4)
         else:
             sampler = optuna.samplers.TPESampler(seed=s.seed + self.rounds, n_startup_trials=4)
@@ -396,6 +444,7 @@ class OnlineTuner:
     def summary(self) -> dict[str, Any]:
         """What was measured and chosen (for logs, stats and benchmarks)."""
         return {"phase": self.phase, "rounds": self.rounds, "chosen": self.current.describe(),
+                "sampler": self.sampler,
                 "stop_reason": self.stop_reason,
                 "trials": [(c.describe(), v) for c, v in self.history],
                 "confirmation": self.confirmation}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -231,3 +234,52 @@ def test_settings_are_checked():
     assert TuneSettings.from_arg(True) == TuneSettings()
     with pytest.raises(ConfigError, match="policy='bytescheduler'"):
         OnlineTuner(TuneSettings(), resolve_config("priority"), 1000)
+
+
+def test_the_sampler_falls_back_to_tpe_where_gp_cannot_run(monkeypatch):
+    """"auto" is optuna's GP sampler where torch and scipy are installed, else TPE (MXNet's
+    environment has no scipy for its numpy<1.24); "gp" without them is refused up front with
+    the fix, not at the first sampled trial deep inside optuna."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    assert OnlineTuner(TuneSettings(), resolve_config("bytescheduler"), 1 << 22).sampler == "gp"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else real(name, *a))
+    tuner = OnlineTuner(TuneSettings(), resolve_config("bytescheduler"), 1 << 22)
+    assert tuner.sampler == "tpe" and tuner.summary()["sampler"] == "tpe"
+    with pytest.raises(ConfigError, match="needs scipy.*'tpe'"):
+        OnlineTuner(TuneSettings(sampler="gp"), resolve_config("bytescheduler"), 1 << 22)
+
+
+def test_tuning_keeps_nothing_of_its_caller_alive():
+    """[Note: optuna's kept tracebacks]: optuna keeps the ImportErrors of its missing optional
+    dependencies, and their frames linked back to whoever imported it; built in a fresh process
+    from a function (as an optimizer's constructor builds it), a tuner must let that function's
+    locals go (with MXNet, a kvstore kept to interpreter exit aborted the worker)."""
+    code = textwrap.dedent("""
+        import gc, weakref
+        from legato.core.scheduler.policy import resolve_config
+        from legato.core.scheduler.tune import OnlineTuner, TuneSettings
+
+        class Local:
+            pass
+
+        def build():
+            local = Local()
+            tuner = OnlineTuner(TuneSettings(trials=6, steps_per_trial=1, warmup_steps=1,
+                                             sampler="tpe"),
+                                resolve_config("bytescheduler"), 1 << 22)
+            decision = tuner.first
+            while decision.phase != "tuned":
+                decision = tuner.boundary(decision.next_boundary, [0.01, 0.011])
+            return weakref.ref(local)
+
+        ref = build()
+        gc.collect()
+        print("alive" if ref() is not None else "freed")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "freed"
