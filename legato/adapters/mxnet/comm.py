@@ -51,9 +51,10 @@ worker runs its own queue (order=None), as the core does for Horovod.
 from __future__ import annotations
 
 import collections
+import pickle
 import socket
 import weakref
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -314,6 +315,27 @@ class ScheduledKVStore:
         self._kv.broadcast(keys, list(arrays), out=list(arrays))
         for a in arrays:
             a.wait_to_read()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Worker 0's `obj` on every worker (collective; the others pass anything): pickled,
+        its length in one control round, then 64 bytes a round. For small objects at step
+        boundaries (a tuning decision), while no scheduler runs ([Note: threads])."""
+        payload = pickle.dumps(obj) if self.rank == 0 else b""
+        head = np.zeros(_CONTROL_SLOTS, np.float32)
+        if self.rank == 0:
+            head[0], head[1] = 1, len(payload)
+        total = self._control_round(head)
+        if total[0] != 1 or not 0 < total[1] < 1 << 24:
+            raise LegatoError(f"[rank {self.rank}] receiving worker 0's decision failed (got "
+                              f"{total[:2]}); do all workers step the same number of times?")
+        size, per, data = int(total[1]), _CONTROL_SLOTS - 1, bytearray()
+        for at in range(0, size, per):
+            values = np.zeros(_CONTROL_SLOTS, np.float32)
+            part = payload[at:at + per]
+            values[1:1 + len(part)] = np.frombuffer(part, np.uint8)
+            got = self._control_round(values)[1:1 + min(per, size - at)]
+            data += got.astype(np.uint8).tobytes()
+        return pickle.loads(bytes(data))
 
     def order_channel(self) -> SocketOrderChannel:
         """Worker 0's dispatch order for the other workers (collective; see _order.py)."""

@@ -64,6 +64,7 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
+from legato.core.scheduler.tune import TuneSettings, TuningSession
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledTrainer"]
@@ -147,10 +148,16 @@ class ScheduledTrainer(ClosesOnExit):
         compression: "fp16": float gradients travel (and are summed on the servers) in
             float16, as with Horovod's Compression.fp16: every gradient is copied into a
             buffer of that type and the sum copied back.
+        tune: tune partition_bytes and credit_bytes online, as the PyTorch and TensorFlow
+            wrappers do (the core's `TuningSession`: Bayesian optimization over step times,
+            with the pass-through `plain` as a candidate): True, a dict of
+            `legato.core.scheduler.tune.TuneSettings` fields, or None. policy must be
+            "bytescheduler". See [Note: tuning over a kvstore] for what each setting tried
+            costs.
 
-    policy, the sizes, timeout_s, timeline and compression can come from LEGATO_POLICY,
+    policy, the sizes, timeout_s, timeline, compression and tune can come from LEGATO_POLICY,
     LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S,
-    LEGATO_TIMELINE and LEGATO_COMPRESSION instead (an argument wins).
+    LEGATO_TIMELINE, LEGATO_COMPRESSION and LEGATO_TUNE instead (an argument wins).
     """
 
     def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
@@ -158,11 +165,11 @@ class ScheduledTrainer(ClosesOnExit):
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
                  queue_impl: str = "auto", timeline: str | None = None,
-                 compression: str | None = None) -> None:
+                 compression: str | None = None, tune: Any = None) -> None:
         settings, from_env = scheduler_env.adapter_settings(
             "MXNet", policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
             merge_bytes=merge_bytes, timeout_s=timeout_s, timeline=timeline,
-            compression=compression)
+            compression=compression, tune=tune)
         timeline = settings["timeline"]
         compression = str(settings["compression"]).lower()
         if compression not in ("none", "fp16"):
@@ -191,17 +198,26 @@ class ScheduledTrainer(ClosesOnExit):
         self._params, self._index = self._check_params(trainer, model)
         self.config = resolve_config(policy, partition_bytes=partition_bytes,
                                      credit_bytes=credit_bytes, merge_bytes=merge_bytes)
+        self._tune = TuneSettings.from_arg(settings["tune"])
+        if self._tune is not None and self.config.policy != "bytescheduler":
+            raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
+                              f"policy={policy!r} has none: use policy='bytescheduler'")
         self._names = [p.name for p in self._params]
         layer_of, direct, self._layer_names = self._layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
         self._keys_of_layer = layer_keys(self._layer_of_key, len(self._layer_names))
-        tasks = []
+        self._tasks = []
         for key, p in enumerate(self._params):
             grad = p.list_grad()[0]
             dtype = np.dtype(grad.dtype)
-            tasks.append(CommTask(key, p.name, self._layer_of_key[key],
-                                  grad.size * dtype.itemsize, dtype.itemsize, dtype.name))
-        self.plan = plan_for(self.config, tasks)
+            self._tasks.append(CommTask(key, p.name, self._layer_of_key[key],
+                                        grad.size * dtype.itemsize, dtype.itemsize, dtype.name))
+        self._tuning: TuningSession | None = None
+        if self._tune is not None:
+            self._tuning = TuningSession(self._tune, self.config,
+                                         max(t.nbytes for t in self._tasks))
+            self.config = self._tuning.config
+        self.plan = plan_for(self.config, self._tasks)
         # Backward produces the last layers' gradients first: the watcher waits in that order.
         self._backward_order = sorted(range(len(self._params)),
                                       key=lambda k: (self._layer_of_key[k], k), reverse=True)
@@ -216,6 +232,8 @@ class ScheduledTrainer(ClosesOnExit):
         # per layer: its chunks started (the core's count, fed with starts, not completions)
         self._started = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
         self._started_in_step = 0
+        self._issued_before = 0    # chunks started by the schedulers of earlier settings
+        self._scheduler_step0 = 0  # steps called before the current scheduler started
 
         # Collective from here on: every worker builds its trainer at the same point.
         kv = mx.kv.create(kv_arg) if isinstance(kv_arg, str) else kv_arg
@@ -231,42 +249,38 @@ class ScheduledTrainer(ClosesOnExit):
         self._adds = [k for k, p in enumerate(self._params) if p.grad_req == "add"]
         self._reduced = {k: mx.nd.zeros_like(self._grad_of(k))
                          for k in range(len(self._params))} if self._adds else {}
-        self._kv = ScheduledKVStore(kv, self.plan, self._grad_of, timeout_s=self._timeout_s,
-                                    on_started=_weak_method(self._chunk_started),
-                                    staged=bool(self._adds), wire=wire)
+        self._raw_kv, self._wire, self._queue_impl = kv, wire, queue_impl
+        self._stores: dict[str, ScheduledKVStore] = {}  # [Note: tuning over a kvstore]
+        self._channel = None
+        self._kv = self._store()
         try:
-            # the timeline's gathering is collective too: its setting is part of the check
+            # the timeline's gathering is collective too: its setting is part of the check, and
+            # so are the tuner's settings (every worker switches at the same boundaries)
             self._kv.check_plan(
-                hashlib.sha256(f"{self.plan.digest()} {timeline is not None} {compression}"
-                               .encode()).hexdigest(),
+                hashlib.sha256(f"{self.plan.digest()} {timeline is not None} {compression} "
+                               f"{self._tune!r}".encode()).hexdigest(),
                 f"{self.plan.describe()}, timeline {'on' if timeline else 'off'}, "
-                f"compression {compression}")
+                f"compression {compression}, tune {'on' if self._tune else 'off'}")
             self._trace_gather = self._kv.trace_gather() if timeline is not None else None
             if broadcast_parameters:
                 self._kv.broadcast([self._weight_of(k) for k in range(len(self._params))])
-            # A window needs one order on every worker (see comm.py, [Note: one order with
-            # a window]): worker 0 leads.
-            channel = (self._kv.order_channel() if self.config.credit_bytes is not None
-                       else None)
+            self._gates = BlockGates(model, direct, len(self._layer_names),
+                                     timeout_s=self._timeout_s,
+                                     check_error=self._raise_if_failed, rank=self._rank,
+                                     layer_names=self._layer_names)
+            self._trace = None
+            if timeline is not None:
+                self._trace = SchedulerTrace(timeline, self._rank, self.plan,
+                                             self.plan.chunk_names(self._names))
+                self._gates.record_waits(self._trace.gate_waited)
+            self._start_scheduler()
         except BaseException:
-            self._kv.close()
+            if getattr(self, "_gates", None) is not None:
+                self._gates.remove()
+            for store in self._stores.values():
+                store.close()
+            self._raw_kv = None
             raise
-        self._channel = channel
-        self._gates = BlockGates(model, direct, len(self._layer_names),
-                                 timeout_s=self._timeout_s, check_error=self._raise_if_failed,
-                                 rank=self._rank, layer_names=self._layer_names)
-        self._trace = None
-        chunk_names = self.plan.chunk_names(self._names)
-        if timeline is not None:
-            self._trace = SchedulerTrace(timeline, self._rank, self.plan, chunk_names)
-            self._gates.record_waits(self._trace.gate_waited)
-        self._scheduler = Scheduler(self.plan, self.config,
-                                    SpannedBackend(self._kv, _profiled, chunk_names.__getitem__),
-                                    order=channel,
-                                    leader=channel is None or self._rank == 0,
-                                    on_chunk_done=_ignore, rank=self._rank,
-                                    timeout_s=self._timeout_s, queue_impl=queue_impl,
-                                    on_event=self._trace.on_event if self._trace else None)
         self._ready = _weak_method(self._grad_ready)
         self._failed = _weak_method(self._fail)
         # [Note: loss scaling] updates of loss-scaled steps are issued from a thread of their
@@ -359,6 +373,69 @@ class ScheduledTrainer(ClosesOnExit):
                     layer_of[id(p)] = index
             direct[path] = tuple(sorted({layer_of[id(p)] for p in own}))
         return layer_of, direct, names
+
+    # -- the scheduler and its settings --------------------------------------------------------
+    # [Note: tuning over a kvstore] A kvstore key's size is fixed on the servers when it is
+    # initialized, so each plan the tuner tries needs keys of its own: a `ScheduledKVStore` per
+    # distinct plan, built (collectively: every worker gets the same decision at the same
+    # boundary) the first time the plan is tried and kept for when it comes back (the tuner
+    # measures its best setting and `plain` again, alternately). MXNet's servers cannot free
+    # keys, so each distinct setting tried keeps one copy of the gradients on the servers, and
+    # its partition and merge buffers on each worker: at most the search space's 56 settings
+    # (11 partition sizes x 5 windows, and plain); 20 trials try at most 20. The decision
+    # itself travels in control rounds on the current store's control key (`broadcast_object`),
+    # while no scheduler runs.
+    def _store(self) -> ScheduledKVStore:
+        """The kvstore keys and buffers of the current plan (built on first use)."""
+        digest = self.plan.digest()
+        store = self._stores.get(digest)
+        if store is None:
+            store = ScheduledKVStore(self._raw_kv, self.plan, self._grad_of,
+                                     timeout_s=self._timeout_s,
+                                     on_started=_weak_method(self._chunk_started),
+                                     staged=bool(self._adds), wire=self._wire)
+            self._stores[digest] = store
+        return store
+
+    def _start_scheduler(self) -> None:
+        """A scheduler for the current plan (at construction and after each tuning boundary).
+        A window needs one order on every worker (see comm.py, [Note: one order with a
+        window]): worker 0 leads, over an order channel of the scheduler's own."""
+        chunk_names = self.plan.chunk_names(self._names)
+        if self._trace is not None:
+            self._trace.set_plan(self.plan, chunk_names)
+        self._channel = self._kv.order_channel() if self._windowed else None
+        self._scheduler_step0 = self._steps.steps_called
+        self._scheduler = Scheduler(self.plan, self.config,
+                                    SpannedBackend(self._kv, _profiled, chunk_names.__getitem__),
+                                    order=self._channel,
+                                    leader=self._channel is None or self._rank == 0,
+                                    on_chunk_done=_ignore, rank=self._rank,
+                                    timeout_s=self._timeout_s, queue_impl=self._queue_impl,
+                                    on_event=self._trace.on_event if self._trace else None)
+
+    def _boundary(self) -> None:
+        """A tuning boundary (every worker, same step): finish everything, let worker 0 decide
+        the next settings (legato.core.scheduler.tune), switch."""
+        self.synchronize()
+        self._issued_before += self._scheduler.issued_total
+        config = self._tuning.switch(self._steps.steps_called, self._scheduler,
+                                     timeout_s=self._timeout_s, leader=self._rank == 0,
+                                     broadcast=self._kv.broadcast_object, rank=self._rank)
+        if self._channel is not None:
+            self._channel.close()
+        if config is not None:
+            self.config = config
+            self.plan = plan_for(config, self._tasks)
+            self._started = LayerProgress(self.plan, self._layer_of_key,
+                                          len(self._layer_names))
+            self._kv = self._store()
+        self._start_scheduler()
+
+    @property
+    def tuning(self) -> bool:
+        """Whether tuning trials are running (the same on every worker at every step)."""
+        return self._tuning is not None and self._tuning.tuning
 
     # -- arrays --------------------------------------------------------------------------------
     def _grad_of(self, key: int) -> mx.nd.NDArray:
@@ -520,7 +597,7 @@ class ScheduledTrainer(ClosesOnExit):
             # backward wrote its gradient), as gluon's Trainer does. The core must first hear
             # that the previous step's chunks are done (the engine has usually finished them:
             # this step's forward and backward were waiting for them).
-            self._scheduler.wait_steps(step, self._timeout_s)
+            self._scheduler.wait_steps(step - self._scheduler_step0, self._timeout_s)
         # gluon's rescale; amp.scale_loss sets the trainer's _scale to undo its loss scale
         self._opt.rescale_grad = self._trainer._scale / batch_size
         for k in range(len(self._params)):
@@ -545,12 +622,15 @@ class ScheduledTrainer(ClosesOnExit):
         if self._passthrough:
             # The update of all layers is issued once every bucket has been started.
             self._wait_issued(step + 1, f"step {step}")
+        if self._tuning is not None and self._tuning.step_called(self._steps.steps_called):
+            self._boundary()
+            self._tuning.restarted()
 
     def synchronize(self, timeout_s: float | None = None) -> None:
         """Wait until every transfer and update of the steps taken so far is done."""
         timeout = self._timeout_s if timeout_s is None else timeout_s
         self._steps.wait_updated(timeout_s=timeout, check=self._raise_if_failed)
-        self._scheduler.wait_steps(self._steps.steps_called, timeout)
+        self._scheduler.wait_steps(self._steps.steps_called - self._scheduler_step0, timeout)
         self._raise_if_failed()
         for k in range(len(self._params)):
             self._weight_of(k).wait_to_read()
@@ -645,7 +725,9 @@ class ScheduledTrainer(ClosesOnExit):
         def drop(_healthy: bool) -> None:
             if self._trace_gather is not None:
                 self._trace_gather.close()
-            self._kv.close()
+            for store in self._stores.values():
+                store.close()
+            self._raw_kv = None  # the kvstore must be freed before exit (see comm.py close)
             self._forget_exit()
 
         gather = self._trace_gather
@@ -660,4 +742,7 @@ class ScheduledTrainer(ClosesOnExit):
 
     @property
     def stats(self) -> dict[str, Any]:
-        return self._steps.stats(self.plan, self.config, self._scheduler.issued_total)
+        return {**self._steps.stats(self.plan, self.config,
+                                    self._issued_before + self._scheduler.issued_total),
+                "tuner": None if self._tuning is None or self._rank != 0
+                else self._tuning.summary()}

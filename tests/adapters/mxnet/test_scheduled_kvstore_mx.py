@@ -71,6 +71,32 @@ def test_adam_on_a_hybridized_model_matches_gluon():
         assert case["plan"]["merged"] == 2 and case["plan"]["partitioned_keys"]
 
 
+@pytest.mark.timeout(200)
+def test_online_tuning_switches_plans_and_still_matches_gluon():
+    """tune=...: worker 0's tuner moves both workers between plans at the same steps (the
+    starting setting, plain, a sampled one, then the best and plain again: keys of a plan are
+    built once and reused), and the parameters stay bit-identical to gluon's, since the servers
+    add the same two values per element whatever the messages."""
+    tune = {"trials": 5, "steps_per_trial": 1, "warmup_steps": 1, "max_confirm_pairs": 0,
+            "check_every": 0}
+    result = job("compare_with_gluon", "sgd", False, [["bytescheduler", {**BS, "tune": tune}]],
+                 14, timeout_s=170)
+    cases = lines(result, "CASE")
+    assert len(cases) == 2
+    for case in cases:
+        assert case["exact"], case
+        assert case["stats"]["steps_done"] == 14
+    assert cases[0]["stats"]["issued"] == cases[1]["stats"]["issued"]  # same plans, same steps
+    tuner = next(c["stats"]["tuner"] for c in cases if c["stats"]["tuner"])
+    assert tuner["phase"] == "tuned" and tuner["sampler"] == "tpe", tuner
+    tried = [t[0] for t in tuner["trials"]]
+    assert len(tried) == 5 and tried[1].startswith("policy=plain"), tried
+    assert tried[0].startswith("policy=bytescheduler order=layer partition=65536 B"), tried
+    assert len(set(tried)) >= 2
+    # every chunk of each plan counted: fewer messages under plain, 22 under the start
+    assert cases[0]["stats"]["issued"] != 14 * 22
+
+
 @pytest.mark.timeout(150)
 def test_gradient_accumulation_matches_gluon():
     """gluon's accumulation idiom (grad_req='add', two backward passes, step(2 * batch),
@@ -294,6 +320,9 @@ def test_kvstore_compression_is_refused():
     ({"partition_bytes": 4096, "credit_bytes": 1024}, "pass credit_bytes >= partition_bytes"),
     ({"policy": "plain", "partition_bytes": 4096}, "policy='plain' sends DDP's buckets"),
     ({"timeout_s": 0}, "timeout_s=0 is invalid"),
+    ({"policy": "priority", "tune": True}, "use policy='bytescheduler'"),
+    ({"tune": {"trials": 2}}, "trials=2 is too few"),
+    ({"tune": {"sampler": "gp"}}, "needs scipy"),
 ])
 def test_bad_arguments(kwargs, fragment):
     net = _net()
