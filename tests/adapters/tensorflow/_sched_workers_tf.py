@@ -192,14 +192,16 @@ def gates(out: str, compiled: bool = False) -> None:
             real_start(chunk, on_done)
 
     backend.start = late_start
-    real_apply = opt.optimizer.apply
+    # legato's per-layer update (the Keras apply inside is a tf.function traced once per
+    # layer, [Note: compiled updates], so the optimizer's own apply runs only at tracing)
+    real_apply = opt._apply
 
-    def slow_apply(grads, variables):
-        if any(v.path.split("/")[-2] == "head" for v in variables):
+    def recorded_apply(info, grads, keys, what, step):
+        if what == "head":
             events.append(("update head", time.perf_counter()))
-        return real_apply(grads, variables)
+        return real_apply(info, grads, keys, what, step)
 
-    opt.optimizer.apply = slow_apply
+    opt._apply = recorded_apply
 
     def grads_of(x, y):
         with tf.GradientTape() as tape:
@@ -238,6 +240,50 @@ def embedding() -> None:
     opt.close()
     assert not np.array_equal(before, model.trainable_variables[0].numpy())
     print("EMBEDDING_OK", opt.stats["sent_during_backward"], flush=True)
+
+
+def compiled_updates() -> None:
+    """[Note: compiled updates]: each layer's update as a tf.function gives the eager updates'
+    weights bit for bit (SGD with momentum, Adam); a learning rate given as a Python callable
+    is updated eagerly, so a change of its value between steps is seen."""
+    for make in (lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+                 lambda: keras.optimizers.Adam(1e-3)):
+        weights = {}
+        for compiled in (True, False):
+            keras.utils.set_random_seed(0)
+            model = net()
+            opt = ScheduledOptimizer(make(), model, timeout_s=60, compiled_updates=compiled)
+            for step in range(3):
+                x, y = batch(0, step)
+                with tf.GradientTape() as tape:
+                    loss = LOSS(y, model(x, training=True))
+                opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                        model.trainable_variables))
+            opt.close()
+            assert opt.stats["compiled_updates"] is compiled
+            weights[compiled] = [v.numpy() for v in model.trainable_variables]
+        assert all(np.array_equal(a, b) for a, b in zip(weights[True], weights[False]))
+    value = {"lr": 0.1}
+    keras.utils.set_random_seed(0)
+    model = net()
+    opt = ScheduledOptimizer(keras.optimizers.SGD(learning_rate=lambda: value["lr"]), model,
+                             timeout_s=60)
+    assert opt.stats["compiled_updates"] is False
+    moved = []
+    for step, lr in enumerate((0.1, 0.0)):
+        value["lr"] = lr
+        before = [v.numpy() for v in model.trainable_variables]
+        x, y = batch(0, step)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                model.trainable_variables))
+        opt.synchronize()
+        moved.append(any(not np.array_equal(a, v.numpy())
+                         for a, v in zip(before, model.trainable_variables)))
+    opt.close()
+    assert moved == [True, False], moved
+    print("COMPILED_UPDATES_OK", flush=True)
 
 
 def bad_arguments() -> None:

@@ -164,6 +164,12 @@ def test_embedding_gradients_are_indexed_slices():
     assert "EMBEDDING_OK 9" in result.rank(0).stdout  # 3 variables, 3 steps
 
 
+@pytest.mark.timeout(150)
+def test_compiled_updates_equal_the_eager_ones():
+    result = run_torch_job(f"{WORKERS}:compiled_updates", 1, timeout_s=120)
+    assert "COMPILED_UPDATES_OK" in result.rank(0).stdout
+
+
 @pytest.mark.timeout(120)
 def test_bad_arguments_raise_clear_errors():
     result = run_torch_job(f"{WORKERS}:bad_arguments", 1, timeout_s=100)
