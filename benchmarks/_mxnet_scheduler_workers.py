@@ -115,6 +115,19 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
 
     for method in nets:
         block(method, warmup)
+    # With settings["tune"]: legato's tuner runs first (untimed, steps back to back as in
+    # training: the tuner times the steps between step() calls), then the timed blocks run
+    # the setting it chose.
+    tuning_steps = 0
+    while trainers["legato"].tuning and tuning_steps < 2000:
+        x, y = data[done["legato"] % len(data)]
+        with autograd.record():
+            loss = loss_fn(nets["legato"](x), y)
+        loss.backward()
+        trainers["legato"].step(x.shape[0])
+        done["legato"] += 1
+        tuning_steps += 1
+    trainers["legato"].synchronize()
     times: dict[str, list[float]] = {m: [] for m in nets}
     for r in range(rounds):
         # Alternate which method goes first, so that drift hits both alike.
@@ -122,14 +135,16 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
             times[method].append(block(method, steps))
 
     trace = None
-    if timeline:  # after the timed rounds: legato once more, alone, traced
+    if timeline:  # after the timed rounds: legato once more (the setting timed), alone, traced
         trace = f"{timeline}.{model}.legato.json"
         traced_net = build(model)
+        chosen = trainers["legato"].config
         traced = ScheduledTrainer(
             gluon.Trainer(traced_net.collect_params(), OPT[0], dict(OPT[1]), kvstore=kv,
-                          update_on_kvstore=False), traced_net,
-            policy=settings.get("policy", "bytescheduler"), timeline=trace,
-            **{k: v for k, v in settings.items() if k != "policy"})
+                          update_on_kvstore=False), traced_net, policy=chosen.policy,
+            timeline=trace, **({} if chosen.policy == "plain" else {
+                "partition_bytes": chosen.partition_bytes, "credit_bytes": chosen.credit_bytes,
+                "merge_bytes": chosen.merge_bytes}))
         for i in range(warmup + rounds * steps):
             x, y = data[i % len(data)]
             with autograd.record():
@@ -175,4 +190,5 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
             "batch": batch,
             "grad_bytes": sum(g.size * 4 for g in grads), "steps_each": done,
             "max_param_diff": diff, "legato": stats["config"],
-            "messages_per_step": stats["messages_per_step"], "trace": trace}), flush=True)
+            "messages_per_step": stats["messages_per_step"], "trace": trace,
+            "tuning_steps": tuning_steps, "tuner": stats["tuner"]}), flush=True)

@@ -16,6 +16,9 @@ blocks of --steps steps, --rounds times, the first method alternating (so that d
 noisy 2-core machine hits both alike); a block ends when its last update is done. The job also
 measures FB (forward and backward, no communication) and C (one push and pull of every
 gradient, one after the other), and checks that both methods ended with the same parameters.
+With --tune, legato's online tuner (ScheduledTrainer(tune=...)) first runs untimed until it has
+chosen, and the timed rounds run its choice; the table's notes give the setting, the steps it
+took and its confirmation against plain.
 
 Output: per model a table of median step ms and the ratio gluon/legato (>1: legato faster);
 JSON in benchmarks/results/mxnet_scheduler.json, a plot with --plot.
@@ -51,6 +54,18 @@ WORKERS = str(HERE / "_mxnet_scheduler_workers.py")
 METHODS = ("gluon", "legato")
 
 
+def _tune_arg(text: str):
+    """--tune: 1 (the defaults) or a JSON object of TuneSettings fields, checked here."""
+    from legato.core.scheduler.tune import TuneSettings
+
+    value = True if text.strip() in ("1", "true") else json.loads(text)
+    try:
+        TuneSettings.from_arg(value)
+    except Exception as err:  # ConfigError, TypeError
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return value
+
+
 def inner(args: argparse.Namespace) -> int:
     """Inside the namespace: one job per model; print one RATE_RESULT line."""
     from legato.launch import run_mxnet_ps_job
@@ -59,6 +74,8 @@ def inner(args: argparse.Namespace) -> int:
                                   ("credit_bytes", args.credit_bytes),
                                   ("merge_bytes", args.merge_bytes)) if v is not None}
     settings["policy"] = args.policy
+    if args.tune is not None:
+        settings["tune"] = args.tune
     out = {"rate": args.inner_rate, "models": {}}
     for model in args.models:
         job = run_mxnet_ps_job(WORKERS + ":run", 2, timeout_s=args.job_timeout,
@@ -99,7 +116,8 @@ def summarize(results: list[dict]) -> list[dict]:
                 "grad_bytes": entry["grad_bytes"], "batch": entry["batch"],
                 "max_param_diff": entry["max_param_diff"], "legato": entry["legato"],
                 "messages_per_step": entry["messages_per_step"],
-                "steps_each": entry["steps_each"], "trace": entry.get("trace")})
+                "steps_each": entry["steps_each"], "trace": entry.get("trace"),
+                "tuning_steps": entry.get("tuning_steps", 0), "tuner": entry.get("tuner")})
     return rows
 
 
@@ -117,7 +135,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
             print(f"{rate_label(r['rate']):>13} {r['median_ms']['gluon']:>9.1f} "
                   f"{r['median_ms']['legato']:>9.1f} {r['ratio']:>6.2f}x {verdict:>8} "
                   f"{r['FB_ms']:>7.1f} {r['C_ms']:>7.1f} {r['cpu_ms']['gluon']:>10.1f} "
-                  f"{r['cpu_ms']['legato']:>10.1f} {r['max_param_diff']:>9.2g}")
+                  f"{r['cpu_ms']['legato']:>10.1f} "
+                  # after tuning legato has taken more steps than gluon: not comparable
+                  f"{'n/a' if r['tuning_steps'] else format(r['max_param_diff'], '.2g'):>9}")
+    for r in rows:
+        if r["tuner"]:
+            conf = r["tuner"]["confirmation"] or {}
+            print(f"{r['model']} at {rate_label(r['rate'])}: tuned in {r['tuning_steps']} "
+                  f"steps ({len(r['tuner']['trials'])} trials, {r['tuner']['sampler']}) to "
+                  f"{r['legato']}; best/plain {conf.get('ratio', float('nan')):.3f} "
+                  f"({conf.get('verdict')})")
     print(f"\nlegato: {rows[0]['legato']}; cores: {os.cpu_count()}")
 
 
@@ -136,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partition-bytes", type=int, default=None)
     parser.add_argument("--credit-bytes", type=int, default=None)
     parser.add_argument("--merge-bytes", type=int, default=None)
+    parser.add_argument("--tune", type=_tune_arg, default=None, metavar="JSON",
+                        help="tune legato online before the timed rounds (untimed): 1, or "
+                             'TuneSettings fields as JSON, e.g. \'{"trials": 10, '
+                             '"steps_per_trial": 4}\'')
     parser.add_argument("--job-timeout", type=float, default=400)
     parser.add_argument("--rate-timeout", type=float, default=900)
     parser.add_argument("--json", type=Path, default=RESULTS / "mxnet_scheduler.json")
@@ -160,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     args.timeline = trace_prefix(parser, args.timeline)
     for flag, value in (("--partition-bytes", args.partition_bytes),
                         ("--credit-bytes", args.credit_bytes),
-                        ("--merge-bytes", args.merge_bytes), ("--timeline", args.timeline)):
+                        ("--merge-bytes", args.merge_bytes), ("--timeline", args.timeline),
+                        ("--tune", args.tune and json.dumps(args.tune))):
         if value is not None:
             passthrough += [flag, str(value)]
     load_before = os.getloadavg()
