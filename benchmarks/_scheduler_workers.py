@@ -484,6 +484,8 @@ def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> N
 
     for method in models:
         block(method, warmup)
+    while opts["legato-horovod"].startup_pending:  # the default's start-up check (every rank)
+        block("legato-horovod", 1)
     times: dict[str, list[float]] = {m: [] for m in models}
     for r in range(rounds):  # alternate which goes first, so that drift hits both alike
         for method in (("horovod", "legato-horovod") if r % 2 == 0
@@ -493,5 +495,8 @@ def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> N
     opts["legato-horovod"].close()
     print("RESULT " + json.dumps({"rank": hvd.rank(), "model": model_name, "times": times,
                                   "legato": stats["config"],
+                                  "startup": opts["legato-horovod"].startup and {
+                                      k: opts["legato-horovod"].startup[k]
+                                      for k in ("chosen", "best_s", "plain_s", "link")},
                                   "messages_per_step": stats["messages_per_step"]}), flush=True)
     hvd.shutdown()

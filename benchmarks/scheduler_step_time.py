@@ -161,7 +161,8 @@ def inner(args: argparse.Namespace) -> int:
                      if line.startswith("RESULT ")]
             pair = json.loads(lines[0].split(" ", 1)[1])
             entry.setdefault("times", {}).update(pair["times"])
-            entry["legato_horovod"] = {k: pair[k] for k in ("legato", "messages_per_step")}
+            entry["legato_horovod"] = {k: pair.get(k) for k in ("legato", "messages_per_step",
+                                                                 "startup")}
         elif "horovod" in args.methods and not args.simulate:
             job = run_horovod_job(f"{WORKERS}:run_horovod", RANKS, timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds,
@@ -251,6 +252,11 @@ def print_table(rows: list[dict], methods: list[str], loop: str = "plain") -> No
                       f"side: {med['horovod'] / med['legato-horovod']:.2f}x "
                       f"({r['legato_horovod']['legato']}, "
                       f"{r['legato_horovod']['messages_per_step']} messages a step)")
+                startup = r["legato_horovod"].get("startup")
+                if startup:  # the default's start-up check chose
+                    print(f"{'':>13} start-up: {startup['chosen']} (predicted "
+                          f"{startup['best_s'] * 1e3:.1f} ms scheduled, "
+                          f"{startup['plain_s'] * 1e3:.1f} ms plain; link {startup['link']})")
 
 
 def print_predictions(rows: list[dict], methods: list[str]) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import statistics
+import time
 from typing import Callable
 
 import torch
@@ -291,6 +293,27 @@ class HorovodTransport:
 
     def broadcast_object(self, obj):
         return self._hvd.broadcast_object(obj, root_rank=0, name=f"{self._prefix}decision")
+
+    def link_samples(self, sizes, repeats: int = 3) -> list[tuple[int, float]]:
+        """(bytes, median seconds) of one Horovod all-reduce of float32 per size (a collective;
+        the slowest rank's time counts), negotiation included, as each of legato's messages
+        pays it: what the start-up simulator fits the link to (see profile.link_samples for
+        torch.distributed)."""
+        out = []
+        for size in sizes:
+            buf = torch.zeros(max(1, size // 4))
+            times = []
+            for i in range(repeats + 1):
+                self._hvd.barrier()
+                started = time.perf_counter()
+                self._hvd.allreduce(buf, op=self._hvd.Sum, name=f"{self._prefix}link.{size}")
+                elapsed = self._hvd.allreduce(
+                    torch.tensor([time.perf_counter() - started], dtype=torch.float64),
+                    op=self._hvd.Max, name=f"{self._prefix}link.max")
+                if i:  # the first is a warm-up
+                    times.append(float(elapsed))
+            out.append((buf.numel() * 4, statistics.median(times)))
+        return out
 
     def any_flag(self, flag: bool) -> bool:
         """Whether any rank's `flag` is set (a small all-reduce; every rank calls it)."""

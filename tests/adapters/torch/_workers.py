@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -352,7 +353,9 @@ def timeline(path: str) -> None:
 
 def compare_with_horovod(opt_name: str, steps: int, tune=None,
                          policy: str = "bytescheduler") -> None:
-    """ScheduledOptimizer(backend='horovod') against hvd.DistributedOptimizer, in horovodrun."""
+    """ScheduledOptimizer(backend='horovod') against hvd.DistributedOptimizer, in horovodrun.
+    policy="default": bytescheduler with no sizes and defaults="fixed-or-plain", so the
+    start-up check runs and switches every rank after its steps."""
     import horovod.torch as hvd
 
     hvd.init()
@@ -365,7 +368,9 @@ def compare_with_horovod(opt_name: str, steps: int, tune=None,
     sizes = ({"partition_bytes": 32 * 1024, "credit_bytes": 96 * 1024}
              if policy == "bytescheduler" else {})
     opt = ScheduledOptimizer(make_optimizer(opt_name, ours.parameters()), ours,
-                             backend="horovod", policy=policy, timeout_s=60, tune=tune, **sizes)
+                             backend="horovod", timeout_s=60, tune=tune, **sizes,
+                             **({"policy": "bytescheduler", "defaults": "fixed-or-plain"}
+                                if policy == "default" else {"policy": policy}))
     loss_fn = nn.CrossEntropyLoss()
     for step in range(steps):
         x, y = batch(rank, step)
@@ -379,6 +384,11 @@ def compare_with_horovod(opt_name: str, steps: int, tune=None,
         assert torch.equal(p, q), f"rank {rank}: {name} differs by {(p - q).abs().max()}"
     if tune:
         print(f"rank {rank}: tuned to {opt.config.describe()} ({opt.stats['tuner']})")
+    if policy == "default":
+        print("STARTUP " + json.dumps({"mode": opt.defaults_mode, "pending":
+                                       opt.startup_pending, "now": opt.config.describe(),
+                                       **{k: opt.startup[k] for k in
+                                          ("chosen", "predicted_s", "link")}}), flush=True)
     opt.close()
     print(f"rank {rank}: horovod {opt_name} matches hvd.DistributedOptimizer after {steps} "
           "steps (bit-exact)")

@@ -175,14 +175,14 @@ def test_timeline_is_a_chrome_trace_of_both_ranks(tmp_path):
     ("sgd", None, "bytescheduler"), ("adam", None, "bytescheduler"),
     ("adam", {"trials": 4, "steps_per_trial": 1, "warmup_steps": 1, "sampler": "tpe"},
      "bytescheduler"),
-    ("sgd", None, "priority")])
+    ("sgd", None, "priority"), ("adam", None, "default")])
 def test_horovod_backend_matches_distributed_optimizer(opt_name, tune, policy):
     """Horovod averages as a sum times 1/2 on two ranks; legato pre-scales by 1/2 and sums:
     both round the same exact value, so the parameters must be bit-identical. With tuning,
     the settings change at step boundaries (new Horovod tensor names for each plan). Under
     `priority` (one message in flight) 30 steps: with a window on every rank and no order from
     rank 0, this deadlocked when the ranks' gradients became ready in different interleavings."""
-    steps = 10 if tune else 30 if policy == "priority" else 5
+    steps = 10 if tune or policy == "default" else 30 if policy == "priority" else 5
     result = run_horovod_job(f"{WORKERS}:compare_with_horovod", 2,
                              args=[opt_name, steps, tune, policy], timeout_s=240)
     for r in range(2):
@@ -190,6 +190,18 @@ def test_horovod_backend_matches_distributed_optimizer(opt_name, tune, policy):
             result.rank(r).stdout
         if tune:
             assert "tuned to policy=" in result.rank(r).stdout
+    if policy == "default":  # the start-up check ran over Horovod, as over gloo
+        from legato.core.scheduler.policy import resolve_config
+
+        reports = [json.loads(next(ln for ln in result.rank(r).stdout.splitlines()
+                                   if ln.startswith("STARTUP ")).split(" ", 1)[1])
+                   for r in range(2)]
+        fixed, plain = resolve_config("bytescheduler"), resolve_config("plain")
+        for report in reports:
+            assert report["mode"] == "fixed-or-plain" and not report["pending"], report
+            assert set(report["predicted_s"]) == {fixed.describe(), plain.describe()}
+            assert report["now"] == report["chosen"] == reports[0]["chosen"]
+            assert "Mbit/s" in report["link"]
 
 
 @pytest.mark.timeout(180)
