@@ -111,6 +111,14 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
         for _ in range(warmup):
             step()
         sync()
+    # legato's default check (fixed sizes against plain, or a tuner given): untimed, with the
+    # compiled step; the timed blocks run what it chose
+    check_steps = 0
+    while legato_opt.tuning:
+        legato_compiled_step()
+        check_steps += 1
+    legato_opt.synchronize()
+    chosen = legato_opt.config
     for _ in range(rounds):
         for m, (step, sync) in methods.items():
             hvd.allreduce(tf.zeros(1), name="legato.bench.barrier")
@@ -125,9 +133,12 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
         for way, compiled in (("legato", False), ("legato-compiled", True)):
             traces[way] = f"{timeline}.{model_name}.{way}.json"
             traced_model = build(model_name)
-            traced_opt = ScheduledOptimizer(keras.optimizers.SGD(0.01, momentum=0.9),
-                                            traced_model, backend="horovod",
-                                            timeline=traces[way], **settings)
+            traced_opt = ScheduledOptimizer(
+                keras.optimizers.SGD(0.01, momentum=0.9), traced_model, backend="horovod",
+                timeline=traces[way], policy=chosen.policy,   # the setting timed above
+                **({} if chosen.policy == "plain" else {
+                    "partition_bytes": chosen.partition_bytes,
+                    "credit_bytes": chosen.credit_bytes, "merge_bytes": chosen.merge_bytes}))
 
             def traced_grads(model=traced_model):
                 with tf.GradientTape() as tape:
@@ -159,5 +170,6 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
     print("RESULT " + json.dumps({
         "rank": hvd.rank(), "model": model_name, "times": times, "F": f, "B": b,
         "C": float(np.median(cs)), "stats": legato_opt.stats, "traces": traces,
+        "check_steps": check_steps,
         "grad_bytes": int(sum(int(np.prod(v.shape)) * 4 for v in plain_vars))}), flush=True)
     hvd.shutdown()

@@ -13,7 +13,10 @@ see benchmarks/_netns.py) builds the model twice from one seed and trains it wit
                     (legato's gates and backward hooks are ops in it); apply_gradients eager
 They take turns in blocks of --steps steps, --rounds times (so drift on this noisy machine hits
 them alike); a block ends when its last update is done. The job also measures F and B (forward
-and backward, no communication) and C (one grouped all-reduce of every gradient).
+and backward, no communication) and C (one grouped all-reduce of every gradient). With no
+--partition-bytes or --credit-bytes, legato runs at its defaults, whose check (the fixed sizes
+measured against plain in the first steps) runs first, untimed, with the compiled step; the
+table's note says what it chose.
 
 Output: per model a table of median step ms and the ratios baseline/legato (>1: legato is
 faster): eager against eager, tf.function against tf.function, and the faster of each; JSON
@@ -80,6 +83,9 @@ def summarize(results: list[dict]) -> list[dict]:
                          "grad_bytes": r["grad_bytes"], "legato": r["stats"]["config"],
                          "messages_per_step": r["stats"]["messages_per_step"],
                          "traces": r.get("traces", {}),
+                         "check_steps": r.get("check_steps", 0),
+                         "defaults": r["stats"].get("defaults"),
+                         "tuner": r["stats"].get("tuner"),
                          "eager": med["horovod"] / med["legato"],
                          "compiled": med["horovod-compiled"] / med["legato-compiled"],
                          "best": min(med["horovod"], med["horovod-compiled"])
@@ -99,6 +105,11 @@ def print_table(rows: list[dict]) -> None:
                   f"{r['eager']:>5.2f}x | {m['horovod-compiled']:>9.1f} "
                   f"{m['legato-compiled']:>12.1f} {r['compiled']:>5.2f}x | {r['best']:>8.2f}x "
                   f"{r['F_ms'] + r['B_ms']:>7.1f} {r['C_ms']:>7.1f}")
+            if r["check_steps"]:  # the default's check (or a tuner) ran first, untimed
+                conf = (r["tuner"] or {}).get("confirmation") or {}
+                print(f"{'':>13} after {r['check_steps']} untimed steps of legato's "
+                      f"{r['defaults']} check: {r['legato']} (fixed/plain "
+                      f"{conf.get('ratio', float('nan')):.3f}, {conf.get('verdict')})")
 
 
 def main(argv: list[str] | None = None) -> int:

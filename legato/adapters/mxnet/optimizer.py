@@ -61,10 +61,10 @@ from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress, layer_keys
 from legato.core.scheduler.plan import CommTask
-from legato.core.scheduler.policy import plan_for, resolve_config
+from legato.core.scheduler.policy import plan_for
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
-from legato.core.scheduler.tune import TuneSettings, TuningSession
+from legato.core.scheduler.tune import TuningSession, wrapper_settings
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledTrainer"]
@@ -154,10 +154,17 @@ class ScheduledTrainer(ClosesOnExit):
             `legato.core.scheduler.tune.TuneSettings` fields, or None. policy must be
             "bytescheduler". See [Note: tuning over a kvstore] for what each setting tried
             costs.
+        defaults: "auto" (the default), "fixed" or "fixed-or-plain". With "fixed-or-plain"
+            (what "auto" is when no policy other than bytescheduler, no size and no tuner is
+            given; else "fixed") the first steps measure the fixed sizes against plain (the
+            pass-through), alternately, and every worker keeps the faster ([Note: measured
+            defaults] in legato.core.scheduler.tune: 40 steps, 80 at most; `trainer.tuning` is
+            True meanwhile, `trainer.stats["tuner"]` gives the measurements).
 
-    policy, the sizes, timeout_s, timeline, compression and tune can come from LEGATO_POLICY,
-    LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S,
-    LEGATO_TIMELINE, LEGATO_COMPRESSION and LEGATO_TUNE instead (an argument wins).
+    policy, the sizes, timeout_s, timeline, compression, tune and defaults can come from
+    LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
+    LEGATO_TIMEOUT_S, LEGATO_TIMELINE, LEGATO_COMPRESSION, LEGATO_TUNE and LEGATO_DEFAULTS
+    instead (an argument wins).
     """
 
     def __init__(self, trainer: gluon.Trainer, model: gluon.Block, *,
@@ -165,11 +172,12 @@ class ScheduledTrainer(ClosesOnExit):
                  credit_bytes: int | None = None, merge_bytes: int | None = None,
                  timeout_s: float | None = None, broadcast_parameters: bool = True,
                  queue_impl: str = "auto", timeline: str | None = None,
-                 compression: str | None = None, tune: Any = None) -> None:
+                 compression: str | None = None, tune: Any = None,
+                 defaults: str | None = None) -> None:
         settings, from_env = scheduler_env.adapter_settings(
             "MXNet", policy=policy, partition_bytes=partition_bytes, credit_bytes=credit_bytes,
             merge_bytes=merge_bytes, timeout_s=timeout_s, timeline=timeline,
-            compression=compression, tune=tune)
+            compression=compression, tune=tune, defaults=defaults)
         timeline = settings["timeline"]
         compression = str(settings["compression"]).lower()
         if compression not in ("none", "fp16"):
@@ -178,9 +186,7 @@ class ScheduledTrainer(ClosesOnExit):
         wire = np.dtype(np.float16) if compression == "fp16" else None
         if timeline is not None:
             check_trace_path(timeline)
-        policy, timeout_s = settings["policy"], settings["timeout_s"]
-        partition_bytes, credit_bytes, merge_bytes = (
-            settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
+        timeout_s = settings["timeout_s"]
         if isinstance(trainer, ScheduledTrainer):
             raise ConfigError("trainer is already a ScheduledTrainer; wrap a gluon.Trainer once")
         if not isinstance(trainer, gluon.Trainer):
@@ -196,12 +202,7 @@ class ScheduledTrainer(ClosesOnExit):
         self._model = model
         self._timeout_s = float(timeout_s)
         self._params, self._index = self._check_params(trainer, model)
-        self.config = resolve_config(policy, partition_bytes=partition_bytes,
-                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
-        self._tune = TuneSettings.from_arg(settings["tune"])
-        if self._tune is not None and self.config.policy != "bytescheduler":
-            raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
-                              f"policy={policy!r} has none: use policy='bytescheduler'")
+        self.config, self._tune, self.defaults_mode = wrapper_settings(settings, "MXNet")
         self._names = [p.name for p in self._params]
         layer_of, direct, self._layer_names = self._layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
@@ -745,4 +746,4 @@ class ScheduledTrainer(ClosesOnExit):
         return {**self._steps.stats(self.plan, self.config,
                                     self._issued_before + self._scheduler.issued_total),
                 "tuner": None if self._tuning is None or self._rank != 0
-                else self._tuning.summary()}
+                else self._tuning.summary(), "defaults": self.defaults_mode}

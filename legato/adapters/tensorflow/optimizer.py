@@ -51,8 +51,8 @@ from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress
 from legato.core.scheduler.plan import CommTask
-from legato.core.scheduler.policy import plan_for, resolve_config
-from legato.core.scheduler.tune import TuneSettings, TuningSession
+from legato.core.scheduler.policy import plan_for
+from legato.core.scheduler.tune import TuningSession, wrapper_settings
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
@@ -113,11 +113,17 @@ class ScheduledOptimizer(ClosesOnExit):
             when the job ends badly (it opens as it is).
         compiled_updates: run each layer's update as a tf.function of its own (traced once
             per layer; default) instead of eager Keras calls ([Note: compiled updates]).
+        defaults: "auto" (the default), "fixed" or "fixed-or-plain". With "fixed-or-plain"
+            (what "auto" is when no policy other than bytescheduler, no size and no tuner is
+            given; else "fixed") the first steps measure the fixed sizes against plain (the
+            pass-through), alternately, and every rank keeps the faster ([Note: measured
+            defaults] in legato.core.scheduler.tune: 40 steps, 80 at most; `opt.tuning` is
+            True meanwhile and `opt.stats["tuner"]` gives the measurements).
 
-    policy, the sizes, timeout_s, backward_passes_per_step, compression, tune and timeline can
-    come from LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES, LEGATO_MERGE_BYTES,
-    LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP, LEGATO_COMPRESSION, LEGATO_TUNE and
-    LEGATO_TIMELINE instead (an argument wins).
+    policy, the sizes, timeout_s, backward_passes_per_step, compression, tune, timeline and
+    defaults can come from LEGATO_POLICY, LEGATO_PARTITION_BYTES, LEGATO_CREDIT_BYTES,
+    LEGATO_MERGE_BYTES, LEGATO_TIMEOUT_S, LEGATO_BACKWARD_PASSES_PER_STEP, LEGATO_COMPRESSION,
+    LEGATO_TUNE, LEGATO_TIMELINE and LEGATO_DEFAULTS instead (an argument wins).
     """
 
     def __init__(self, optimizer, model, *, policy: str | None = None,
@@ -127,19 +133,19 @@ class ScheduledOptimizer(ClosesOnExit):
                  broadcast_parameters: bool = True,
                  backward_passes_per_step: int | None = None,
                  compression: str | None = None, timeline: str | None = None,
-                 tune=None, compiled_updates: bool = True) -> None:
+                 tune=None, compiled_updates: bool = True,
+                 defaults: str | None = None) -> None:
         keras = _keras()
         settings, from_env = scheduler_env.adapter_settings(
             "TensorFlow", policy=policy, partition_bytes=partition_bytes,
             credit_bytes=credit_bytes, merge_bytes=merge_bytes, timeout_s=timeout_s,
             backward_passes_per_step=backward_passes_per_step,
-            compression=_compression_name(compression), timeline=timeline, tune=tune)
+            compression=_compression_name(compression), timeline=timeline, tune=tune,
+            defaults=defaults)
         timeline = settings["timeline"]
         if timeline is not None:  # before any collective call
             check_trace_path(timeline)
-        policy, timeout_s = settings["policy"], settings["timeout_s"]
-        partition_bytes, credit_bytes, merge_bytes = (
-            settings["partition_bytes"], settings["credit_bytes"], settings["merge_bytes"])
+        timeout_s = settings["timeout_s"]
         self._compression = None if settings["compression"] == "none" else \
             settings["compression"]
         if isinstance(optimizer, ScheduledOptimizer):
@@ -200,12 +206,7 @@ class ScheduledOptimizer(ClosesOnExit):
             # layer's apply would rewrite every accumulator once per layer.
             object.__setattr__(optimizer, "_backend_reset_gradient_accumulators",
                                lambda: None)
-        self.config = resolve_config(policy, partition_bytes=partition_bytes,
-                                     credit_bytes=credit_bytes, merge_bytes=merge_bytes)
-        self._tune = TuneSettings.from_arg(settings["tune"])
-        if self._tune is not None and self.config.policy != "bytescheduler":
-            raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
-                              f"policy={policy!r} has none: use policy='bytescheduler'")
+        self.config, self._tune, self.defaults_mode = wrapper_settings(settings, "TensorFlow")
         owned = owned_layers(model)
         self._layers = [layer for layer, _ in owned]
         self._layer_names = [layer.name for layer, _ in owned]
@@ -317,6 +318,13 @@ class ScheduledOptimizer(ClosesOnExit):
         if config is not None:
             self.config = config
             self._set_plan()
+        if self._gates is not None:
+            # [Note: hooks off under plain] plain posts every gradient in apply_gradients and
+            # finishes the step's update before it returns, as without gates: the gates and
+            # posts are skipped, eager and in a compiled step (crossing into Python for each
+            # layer and gradient cost the cnn benchmark 15 ms a step)
+            self._gates.on = not self._passthrough
+            self._gates.graph_on.assign(self._gates.on)
         self._start_scheduler()
 
     @property
@@ -588,7 +596,10 @@ class ScheduledOptimizer(ClosesOnExit):
                 def post(t):
                     self._grad_arrived(key, t, graph=True)
                     return np.int32(0)
-                posted = tf.py_function(post, [g], tf.int32, name="legato_post")
+                posted = tf.cond(  # [Note: hooks off under plain]
+                    self._gates.graph_on,
+                    lambda: tf.py_function(post, [g], tf.int32, name="legato_post"),
+                    lambda: tf.constant(0, tf.int32))
                 with tf.control_dependencies([posted]):
                     return tf.identity(g)
             return tf.identity(value), grad
@@ -659,6 +670,7 @@ class ScheduledOptimizer(ClosesOnExit):
                 "tuner": None if self._tuning is None or self._transport.group_rank != 0
                 else self._tuning.summary(),
                 "backend": self._transport.name, "compiled_updates": self._compiled_updates,
+                "defaults": self.defaults_mode,
                 "sent_during_backward": self._posted_in_backward, "forward_traced": bool(
                     self._gates is not None and self._gates.traced)}
 

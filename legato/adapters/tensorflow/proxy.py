@@ -67,6 +67,12 @@ class LayerGates:
         if trace is not None:
             self._gates.on_wait = trace.gate_waited
         self._all = tuple(range(len(layers)))
+        # [Note: hooks off under plain] whether the gates and the optimizer's gradient posts
+        # run: `on` for eager calls; `graph_on` for the ops of a compiled step, read when the
+        # graph runs, so a traced step follows the setting without retracing (a graph traced
+        # while they are off still gets the ops, for when they are on again)
+        self.on = True
+        self.graph_on = tf.Variable(True, trainable=False, name="legato_graph_hooks_on")
         self.traced = False
         self._observing = True
         self._ran: set[int] = set()
@@ -85,6 +91,8 @@ class LayerGates:
 
         def gated(*args, **kwargs):
             graph = not tf.executing_eagerly()
+            if not graph and not self.on:
+                return own(*args, **kwargs)
             if graph and self._around is None:
                 self.traced = True  # no gates in a graph without the optimizer's hooks
                 return own(*args, **kwargs)
@@ -127,7 +135,9 @@ class LayerGates:
             if waits:
                 self.wait(waits, name)
             return np.int32(0)
-        return tf.py_function(run, [], tf.int32, name="legato_gate")
+        return tf.cond(self.graph_on,
+                       lambda: tf.py_function(run, [], tf.int32, name="legato_gate"),
+                       lambda: tf.constant(0, tf.int32))
 
     def finish_observing(self) -> None:
         """After the first forward (see the class doc)."""

@@ -249,16 +249,19 @@ class OnlineTuner:
         if start.policy != "bytescheduler":
             raise ConfigError(f"tuning searches bytescheduler's partition and credit sizes; "
                               f"policy={start.policy!r} has none: use policy='bytescheduler'")
-        optuna = _load_optuna()
-        self._optuna = optuna
         self.settings = settings
+        # [Note: a round without samples] With 4 trials (the starting setting, plain and one
+        # confirmation pair) nothing is sampled: the round is a measured choice between the
+        # starting setting and plain, and runs without optuna (the defaults' check on
+        # TensorFlow and MXNet, where optuna is an optional extra).
+        self._optuna = _load_optuna() if self._sampled_trials(settings) > 0 else None
         missing = [m for m in ("torch", "scipy") if importlib.util.find_spec(m) is None]
-        if settings.sampler == "gp" and missing:
+        if settings.sampler == "gp" and missing and self._optuna is not None:
             raise ConfigError(f"sampler='gp' (optuna's GPSampler) needs {' and '.join(missing)}"
                               ", not installed here; install them, or pass "
                               "tune={'sampler': 'tpe'} (or 'auto')")
-        self.sampler = settings.sampler if settings.sampler != "auto" else (
-            "tpe" if missing else "gp")
+        self.sampler = ("none" if self._optuna is None else settings.sampler
+                        if settings.sampler != "auto" else "tpe" if missing else "gp")
         self.space = search_space(largest_tensor_bytes)
         self._merge = start.merge_bytes
         self._plain = resolve_config("plain")
@@ -270,16 +273,25 @@ class OnlineTuner:
         self.first = Decision(self.current, step + settings.trial_steps, "tuning")
 
     # -- rounds --------------------------------------------------------------------------------
+    @staticmethod
+    def _sampled_trials(s: TuneSettings) -> int:
+        """Trials of a round that optuna samples (the study's trials after the starting one)."""
+        return s.trials - 2 * (2 if s.trials >= 8 else 1) - (1 if s.passthrough else 0) - 1
+
     def _begin_round(self, start: SchedulerConfig) -> None:
         s = self.settings
         optuna = self._optuna
-        if self.sampler == "gp":
-            sampler = optuna.samplers.GPSampler(seed=s.seed + self.rounds, n_startup_trials=4)
-        else:
-            sampler = optuna.samplers.TPESampler(seed=s.seed + self.rounds, n_startup_trials=4)
-        self._study = optuna.create_study(direction="minimize", sampler=sampler)
-        if start.policy == "bytescheduler":
-            self._study.enqueue_trial(_params_of(start, self.space))
+        self._study = None  # [Note: a round without samples]
+        if optuna is not None:
+            if self.sampler == "gp":
+                sampler = optuna.samplers.GPSampler(seed=s.seed + self.rounds,
+                                                    n_startup_trials=4)
+            else:
+                sampler = optuna.samplers.TPESampler(seed=s.seed + self.rounds,
+                                                     n_startup_trials=4)
+            self._study = optuna.create_study(direction="minimize", sampler=sampler)
+            if start.policy == "bytescheduler":
+                self._study.enqueue_trial(_params_of(start, self.space))
         self._trial = None  # the optuna trial being measured, if any
         # Trials left: pass-through (if on), study trials, then the confirmations (two pairs
         # of the best setting and plain when the budget allows, else one pair).
@@ -297,7 +309,12 @@ class OnlineTuner:
         self._ref: float | None = None
         self._drifted = 0
         self.rounds += 1
-        if start.policy == "bytescheduler":
+        if start.policy == "bytescheduler" and self._study is None:
+            self._study_left -= 1
+            self._trial_config = _config(**_params_of(start, self.space),
+                                         merge_bytes=self._merge)
+            self.current = self._trial_config
+        elif start.policy == "bytescheduler":
             self._trial = self._study.ask()
             self._study_left -= 1
             self._trial_config = self._config_of(self._trial)
@@ -520,3 +537,58 @@ class TuningSession:
 
     def summary(self) -> dict[str, Any]:
         return self.tuner.summary()
+
+
+# [Note: measured defaults] TensorFlow and MXNet have no start-up simulator (their forward runs
+# inside graphs or MXNet's asynchronous engine, so legato cannot time each layer); their
+# `defaults="fixed-or-plain"` measures instead: a 4-trial tuning round (the fixed sizes, plain,
+# then one confirmation pair of the two, and up to 2 more pairs while the interval straddles
+# the margin) decides with the tuner's own rule ([Note: a decision noise cannot flip]), and no
+# drift checks follow. It samples nothing, so it runs without optuna.
+MEASURED_DEFAULTS = TuneSettings(trials=4, steps_per_trial=8, warmup_steps=2, check_every=0,
+                                 max_confirm_pairs=2)
+
+
+def measured_defaults(mode: str, *, policy: str, partition_bytes: int | None,
+                      credit_bytes: int | None, tune: TuneSettings | None,
+                      adapter: str) -> TuneSettings | None:
+    """`defaults` of the TensorFlow and MXNet wrappers: "auto" (the default) is
+    "fixed-or-plain" unless a policy other than bytescheduler, a partition or credit size, or
+    a tuner is given; then "fixed". Returns the tuning round that decides ([Note: measured
+    defaults]), or None for the fixed sizes."""
+    given = [n for n, v in (("partition_bytes", partition_bytes),
+                            ("credit_bytes", credit_bytes)) if v is not None]
+    why = (f"policy={policy!r} is not 'bytescheduler'" if policy != "bytescheduler"
+           else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given" if given
+           else "tune is on" if tune is not None else None)
+    if mode not in ("auto", "fixed", "fixed-or-plain"):
+        raise ConfigError(f"defaults={mode!r} is unknown for {adapter}; pass 'auto' (the "
+                          "default), 'fixed' (the fixed sizes) or 'fixed-or-plain' (the fixed "
+                          "sizes or plain, whichever the first steps measure faster); "
+                          "'simulated' is PyTorch's")
+    if mode == "fixed-or-plain" and why:
+        raise ConfigError(f"defaults='fixed-or-plain' measures the fixed sizes against plain in "
+                          f"the first steps, but {why}; drop one of them")
+    if mode == "fixed" or why:
+        return None
+    return MEASURED_DEFAULTS
+
+
+def wrapper_settings(settings: dict[str, Any], adapter: str
+                     ) -> tuple[SchedulerConfig, TuneSettings | None, str]:
+    """The TensorFlow and MXNet wrappers' scheduling settings (`adapter_settings`' output)
+    resolved and checked: the setting to start with, the tuning round to run (the user's
+    `tune`, or the defaults' check, [Note: measured defaults]), and the defaults' mode."""
+    policy = settings["policy"]
+    config = resolve_config(policy, partition_bytes=settings["partition_bytes"],
+                            credit_bytes=settings["credit_bytes"],
+                            merge_bytes=settings["merge_bytes"])
+    tune = TuneSettings.from_arg(settings["tune"])
+    if tune is not None and config.policy != "bytescheduler":
+        raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "
+                          f"policy={policy!r} has none: use policy='bytescheduler'")
+    check = measured_defaults(settings["defaults"], policy=config.policy,
+                              partition_bytes=settings["partition_bytes"],
+                              credit_bytes=settings["credit_bytes"], tune=tune,
+                              adapter=adapter)
+    return config, tune or check, "fixed" if check is None else "fixed-or-plain"

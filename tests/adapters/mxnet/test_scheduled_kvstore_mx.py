@@ -97,6 +97,26 @@ def test_online_tuning_switches_plans_and_still_matches_gluon():
     assert cases[0]["stats"]["issued"] != 14 * 22
 
 
+@pytest.mark.timeout(200)
+def test_default_settings_measure_the_fixed_sizes_against_plain():
+    """No sizes, policy or tuner given: the first steps measure the fixed sizes against plain,
+    alternately ([Note: measured defaults]), both workers keep the faster, and the parameters
+    stay bit-identical to gluon's."""
+    from legato.core.scheduler.policy import resolve_config
+
+    result = job("compare_with_gluon", "sgd", False, [["bytescheduler", {}]], 84, timeout_s=170)
+    cases = lines(result, "CASE")
+    assert len(cases) == 2
+    for case in cases:
+        assert case["exact"] and case["stats"]["defaults"] == "fixed-or-plain", case
+    tuner = next(c["stats"]["tuner"] for c in cases if c["stats"]["tuner"])
+    tried = [t[0] for t in tuner["trials"]]
+    fixed, plain = resolve_config("bytescheduler").describe(), resolve_config("plain").describe()
+    assert tried[:4] == [fixed, plain, fixed, plain] and len(tried) in (4, 6, 8), tried
+    assert tuner["phase"] == "tuned" and tuner["sampler"] == "none"
+    assert cases[0]["stats"]["config"] == cases[1]["stats"]["config"] == tuner["chosen"]
+
+
 @pytest.mark.timeout(150)
 def test_gradient_accumulation_matches_gluon():
     """gluon's accumulation idiom (grad_req='add', two backward passes, step(2 * batch),
@@ -323,6 +343,9 @@ def test_kvstore_compression_is_refused():
     ({"policy": "priority", "tune": True}, "use policy='bytescheduler'"),
     ({"tune": {"trials": 2}}, "trials=2 is too few"),
     ({"tune": {"sampler": "gp"}}, "needs scipy"),
+    ({"defaults": "simulated"}, "'simulated' is PyTorch's"),
+    ({"defaults": "fixed-or-plain", "partition_bytes": 1 << 20},
+     "but partition_bytes is given"),
 ])
 def test_bad_arguments(kwargs, fragment):
     net = _net()

@@ -242,6 +242,14 @@ def embedding() -> None:
     print("EMBEDDING_OK", opt.stats["sent_during_backward"], flush=True)
 
 
+def _one_step(model, opt, step: int) -> None:
+    x, y = batch(0, step)
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                            model.trainable_variables))
+
+
 def compiled_updates() -> None:
     """[Note: compiled updates]: each layer's update as a tf.function gives the eager updates'
     weights bit for bit (SGD with momentum, Adam); a learning rate given as a Python callable
@@ -254,11 +262,7 @@ def compiled_updates() -> None:
             model = net()
             opt = ScheduledOptimizer(make(), model, timeout_s=60, compiled_updates=compiled)
             for step in range(3):
-                x, y = batch(0, step)
-                with tf.GradientTape() as tape:
-                    loss = LOSS(y, model(x, training=True))
-                opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                        model.trainable_variables))
+                _one_step(model, opt, step)
             opt.close()
             assert opt.stats["compiled_updates"] is compiled
             weights[compiled] = [v.numpy() for v in model.trainable_variables]
@@ -273,11 +277,7 @@ def compiled_updates() -> None:
     for step, lr in enumerate((0.1, 0.0)):
         value["lr"] = lr
         before = [v.numpy() for v in model.trainable_variables]
-        x, y = batch(0, step)
-        with tf.GradientTape() as tape:
-            loss = LOSS(y, model(x, training=True))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
-                                model.trainable_variables))
+        _one_step(model, opt, step)
         opt.synchronize()
         moved.append(any(not np.array_equal(a, v.numpy())
                          for a, v in zip(before, model.trainable_variables)))

@@ -117,6 +117,42 @@ def test_tuning_switches_settings_at_step_boundaries_and_matches_plain_horovod(t
 
 @pytest.mark.horovod
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("compiled", [False, True])
+def test_default_settings_measure_the_fixed_sizes_against_plain(tmp_path, compiled):
+    """No sizes, policy or tuner given: the first steps measure the fixed sizes against plain,
+    alternately ([Note: measured defaults]: 4 trials of 2 + 8 steps, up to 2 more pairs), and
+    both ranks keep the faster; the weights stay bit-identical to plain Horovod's. Compiled:
+    the gradients come from one tf.function traced once, whose gate and post ops are skipped
+    during plain's trials and run again for the fixed sizes' ([Note: hooks off under
+    plain])."""
+    from legato.core.scheduler.policy import resolve_config
+
+    steps = 84
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_horovod_job(f"{WORKERS}:plain_both", 2, args=[steps, str(ref)], timeout_s=250)
+    result = run_torch_job(f"{WORKERS}:train_legato", 2,
+                           args=["gloo", "sgd", "bytescheduler", {}, steps, str(tmp_path),
+                                 compiled], timeout_s=250)
+    for r in range(2):  # a tf.function's gradients round apart from eager ones (see above)
+        assert_same(tmp_path / f"params-gloo-bytescheduler-{r}.npz",
+                    ref / f"params-hvdplain-sgd-{r}.npz", steps=steps,
+                    atol=1e-6 if compiled else 0)
+        assert "'defaults': 'fixed-or-plain'" in result.rank(r).stdout
+    stats = result.rank(0).stdout
+    trials = re.findall(r"\('(policy=[^']*)', [0-9.e-]+\)", stats)
+    fixed, plain = resolve_config("bytescheduler").describe(), resolve_config("plain").describe()
+    assert trials[:4] == [fixed, plain, fixed, plain] and len(trials) in (4, 6, 8), stats
+    assert "'phase': 'tuned'" in stats and "'sampler': 'none'" in stats
+    assert re.search(r"'config': 'policy=(bytescheduler|plain)", stats)
+    # gradients were posted during backward (12 variables a step) under the fixed sizes only:
+    # plain's steps skipped the gates and posts, eager and compiled
+    sent = int(re.search(r"'sent_during_backward': (\d+)", stats).group(1))
+    assert 0 < sent < 12 * steps and sent % 12 == 0, sent
+
+
+@pytest.mark.horovod
+@pytest.mark.timeout(300)
 def test_shared_layer_and_batch_norm_statistics_match_plain_horovod(plain, tmp_path):
     """A layer called twice sends its gradient once both halves are in; BatchNormalization's
     moving statistics (assigned inside legato's scope during the forward) are kept."""

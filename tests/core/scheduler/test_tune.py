@@ -283,3 +283,23 @@ def test_tuning_keeps_nothing_of_its_caller_alive():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "freed"
+
+
+def test_a_four_trial_round_chooses_between_the_start_and_plain_without_optuna(monkeypatch):
+    """[Note: a round without samples]: 4 trials are the starting setting, plain and one
+    confirmation pair: nothing is sampled, so optuna is not needed (it is an optional extra);
+    on a slow link the start is kept, on a fast one plain."""
+    import legato.core.scheduler.tune as tune
+
+    def no_optuna():
+        raise AssertionError("optuna was loaded for a round that samples nothing")
+
+    monkeypatch.setattr(tune, "_load_optuna", no_optuna)
+    start = resolve_config("bytescheduler")
+    for link, chosen in ((LinkModel(alpha_s=0.0004, bytes_per_s=1000e6 / 8), start),
+                         (LinkModel(alpha_s=0.00005, bytes_per_s=40e9), resolve_config("plain"))):
+        tuner, decision, measured = run_tuner(TuneSettings(trials=4), link, start=start)
+        assert measured == [start, resolve_config("plain"), start, resolve_config("plain")]
+        assert decision.config == chosen and tuner.summary()["sampler"] == "none"
+    with pytest.raises(AssertionError, match="optuna was loaded"):  # 5 trials sample one
+        OnlineTuner(TuneSettings(trials=5), start, max(SIZES))
