@@ -32,8 +32,9 @@ Gradient accumulation is gluon's own idiom: grad_req='add' on the parameters, N 
 Mixed precision is MXNet's AMP: `amp.init_trainer(gluon_trainer)`, then `amp.scale_loss(loss,
 scheduled_trainer)` as usual ([Note: loss scaling]).
 
-Under policy="plain" (the pass-through) there are no gates: `step()` waits until every bucket
-is back and the update of all layers is issued, as one gluon `Trainer.step` would do.
+Under policy="plain" (the pass-through) there are no gates: one message per gradient, as
+gluon's Trainer sends them ([Note: MXNet's pass-through]), and `step()` waits until every one
+is started and the update of all layers is issued, as one gluon `Trainer.step` would do.
 
 The optimizer's per-parameter update depends only on that parameter's gradient and state for
 every optimizer MXNet ships, so updating layer by layer gives the same result as one update of
@@ -61,7 +62,7 @@ from legato.core.scheduler import env as scheduler_env
 from legato.core.scheduler.core import Scheduler
 from legato.core.scheduler.layers import LayerProgress, layer_keys
 from legato.core.scheduler.plan import CommTask
-from legato.core.scheduler.policy import plan_for
+from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
 from legato.core.scheduler.tune import TuningSession, wrapper_settings
@@ -72,6 +73,14 @@ __all__ = ["ScheduledTrainer"]
 log = logging.getLogger(__name__)
 
 _DOMAIN: list = []   # MXNet's profiler domain "legato", made at the first span
+
+# [Note: MXNet's pass-through] gluon's Trainer pushes each gradient on a key of its own as the
+# engine produces it. DDP's 25 MiB buckets, the `plain` of the other adapters, copy gradients
+# into bucket buffers and send nothing until a bucket is full: measured 0.91x-1.00x gluon's
+# step, against 0.96x-1.02x for one message per gradient (docs/benchmarks.md). So `plain`
+# here sends one message per gradient (a bucket closes once it holds a byte), unless
+# merge_bytes is given; so does the tuner's and the defaults' pass-through.
+PLAIN_MERGE_BYTES = 1
 
 
 @contextlib.contextmanager
@@ -130,8 +139,9 @@ class ScheduledTrainer(ClosesOnExit):
         model: the root block (its parameters initialized, shapes known).
         policy: "bytescheduler" (priority + partitions + credit window), "priority" (layer
             order, whole tensors, one message in flight), "fifo" (arrival order) or "plain"
-            (the pass-through: DDP-sized buckets in arrival order, one update after all of
-            them, no dependency proxies).
+            (the pass-through: one message per gradient in arrival order, as gluon's
+            Trainer, or buckets of merge_bytes; one update after all of them, no dependency
+            proxies).
         partition_bytes: largest message for "bytescheduler" (default 1 MiB).
         credit_bytes: bytes in flight (default 4 partitions; "priority": one message).
         merge_bytes: tensors smaller than this are merged into one message (bytescheduler
@@ -202,7 +212,8 @@ class ScheduledTrainer(ClosesOnExit):
         self._model = model
         self._timeout_s = float(timeout_s)
         self._params, self._index = self._check_params(trainer, model)
-        self.config, self._tune, self.defaults_mode = wrapper_settings(settings, "MXNet")
+        self.config, self._tune, self.defaults_mode = wrapper_settings(
+            settings, "MXNet", plain_merge_bytes=PLAIN_MERGE_BYTES)
         self._names = [p.name for p in self._params]
         layer_of, direct, self._layer_names = self._layers_of(model, self._params)
         self._layer_of_key = [layer_of[id(p)] for p in self._params]
@@ -216,7 +227,9 @@ class ScheduledTrainer(ClosesOnExit):
         self._tuning: TuningSession | None = None
         if self._tune is not None:
             self._tuning = TuningSession(self._tune, self.config,
-                                         max(t.nbytes for t in self._tasks))
+                                         max(t.nbytes for t in self._tasks),
+                                         plain=resolve_config("plain",
+                                                              merge_bytes=PLAIN_MERGE_BYTES))
             self.config = self._tuning.config
         self.plan = plan_for(self.config, self._tasks)
         # Backward produces the last layers' gradients first: the watcher waits in that order.

@@ -242,10 +242,13 @@ class OnlineTuner:
         start: the setting of the first trial (a bytescheduler config).
         largest_tensor_bytes: bounds the partition sizes worth trying.
         step: the step count now (the first boundary is a trial's length later).
+        plain: the pass-through's setting (default: `plain` with DDP's buckets; MXNet's is
+            one message per gradient, as gluon's Trainer sends them).
     """
 
     def __init__(self, settings: TuneSettings, start: SchedulerConfig,
-                 largest_tensor_bytes: int, *, step: int = 0) -> None:
+                 largest_tensor_bytes: int, *, step: int = 0,
+                 plain: SchedulerConfig | None = None) -> None:
         if start.policy != "bytescheduler":
             raise ConfigError(f"tuning searches bytescheduler's partition and credit sizes; "
                               f"policy={start.policy!r} has none: use policy='bytescheduler'")
@@ -264,7 +267,7 @@ class OnlineTuner:
                         if settings.sampler != "auto" else "tpe" if missing else "gp")
         self.space = search_space(largest_tensor_bytes)
         self._merge = start.merge_bytes
-        self._plain = resolve_config("plain")
+        self._plain = plain or resolve_config("plain")
         self.history: list[tuple[SchedulerConfig, float]] = []  # every measured trial
         self.rounds = 0
         self.stop_reason: StopReason | None = None   # why the last round stopped (None: running)
@@ -479,11 +482,14 @@ class TuningSession:
         config: the setting the job was built with (the first trial starts from it).
         largest_tensor_bytes: the largest gradient (bounds the partition sizes tried).
         step: the step count now.
+        plain: the pass-through's setting (OnlineTuner's `plain`).
     """
 
     def __init__(self, settings: TuneSettings, config: SchedulerConfig,
-                 largest_tensor_bytes: int, *, step: int = 0) -> None:
-        self.tuner = OnlineTuner(settings, config, largest_tensor_bytes, step=step)
+                 largest_tensor_bytes: int, *, step: int = 0,
+                 plain: SchedulerConfig | None = None) -> None:
+        self.tuner = OnlineTuner(settings, config, largest_tensor_bytes, step=step,
+                                 plain=plain)
         first = self.tuner.first
         self.config, self.next_boundary, self.phase = first.config, first.next_boundary, \
             first.phase
@@ -574,15 +580,19 @@ def measured_defaults(mode: str, *, policy: str, partition_bytes: int | None,
     return MEASURED_DEFAULTS
 
 
-def wrapper_settings(settings: dict[str, Any], adapter: str
+def wrapper_settings(settings: dict[str, Any], adapter: str, *,
+                     plain_merge_bytes: int | None = None
                      ) -> tuple[SchedulerConfig, TuneSettings | None, str]:
     """The TensorFlow and MXNet wrappers' scheduling settings (`adapter_settings`' output)
     resolved and checked: the setting to start with, the tuning round to run (the user's
-    `tune`, or the defaults' check, [Note: measured defaults]), and the defaults' mode."""
+    `tune`, or the defaults' check, [Note: measured defaults]), and the defaults' mode.
+    `plain_merge_bytes`: the adapter's bucket size for policy="plain" when none is given."""
     policy = settings["policy"]
+    merge = settings["merge_bytes"]
+    if policy == "plain" and merge is None:
+        merge = plain_merge_bytes
     config = resolve_config(policy, partition_bytes=settings["partition_bytes"],
-                            credit_bytes=settings["credit_bytes"],
-                            merge_bytes=settings["merge_bytes"])
+                            credit_bytes=settings["credit_bytes"], merge_bytes=merge)
     tune = TuneSettings.from_arg(settings["tune"])
     if tune is not None and config.policy != "bytescheduler":
         raise ConfigError(f"tune=True searches bytescheduler's partition and credit sizes; "

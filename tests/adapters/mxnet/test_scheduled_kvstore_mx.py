@@ -56,7 +56,8 @@ def test_sgd_momentum_matches_gluon_for_every_policy():
         assert bs["merged"] == 2  # conv0 + conv1 bias; the last layer's weight and bias
         assert bs["messages"] == 22
         assert by_policy["bytescheduler"]["stats"]["issued"] == 5 * 22
-        assert by_policy["plain"]["plan"]["messages"] == 2  # DDP's buckets: 1 MiB first
+        # one message per gradient, as gluon's Trainer ([Note: MXNet's pass-through])
+        assert by_policy["plain"]["plan"]["messages"] == 10
 
 
 @pytest.mark.timeout(120)
@@ -111,7 +112,8 @@ def test_default_settings_measure_the_fixed_sizes_against_plain():
         assert case["exact"] and case["stats"]["defaults"] == "fixed-or-plain", case
     tuner = next(c["stats"]["tuner"] for c in cases if c["stats"]["tuner"])
     tried = [t[0] for t in tuner["trials"]]
-    fixed, plain = resolve_config("bytescheduler").describe(), resolve_config("plain").describe()
+    fixed = resolve_config("bytescheduler").describe()
+    plain = resolve_config("plain", merge_bytes=1).describe()  # one message per gradient
     assert tried[:4] == [fixed, plain, fixed, plain] and len(tried) in (4, 6, 8), tried
     assert tuner["phase"] == "tuned" and tuner["sampler"] == "none"
     assert cases[0]["stats"]["config"] == cases[1]["stats"]["config"] == tuner["chosen"]

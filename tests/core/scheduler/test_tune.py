@@ -303,3 +303,17 @@ def test_a_four_trial_round_chooses_between_the_start_and_plain_without_optuna(m
         assert decision.config == chosen and tuner.summary()["sampler"] == "none"
     with pytest.raises(AssertionError, match="optuna was loaded"):  # 5 trials sample one
         OnlineTuner(TuneSettings(trials=5), start, max(SIZES))
+
+
+def test_the_pass_through_setting_is_the_adapters():
+    """MXNet's pass-through is one message per gradient (as gluon's Trainer), not DDP's
+    buckets: the tuner measures and returns the `plain` it was given."""
+    mine = resolve_config("plain", merge_bytes=1)
+    link = LinkModel(alpha_s=0.00005, bytes_per_s=40e9)
+    _, decision, measured = run_tuner(TuneSettings(trials=4), link,
+                                      start=resolve_config("bytescheduler"))
+    assert measured[1] == resolve_config("plain")
+    tuner = OnlineTuner(TuneSettings(trials=4), resolve_config("bytescheduler"), max(SIZES),
+                        plain=mine)
+    decision = tuner.boundary(tuner.first.next_boundary, [0.01] * 10)
+    assert decision.config == mine
