@@ -484,7 +484,8 @@ def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> N
 
     for method in models:
         block(method, warmup)
-    while opts["legato-horovod"].startup_pending:  # the default's start-up check (every rank)
+    # the default's check (every rank; over Horovod it measures the fixed sizes against plain)
+    while opts["legato-horovod"].startup_pending or opts["legato-horovod"].tuning:
         block("legato-horovod", 1)
     times: dict[str, list[float]] = {m: [] for m in models}
     for r in range(rounds):  # alternate which goes first, so that drift hits both alike
@@ -498,5 +499,7 @@ def run_horovod_pair(model_name: str, steps: int, warmup: int, rounds: int) -> N
                                   "startup": opts["legato-horovod"].startup and {
                                       k: opts["legato-horovod"].startup[k]
                                       for k in ("chosen", "best_s", "plain_s", "link")},
+                                  "check": stats.get("tuner") and {
+                                      k: stats["tuner"][k] for k in ("chosen", "confirmation")},
                                   "messages_per_step": stats["messages_per_step"]}), flush=True)
     hvd.shutdown()

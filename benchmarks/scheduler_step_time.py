@@ -162,7 +162,7 @@ def inner(args: argparse.Namespace) -> int:
             pair = json.loads(lines[0].split(" ", 1)[1])
             entry.setdefault("times", {}).update(pair["times"])
             entry["legato_horovod"] = {k: pair.get(k) for k in ("legato", "messages_per_step",
-                                                                 "startup")}
+                                                                 "startup", "check")}
         elif "horovod" in args.methods and not args.simulate:
             job = run_horovod_job(f"{WORKERS}:run_horovod", RANKS, timeout_s=args.job_timeout,
                                   args=[model, args.steps, args.warmup, args.rounds,
@@ -252,6 +252,11 @@ def print_table(rows: list[dict], methods: list[str], loop: str = "plain") -> No
                       f"side: {med['horovod'] / med['legato-horovod']:.2f}x "
                       f"({r['legato_horovod']['legato']}, "
                       f"{r['legato_horovod']['messages_per_step']} messages a step)")
+                check = r["legato_horovod"].get("check")
+                if check:  # the default's measured check chose
+                    conf = check.get("confirmation") or {}
+                    print(f"{'':>13} check: {check['chosen']} (fixed/plain "
+                          f"{conf.get('ratio', float('nan')):.3f}, {conf.get('verdict')})")
                 startup = r["legato_horovod"].get("startup")
                 if startup:  # the default's start-up check chose
                     print(f"{'':>13} start-up: {startup['chosen']} (predicted "

@@ -74,7 +74,7 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
-from legato.core.scheduler.tune import TuneSettings, TuningSession
+from legato.core.scheduler.tune import MEASURED_DEFAULTS, TuneSettings, TuningSession
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
@@ -220,13 +220,14 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
             usual; "none" or None (the default) sends them as they are.
         defaults: "auto" (the default), "fixed-or-plain", "fixed" or "simulated": with
             "fixed-or-plain" (what "auto" is when no partition or credit size, tuner or other
-            policy is given, over gloo on CPU tensors; else "fixed"; over Horovod when
-            asked for), the first
+            policy is given, over gloo or Horovod on CPU tensors; else "fixed"), the first
             STARTUP_STEPS steps run on the fixed defaults, then the simulator, from those
             steps' layer times and a link fitted to a few all-reduces, keeps them or switches
             every rank to plain (the pass-through) where scheduling is predicted not to pay
-            ([Note: defaults chosen by the simulator]); "simulated" chooses among the tuner's
-            grid of sizes and plain; "fixed" never checks.
+            ([Note: defaults chosen by the simulator]); over Horovod it measures instead (the
+            first 40 steps alternate the fixed sizes and plain, as TensorFlow's and MXNet's
+            defaults do); "simulated" chooses among the tuner's grid of sizes and plain;
+            "fixed" never checks.
 
     Mixed precision: `torch.amp.GradScaler`'s standard loop works unchanged
     (`scaler.scale(loss).backward(); scaler.step(opt); scaler.update()`, with
@@ -318,16 +319,20 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                else "the model is not on the CPU" if any(
                    p.device.type != "cpu" for p in self._params) else None)
         if mode == "auto":  # [Note: defaults chosen by the simulator]
-            # Over Horovod the check runs when asked for (defaults="fixed-or-plain"), but is
-            # not the default: it chose plain on the benchmark models, which measured no
-            # better than the fixed sizes there (docs/benchmarks.md).
-            mode = "fixed" if why or backend == "horovod" else "fixed-or-plain"
+            mode = "fixed" if why else "fixed-or-plain"
         elif mode != "fixed" and why:
             raise ConfigError(f"defaults={mode!r} lets the simulator choose bytescheduler's "
                               f"settings at start-up, but {why}; drop one of them (it runs "
                               "on CPU tensors, over gloo or Horovod)")
         self.defaults_mode = mode  # what the defaults are, once 'auto' is resolved
-        self._simulated = mode in ("simulated", "fixed-or-plain")
+        # Over Horovod "fixed-or-plain" measures instead of simulating ([Note: measured
+        # defaults] in legato.core.scheduler.tune, as TensorFlow and MXNet do): the simulator's
+        # links fitted to Horovod all-reduces were poor (worst errors 34-61%) and its choice
+        # measured no better than the fixed sizes (docs/benchmarks.md).
+        measured = mode == "fixed-or-plain" and backend == "horovod"
+        if measured:
+            self._tune = MEASURED_DEFAULTS
+        self._simulated = mode in ("simulated", "fixed-or-plain") and not measured
         self._only_fixed = mode == "fixed-or-plain"
         self._clock = None                 # the start-up measurements (defaults="simulated")
         self.startup: dict | None = None   # what the simulator chose, and from what
