@@ -141,10 +141,8 @@ def run(model: str, steps: int, warmup: int, rounds: int, settings: dict,
         chosen = trainers["legato"].config
         traced = ScheduledTrainer(
             gluon.Trainer(traced_net.collect_params(), OPT[0], dict(OPT[1]), kvstore=kv,
-                          update_on_kvstore=False), traced_net, policy=chosen.policy,
-            timeline=trace, **({} if chosen.policy == "plain" else {
-                "partition_bytes": chosen.partition_bytes, "credit_bytes": chosen.credit_bytes,
-                "merge_bytes": chosen.merge_bytes}))
+                          update_on_kvstore=False), traced_net, timeline=trace,
+            **chosen.settings())
         for i in range(warmup + rounds * steps):
             x, y = data[i % len(data)]
             with autograd.record():

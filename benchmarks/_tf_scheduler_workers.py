@@ -135,10 +135,7 @@ def run(model_name: str, steps: int, warmup: int, rounds: int, settings: dict,
             traced_model = build(model_name)
             traced_opt = ScheduledOptimizer(
                 keras.optimizers.SGD(0.01, momentum=0.9), traced_model, backend="horovod",
-                timeline=traces[way], policy=chosen.policy,   # the setting timed above
-                **({} if chosen.policy == "plain" else {
-                    "partition_bytes": chosen.partition_bytes,
-                    "credit_bytes": chosen.credit_bytes, "merge_bytes": chosen.merge_bytes}))
+                timeline=traces[way], **chosen.settings())   # the setting timed above
 
             def traced_grads(model=traced_model):
                 with tf.GradientTape() as tape:

@@ -231,7 +231,7 @@ class ScheduledTrainer(ClosesOnExit):
                                          plain=resolve_config("plain",
                                                               merge_bytes=PLAIN_MERGE_BYTES))
             self.config = self._tuning.config
-        self.plan = plan_for(self.config, self._tasks)
+        self._set_plan()
         # Backward produces the last layers' gradients first: the watcher waits in that order.
         self._backward_order = sorted(range(len(self._params)),
                                       key=lambda k: (self._layer_of_key[k], k), reverse=True)
@@ -243,8 +243,6 @@ class ScheduledTrainer(ClosesOnExit):
         self._steps = StepTracker(self._layer_names, rank=-1, timeout_s=self._timeout_s,
                                   on_fail=self._wake_gates,
                                   suspect="a server or peer worker may be dead or stuck")
-        # per layer: its chunks started (the core's count, fed with starts, not completions)
-        self._started = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
         self._started_in_step = 0
         self._issued_before = 0    # chunks started by the schedulers of earlier settings
         self._scheduler_step0 = 0  # steps called before the current scheduler started
@@ -399,6 +397,12 @@ class ScheduledTrainer(ClosesOnExit):
     # (11 partition sizes x 5 windows, and plain); 20 trials try at most 20. The decision
     # itself travels in control rounds on the current store's control key (`broadcast_object`),
     # while no scheduler runs.
+    def _set_plan(self) -> None:
+        """The plan of the current settings, and the count that depends on it: per layer,
+        its chunks started (the core's count, fed with starts, not completions)."""
+        self.plan = plan_for(self.config, self._tasks)
+        self._started = LayerProgress(self.plan, self._layer_of_key, len(self._layer_names))
+
     def _store(self) -> ScheduledKVStore:
         """The kvstore keys and buffers of the current plan (built on first use)."""
         digest = self.plan.digest()
@@ -440,9 +444,7 @@ class ScheduledTrainer(ClosesOnExit):
             self._channel.close()
         if config is not None:
             self.config = config
-            self.plan = plan_for(config, self._tasks)
-            self._started = LayerProgress(self.plan, self._layer_of_key,
-                                          len(self._layer_names))
+            self._set_plan()
             self._kv = self._store()
         self._start_scheduler()
 

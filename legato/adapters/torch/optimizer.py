@@ -74,7 +74,8 @@ from legato.core.scheduler.plan import CommTask
 from legato.core.scheduler.policy import plan_for, resolve_config
 from legato.core.scheduler.steps import (ClosesOnExit, LayerUpdater, StepTracker,
                                          close_scheduled)
-from legato.core.scheduler.tune import MEASURED_DEFAULTS, TuneSettings, TuningSession
+from legato.core.scheduler.tune import (MEASURED_DEFAULTS, TuneSettings, TuningSession,
+                                        fixed_reason)
 from legato.core.timeline import SchedulerTrace, SpannedBackend, check_trace_path
 
 __all__ = ["ScheduledOptimizer"]
@@ -312,12 +313,10 @@ class ScheduledOptimizer(ClosesOnExit, torch.optim.Optimizer):
                               "(the fixed sizes), 'simulated' (chosen by the simulator at "
                               "start-up) or 'fixed-or-plain' (the fixed sizes, or plain where "
                               "the simulator predicts scheduling does not pay)")
-        given = [n for n in ("partition_bytes", "credit_bytes") if settings[n] is not None]
-        why = ("policy is not 'bytescheduler'" if self.config.policy != "bytescheduler"
-               else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given"
-               if given else "tune is on" if self._tune is not None
-               else "the model is not on the CPU" if any(
-                   p.device.type != "cpu" for p in self._params) else None)
+        why = fixed_reason(self.config.policy, settings["partition_bytes"],
+                           settings["credit_bytes"], self._tune) or (
+            "the model is not on the CPU" if any(p.device.type != "cpu" for p in self._params)
+            else None)
         if mode == "auto":  # [Note: defaults chosen by the simulator]
             mode = "fixed" if why else "fixed-or-plain"
         elif mode != "fixed" and why:

@@ -50,6 +50,13 @@ class SchedulerConfig:
     merge_bytes: int
     order: str
 
+    def settings(self) -> dict:
+        """The wrappers' keyword arguments that resolve to this setting again (policy and the
+        sizes it takes): to run a setting a tuner or a check chose, without choosing again."""
+        sizes = {"partition_bytes": self.partition_bytes, "credit_bytes": self.credit_bytes}
+        return {"policy": self.policy, "merge_bytes": self.merge_bytes,
+                **{k: v for k, v in sizes.items() if v is not None}}
+
     def describe(self) -> str:
         def size(n: int | None) -> str:
             return "none" if n is None else f"{n / MiB:g} MiB" if n >= MiB else f"{n} B"

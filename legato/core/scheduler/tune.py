@@ -555,6 +555,17 @@ MEASURED_DEFAULTS = TuneSettings(trials=4, steps_per_trial=8, warmup_steps=2, ch
                                  max_confirm_pairs=2)
 
 
+def fixed_reason(policy: str, partition_bytes: int | None, credit_bytes: int | None,
+                 tune: TuneSettings | None) -> str | None:
+    """Why the defaults' check (simulated or measured) cannot choose here, or None: the
+    adapters' `defaults="auto"` is "fixed" then, and "fixed-or-plain" is refused with it."""
+    given = [n for n, v in (("partition_bytes", partition_bytes),
+                            ("credit_bytes", credit_bytes)) if v is not None]
+    return ("policy is not 'bytescheduler'" if policy != "bytescheduler"
+            else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given" if given
+            else "tune is on" if tune is not None else None)
+
+
 def measured_defaults(mode: str, *, policy: str, partition_bytes: int | None,
                       credit_bytes: int | None, tune: TuneSettings | None,
                       adapter: str) -> TuneSettings | None:
@@ -562,11 +573,7 @@ def measured_defaults(mode: str, *, policy: str, partition_bytes: int | None,
     "fixed-or-plain" unless a policy other than bytescheduler, a partition or credit size, or
     a tuner is given; then "fixed". Returns the tuning round that decides ([Note: measured
     defaults]), or None for the fixed sizes."""
-    given = [n for n, v in (("partition_bytes", partition_bytes),
-                            ("credit_bytes", credit_bytes)) if v is not None]
-    why = (f"policy={policy!r} is not 'bytescheduler'" if policy != "bytescheduler"
-           else f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} given" if given
-           else "tune is on" if tune is not None else None)
+    why = fixed_reason(policy, partition_bytes, credit_bytes, tune)
     if mode not in ("auto", "fixed", "fixed-or-plain"):
         raise ConfigError(f"defaults={mode!r} is unknown for {adapter}; pass 'auto' (the "
                           "default), 'fixed' (the fixed sizes) or 'fixed-or-plain' (the fixed "

@@ -38,3 +38,14 @@ def test_explicit_settings():
 def test_bad_settings(args, match):
     with pytest.raises(ConfigError, match=match):
         resolve_config(**args)
+
+
+@pytest.mark.parametrize("config", [
+    resolve_config("bytescheduler"),
+    resolve_config("bytescheduler", partition_bytes=3 << 20, credit_bytes=9 << 20,
+                   merge_bytes=4096),
+    resolve_config("priority"), resolve_config("priority", credit_bytes=2 << 20),
+    resolve_config("fifo"), resolve_config("plain"), resolve_config("plain", merge_bytes=1)])
+def test_a_settings_keywords_resolve_to_it_again(config):
+    """SchedulerConfig.settings(): what a benchmark passes to run the setting a check chose."""
+    assert resolve_config(**config.settings()) == config
